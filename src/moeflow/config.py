@@ -1,0 +1,92 @@
+"""Engine configuration: budgets, device and policy choices, each field documented; sizes parsed once."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from moeflow.errors import MoeflowError
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1000,
+    "KB": 1000,
+    "KIB": 1024,
+    "M": 1000**2,
+    "MB": 1000**2,
+    "MIB": 1024**2,
+    "G": 1000**3,
+    "GB": 1000**3,
+    "GIB": 1024**3,
+    "T": 1000**4,
+    "TB": 1000**4,
+    "TIB": 1024**4,
+}
+
+
+def parse_size(value: int | float | str | None) -> int | None:
+    """Parse "12GiB", "512MB", "1.5G" or a plain number of bytes; None stays None."""
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise MoeflowError(f"cannot parse memory size {value!r}: write it like '12GiB', '512MB' or a byte count")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def format_size(n: int | float) -> str:
+    """Human-readable binary size, e.g. 1.50 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs besides the checkpoint path."""
+
+    device: str = "auto"
+    """Compute device: "cuda", "cuda:N", "cpu", or "auto" (CUDA when available)."""
+
+    device_memory: int | None = None
+    """Bytes the engine may use on the compute device: dense weights + KV reserve + expert slots.
+    None: all experts get a slot when the device has room, else what free memory allows."""
+
+    host_memory: int | None = None
+    """Bytes of host RAM for the host expert pool (pinned when the device is a GPU).
+    None: every expert is preloaded when it fits in 70% of available RAM, else 50% of available RAM."""
+
+    kv_reserve: int | None = None
+    """Bytes kept free on the device for the KV cache and activations. None: 5% of device_memory,
+    at least 64 MiB (CPU: 0, since activations live in ordinary RAM)."""
+
+    policy: str | Any = "lru"
+    """Cache policy name ("lru", "lfu", or any registered name) or a CachePolicy instance."""
+
+    dtype: str = "auto"
+    """Compute dtype: "auto" (the checkpoint's torch_dtype; float32 on CPU when it is float16), "bfloat16",
+    "float16" or "float32"."""
+
+    num_slots: int | None = None
+    """Force the number of device expert slots (overrides the size computed from device_memory)."""
+
+    expert_backend: str = "auto"
+    """Expert compute over the slot pool: "auto", "loop" (eager, per expert), "batched" (gather + bmm),
+    "grouped" (torch grouped_mm), or "triton" (kernel reading weights from slots by index, CUDA only)."""
+
+    progress: bool = True
+    """Show progress bars while loading."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Options for plug-ins (policies, prefetchers) that the core does not interpret."""
+
+    def __post_init__(self) -> None:
+        self.device_memory = parse_size(self.device_memory)
+        self.host_memory = parse_size(self.host_memory)
+        self.kv_reserve = parse_size(self.kv_reserve)

@@ -1,0 +1,271 @@
+"""Cache policies: pure bookkeeping of which (layer, expert) lives in which device slot.
+
+A policy decides and never touches CUDA or tensors; the store executes its plans. The engine calls, per step:
+``begin_step(info)`` → for each MoE layer ``request(layer, experts)`` (returns a :class:`Plan`),
+``observe(layer, experts_per_token)`` and ``prefetch(layer)`` (loads for layers ahead) → ``end_step()``.
+The simulator drives the very same calls from a recorded trace. Subclasses choose victims (``victim``)
+and may use the hooks; residency, hit/miss accounting and wasted-prefetch accounting live here.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Key = tuple[int, int]
+"""(MoE layer index, expert id)."""
+
+
+@dataclass(frozen=True)
+class Load:
+    """Copy expert ``key`` into device ``slot`` (whatever held ``evicted`` is dropped)."""
+
+    key: Key
+    slot: int
+    evicted: Key | None = None
+    prefetch: bool = False
+    priority: float = 0.0
+    """Larger first. Demand loads (misses of the layer about to run) always go before prefetches."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a layer needs done before it can compute."""
+
+    layer: int
+    slots: tuple[int, ...]
+    """Slot of each requested expert, in request order."""
+    loads: tuple[Load, ...]
+    """Demand loads (misses) the store must complete before the layer computes."""
+    hits: int
+    misses: int
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What is known about a forward step before its first MoE layer runs."""
+
+    step: int
+    request_ids: tuple[int, ...]
+    """One per sequence in the batch."""
+    token_ids: tuple[tuple[int, ...], ...]
+    """The new input tokens of each sequence in this step (the whole prompt at prefill)."""
+    positions: tuple[int, ...]
+    """Position of each sequence's first new token."""
+    prefill: bool
+
+
+@dataclass
+class PolicyStats:
+    hits: int = 0
+    misses: int = 0
+    prefetches: int = 0
+    prefetch_hits: int = 0
+    """Requested experts that were resident because a prefetch brought them."""
+    prefetch_wasted: int = 0
+    """Prefetched experts evicted (or never used by the end) without serving a request."""
+    evictions: int = 0
+
+    @property
+    def hit_ratio(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+
+@dataclass
+class CachePolicy:
+    """Residency bookkeeping over ``num_slots`` slots shared by all MoE layers. Subclass and override
+    ``victim`` (and optionally ``on_access``, ``begin_step``, ``observe``, ``prefetch``, ``end_step``)."""
+
+    name: str = field(default="base", init=False)
+    num_slots: int = field(default=0, init=False)
+    num_layers: int = field(default=0, init=False)
+    num_experts: int = field(default=0, init=False)
+    top_k: int = field(default=0, init=False)
+    slot_of: dict[Key, int] = field(default_factory=dict, init=False)
+    key_in: list[Key | None] = field(default_factory=list, init=False)
+    stats: PolicyStats = field(default_factory=PolicyStats, init=False)
+    clock: int = field(default=0, init=False)
+    _unused_prefetch: set[Key] = field(default_factory=set, init=False)
+
+    def bind(self, num_slots: int, num_layers: int, num_experts: int, top_k: int) -> None:
+        """Size the policy for a model; forgets all residency."""
+        self.num_slots, self.num_layers, self.num_experts, self.top_k = num_slots, num_layers, num_experts, top_k
+        self.slot_of = {}
+        self.key_in = [None] * num_slots
+        self.stats = PolicyStats()
+        self._unused_prefetch = set()
+        self.clock = 0
+
+    # ----------------------------------------------------------------- hooks (override as needed)
+    def begin_step(self, info: StepInfo) -> None:
+        """A forward step starts (token ids known, nothing routed yet)."""
+
+    def observe(self, layer: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """The router of ``layer`` chose ``experts`` [T, K] (gate ``weights`` [T, K]) for this step's tokens."""
+
+    def prefetch(self, layer: int) -> list[Load]:
+        """After ``layer`` was routed: loads to start now for layers ahead (bookkeeping done via ``admit``)."""
+        return []
+
+    def end_step(self) -> None:
+        """The forward step finished."""
+
+    def on_access(self, key: Key) -> None:
+        """``key`` was requested (hit or miss) at the current clock."""
+
+    def victim(self, candidates: Sequence[Key], layer: int) -> Key:
+        """Which resident key to evict (``layer`` is the layer being served)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------ mechanics
+    def resident(self, key: Key) -> bool:
+        return key in self.slot_of
+
+    def request(self, layer: int, experts: Sequence[int]) -> Plan:
+        """Experts ``layer`` needs now (distinct ids, at most ``num_slots``). Misses evict victims."""
+        if len(experts) > self.num_slots:
+            raise ValueError(f"layer {layer} asks for {len(experts)} experts but only {self.num_slots} slots exist")
+        self.clock += 1
+        needed = {(layer, int(e)) for e in experts}
+        slots: list[int] = []
+        loads: list[Load] = []
+        hits = 0
+        for e in experts:
+            key = (layer, int(e))
+            if key in self.slot_of:
+                hits += 1
+                if key in self._unused_prefetch:
+                    self._unused_prefetch.discard(key)
+                    self.stats.prefetch_hits += 1
+                slots.append(self.slot_of[key])
+            else:
+                load = self._place(key, protect=needed, layer=layer, prefetch=False, priority=float("inf"))
+                assert load is not None
+                loads.append(load)
+                slots.append(load.slot)
+            self.on_access(key)
+        self.stats.hits += hits
+        self.stats.misses += len(loads)
+        return Plan(layer, tuple(slots), tuple(loads), hits, len(loads))
+
+    def admit(
+        self,
+        key: Key,
+        priority: float = 0.0,
+        protect: Iterable[Key] = (),
+        may_evict: Callable[[Key], bool] | None = None,
+    ) -> Load | None:
+        """Bookkeeping for a prefetch of ``key``; None when resident already or no acceptable victim."""
+        if key in self.slot_of:
+            return None
+        load = self._place(key, set(protect), key[0], prefetch=True, priority=priority, may_evict=may_evict)
+        if load is not None:
+            self.stats.prefetches += 1
+            self._unused_prefetch.add(key)
+        return load
+
+    def finish(self) -> None:
+        """End of a run: prefetched experts never used count as wasted."""
+        self.stats.prefetch_wasted += len(self._unused_prefetch)
+        self._unused_prefetch.clear()
+
+    def _place(
+        self,
+        key: Key,
+        protect: set[Key],
+        layer: int,
+        prefetch: bool,
+        priority: float,
+        may_evict: Callable[[Key], bool] | None = None,
+    ) -> Load | None:
+        evicted: Key | None = None
+        try:
+            slot = self.key_in.index(None)
+        except ValueError:
+            candidates = [k for k in self.slot_of if k not in protect and (may_evict is None or may_evict(k))]
+            if not candidates:
+                if prefetch:
+                    return None
+                raise RuntimeError("no evictable slot: more experts needed at once than slots")
+            evicted = self.victim(candidates, layer)
+            slot = self.slot_of.pop(evicted)
+            self.stats.evictions += 1
+            if evicted in self._unused_prefetch:
+                self._unused_prefetch.discard(evicted)
+                self.stats.prefetch_wasted += 1
+        self.slot_of[key] = slot
+        self.key_in[slot] = key
+        return Load(key, slot, evicted, prefetch, priority)
+
+
+@dataclass
+class LRUPolicy(CachePolicy):
+    """Evict the expert whose last request is oldest."""
+
+    def __post_init__(self) -> None:
+        self.name = "lru"
+        self._last: OrderedDict[Key, int] = OrderedDict()
+
+    def on_access(self, key: Key) -> None:
+        self._last[key] = self.clock
+        self._last.move_to_end(key)
+
+    def victim(self, candidates: Sequence[Key], layer: int) -> Key:
+        cand = set(candidates)
+        for key in self._last:  # oldest first
+            if key in cand:
+                return key
+        return candidates[0]  # never-requested (prefetched) keys
+
+
+@dataclass
+class LFUPolicy(CachePolicy):
+    """Evict the expert requested least often so far (ties: least recently)."""
+
+    def __post_init__(self) -> None:
+        self.name = "lfu"
+        self._count: dict[Key, int] = {}
+        self._last: dict[Key, int] = {}
+
+    def on_access(self, key: Key) -> None:
+        self._count[key] = self._count.get(key, 0) + 1
+        self._last[key] = self.clock
+
+    def victim(self, candidates: Sequence[Key], layer: int) -> Key:
+        return min(candidates, key=lambda k: (self._count.get(k, 0), self._last.get(k, -1)))
+
+
+POLICIES: dict[str, Callable[[], CachePolicy]] = {"lru": LRUPolicy, "lfu": LFUPolicy}
+"""Name → factory. Other modules add theirs with :func:`register_policy`."""
+
+
+def register_policy(name: str, factory: Callable[[], CachePolicy]) -> None:
+    POLICIES[name] = factory
+
+
+def make_policy(spec: str | CachePolicy) -> CachePolicy:
+    """A policy instance from a name in :data:`POLICIES` or an instance (returned as is)."""
+    if isinstance(spec, CachePolicy):
+        return spec
+    _load_plugins()
+    if spec not in POLICIES:
+        from moeflow.errors import MoeflowError
+
+        raise MoeflowError(f"unknown cache policy {spec!r}; choose one of: {', '.join(sorted(POLICIES))}")
+    return POLICIES[spec]()
+
+
+def _load_plugins() -> None:
+    """Import the modules that register the paper policies (kept out of this module's import time)."""
+    import importlib
+
+    for mod in ("moeflow.experts.policies",):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:  # not written yet
+            if exc.name != mod:
+                raise

@@ -59,6 +59,18 @@ class StepInfo:
 
 
 @dataclass
+class PolicyContext:
+    """What a policy may use besides routing: given once, by the engine or the simulator, via ``setup``."""
+
+    model_dir: str | None = None
+    """The checkpoint directory (EAM collections and predictors are saved beside the model)."""
+    trace: object | None = None
+    """Simulator only: the whole ``Trace`` being replayed (the offline optimum needs the future)."""
+    options: dict = field(default_factory=dict)
+    """Free-form options (EngineConfig.extra, or simulator flags)."""
+
+
+@dataclass
 class PolicyStats:
     hits: int = 0
     misses: int = 0
@@ -101,6 +113,9 @@ class CachePolicy:
         self.clock = 0
 
     # ----------------------------------------------------------------- hooks (override as needed)
+    def setup(self, context: PolicyContext) -> None:
+        """Called once after ``bind`` with what the engine or simulator knows (model dir, trace, options)."""
+
     def begin_step(self, info: StepInfo) -> None:
         """A forward step starts (token ids known, nothing routed yet)."""
 

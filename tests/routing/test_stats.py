@@ -155,3 +155,13 @@ def test_real_mixtral_trace_lands_in_readme_ranges() -> None:
         assert readme - 0.01 <= o[f"lru_hit_{c}"]["mean"] <= readme + 0.06
     # Mixtral paper, Table 5: first-choice repeats of 14-15% at layer 0 (here 0.14).
     assert s["layers"][0]["first_repeat"] == pytest.approx(0.145, abs=0.02)
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from moeflow.routing.plot import plot_trace
+
+    trace = random_trace(40, 3, 8, 2, seed=3)
+    out = plot_trace(trace, trace_stats(trace, cache_sizes=[2, 4]), tmp_path / "plots" / "t.png")
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

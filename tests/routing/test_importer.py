@@ -109,3 +109,18 @@ def test_real_mixtral_log() -> None:
     for r in trace.requests():
         assert (np.diff(trace.position[trace.request == r]) > 0).all()
     np.testing.assert_allclose(trace.weights.sum(-1), 1.0, atol=1e-4)
+
+
+def test_trace_import_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from moeflow.cli import main
+
+    rows = [_row(0, t, layer, [t % 3, 3], [0.7, 0.3]) for layer in range(2) for t in range(3)]
+    rows.append(_row(0, 3, 0, [1, 2], [0.5, 0.5]))  # token 3 lacks layer 1
+    src = _write(tmp_path / "log.jsonl", rows)
+    out = tmp_path / "t.npz"
+    assert main(["trace-import", str(src), "--out", str(out), "--model", "mx", "--num-experts", "8"]) == 0
+    assert "3 tokens from 7 rows (1 tokens skipped" in capsys.readouterr().out
+    trace = Trace.load(out)
+    assert (trace.model, trace.num_experts, trace.num_tokens) == ("mx", 8, 3)
+    assert main(["trace-import", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err

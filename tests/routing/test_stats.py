@@ -165,3 +165,23 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     out = plot_trace(trace, trace_stats(trace, cache_sizes=[2, 4]), tmp_path / "plots" / "t.png")
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_trace_stats_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from moeflow.cli import main
+
+    path = tmp_path / "t.npz"
+    random_trace(40, 3, 8, 2, seed=4).save(path)
+    assert main(["trace-stats", str(path), "--cache-sizes", "2,4"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    header = next(line for line in table if line.startswith("layer"))
+    assert header.split() == ["layer", "entropy", "top-use", "rep-1st", "rep-any", "next-l", "lru@2", "lru@4"]
+    random_row = next(line for line in table if line.strip().startswith("random"))
+    assert random_row.split()[1:3] == ["1.000", "0.125"]
+    assert main(["trace-stats", str(path), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["cache_sizes"] == [2, 4, 6] and len(stats["layers"]) == 3
+    assert main(["trace-stats", str(path), "--cache-sizes", "1"]) == 2
+    assert "outside" in capsys.readouterr().err

@@ -1,0 +1,255 @@
+"""The engine: ``LLM`` loads a checkpoint with offloaded experts and generates; ``step()`` reads like the design:
+hooks before the step -> forward (MoE layers plan, load and compute on slots) -> hooks after -> sample -> settle.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from moeflow.config import EngineConfig
+from moeflow.errors import RequestError
+from moeflow.experts.cache import PolicyContext, StepInfo, make_policy
+from moeflow.experts.compute import pick_backend
+from moeflow.experts.layer import Runtime, attach
+from moeflow.experts.store import ExpertStore
+from moeflow.memory import MemoryPlan, plan_memory
+from moeflow.metrics import Stats
+from moeflow.model.loader import LoadedModel, load_dense, open_model
+from moeflow.routing.trace import Trace, TraceRecorder, TraceReplay
+from moeflow.sampling import SamplingParams, sample
+from moeflow.sequence import RequestOutput, Sequence, StreamDelta
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_type: str
+    num_layers: int
+    """MoE layers."""
+    num_experts: int
+    top_k: int
+    moe_layer_ids: tuple[int, ...]
+    expert_bytes: int
+    dense_bytes: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RequestError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return device
+
+
+class LLM:
+    """Generate with a Hugging Face MoE checkpoint whose experts are offloaded (see ``EngineConfig`` fields)."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        record_trace: bool = False,
+        replay: Trace | TraceReplay | None = None,
+        batch_size: int = 8,
+        config: EngineConfig | None = None,
+        **options: Any,
+    ):
+        cfg = config or EngineConfig(**options)
+        self.config, self.batch_size, self.model_dir = cfg, batch_size, str(model)
+        self.device = resolve_device(cfg.device)
+        self.loaded: LoadedModel = open_model(self.model_dir, self.device, cfg.dtype)
+        self.memory: MemoryPlan = plan_memory(self.loaded, cfg)  # budget errors before any weight is read
+        load_dense(self.loaded, cfg.progress)
+        lm = self.loaded
+        self.info = ModelInfo(
+            lm.config.model_type,
+            len(lm.layers),
+            lm.num_experts,
+            lm.top_k,
+            tuple(layer.layer_id for layer in lm.layers),
+            lm.expert_bytes,
+            lm.dense_bytes,
+        )
+        store = ExpertStore(lm, self.memory.num_slots, self.memory.host_capacity, cfg.progress)
+        policy = make_policy(cfg.policy)
+        policy.bind(self.memory.num_slots, len(lm.layers), lm.num_experts, lm.top_k)
+        policy.setup(PolicyContext(model_dir=self.model_dir, options=dict(cfg.extra)))
+        recorder = None
+        if record_trace:
+            recorder = TraceRecorder(
+                Path(self.model_dir).name, len(lm.layers), lm.num_experts, lm.top_k, list(self.info.moe_layer_ids)
+            )
+        if isinstance(replay, Trace):
+            replay = TraceReplay(replay, len(lm.layers), lm.num_experts, lm.top_k)
+        self.runtime = Runtime(store, policy, pick_backend(cfg.expert_backend, self.device), recorder, replay)
+        attach(lm.layers, self.runtime)
+        self.tokenizer = _load_tokenizer(self.model_dir)
+        eos = lm.config.eos_token_id if getattr(lm.config, "eos_token_id", None) is not None else []
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self._next_id = 0
+        self._step = 0
+
+    # ------------------------------------------------------------------------------------------ API
+    @property
+    def policy(self):  # noqa: ANN201
+        return self.runtime.policy
+
+    @property
+    def store(self) -> ExpertStore:
+        return self.runtime.store
+
+    def generate(
+        self, prompts: list[str] | list[list[int]] | str, params: SamplingParams | None = None
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text, or token ids), ``batch_size`` sequences at a time."""
+        seqs = self._admit([prompts] if isinstance(prompts, str) else prompts, params or SamplingParams())
+        outputs: list[RequestOutput] = []
+        for start in range(0, len(seqs), self.batch_size):
+            batch = seqs[start : start + self.batch_size]
+            for _ in self._run(batch):
+                pass
+            outputs.extend(self._last_outputs)
+        return outputs
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+        """Yield text as it is generated for one prompt; the last event carries the full output."""
+        (seq,) = self._admit([prompt], params or SamplingParams())
+        for _ in self._run([seq]):
+            if seq.output_ids:
+                done = seq.finished
+                out = self._last_outputs[0] if done else None
+                yield StreamDelta(seq.request_id, seq.stream_delta(), seq.output_ids[-1], done, out)
+
+    def trace(self) -> Trace:
+        """Routing recorded so far (``record_trace=True``)."""
+        if self.runtime.recorder is None:
+            raise RequestError("this LLM was created without record_trace=True")
+        return self.runtime.recorder.trace()
+
+    # ------------------------------------------------------------------------------------ internals
+    def _admit(self, prompts: list, params: SamplingParams) -> list[Sequence]:
+        if not prompts:
+            raise RequestError("no prompts given")
+        seqs = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise RequestError(f"{self.model_dir} has no tokenizer files: pass token ids instead of text")
+                ids, text = self.tokenizer(prompt)["input_ids"], prompt
+            else:
+                ids, text = [int(t) for t in prompt], ""
+            if not ids:
+                raise RequestError("empty prompt: give at least one token of text")
+            seqs.append(Sequence(self._next_id, text, list(ids), params))
+            if self.runtime.recorder is not None:
+                self.runtime.recorder.prompts[self._next_id] = text
+            self._next_id += 1
+        return seqs
+
+    def _run(self, seqs: list[Sequence]) -> Iterator[None]:
+        """Prefill then decode ``seqs`` together until all finish; yields after every step."""
+        params = seqs[0].params
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        before = self._counters()
+        cache = DynamicCache()
+        t0 = time.perf_counter()
+        mask, t_first = None, 0.0
+        while not all(s.finished for s in seqs):
+            mask = self.step(seqs, cache, mask, gen)
+            t_first = t_first or time.perf_counter()
+            yield
+        self._last_outputs = self._outputs(seqs, before, t0, t_first, time.perf_counter())
+        yield
+
+    @torch.inference_mode()
+    def step(
+        self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor | None, gen: torch.Generator | None
+    ) -> torch.Tensor:
+        prefill = mask is None
+        ids, mask, pos, keep, new_tokens, positions = self._inputs(seqs, mask)
+        live = [s for s in seqs if not s.finished]
+        self._begin_step(live, new_tokens, positions, prefill, keep)
+        logits = self.loaded.model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1, :]  # [B, V]
+        self._end_step()
+        tokens = sample(logits, seqs[0].params, gen).tolist()
+        for seq, token in zip(seqs, tokens):
+            if not seq.finished:
+                seq.append(token, self._decode(seq.output_ids + [token]), self.eos_ids)
+        return mask
+
+    def _inputs(self, seqs: list[Sequence], mask: torch.Tensor | None) -> tuple:
+        dev = self.device
+        if mask is None:  # prefill, left-padded
+            width = max(len(s.prompt_ids) for s in seqs)
+            ids = torch.zeros(len(seqs), width, dtype=torch.long)
+            mask = torch.zeros(len(seqs), width, dtype=torch.long)
+            for b, s in enumerate(seqs):
+                ids[b, width - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids)
+                mask[b, width - len(s.prompt_ids) :] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            keep = mask.bool().flatten()
+            new_tokens = [s.prompt_ids for s in seqs]
+            positions = [list(range(len(s.prompt_ids))) for s in seqs]
+            return ids.to(dev), mask.to(dev), pos.to(dev), keep.to(dev), new_tokens, positions
+        ids = torch.tensor([[s.output_ids[-1]] for s in seqs])
+        mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=mask.dtype, device=mask.device)], dim=1)
+        pos = torch.tensor([[s.position] for s in seqs])
+        keep = torch.tensor([not s.finished for s in seqs])
+        live = [s for s in seqs if not s.finished]
+        return ids.to(dev), mask, pos.to(dev), keep.to(dev), [[s.output_ids[-1]] for s in live], [[s.position] for s in live]
+
+    def _begin_step(self, live: list[Sequence], tokens: list, positions: list, prefill: bool, keep: torch.Tensor) -> None:
+        rt = self.runtime
+        rt.keep = keep
+        ids = [s.request_id for s in live]
+        rt.policy.begin_step(
+            StepInfo(self._step, tuple(ids), tuple(tuple(t) for t in tokens), tuple(p[0] for p in positions), prefill)
+        )
+        if rt.recorder is not None:
+            rt.recorder.begin_step(self._step, ids, positions, tokens, prefill)
+        if rt.replay is not None:
+            rt.replay_rows = rt.replay.rows(ids, positions)
+
+    def _end_step(self) -> None:
+        self.runtime.policy.end_step()
+        if self.runtime.recorder is not None:
+            self.runtime.recorder.end_step()
+        self._step += 1
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+
+    def _counters(self) -> tuple[int, int, int, int, int, float]:
+        p, s = self.runtime.policy.stats, self.runtime.store.stats
+        return (p.hits, p.misses, p.prefetches, s.bytes_to_device, s.bytes_from_disk, s.stall_s)
+
+    def _outputs(self, seqs: list[Sequence], before: tuple, t0: float, t_first: float, t_end: float) -> list:
+        delta = [a - b for a, b in zip(self._counters(), before)]
+        n_tokens = sum(len(s.output_ids) for s in seqs)
+        steps = max(len(s.output_ids) for s in seqs)
+        stats = Stats(
+            hits=int(delta[0]), misses=int(delta[1]), prefetches=int(delta[2]), bytes_to_device=int(delta[3]),
+            bytes_from_disk=int(delta[4]), stall_s=float(delta[5]), ttft_s=t_first - t0,
+            tpot_s=(t_end - t_first) / (steps - 1) if steps > 1 else 0.0,
+            tokens_per_s=n_tokens / (t_end - t0) if t_end > t0 else 0.0, batch_size=len(seqs), generated_tokens=n_tokens,
+        )  # fmt: skip
+        return [RequestOutput(s.request_id, s.prompt, s.text, s.output_ids, s.finish_reason, stats) for s in seqs]
+
+
+def _load_tokenizer(model_dir: str) -> Any:
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not any((Path(model_dir) / n).is_file() for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)

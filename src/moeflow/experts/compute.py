@@ -1,0 +1,69 @@
+"""Expert compute over the device slot pool.
+
+transformers' own experts functions (eager loop, batched gather+bmm, grouped_mm) index ``self.gate_up_proj[e]``
+etc. We hand them a :class:`SlotExperts` view whose parameters are the slot pool's views and whose "expert ids"
+are slot ids, so the family's gating (``_apply_gate``: SiLU, gpt-oss's clamped SwiGLU, biases, transposed layouts)
+comes from transformers unchanged. Legend: T tokens, K top-k, S slots, H hidden, I intermediate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.integrations import moe as hf_moe
+
+ExpertsFn = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class SlotExperts:
+    """Stands in for a transformers experts module: slot-pool weights, the module's own gating and flags."""
+
+    def __init__(self, module: nn.Module, views: dict[str, torch.Tensor]):
+        self._module = module
+        self._views = views
+        self.num_experts = next(iter(views.values())).shape[0]  # S: slot ids play the expert ids
+        self._is_expert_parallel = False
+
+    def __getattr__(self, name: str) -> Any:
+        views = self.__dict__["_views"]
+        if name in views:
+            return views[name]
+        return getattr(self.__dict__["_module"], name)
+
+
+def _eager(module: nn.Module) -> ExpertsFn:
+    forward = type(module).forward
+    return getattr(forward, "__wrapped__", forward)  # the family's own loop, under transformers' dispatch wrapper
+
+
+def pick_backend(name: str, device: torch.device) -> str:
+    """Resolve "auto": the loop on CPU (fewest flops at small batch), gather + bmm on CUDA."""
+    if name != "auto":
+        return name
+    return "batched" if device.type == "cuda" else "loop"
+
+
+def run_experts(
+    backend: str,
+    module: nn.Module,
+    views: dict[str, torch.Tensor],
+    hidden: torch.Tensor,  # [T, H]
+    slot_index: torch.Tensor,  # [T, K] slot of each chosen expert
+    weights: torch.Tensor,  # [T, K]
+) -> torch.Tensor:  # [T, H]
+    """Combine the chosen experts' outputs for every token, computing on the slot pool."""
+    proxy = SlotExperts(module, views)
+    if backend == "loop":
+        return _eager(module)(proxy, hidden, slot_index, weights)
+    if backend == "batched":
+        return hf_moe.batched_mm_experts_forward(proxy, hidden, slot_index, weights)
+    if backend == "grouped":
+        return hf_moe.grouped_mm_experts_forward(proxy, hidden, slot_index, weights)
+    if backend == "triton":
+        from moeflow.experts.triton_experts import triton_experts_forward
+
+        return triton_experts_forward(proxy, hidden, slot_index, weights)
+    raise ValueError(f"unknown expert backend {backend!r}: use auto, loop, batched, grouped or triton")

@@ -1,0 +1,114 @@
+"""moeflow's experts function, registered in transformers' ExpertsInterface as "moeflow".
+
+Each MoE layer's experts module gets an :class:`OffloadedExperts` (attribute ``moeflow``) holding its layer index and
+the engine's :class:`Runtime` (store, policy, recorder, replay): injected per model, no globals. One call:
+router output -> (replay) -> observe/record -> policy plan -> store loads -> grouped compute over slots -> prefetch.
+Legend: T tokens, K top-k, E experts, H hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from moeflow.experts.cache import CachePolicy
+from moeflow.experts.compute import run_experts
+from moeflow.experts.store import ExpertStore
+from moeflow.model.loader import IMPLEMENTATION
+from moeflow.routing.trace import TraceRecorder, TraceReplay
+
+
+@dataclass
+class Runtime:
+    """Per-engine state shared by the MoE layers of one model."""
+
+    store: ExpertStore
+    policy: CachePolicy
+    backend: str
+    recorder: TraceRecorder | None = None
+    replay: TraceReplay | None = None
+    keep: torch.Tensor | None = None
+    """[T] bool: real (unpadded, unfinished) tokens of the current step; None = all."""
+    replay_rows: np.ndarray | None = None
+    """Trace rows of the current step's real tokens (replay only)."""
+    distinct: list[list[int]] = field(default_factory=list)
+    """Per layer, distinct experts touched in each step so far (for scheduling benchmarks)."""
+
+
+class OffloadedExperts:
+    def __init__(self, layer: int, module: nn.Module, runtime: Runtime):
+        self.layer, self.module, self.rt = layer, module, runtime
+
+    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        rt, out = self.rt, torch.zeros_like(hidden)  # [T, H]
+        if rt.keep is not None and not bool(rt.keep.all()):
+            hidden, top_k_index, top_k_weights = hidden[rt.keep], top_k_index[rt.keep], top_k_weights[rt.keep]
+        if rt.replay is not None and rt.replay_rows is not None:
+            top_k_index, top_k_weights = self._replayed(hidden.device, top_k_weights.dtype)
+        if hidden.shape[0] == 0:
+            return out
+        experts = top_k_index.cpu().numpy()  # [T, K]: the one host sync per layer
+        rt.policy.observe(self.layer, experts, None)
+        if rt.recorder is not None:
+            rt.recorder.record(self.layer, experts, top_k_weights.float().cpu().numpy())
+        needed = np.unique(experts).tolist()
+        rt.distinct[self.layer].append(len(needed))
+        result = self._compute(hidden, top_k_index, top_k_weights, needed)
+        rt.store.prefetch(rt.policy.prefetch(self.layer))
+        if rt.keep is not None and not bool(rt.keep.all()):
+            out[rt.keep] = result
+            return out
+        return result
+
+    def _replayed(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        experts, weights = self.rt.replay.route(self.rt.replay_rows, self.layer)  # [T, K] each
+        return torch.as_tensor(experts, device=device), torch.as_tensor(weights, device=device, dtype=dtype)
+
+    def _compute(
+        self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, needed: list[int]
+    ) -> torch.Tensor:
+        """Run the layer in chunks of at most ``num_slots`` distinct experts (one chunk unless the batch needs more)."""
+        rt, num_slots = self.rt, self.rt.store.num_slots
+        total: torch.Tensor | None = None
+        for start in range(0, len(needed), num_slots):
+            chunk = needed[start : start + num_slots]
+            plan = rt.policy.request(self.layer, chunk)
+            rt.store.load(plan.loads)
+            rt.store.ready(list(plan.slots))
+            lut = torch.full((self.module.num_experts,), -1, dtype=torch.long)
+            lut[chunk] = torch.tensor(plan.slots)
+            slot_index = lut.to(index.device)[index]  # [T, K]
+            chunk_weights = weights
+            if len(chunk) < len(needed):  # pairs outside this chunk: any slot, zero weight
+                outside = slot_index < 0
+                slot_index = slot_index.masked_fill(outside, plan.slots[0])
+                chunk_weights = weights.masked_fill(outside, 0)
+            part = run_experts(rt.backend, self.module, rt.store.views, hidden, slot_index, chunk_weights)
+            rt.store.release(list(plan.slots))
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+
+def moeflow_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The function transformers dispatches to for ``experts_implementation="moeflow"``."""
+    handler = getattr(self, "moeflow", None)
+    if handler is None:
+        raise RuntimeError("this experts module was not prepared by moeflow (no `moeflow` handler attached)")
+    return handler(hidden_states, top_k_index, top_k_weights)
+
+
+ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, moeflow_experts_forward)
+
+
+def attach(layers: list, runtime: Runtime) -> None:
+    """Give each MoE layer's experts module its handler."""
+    runtime.distinct = [[] for _ in layers]
+    for spec in layers:
+        spec.module.moeflow = OffloadedExperts(spec.index, spec.module, runtime)

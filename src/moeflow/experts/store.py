@@ -1,0 +1,154 @@
+"""Expert tiers and the execution of plans: checkpoint (disk, mmap) -> host pool -> device slots.
+
+The store owns the bytes: a host pool of ``host_capacity`` expert buffers (pinned when the device is a GPU; every
+expert preloaded when all fit) kept by LRU, and ``num_slots`` device slots, one contiguous row per expert so a
+transfer is one copy. It executes :class:`~moeflow.experts.cache.Load` lists from a policy: demand loads block until
+their copy is done; prefetch loads read disk on a background thread and copy on a separate CUDA stream, with one
+event per slot so compute waits only for the slots it uses, and one per slot use so a copy never overwrites a slot
+still being read by earlier compute.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from moeflow.experts.cache import Key, Load
+from moeflow.model.loader import LoadedModel
+
+
+@dataclass
+class StoreStats:
+    bytes_to_device: int = 0
+    """Bytes copied host -> device slots (demand + prefetch)."""
+    bytes_from_disk: int = 0
+    """Bytes read from the checkpoint into the host pool."""
+    demand_loads: int = 0
+    prefetch_loads: int = 0
+    stall_s: float = 0.0
+    """Wall time the forward pass spent waiting for expert transfers (disk reads included)."""
+
+
+class ExpertStore:
+    def __init__(self, loaded: LoadedModel, num_slots: int, host_capacity: int, progress: bool = True):
+        self.loaded = loaded
+        self.device = loaded.device
+        self.cuda = self.device.type == "cuda"
+        numel, dtype = loaded.layout.numel, loaded.dtype
+        self.slots = torch.empty(num_slots, numel, dtype=dtype, device=self.device)  # [S, P]
+        self.views = loaded.layout.views(self.slots)  # name -> [S, *param shape]
+        self.host = torch.empty(max(host_capacity, 1), numel, dtype=dtype, pin_memory=self.cuda)  # [H, P]
+        self.host_capacity = max(host_capacity, 1)
+        self.host_row: OrderedDict[Key, int] = OrderedDict()  # LRU order, oldest first
+        self.stats = StoreStats()
+        self._lock = threading.RLock()
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeflow-disk")
+        self._pending: dict[int, Future] = {}  # slot -> prefetch in flight
+        self.copy_stream = torch.cuda.Stream(self.device, priority=-1) if self.cuda else None
+        self.prefetch_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._ready: list[torch.cuda.Event | None] = [None] * num_slots
+        self._released: list[torch.cuda.Event | None] = [None] * num_slots
+        self._host_busy: dict[int, torch.cuda.Event] = {}
+        total = len(loaded.layers) * loaded.num_experts
+        if host_capacity >= total:
+            keys = [(layer, e) for layer in range(len(loaded.layers)) for e in range(loaded.num_experts)]
+            for key in tqdm(keys, desc="experts -> host RAM", unit="expert", disable=not progress, leave=False):
+                self._host_get(key)
+
+    @property
+    def num_slots(self) -> int:
+        return self.slots.shape[0]
+
+    # --------------------------------------------------------------------------------- host tier
+    def _host_get(self, key: Key) -> torch.Tensor:
+        """The host buffer row holding ``key``, read from disk (evicting the LRU row) when absent."""
+        with self._lock:
+            row = self.host_row.get(key)
+            if row is not None:
+                self.host_row.move_to_end(key)
+                return self.host[row]
+            if len(self.host_row) < self.host_capacity:
+                row = len(self.host_row)
+            else:
+                _, row = self.host_row.popitem(last=False)
+                busy = self._host_busy.pop(row, None)
+                if busy is not None:
+                    busy.synchronize()  # a copy may still read this pinned row
+            self.stats.bytes_from_disk += self.loaded.read_expert(key[0], key[1], self.host[row])
+            self.host_row[key] = row
+            return self.host[row]
+
+    # --------------------------------------------------------------------------------- device tier
+    def _copy(self, load: Load, stream: torch.cuda.Stream | None) -> None:
+        src = self._host_get(load.key)
+        if stream is None:
+            self.slots[load.slot].copy_(src)
+        else:
+            with torch.cuda.stream(stream):
+                released = self._released[load.slot]
+                if released is not None:
+                    stream.wait_event(released)
+                self.slots[load.slot].copy_(src, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(stream)
+            self._ready[load.slot] = ready
+            with self._lock:
+                row = self.host_row.get(load.key)
+                if row is not None:
+                    self._host_busy[row] = ready
+        self.stats.bytes_to_device += self.loaded.expert_bytes
+
+    def load(self, loads: tuple[Load, ...] | list[Load]) -> None:
+        """Demand loads: done (and waited for) before returning; time counted as stall."""
+        if not loads:
+            return
+        t0 = time.perf_counter()
+        for load in loads:
+            self._settle(load.slot)
+            self._copy(load, self.copy_stream)
+            self.stats.demand_loads += 1
+        if self.cuda:
+            for load in loads:
+                self._ready[load.slot].synchronize()
+        self.stats.stall_s += time.perf_counter() - t0
+
+    def prefetch(self, loads: list[Load]) -> None:
+        """Start prefetch loads: disk reads on the background thread, copies on the prefetch stream."""
+        for load in sorted(loads, key=lambda ld: -ld.priority):
+            self._settle(load.slot)
+            self._pending[load.slot] = self._reader.submit(self._copy, load, self.prefetch_stream)
+            self.stats.prefetch_loads += 1
+
+    def _settle(self, slot: int) -> None:
+        """Wait for a prefetch still filling ``slot`` (its disk read) to be issued."""
+        pending = self._pending.pop(slot, None)
+        if pending is not None:
+            t0 = time.perf_counter()
+            pending.result()
+            self.stats.stall_s += time.perf_counter() - t0
+
+    def ready(self, slots: list[int]) -> None:
+        """Make the compute stream wait until ``slots`` hold their experts."""
+        for slot in slots:
+            self._settle(slot)
+            ev = self._ready[slot]
+            if ev is not None:
+                torch.cuda.current_stream(self.device).wait_event(ev)
+
+    def release(self, slots: list[int]) -> None:
+        """Compute reading ``slots`` has been issued: later copies into them wait for it."""
+        if not self.cuda:
+            return
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        for slot in slots:
+            self._released[slot] = ev
+
+    def close(self) -> None:
+        self._reader.shutdown(wait=True)

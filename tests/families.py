@@ -1,0 +1,74 @@
+"""Tiny random checkpoints of every supported family, saved in Hugging Face format (shared by the tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+VOCAB = 300
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, max_position_embeddings=256)
+MLA = dict(kv_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, num_key_value_heads=4)
+
+FAMILIES: dict[str, dict] = {
+    "mixtral": dict(intermediate_size=16, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        intermediate_size=16, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_hidden_layers=2,
+        num_experts=8, num_experts_per_tok=2,
+    ),
+    "qwen3_moe": dict(
+        intermediate_size=16, moe_intermediate_size=16, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+        head_dim=8,
+    ),
+    "olmoe": dict(intermediate_size=16, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2),
+    "deepseek_v2": dict(
+        intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, n_group=2,
+        topk_group=1, topk_method="group_limited_greedy", **MLA,
+    ),
+    "deepseek_v3": dict(
+        intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=24, n_group=2,
+        topk_group=1, **MLA,
+    ),
+    "gpt_oss": dict(
+        intermediate_size=16, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+    ),
+}  # fmt: skip
+
+TEXT = [
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "The capital of France is Paris. The quick brown fox jumps over the lazy dog.",
+    "import os\nimport sys\nprint(sys.argv)\n",
+]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(TEXT * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def build_checkpoint(family: str, out: Path, seed: int = 0, max_shard_size: str | None = None) -> Path:
+    """Save a tiny random ``family`` model (float32) with a tokenizer to ``out``."""
+    kw = dict(FAMILIES[family])
+    kw.setdefault("num_key_value_heads", 2)
+    config = AutoConfig.for_model(family, **COMMON, **kw, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # a random router is nearly uniform per layer; sharpen it so routing varies by token
+        for name, p in model.named_parameters():
+            if name.endswith(("gate.weight", "router.weight")) and p.dim() == 2:
+                p.normal_(0, 1.0)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    build_tokenizer().save_pretrained(out)
+    return out

@@ -121,11 +121,11 @@ class LLM:
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Yield text as it is generated for one prompt; the last event carries the full output."""
         (seq,) = self._admit([prompt], params or SamplingParams())
-        for _ in self._run([seq]):
-            if seq.output_ids:
-                done = seq.finished
-                out = self._last_outputs[0] if done else None
-                yield StreamDelta(seq.request_id, seq.stream_delta(), seq.output_ids[-1], done, out)
+        for done in self._run([seq]):
+            if done:
+                yield StreamDelta(seq.request_id, seq.stream_delta(), seq.output_ids[-1], True, self._last_outputs[0])
+            elif not seq.finished:
+                yield StreamDelta(seq.request_id, seq.stream_delta(), seq.output_ids[-1], False)
 
     def trace(self) -> Trace:
         """Routing recorded so far (``record_trace=True``)."""
@@ -153,8 +153,9 @@ class LLM:
             self._next_id += 1
         return seqs
 
-    def _run(self, seqs: list[Sequence]) -> Iterator[None]:
-        """Prefill then decode ``seqs`` together until all finish; yields after every step."""
+    def _run(self, seqs: list[Sequence]) -> Iterator[bool]:
+        """Prefill then decode ``seqs`` together until all finish; yields False after every step, True at the end
+        (when ``_last_outputs`` holds the outputs)."""
         params = seqs[0].params
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         before = self._counters()
@@ -164,9 +165,9 @@ class LLM:
         while not all(s.finished for s in seqs):
             mask = self.step(seqs, cache, mask, gen)
             t_first = t_first or time.perf_counter()
-            yield
+            yield False
         self._last_outputs = self._outputs(seqs, before, t0, t_first, time.perf_counter())
-        yield
+        yield True
 
     @torch.inference_mode()
     def step(

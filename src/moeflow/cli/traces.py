@@ -15,7 +15,9 @@ def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,4,8, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 2,4,8, got {text!r}"
+        ) from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one cache size")
     return values
@@ -42,14 +44,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("trace-import", help="convert a JSON-lines routing log into a trace")
     p.add_argument("jsonl", help="log with problem_id, token_idx, layer, experts, gating_probs per line")
     p.add_argument("--out", required=True, help="trace file to write (.npz)")
-    p.add_argument("--model", default=None, help="model name stored in the trace (default: the log's file name)")
-    p.add_argument("--num-experts", type=int, default=None, help="experts per layer (default: largest id + 1)")
+    p.add_argument(
+        "--model", default=None, help="model name stored in the trace (default: the log's file name)"
+    )
+    p.add_argument(
+        "--num-experts", type=int, default=None, help="experts per layer (default: largest id + 1)"
+    )
     p.set_defaults(func=cmd_trace_import)
 
-    p = subparsers.add_parser("synth", help="write a random-weight checkpoint with a real MoE family's geometry")
-    p.add_argument("--like", required=True, choices=("olmoe", "qwen3-30b", "mixtral"), help="geometry to copy")
+    p = subparsers.add_parser(
+        "synth", help="write a random-weight checkpoint with a real MoE family's geometry"
+    )
+    p.add_argument(
+        "--like", required=True, choices=("olmoe", "qwen3-30b", "mixtral"), help="geometry to copy"
+    )
     p.add_argument("--out", required=True, help="directory to write the checkpoint into")
-    p.add_argument("--layers", type=int, default=None, help="keep only the first N layers (tests, small disks)")
+    p.add_argument(
+        "--layers", type=int, default=None, help="keep only the first N layers (tests, small disks)"
+    )
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)

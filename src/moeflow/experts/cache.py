@@ -132,6 +132,9 @@ class CachePolicy:
     def on_access(self, key: Key) -> None:
         """``key`` was requested (hit or miss) at the current clock."""
 
+    def on_admit(self, key: Key) -> None:
+        """``key`` was brought in by a prefetch (not requested yet)."""
+
     def victim(self, candidates: Sequence[Key], layer: int) -> Key:
         """Which resident key to evict (``layer`` is the layer being served)."""
         raise NotImplementedError
@@ -181,6 +184,7 @@ class CachePolicy:
         if load is not None:
             self.stats.prefetches += 1
             self._unused_prefetch.add(key)
+            self.on_admit(key)
         return load
 
     def finish(self) -> None:
@@ -228,6 +232,8 @@ class LRUPolicy(CachePolicy):
     def on_access(self, key: Key) -> None:
         self._last[key] = self.clock
         self._last.move_to_end(key)
+
+    on_admit = on_access  # a prefetched expert counts as just used
 
     def victim(self, candidates: Sequence[Key], layer: int) -> Key:
         cand = set(candidates)

@@ -13,12 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moeflow.experts.cache import CachePolicy
 from moeflow.experts.compute import run_experts
 from moeflow.experts.store import ExpertStore
-from moeflow.model.loader import IMPLEMENTATION
 from moeflow.routing.trace import TraceRecorder, TraceReplay
 
 
@@ -92,19 +90,6 @@ class OffloadedExperts:
             total = part if total is None else total + part
         assert total is not None
         return total
-
-
-def moeflow_experts_forward(
-    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-) -> torch.Tensor:
-    """The function transformers dispatches to for ``experts_implementation="moeflow"``."""
-    handler = getattr(self, "moeflow", None)
-    if handler is None:
-        raise RuntimeError("this experts module was not prepared by moeflow (no `moeflow` handler attached)")
-    return handler(hidden_states, top_k_index, top_k_weights)
-
-
-ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, moeflow_experts_forward)
 
 
 def attach(layers: list, runtime: Runtime) -> None:

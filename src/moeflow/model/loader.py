@@ -17,11 +17,10 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from moeflow.errors import CheckpointError, UnsupportedModelError
+from moeflow.experts.dispatch import IMPLEMENTATION
 from moeflow.model.checkpoint import Checkpoint
 from moeflow.model.families import Family, disk_names, family_for
 
-IMPLEMENTATION = "moeflow"
-"""Name under which moeflow's experts forward is registered in transformers' ExpertsInterface."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ written: drive such a checkpoint with token ids (or replayed traces).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def olmoe_config() -> PretrainedConfig:
     """OLMoE-1B-7B (allenai/OLMoE-1B-7B-0924): 16 layers, 64 experts top-8."""
     return OlmoeConfig(
+        architectures=["OlmoeForCausalLM"],
         vocab_size=50304,
         hidden_size=2048,
         intermediate_size=1024,
@@ -55,6 +57,7 @@ def olmoe_config() -> PretrainedConfig:
 def qwen3_30b_config() -> PretrainedConfig:
     """Qwen3-30B-A3B: 48 layers, 128 experts top-8, every layer sparse."""
     return Qwen3MoeConfig(
+        architectures=["Qwen3MoeForCausalLM"],
         vocab_size=151936,
         hidden_size=2048,
         intermediate_size=6144,
@@ -80,6 +83,7 @@ def qwen3_30b_config() -> PretrainedConfig:
 def mixtral_config() -> PretrainedConfig:
     """Mixtral-8x7B: 32 layers, 8 experts top-2."""
     return MixtralConfig(
+        architectures=["MixtralForCausalLM"],
         vocab_size=32000,
         hidden_size=4096,
         intermediate_size=14336,
@@ -156,9 +160,7 @@ def _per_expert(config: PretrainedConfig, name: str) -> list[TensorSpec] | None:
         return None
     hidden, inter = config.hidden_size, _expert_intermediate(config)
     shape = (hidden, inter) if fused == "down_proj" else (inter, hidden)  # one part of one expert
-    return [
-        TensorSpec(f"{prefix}.{e}.{part}", shape) for e in range(_num_experts(config)) for part in parts
-    ]
+    return [TensorSpec(f"{prefix}.{e}.{part}", shape) for e in range(_num_experts(config)) for part in parts]
 
 
 def _rename(model_type: str, name: str) -> str:
@@ -185,7 +187,9 @@ def tensor_specs(config: PretrainedConfig) -> list[TensorSpec]:
     return specs
 
 
-def plan_shards(specs: list[TensorSpec], dtype: torch.dtype, shard_bytes: int = SHARD_BYTES) -> list[list[TensorSpec]]:
+def plan_shards(
+    specs: list[TensorSpec], dtype: torch.dtype, shard_bytes: int = SHARD_BYTES
+) -> list[list[TensorSpec]]:
     """Consecutive groups of at most ``shard_bytes`` (a larger single tensor gets a shard of its own)."""
     shards: list[list[TensorSpec]] = [[]]
     size = 0
@@ -210,6 +214,13 @@ def check_free_space(out: Path, needed: int) -> None:
             f"the checkpoint needs {format_size(needed)} but {probe} has only {format_size(free)} free: "
             "pick --out on a larger disk, or write fewer layers with --layers N"
         )
+
+
+def _file_mode() -> int:
+    """0666 less the process umask (what an ordinary file write gets)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _make(spec: TensorSpec, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -239,15 +250,16 @@ def write_checkpoint(
     config.save_pretrained(out)
     gen = torch.Generator().manual_seed(seed)
     weight_map: dict[str, str] = {}
+    mode = _file_mode()
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"synth {out.name}", disable=not progress) as bar:
         for i, shard in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            tensors: dict[str, torch.Tensor] = {}
-            for spec in shard:
-                tensors[spec.name] = _make(spec, dtype, gen)
-                weight_map[spec.name] = fname
-                bar.update(spec.nbytes(dtype))
+            bar.set_postfix_str(f"shard {i}/{len(shards)}")
+            tensors = {spec.name: _make(spec, dtype, gen) for spec in shard}
             save_file(tensors, out / fname, metadata={"format": "pt"})
+            os.chmod(out / fname, mode)  # safetensors creates 0600 files; make them like config.json
+            weight_map.update(dict.fromkeys(tensors, fname))
+            bar.update(sum(spec.nbytes(dtype) for spec in shard))
             del tensors
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

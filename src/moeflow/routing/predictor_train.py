@@ -180,7 +180,7 @@ def train_predictor(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
-            total += float(loss)
+            total += loss.item()
             bar.update(1)
         score = evaluate(net_scorer(net, vocab, cfg.device), val, k)["overall"]["recall"]
         history.append({"epoch": epoch, "loss": total / n_batches, "val_recall": score})

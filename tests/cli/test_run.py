@@ -1,0 +1,34 @@
+"""The console script: generate --json, info, and errors printed for users."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moeflow.cli import main
+
+
+def test_generate_json(checkpoints: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        ["generate", "--model", str(checkpoints["qwen2_moe"]), "--device", "cpu", "--num-slots", "2",
+         "--prompt", "def fib(n):", "--max-tokens", "4", "--json"]
+    )  # fmt: skip
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) <= 4 and isinstance(out["text"], str)
+    assert out["stats"]["misses"] > 0 and 0 <= out["stats"]["hit_ratio"] <= 1
+
+
+def test_info_json(checkpoints: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--model", str(checkpoints["deepseek_v3"]), "--json", "--device-memory", "1GiB"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["moe_layers"] == 2 and info["moe_layer_ids"] == [1, 2]
+    assert info["experts_per_layer"] == 8 and info["top_k"] == 2
+    assert info["expert_slots_fit"] == 16
+
+
+def test_user_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err

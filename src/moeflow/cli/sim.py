@@ -24,14 +24,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default=DEFAULT_POLICIES, help=f"comma-separated (default {DEFAULT_POLICIES})")
     p.add_argument("--batch-size", type=int, nargs="+", default=[1], help="sequences decoded together")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--eamc", help="EAM collection file for moe-infinity (built with `moeflow eamc build`)")
-    group.add_argument("--eamc-from", nargs="+", metavar="TRACE", help="build the EAM collection from these traces")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="policy option (repeatable)")
+    group.add_argument(
+        "--eamc", help="EAM collection file for moe-infinity (built with `moeflow eamc build`)"
+    )
+    group.add_argument(
+        "--eamc-from", nargs="+", metavar="TRACE", help="build the EAM collection from these traces"
+    )
+    p.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="policy option (repeatable)"
+    )
     p.add_argument("--expert-bytes", default=None, help="bytes per expert, e.g. 336MiB (or give --model-dir)")
     p.add_argument("--model-dir", default=None, help="checkpoint whose geometry gives the bytes per expert")
     p.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH / 1e9, help="host->device GB/s (52)")
     p.add_argument(
-        "--compute-per-layer-ms", type=float, default=DEFAULT_COMPUTE_PER_LAYER * 1e3, help="compute per layer (ms)"
+        "--compute-per-layer-ms",
+        type=float,
+        default=DEFAULT_COMPUTE_PER_LAYER * 1e3,
+        help="compute per layer (ms)",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--out", default=None, help="also write the JSON results to this file")
@@ -42,7 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     esub = e.add_subparsers(dest="eamc_command", required=True)
     b = esub.add_parser("build", help="build an EAM collection from recorded traces")
     b.add_argument("--traces", nargs="+", required=True, help="trace files (.npz or .jsonl)")
-    b.add_argument("--out", required=True, help="collection file to write (.npz), e.g. MODEL/moeflow/eamc.npz")
+    b.add_argument(
+        "--out", required=True, help="collection file to write (.npz), e.g. MODEL/moeflow/eamc.npz"
+    )
     b.add_argument("--capacity", type=int, default=1000, help="entries kept (default 1000)")
     b.set_defaults(func=cmd_eamc_build)
 
@@ -183,9 +194,13 @@ def cmd_eamc_build(args: argparse.Namespace) -> int:
     traces = [load_trace(t) for t in args.traces]
     shapes = {(t.num_layers, t.num_experts) for t in traces}
     if len(shapes) > 1:
-        raise MoeflowError(f"the traces come from models of different shapes {sorted(shapes)}: build one per model")
+        raise MoeflowError(
+            f"the traces come from models of different shapes {sorted(shapes)}: build one per model"
+        )
     eamc = EAMCollection.from_traces(traces, args.capacity)
     eamc.save(args.out)
     n_req = sum(len(t.requests()) for t in traces)
-    print(f"EAM collection: {len(eamc)} entries from {n_req} requests ({eamc.members.sum()} admitted) -> {args.out}")
+    print(
+        f"EAM collection: {len(eamc)} entries from {n_req} requests ({eamc.members.sum()} admitted) -> {args.out}"
+    )
     return 0

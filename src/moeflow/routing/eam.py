@@ -119,7 +119,9 @@ class EAMCollection:
         """Admit a finished request's EAM [L, E]; returns the entry index it went to (-1: rejected, empty)."""
         eam = np.asarray(eam, np.float32)
         if eam.shape != (self.num_layers, self.num_experts):
-            raise ValueError(f"EAM of shape {eam.shape}, collection holds {(self.num_layers, self.num_experts)}")
+            raise ValueError(
+                f"EAM of shape {eam.shape}, collection holds {(self.num_layers, self.num_experts)}"
+            )
         if not eam.any():
             return -1
         if len(self) < self.capacity:
@@ -190,7 +192,9 @@ class EAMCollection:
                 members = z["members"].astype(np.int64)
                 saved_capacity = int(z["capacity"])
             if entries.ndim != 3 or entries.shape[1:] != (num_layers, num_experts):
-                raise ValueError(f"entries of shape {entries.shape[1:]}, the model has {(num_layers, num_experts)}")
+                raise ValueError(
+                    f"entries of shape {entries.shape[1:]}, the model has {(num_layers, num_experts)}"
+                )
             if members.shape != (entries.shape[0],) or not np.isfinite(entries).all() or (entries < 0).any():
                 raise ValueError("entries and member counts disagree or hold invalid counts")
         except Exception as exc:

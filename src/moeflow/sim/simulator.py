@@ -44,7 +44,9 @@ def _request_rows(trace: Trace) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _step(trace: Trace, index: int, parts: list[tuple[int, np.ndarray]], prefill: bool, ended: tuple) -> SimStep:
+def _step(
+    trace: Trace, index: int, parts: list[tuple[int, np.ndarray]], prefill: bool, ended: tuple
+) -> SimStep:
     info = StepInfo(
         step=index,
         request_ids=tuple(r for r, _ in parts),

@@ -175,7 +175,12 @@ class MoEInfinityPolicy(CachePolicy):
 
     def prefetch(self, layer: int) -> list[Load]:
         """Loads for layers ahead of ``layer``, highest priority first (see the module docstring)."""
-        if not self.prefetch_enabled or self._pred is None or layer != self._layer or layer >= self.num_layers - 1:
+        if (
+            not self.prefetch_enabled
+            or self._pred is None
+            or layer != self._layer
+            or layer >= self.num_layers - 1
+        ):
             return []
         ahead = np.arange(layer + 1, self.num_layers)  # [A]
         pri = self._pred[ahead] * (1 - (ahead - layer) / self.num_layers)[:, None]  # [A, E]

@@ -140,3 +140,42 @@ def test_synth_command(
     assert config["dtype"] == "bfloat16" and config["architectures"] == ["Qwen3MoeForCausalLM"]
     assert main(["synth", "--like", "olmoe", "--out", str(tmp_path / "q")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def byte_tokenizer(directory: Path) -> None:
+    """A byte-level tokenizer with no merges (ids 0-255 are bytes, 256 is the end of text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))} | {"<eos>": 256}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(directory)
+
+
+def test_trace_command_records_a_synth_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("moeflow.engine")
+    from moeflow.cli import main
+    from moeflow.routing.trace import Trace
+
+    config = tiny_config("olmoe", layers=3)
+    config.vocab_size, config.eos_token_id = 260, 256
+    model_dir = write_checkpoint(config, tmp_path / "m", progress=False)
+    byte_tokenizer(model_dir)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello world\nsecond\\nprompt\n")
+    out = tmp_path / "t.npz"
+    args = ["trace", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(out)]
+    assert main([*args, "--max-tokens", "4", "--device", "cpu", "--batch-size", "2"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    trace = Trace.load(out)
+    assert (trace.num_layers, trace.num_experts, trace.top_k) == (3, 5, 2)
+    assert trace.requests() == [0, 1]
+    # Prefill rows are the prompts' bytes ("second\nprompt": the \n is one line break); decode rows follow.
+    prefill = trace.position[~trace.decode]
+    assert len(prefill) == len("hello world") + len("second\nprompt")
+    assert 1 <= trace.decode.sum() <= 2 * 3
+    assert ((trace.experts >= 0) & (trace.experts < 5)).all()
+    assert main(["trace-stats", str(out)]) == 0

@@ -1,0 +1,52 @@
+"""On a CUDA device: every family and expert backend equals transformers, and the device budget is honoured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moeflow import LLM, SamplingParams
+from tests.families import FAMILIES
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+PROMPT = [[5, 17, 42, 7, 99, 3, 250, 11, 64, 8]]
+
+
+@pytest.mark.parametrize("backend", ["loop", "batched", "grouped", "triton"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cuda_matches_transformers(checkpoints: dict[str, Path], family: str, backend: str) -> None:
+    path = checkpoints[family]
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda").eval()
+    ids = torch.tensor(PROMPT, device="cuda")
+    want = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 10:].tolist()
+    with torch.no_grad():
+        want_logits = ref(ids).logits
+    for slots in (2, None):
+        llm = LLM(path, device="cuda", dtype="float32", num_slots=slots, expert_backend=backend, progress=False)
+        out = llm.generate(PROMPT, SamplingParams(max_tokens=8, ignore_eos=True))[0]
+        assert out.token_ids == want
+        with torch.no_grad():
+            got = llm.loaded.model(ids).logits
+        torch.testing.assert_close(got, want_logits, rtol=1e-3, atol=1e-4)
+
+
+def test_cuda_budget_is_honoured(checkpoints: dict[str, Path]) -> None:
+    path = checkpoints["mixtral"]
+    probe = LLM(path, device="cuda", dtype="float32", num_slots=2, progress=False)
+    dense, per = probe.info.dense_bytes, probe.info.expert_bytes
+    del probe
+    torch.cuda.empty_cache()
+    budget = dense + 4 * per + 8 * 2**20
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    llm = LLM(path, device="cuda", dtype="float32", device_memory=budget, kv_reserve=8 * 2**20, progress=False)
+    assert llm.store.num_slots == 4
+    llm.generate(PROMPT * 2, SamplingParams(max_tokens=16, ignore_eos=True))
+    assert torch.cuda.max_memory_allocated() - base <= budget
+    assert llm.store.host.is_pinned()

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeflow import LLM, SamplingParams
+from moeflow.experts.cache import Load, LRUPolicy
 from tests.families import FAMILIES
 
 PROMPT = [[5, 17, 42, 7, 99, 3, 250, 11, 64, 8]]
@@ -19,7 +20,9 @@ def reference(path: Path) -> torch.nn.Module:
 
 
 def greedy_ref(model: torch.nn.Module, ids: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = model.generate(
+        torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     return out[0, len(ids) :].tolist()
 
 
@@ -95,7 +98,9 @@ def test_text_prompts_stop_strings_and_stream(checkpoints: dict[str, Path]) -> N
 def test_sampling_is_seeded_and_topk1_is_greedy(checkpoints: dict[str, Path]) -> None:
     llm = LLM(checkpoints["mixtral"], device="cpu", progress=False)
     greedy = llm.generate(PROMPT, SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids
-    top1 = llm.generate(PROMPT, SamplingParams(max_tokens=6, temperature=1.0, top_k=1, ignore_eos=True, seed=1))
+    top1 = llm.generate(
+        PROMPT, SamplingParams(max_tokens=6, temperature=1.0, top_k=1, ignore_eos=True, seed=1)
+    )
     assert top1[0].token_ids == greedy
     hot = SamplingParams(max_tokens=6, temperature=5.0, top_p=0.95, ignore_eos=True, seed=7)
     assert llm.generate(PROMPT, hot)[0].token_ids == llm.generate(PROMPT, hot)[0].token_ids
@@ -106,3 +111,22 @@ def test_sharded_checkpoint(sharded_olmoe: Path) -> None:
     llm = LLM(sharded_olmoe, device="cpu", num_slots=3, progress=False)
     out = llm.generate(PROMPT, SamplingParams(max_tokens=5, ignore_eos=True))[0]
     assert out.token_ids == greedy_ref(reference(sharded_olmoe), PROMPT[0], 5)
+
+
+class _NextLayerPrefetch(LRUPolicy):
+    """Test policy: after each layer, prefetch a few experts of the next layer (some useful, some not)."""
+
+    def prefetch(self, layer: int) -> list[Load]:
+        nxt = (layer + 1) % self.num_layers
+        loads = [self.admit((nxt, e), priority=1.0, protect=()) for e in range(3)]
+        return [ld for ld in loads if ld is not None]
+
+
+def test_async_prefetch_keeps_outputs_exact(checkpoints: dict[str, Path]) -> None:
+    path = checkpoints["gpt_oss"]
+    llm = LLM(path, device="cpu", num_slots=4, policy=_NextLayerPrefetch(), progress=False)
+    out = llm.generate(PROMPT, SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    assert out.token_ids == greedy_ref(reference(path), PROMPT[0], 8)
+    stats = llm.policy.stats
+    assert stats.prefetches > 0 and llm.store.stats.prefetch_loads == stats.prefetches
+    assert stats.prefetch_hits > 0

@@ -36,14 +36,30 @@ class SlotExperts:
 
 def _eager(module: nn.Module) -> ExpertsFn:
     forward = type(module).forward
-    return getattr(forward, "__wrapped__", forward)  # the family's own loop, under transformers' dispatch wrapper
+    return getattr(
+        forward, "__wrapped__", forward
+    )  # the family's own loop, under transformers' dispatch wrapper
+
+
+TRITON_MAX_PAIRS = 128
+"""Above this many (token, expert) pairs a layer is no longer memory bound on weights: use grouped matmuls."""
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def pick_backend(name: str, device: torch.device) -> str:
-    """Resolve "auto": the loop on CPU (fewest flops at small batch), gather + bmm on CUDA."""
+    """Resolve "auto": the loop on CPU; on CUDA "auto-cuda" (Triton for decode-sized layers, gather + bmm else)."""
     if name != "auto":
         return name
-    return "batched" if device.type == "cuda" else "loop"
+    if device.type != "cuda":
+        return "loop"
+    return "auto-cuda" if _has_triton() else "batched"
 
 
 def run_experts(
@@ -56,6 +72,8 @@ def run_experts(
 ) -> torch.Tensor:  # [T, H]
     """Combine the chosen experts' outputs for every token, computing on the slot pool."""
     proxy = SlotExperts(module, views)
+    if backend == "auto-cuda":
+        backend = "triton" if slot_index.numel() <= TRITON_MAX_PAIRS else "batched"
     if backend == "loop":
         return _eager(module)(proxy, hidden, slot_index, weights)
     if backend == "batched":

@@ -78,13 +78,15 @@ class LLM:
             lm.dense_bytes,
         )
         store = ExpertStore(lm, self.memory.num_slots, self.memory.host_capacity, cfg.progress)
-        policy = make_policy(cfg.policy)
-        policy.bind(self.memory.num_slots, len(lm.layers), lm.num_experts, lm.top_k)
-        policy.setup(PolicyContext(model_dir=self.model_dir, options=dict(cfg.extra)))
+        policy = self._policy(cfg.policy, self.memory.num_slots, cfg.extra)
         recorder = None
         if record_trace:
             recorder = TraceRecorder(
-                Path(self.model_dir).name, len(lm.layers), lm.num_experts, lm.top_k, list(self.info.moe_layer_ids)
+                Path(self.model_dir).name,
+                len(lm.layers),
+                lm.num_experts,
+                lm.top_k,
+                list(self.info.moe_layer_ids),
             )
         if isinstance(replay, Trace):
             replay = TraceReplay(replay, len(lm.layers), lm.num_experts, lm.top_k)
@@ -96,9 +98,26 @@ class LLM:
         self._next_id = 0
         self._step = 0
 
+    def _policy(self, spec: Any, num_slots: int, options: dict) -> Any:
+        lm = self.loaded
+        policy = make_policy(spec)
+        policy.bind(num_slots, len(lm.layers), lm.num_experts, lm.top_k)
+        policy.setup(PolicyContext(model_dir=self.model_dir, options=dict(options)))
+        return policy
+
+    def reconfigure(self, policy: Any = None, num_slots: int | None = None, options: dict | None = None) -> None:
+        """Swap the cache policy and/or the slot pool size, keeping dense weights and the host tier (sweeps)."""
+        old = self.runtime.store
+        slots = num_slots or old.num_slots
+        old.close()
+        del old.slots, old.views
+        self.runtime.store = ExpertStore(self.loaded, slots, 0, False, share_host=self.runtime.store)
+        self.runtime.policy = self._policy(policy or self.config.policy, slots, options or self.config.extra)
+        attach(self.loaded.layers, self.runtime)
+
     # ------------------------------------------------------------------------------------------ API
     @property
-    def policy(self):  # noqa: ANN201
+    def policy(self):
         return self.runtime.policy
 
     @property
@@ -106,10 +125,15 @@ class LLM:
         return self.runtime.store
 
     def generate(
-        self, prompts: list[str] | list[list[int]] | str, params: SamplingParams | None = None
+        self,
+        prompts: list[str] | list[list[int]] | str,
+        params: SamplingParams | None = None,
+        request_ids: list[int] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text, or token ids), ``batch_size`` sequences at a time."""
-        seqs = self._admit([prompts] if isinstance(prompts, str) else prompts, params or SamplingParams())
+        """Generate for every prompt (text, or token ids), ``batch_size`` sequences at a time. ``request_ids``
+        (default: consecutive new ids) name the requests, e.g. to match a replayed trace."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        seqs = self._admit(prompts, params or SamplingParams(), request_ids)
         outputs: list[RequestOutput] = []
         for start in range(0, len(seqs), self.batch_size):
             batch = seqs[start : start + self.batch_size]
@@ -123,7 +147,9 @@ class LLM:
         (seq,) = self._admit([prompt], params or SamplingParams())
         for done in self._run([seq]):
             if done:
-                yield StreamDelta(seq.request_id, seq.stream_delta(), seq.output_ids[-1], True, self._last_outputs[0])
+                yield StreamDelta(
+                    seq.request_id, seq.stream_delta(), seq.output_ids[-1], True, self._last_outputs[0]
+                )
             elif not seq.finished:
                 yield StreamDelta(seq.request_id, seq.stream_delta(), seq.output_ids[-1], False)
 
@@ -134,14 +160,20 @@ class LLM:
         return self.runtime.recorder.trace()
 
     # ------------------------------------------------------------------------------------ internals
-    def _admit(self, prompts: list, params: SamplingParams) -> list[Sequence]:
+    def _admit(self, prompts: list, params: SamplingParams, request_ids: list[int] | None = None) -> list[Sequence]:
         if not prompts:
             raise RequestError("no prompts given")
+        if request_ids is not None and len(request_ids) != len(prompts):
+            raise RequestError(f"{len(request_ids)} request ids for {len(prompts)} prompts")
         seqs = []
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
+            if request_ids is not None:
+                self._next_id = request_ids[i]
             if isinstance(prompt, str):
                 if self.tokenizer is None:
-                    raise RequestError(f"{self.model_dir} has no tokenizer files: pass token ids instead of text")
+                    raise RequestError(
+                        f"{self.model_dir} has no tokenizer files: pass token ids instead of text"
+                    )
                 ids, text = self.tokenizer(prompt)["input_ids"], prompt
             else:
                 ids, text = [int(t) for t in prompt], ""
@@ -171,14 +203,22 @@ class LLM:
 
     @torch.inference_mode()
     def step(
-        self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor | None, gen: torch.Generator | None
+        self,
+        seqs: list[Sequence],
+        cache: DynamicCache,
+        mask: torch.Tensor | None,
+        gen: torch.Generator | None,
     ) -> torch.Tensor:
         prefill = mask is None
         ids, mask, pos, keep, new_tokens, positions = self._inputs(seqs, mask)
         live = [s for s in seqs if not s.finished]
         self._begin_step(live, new_tokens, positions, prefill, keep)
         logits = self.loaded.model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1, :]  # [B, V]
         self._end_step()
@@ -207,14 +247,29 @@ class LLM:
         pos = torch.tensor([[s.position] for s in seqs])
         keep = torch.tensor([not s.finished for s in seqs])
         live = [s for s in seqs if not s.finished]
-        return ids.to(dev), mask, pos.to(dev), keep.to(dev), [[s.output_ids[-1]] for s in live], [[s.position] for s in live]
+        return (
+            ids.to(dev),
+            mask,
+            pos.to(dev),
+            keep.to(dev),
+            [[s.output_ids[-1]] for s in live],
+            [[s.position] for s in live],
+        )
 
-    def _begin_step(self, live: list[Sequence], tokens: list, positions: list, prefill: bool, keep: torch.Tensor) -> None:
+    def _begin_step(
+        self, live: list[Sequence], tokens: list, positions: list, prefill: bool, keep: torch.Tensor
+    ) -> None:
         rt = self.runtime
         rt.keep = keep
         ids = [s.request_id for s in live]
         rt.policy.begin_step(
-            StepInfo(self._step, tuple(ids), tuple(tuple(t) for t in tokens), tuple(p[0] for p in positions), prefill)
+            StepInfo(
+                self._step,
+                tuple(ids),
+                tuple(tuple(t) for t in tokens),
+                tuple(p[0] for p in positions),
+                prefill,
+            )
         )
         if rt.recorder is not None:
             rt.recorder.begin_step(self._step, ids, positions, tokens, prefill)
@@ -244,7 +299,9 @@ class LLM:
             tpot_s=(t_end - t_first) / (steps - 1) if steps > 1 else 0.0,
             tokens_per_s=n_tokens / (t_end - t0) if t_end > t0 else 0.0, batch_size=len(seqs), generated_tokens=n_tokens,
         )  # fmt: skip
-        return [RequestOutput(s.request_id, s.prompt, s.text, s.output_ids, s.finish_reason, stats) for s in seqs]
+        return [
+            RequestOutput(s.request_id, s.prompt, s.text, s.output_ids, s.finish_reason, stats) for s in seqs
+        ]
 
 
 def _load_tokenizer(model_dir: str) -> Any:

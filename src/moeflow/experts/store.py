@@ -36,16 +36,26 @@ class StoreStats:
 
 
 class ExpertStore:
-    def __init__(self, loaded: LoadedModel, num_slots: int, host_capacity: int, progress: bool = True):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        num_slots: int,
+        host_capacity: int,
+        progress: bool = True,
+        share_host: ExpertStore | None = None,
+    ):
         self.loaded = loaded
         self.device = loaded.device
         self.cuda = self.device.type == "cuda"
         numel, dtype = loaded.layout.numel, loaded.dtype
         self.slots = torch.empty(num_slots, numel, dtype=dtype, device=self.device)  # [S, P]
         self.views = loaded.layout.views(self.slots)  # name -> [S, *param shape]
-        self.host = torch.empty(max(host_capacity, 1), numel, dtype=dtype, pin_memory=self.cuda)  # [H, P]
-        self.host_capacity = max(host_capacity, 1)
-        self.host_row: OrderedDict[Key, int] = OrderedDict()  # LRU order, oldest first
+        if share_host is not None:  # a new slot pool over the same host tier (benchmarks sweep slot counts)
+            self.host, self.host_row = share_host.host, share_host.host_row
+        else:
+            self.host = torch.empty(max(host_capacity, 1), numel, dtype=dtype, pin_memory=self.cuda)  # [H, P]
+            self.host_row: OrderedDict[Key, int] = OrderedDict()  # LRU order, oldest first
+        self.host_capacity = self.host.shape[0]
         self.stats = StoreStats()
         self._lock = threading.RLock()
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeflow-disk")
@@ -56,9 +66,11 @@ class ExpertStore:
         self._released: list[torch.cuda.Event | None] = [None] * num_slots
         self._host_busy: dict[int, torch.cuda.Event] = {}
         total = len(loaded.layers) * loaded.num_experts
-        if host_capacity >= total:
+        if share_host is None and host_capacity >= total:
             keys = [(layer, e) for layer in range(len(loaded.layers)) for e in range(loaded.num_experts)]
-            for key in tqdm(keys, desc="experts -> host RAM", unit="expert", disable=not progress, leave=False):
+            for key in tqdm(
+                keys, desc="experts -> host RAM", unit="expert", disable=not progress, leave=False
+            ):
                 self._host_get(key)
 
     @property

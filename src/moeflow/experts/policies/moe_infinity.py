@@ -173,6 +173,12 @@ class MoEInfinityPolicy(CachePolicy):
     def victim(self, candidates: Sequence[Key], layer: int) -> Key:
         return min(candidates, key=lambda k: (self.keep_score(k), self._last.get(k, -1)))
 
+    def _evict_floor(self, protect: set[Key]) -> float:
+        """Lowest keep-score a prefetch could displace (-inf while a slot is free, inf if none can go)."""
+        if None in self.key_in:
+            return float("-inf")
+        return min((self.keep_score(k) for k in self.slot_of if k not in protect), default=float("inf"))
+
     def prefetch(self, layer: int) -> list[Load]:
         """Loads for layers ahead of ``layer``, highest priority first (see the module docstring)."""
         if (
@@ -186,16 +192,18 @@ class MoEInfinityPolicy(CachePolicy):
         pri = self._pred[ahead] * (1 - (ahead - layer) / self.num_layers)[:, None]  # [A, E]
         budget = self.max_prefetch or self.top_k * len(self._rids)
         protect = set(self._needed)
+        floor = self._evict_floor(protect)
         loads: list[Load] = []
         for flat in np.argsort(-pri, axis=None, kind="stable"):
             p = float(pri.flat[flat])
-            if p <= 0 or len(loads) >= budget:
+            if p <= 0 or len(loads) >= budget or p <= floor:  # nothing left that this could displace
                 break
             key = (int(ahead[flat // self.num_experts]), int(flat % self.num_experts))
             load = self.admit(key, p, protect=protect, may_evict=lambda k, p=p: self.keep_score(k) < p)
             if load is not None:
                 loads.append(load)
                 protect.add(key)
+                floor = self._evict_floor(protect)
         return loads
 
 

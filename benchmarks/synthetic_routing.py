@@ -9,6 +9,8 @@ domain share experts. Shapes: V vocabulary, L layers, E experts, K top-k, D late
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 
 from moeflow.routing.trace import Trace
@@ -17,8 +19,16 @@ DOMAINS = {"code": (0, 600), "prose": (400, 1000)}
 
 
 class SyntheticRouter:
-    def __init__(self, num_layers: int = 8, num_experts: int = 16, top_k: int = 2, vocab: int = 1000,
-                 dim: int = 16, noise: float = 0.35, seed: int = 0):
+    def __init__(
+        self,
+        num_layers: int = 8,
+        num_experts: int = 16,
+        top_k: int = 2,
+        vocab: int = 1000,
+        dim: int = 16,
+        noise: float = 0.35,
+        seed: int = 0,
+    ):
         rng = np.random.default_rng(seed)
         self.L, self.E, self.K, self.V, self.noise = num_layers, num_experts, top_k, vocab, noise
         self.tok_vec = rng.normal(size=(vocab, dim)).astype(np.float32)  # [V, D]
@@ -31,12 +41,16 @@ class SyntheticRouter:
         lo, hi = DOMAINS[domain]
         ranks = np.arange(1, hi - lo + 1)
         p = 1.0 / ranks**1.1
-        perm = np.random.default_rng(hash(domain) % 2**32).permutation(hi - lo)
+        perm = np.random.default_rng(zlib.crc32(domain.encode())).permutation(hi - lo)
         p = p[perm] / p.sum()
         out = np.empty(n, np.int64)
         out[0] = lo + rng.choice(hi - lo, p=p)
         for i in range(1, n):  # bigram-ish: often a token near the previous one
-            out[i] = lo + (rng.choice(hi - lo, p=p) if rng.random() < 0.6 else (out[i - 1] - lo + rng.integers(1, 4)) % (hi - lo))
+            out[i] = lo + (
+                rng.choice(hi - lo, p=p)
+                if rng.random() < 0.6
+                else (out[i - 1] - lo + rng.integers(1, 4)) % (hi - lo)
+            )
         return out
 
     def route(self, tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -52,8 +66,9 @@ class SyntheticRouter:
         s += self.noise * rng.normal(size=s.shape) * s.std()
         return np.argsort(-s, axis=-1)[..., : self.K]
 
-    def trace(self, domain: str, num_requests: int, prompt_len: int, decode_len: int, seed: int = 1,
-              batch: int = 1) -> Trace:
+    def trace(
+        self, domain: str, num_requests: int, prompt_len: int, decode_len: int, seed: int = 1, batch: int = 1
+    ) -> Trace:
         """Requests run ``batch`` at a time: one prefill step each, then decode steps."""
         rng = np.random.default_rng(seed)
         cols = {k: [] for k in ("request", "position", "decode", "step", "token", "experts")}
@@ -62,13 +77,32 @@ class SyntheticRouter:
             group = range(b0, min(num_requests, b0 + batch))
             seqs = {r: self.tokens(domain, prompt_len + decode_len, rng) for r in group}
             routes = {r: self.route(t, rng) for r, t in seqs.items()}
-            for pos_range, dec in ((range(prompt_len), False), *((range(p, p + 1), True) for p in range(prompt_len, prompt_len + decode_len))):
+            for pos_range, dec in (
+                (range(prompt_len), False),
+                *((range(p, p + 1), True) for p in range(prompt_len, prompt_len + decode_len)),
+            ):
                 for r in group:
                     for p in pos_range:
-                        for k, v in (("request", r), ("position", p), ("decode", dec), ("step", step), ("token", seqs[r][p]), ("experts", routes[r][p])):
+                        for k, v in (
+                            ("request", r),
+                            ("position", p),
+                            ("decode", dec),
+                            ("step", step),
+                            ("token", seqs[r][p]),
+                            ("experts", routes[r][p]),
+                        ):
                             cols[k].append(v)
                 step += 1
         ex = np.asarray(cols["experts"], np.int64)
-        return Trace(f"synthetic-L{self.L}E{self.E}K{self.K}-seed{self.seed}", self.E, self.K,
-                     np.asarray(cols["request"]), np.asarray(cols["position"]), np.asarray(cols["decode"]),
-                     np.asarray(cols["step"]), np.asarray(cols["token"]), ex, np.full(ex.shape, 1.0 / self.K, np.float32))
+        return Trace(
+            f"synthetic-L{self.L}E{self.E}K{self.K}-seed{self.seed}",
+            self.E,
+            self.K,
+            np.asarray(cols["request"]),
+            np.asarray(cols["position"]),
+            np.asarray(cols["decode"]),
+            np.asarray(cols["step"]),
+            np.asarray(cols["token"]),
+            ex,
+            np.full(ex.shape, 1.0 / self.K, np.float32),
+        )

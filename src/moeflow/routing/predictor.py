@@ -145,7 +145,9 @@ class RoutingPredictor:
         return probs.mean(axis=0) if len(probs) else np.zeros(self.shape, np.float32)
 
 
-def save_predictor(path: str | os.PathLike, net: PredictorNet, vocab: np.ndarray, info: dict | None = None) -> Path:
+def save_predictor(
+    path: str | os.PathLike, net: PredictorNet, vocab: np.ndarray, info: dict | None = None
+) -> Path:
     """Write fp16 weights, the config and the kept vocabulary atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +168,9 @@ def _read(path: str | os.PathLike) -> dict:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise MoeflowError(f"predictor file {path} does not exist; train one with `moeflow predictor train`") from None
+        raise MoeflowError(
+            f"predictor file {path} does not exist; train one with `moeflow predictor train`"
+        ) from None
     except Exception as exc:
         raise MoeflowError(f"{path} is not a readable moeflow predictor: {exc}; retrain it") from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:

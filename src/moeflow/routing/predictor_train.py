@@ -87,7 +87,9 @@ def load_sequences(traces: Sequence[Trace]) -> tuple[list[RequestSeq], tuple[int
     return [s for t in traces for s in request_sequences(t)], shape
 
 
-def split_requests(seqs: list[RequestSeq], frac: float, seed: int) -> tuple[list[RequestSeq], list[RequestSeq]]:
+def split_requests(
+    seqs: list[RequestSeq], frac: float, seed: int
+) -> tuple[list[RequestSeq], list[RequestSeq]]:
     """(rest, held-out) with about ``frac`` of the requests held out (at least one each when possible)."""
     order = np.random.default_rng(seed).permutation(len(seqs))
     n_held = min(max(1, round(frac * len(seqs))), len(seqs) - 1) if len(seqs) > 1 else 0
@@ -159,7 +161,9 @@ def train_predictor(
     if not train or not val:
         raise MoeflowError("training needs traces of at least two requests (one is held out for validation)")
     vocab = build_vocab(train, cfg.max_vocab)
-    pcfg = PredictorConfig(nl, ne, k, len(vocab) + 1, cfg.emb_dim, cfg.hidden, cfg.use_prev_routing, traces[0].model)
+    pcfg = PredictorConfig(
+        nl, ne, k, len(vocab) + 1, cfg.emb_dim, cfg.hidden, cfg.use_prev_routing, traces[0].model
+    )
     net = PredictorNet(pcfg).to(cfg.device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     wins = _windows(train, cfg.window)
@@ -172,7 +176,9 @@ def train_predictor(
         order = rng.permutation(len(wins))
         total = 0.0
         for b in range(n_batches):
-            ids, prev, target, mask = _collate(train, [wins[j] for j in order[b * cfg.batch : (b + 1) * cfg.batch]], vocab, ne, cfg)
+            ids, prev, target, mask = _collate(
+                train, [wins[j] for j in order[b * cfg.batch : (b + 1) * cfg.batch]], vocab, ne, cfg
+            )
             logits, _ = net(ids, prev)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
             loss = (loss.mean(-1) * mask).sum() / mask.sum().clamp(min=1)

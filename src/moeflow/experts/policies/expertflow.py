@@ -1,0 +1,280 @@
+"""ExpertFlow (arXiv 2410.17954) as a cache policy: a routing-path predictor drives per-layer prefetching and
+eviction, corrected in real time by the routers' true choices.
+
+Per step (``L`` layers, ``E`` experts, ``T`` tokens, ``B`` sequences):
+
+* ``begin_step``: the predictor (``routing.predictor``; one GRU state per request) gives each token's expert
+  probabilities [T, L, E]; the step's demand ``D[l, e] = 1 − Π_t (1 − p[t, l, e])`` is the chance that expert
+  ``e`` of layer ``l`` is needed by any token. Without a predictor file the per-token probabilities are the
+  experts' recent frequencies (and a warning says so once).
+* Trust: each layer keeps a running accuracy (recall of the predicted top-k among the true top-k, per token).
+  The demand used for planning mixes the prediction and the frequency estimate by that accuracy, and prefetching
+  looks ``d`` layers ahead only while ``accuracy[l] ** d >= trust``.
+* ``prefetch(l)``: for the trusted layers ahead, the likeliest experts (demand ≥ ``min_prob``), at most each
+  layer's quota (the slots shared out among the look-ahead layers in proportion to predicted demand, Σ_e D),
+  in order of need (nearer layer first, then likelier); a prefetch only evicts a key expected to be needed later.
+* Eviction (``victim``): the key with the longest expected distance (in layers) to its next use:
+  ``d1 + (1 − p1) · L / f`` with ``d1`` the layers until the key's layer comes round again, ``p1`` the chance it
+  is used then (this step's demand for layers ahead; a next-step estimate for layers already finished, whose
+  slots are thereby reused for later layers) and ``f`` its per-step frequency.
+* Correction (``observe(l)``): misses are loaded at top priority by ``request``; prefetched experts of layer ``l``
+  that the router did not choose are demoted (evicted before anything else); the layer's accuracy is updated.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moeflow.errors import MoeflowError
+from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
+
+DEMOTED = 1e9
+"""Added to a demoted key's expected distance: demoted keys go first."""
+
+
+@dataclass
+class _Request:
+    """Per-request predictor state."""
+
+    h: np.ndarray | None  # [H] GRU state (None: no predictor)
+    next_pos: int = 0
+    routing: np.ndarray | None = None  # [L, E] multi-hot of the request's latest token (being filled)
+    seen: int = 0  # layers of ``routing`` filled
+    prev: np.ndarray | None = None  # [L, E] complete routing of the previous token, if known
+
+
+@dataclass
+class ExpertFlowPolicy(CachePolicy):
+    max_lookahead: int = 3
+    """Most layers ahead that ``prefetch`` plans for."""
+    trust: float = 0.25
+    """Look ``d`` layers ahead while ``accuracy ** d`` is at least this."""
+    min_prob: float = 0.2
+    """Prefetch experts at least this likely to be needed in this step."""
+    decay: float = 0.9
+    """Running averages (accuracy, expert frequency) keep this much of the old value per step."""
+    max_requests: int = 4096
+    """Per-request predictor states kept (least recently used dropped)."""
+    predictor: object | None = field(default=None, init=False)
+    source: str = field(default="frequency", init=False)
+
+    def __post_init__(self) -> None:
+        self.name = "expertflow"
+        self._ready = False
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def bind(self, num_slots: int, num_layers: int, num_experts: int, top_k: int) -> None:
+        super().bind(num_slots, num_layers, num_experts, top_k)
+        shape = (num_layers, num_experts)
+        self.freq = np.full(shape, top_k / max(num_experts, 1))  # [L, E] per-token share
+        self.accuracy = np.full(num_layers, 0.5)  # [L]
+        self._requests: OrderedDict[int, _Request] = OrderedDict()
+        self._segments: list[tuple[_Request, int, int]] = []
+        self._probs: np.ndarray | None = None  # [T, L, E]
+        self._demand = np.zeros(shape)  # [L, E] trusted demand of this step
+        self._next = np.zeros(shape)  # [L, E] next-step demand estimate
+        self._fstep = np.zeros(shape)  # [L, E] per-step frequency demand
+        self._pos = -1  # layer routed last in this step
+        self._table: np.ndarray | None = None  # [L, E] expected distance at self._pos
+        self._pending: set[Key] = set()
+        self._demoted: set[Key] = set()
+        self._in_use: set[Key] = set()
+        self._last: dict[Key, int] = {}
+
+    def setup(self, context: PolicyContext) -> None:
+        self._ready = True
+        opts = context.options
+        for name in ("max_lookahead", "trust", "min_prob", "decay"):
+            if name in opts:
+                setattr(self, name, type(getattr(self, name))(opts[name]))
+        path = opts.get("predictor")
+        if path is None and context.model_dir:
+            from moeflow.routing.predictor import DEFAULT_NAME
+
+            default = Path(context.model_dir) / DEFAULT_NAME
+            path = default if default.exists() else None
+        if path is None:
+            warnings.warn(
+                "expertflow: no routing predictor found (pass options predictor=PATH or train one with "
+                "`moeflow predictor train`); predicting from expert frequencies instead",
+                stacklevel=2,
+            )
+            return
+        self._load(path)
+
+    def _load(self, path: str | Path) -> None:
+        from moeflow.routing.predictor import load_predictor
+
+        pred = load_predictor(path)
+        if pred.shape != (self.num_layers, self.num_experts) or pred.cfg.top_k != self.top_k:
+            raise MoeflowError(
+                f"predictor {path} is for {pred.shape[0]} layers × {pred.shape[1]} experts (top-{pred.cfg.top_k}); "
+                f"the model has {self.num_layers} × {self.num_experts} (top-{self.top_k}): train one on its traces"
+            )
+        self.predictor, self.source = pred, str(path)
+
+    def end_request(self, request_id: int) -> None:
+        self._requests.pop(request_id, None)
+
+    # ---------------------------------------------------------------------------------- hooks
+    def begin_step(self, info: StepInfo) -> None:
+        if not self._ready:
+            self.setup(PolicyContext())
+        probs, self._segments, start = [], [], 0
+        for rid, toks, pos in zip(info.request_ids, info.token_ids, info.positions):
+            req = self._request(rid, pos)
+            probs.append(self._predict(req, np.asarray(toks, np.int64)))
+            self._segments.append((req, start, start + len(toks)))
+            req.next_pos, start = pos + len(toks), start + len(toks)
+            req.routing, req.seen = np.zeros((self.num_layers, self.num_experts), np.float32), 0
+        self._probs = np.concatenate(probs) if probs else None
+        self._plan_step(len(info.request_ids))
+
+    def _request(self, rid: int, pos: int) -> _Request:
+        req = self._requests.pop(rid, None)
+        if req is None or pos != req.next_pos:  # new request (or one restarted): fresh context
+            h = self.predictor.init_state() if self.predictor is not None else None  # type: ignore[attr-defined]
+            req = _Request(h, pos)
+        self._requests[rid] = req
+        while len(self._requests) > self.max_requests:
+            self._requests.popitem(last=False)
+        return req
+
+    def _predict(self, req: _Request, tokens: np.ndarray) -> np.ndarray:
+        """[T, L, E] per-token probabilities of the request's new tokens."""
+        if self.predictor is None or len(tokens) == 0:
+            return np.broadcast_to(self.freq, (len(tokens), *self.freq.shape)).astype(np.float32)
+        probs, req.h = self.predictor.predict(tokens, req.h, req.prev)  # type: ignore[attr-defined]
+        return probs
+
+    def _plan_step(self, batch: int) -> None:
+        """Demand of this step and of the next, mixed with frequency by each layer's accuracy."""
+        f = np.clip(self.freq, 0.0, 1.0)
+        self._fstep = 1 - (1 - f) ** max(batch, 1)  # [L, E]
+        if self._probs is None or len(self._probs) == 0:
+            pred = np.zeros_like(f)
+            ends = np.zeros((0, *f.shape))
+        else:
+            p = np.clip(self._probs, 0.0, 1 - 1e-6)
+            pred = 1 - np.exp(np.log1p(-p).sum(axis=0))  # [L, E]
+            ends = p[[e - 1 for _, s, e in self._segments if e > s]]  # [B, L, E] each request's last token
+        ftok = 1 - (1 - f) ** max(len(self._probs) if self._probs is not None else 1, 1)
+        a = self.accuracy[:, None]
+        self._demand = a * pred + (1 - a) * ftok
+        last = (
+            1 - np.exp(np.log1p(-0.5 * (np.clip(ends, 0, 1 - 1e-6) + f[None])).sum(axis=0))
+            if len(ends)
+            else f
+        )
+        self._next = 0.5 * (last + self._fstep)
+        self._pos, self._table, self._in_use = -1, None, set()
+
+    def observe(self, layer: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """``experts`` [T, K] for the step's tokens, sequences concatenated in StepInfo order."""
+        ex = np.asarray(experts, np.int64)
+        ok = ex[(ex >= 0).all(axis=1)]
+        if len(ok):
+            share = np.bincount(ok.ravel(), minlength=self.num_experts)[: self.num_experts] / len(ok)
+            self.freq[layer] = self.decay * self.freq[layer] + (1 - self.decay) * share
+        if self._probs is not None and len(self._probs) == len(ex) and len(ok):
+            self._correct(layer, ex)
+        chosen = set(ex[ex >= 0].tolist())
+        for key in [k for k in self._pending if k[0] == layer and k[1] not in chosen]:
+            self._demoted.add(key)
+        self._pos, self._table, self._in_use = layer, None, set()
+
+    def _correct(self, layer: int, ex: np.ndarray) -> None:
+        """Update the layer's accuracy and each request's routing of its latest token."""
+        p = self._probs[:, layer]  # type: ignore[index]  [T, E]
+        top = np.argpartition(-p, self.top_k - 1, axis=1)[:, : self.top_k]  # [T, K]
+        valid = (ex >= 0).all(axis=1)
+        hits = (top[:, :, None] == ex[:, None, :]).any(axis=1).sum(axis=1)[valid]
+        self.accuracy[layer] = self.decay * self.accuracy[layer] + (1 - self.decay) * hits.mean() / self.top_k
+        for req, s, e in self._segments:
+            if e > s and req.routing is not None and (ex[e - 1] >= 0).all():
+                req.routing[layer, ex[e - 1]] = 1.0
+                req.seen += 1
+
+    def request(self, layer: int, experts: Sequence[int]):
+        self._in_use |= {(layer, int(e)) for e in experts}
+        return super().request(layer, experts)
+
+    def on_access(self, key: Key) -> None:
+        self._last[key] = self.clock
+        self._pending.discard(key)
+        self._demoted.discard(key)
+
+    def end_step(self) -> None:
+        for req, _, _ in self._segments:
+            req.prev = req.routing if req.seen == self.num_layers else None
+        self._segments = []
+
+    # ------------------------------------------------------------------------------- planning
+    def distances(self) -> np.ndarray:
+        """[L, E] expected layers until each key is next used, seen from the layer routed last."""
+        if self._table is None:
+            nl, c = self.num_layers, self._pos
+            depth = np.arange(nl)[:, None]  # [L, 1]
+            ahead = depth > c
+            d1 = np.where(ahead, depth - c, nl - c + depth)
+            p1 = np.where(ahead, self._demand, self._next)
+            self._table = d1 + (1 - p1) * nl / np.maximum(self._fstep, 1e-3)
+        return self._table
+
+    def _distance(self, key: Key) -> float:
+        return float(self.distances()[key]) + (DEMOTED if key in self._demoted else 0.0)
+
+    def victim(self, candidates: Sequence[Key], layer: int) -> Key:
+        return max(candidates, key=lambda k: (self._distance(k), -self._last.get(k, -1)))
+
+    def horizon(self, layer: int) -> list[int]:
+        """Layers after ``layer`` whose predictions are trusted (see ``trust``)."""
+        out = []
+        for nxt in range(layer + 1, min(self.num_layers, layer + 1 + self.max_lookahead)):
+            if self.accuracy[nxt] ** (nxt - layer) < self.trust:
+                break
+            out.append(nxt)
+        return out
+
+    def quotas(self, layers: list[int]) -> dict[int, int]:
+        """Slots for each look-ahead layer, in proportion to its predicted demand (expected distinct experts)."""
+        need = self._demand[layers].sum(axis=1) if layers else np.zeros(0)
+        total = max(float(need.sum()), 1e-9)
+        return {ly: max(1, int(self.num_slots * n / total)) for ly, n in zip(layers, need)}
+
+    def prefetch(self, layer: int) -> list[Load]:
+        """Loads for the trusted layers after ``layer``, nearest layer first, then likeliest expert first."""
+        if self._probs is None:
+            return []
+        layers = self.horizon(layer)
+        quota = self.quotas(layers)
+        loads: list[Load] = []
+        protect = set(self._in_use)
+        for ly in layers:
+            order = np.argsort(-self._demand[ly], kind="stable")[: quota[ly]]
+            for e in order:
+                p = float(self._demand[ly, e])
+                if p < self.min_prob:
+                    break
+                key = (ly, int(e))
+                protect.add(key)
+                if self.resident(key):
+                    continue
+                mine = self._distance(key)
+                load = self.admit(
+                    key, (self.num_layers - ly) + p, protect, lambda k, m=mine: self._distance(k) > m
+                )
+                if load is None:
+                    continue  # nothing resident is expected later than this key
+                self._pending.add(key)
+                loads.append(load)
+        return loads
+
+
+register_policy("expertflow", ExpertFlowPolicy)

@@ -254,10 +254,11 @@ def build_model(config: OlmoeConfig, args: argparse.Namespace, log: Any) -> Olmo
     raise RuntimeError("no experts implementation ran")
 
 
-def save(model: OlmoeForCausalLM, tokenizer_dir: Path, out: Path) -> int:
-    """Save the bf16 checkpoint (safetensors) and copy the tokenizer files beside it; returns the bytes written."""
+def save(model: OlmoeForCausalLM, tokenizer_dir: Path, out: Path, max_shard: str = "12MB") -> int:
+    """Save the bf16 checkpoint (safetensors shards of at most ``max_shard``, so each file fits the GPU tool's 16 MiB
+    transfer limit) and copy the tokenizer files beside it; returns the bytes written."""
     out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.bfloat16).save_pretrained(out)
+    model.to(torch.bfloat16).save_pretrained(out, max_shard_size=max_shard)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         src = tokenizer_dir / name
         if src.exists() and src.resolve() != (out / name).resolve():

@@ -50,7 +50,7 @@ def test_logits_and_tokens_match_for_every_cache_size(checkpoints: dict[str, Pat
 
 def test_host_budget_smaller_than_all_experts_reads_from_disk(checkpoints: dict[str, Path]) -> None:
     path = checkpoints["olmoe"]
-    probe = LLM(path, device="cpu", num_slots=2, progress=False)
+    probe = LLM(path, device="cpu", num_slots=2, host_memory="1GiB", progress=False)
     per = probe.info.expert_bytes
     llm = LLM(path, device="cpu", num_slots=2, host_memory=3 * per, progress=False)
     assert llm.store.host.shape[0] == 3  # host pool honours its budget

@@ -34,7 +34,9 @@ def parse_size(value: int | float | str | None) -> int | None:
         return int(value)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
     if not m or m.group(2).upper() not in _UNITS:
-        raise MoeflowError(f"cannot parse memory size {value!r}: write it like '12GiB', '512MB' or a byte count")
+        raise MoeflowError(
+            f"cannot parse memory size {value!r}: write it like '12GiB', '512MB' or a byte count"
+        )
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
@@ -60,7 +62,8 @@ class EngineConfig:
 
     host_memory: int | None = None
     """Bytes of host RAM for the host expert pool (pinned when the device is a GPU).
-    None: every expert is preloaded when it fits in 70% of available RAM, else 50% of available RAM."""
+    None: with a GPU, every expert is preloaded when all fit in 70% of available RAM, else 50% of available RAM;
+    on a CPU, none (the device slots are in RAM already; misses read the page-cached checkpoint)."""
 
     kv_reserve: int | None = None
     """Bytes kept free on the device for the KV cache and activations. None: 5% of device_memory,

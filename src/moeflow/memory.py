@@ -56,7 +56,11 @@ def plan_memory(loaded: LoadedModel, cfg: EngineConfig) -> MemoryPlan:
         budget = cfg.device_memory
         if budget is None:
             budget = torch.cuda.mem_get_info(loaded.device)[0] * 9 // 10 if cuda else dense + total * per
-        reserve = cfg.kv_reserve if cfg.kv_reserve is not None else (max(budget // 20, MIN_KV_RESERVE) if cuda else 0)
+        reserve = (
+            cfg.kv_reserve
+            if cfg.kv_reserve is not None
+            else (max(budget // 20, MIN_KV_RESERVE) if cuda else 0)
+        )
         slots = min(total, (budget - dense - reserve) // per) if budget > dense + reserve else 0
     need = dense + reserve + loaded.top_k * per
     if slots < loaded.top_k:
@@ -67,7 +71,9 @@ def plan_memory(loaded: LoadedModel, cfg: EngineConfig) -> MemoryPlan:
         )
     slots = min(slots, total)
     host = cfg.host_memory
-    if host is None:
+    if host is None and not cuda:
+        host = 0  # on a CPU the slots are in RAM already: misses read the (page-cached) checkpoint directly
+    elif host is None:
         avail = available_ram()
         host = total * per if total * per <= avail * 7 // 10 else avail // 2
     return MemoryPlan(int(slots), int(min(total, host // per)), dense, per, int(reserve), total)

@@ -145,6 +145,25 @@ class RoutingPredictor:
         return probs.mean(axis=0) if len(probs) else np.zeros(self.shape, np.float32)
 
 
+def time_per_token(pred: RoutingPredictor, tokens: np.ndarray, repeats: int = 3) -> dict[str, float]:
+    """Microseconds per token of the NumPy runtime on this machine: decode (one token per call, with the
+    previous token's routing) and prefill (all ``tokens`` [T] in one call). Best of ``repeats``."""
+    import time
+
+    prev = np.zeros(pred.shape, np.float32)
+    prev[:, : pred.cfg.top_k] = 1.0
+    best_dec = best_pre = float("inf")
+    for _ in range(repeats):
+        h, t0 = pred.init_state(), time.perf_counter()
+        for t in tokens:
+            _, h = pred.predict(np.asarray([t]), h, prev)
+        best_dec = min(best_dec, (time.perf_counter() - t0) / len(tokens))
+        t0 = time.perf_counter()
+        pred.predict(np.asarray(tokens), pred.init_state())
+        best_pre = min(best_pre, (time.perf_counter() - t0) / len(tokens))
+    return {"decode_us_per_token": best_dec * 1e6, "prefill_us_per_token": best_pre * 1e6}
+
+
 def save_predictor(
     path: str | os.PathLike, net: PredictorNet, vocab: np.ndarray, info: dict | None = None
 ) -> Path:

@@ -36,6 +36,7 @@ class RequestSeq:
     known: np.ndarray  # [n] bool: the previous token's routing was known before this token ran
     decode: np.ndarray  # [n] bool
     valid: np.ndarray  # [n] bool: every layer recorded
+    step: np.ndarray  # [n] engine step each token ran in
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -69,7 +70,7 @@ def request_sequences(trace: Trace) -> list[RequestSeq]:
         step = trace.step[idx]
         known = np.zeros(len(idx), bool)
         known[1:] = (step[:-1] < step[1:]) & valid[:-1]
-        seqs.append(RequestSeq(trace.token[idx], ex, known, trace.decode[idx].astype(bool), valid))
+        seqs.append(RequestSeq(trace.token[idx], ex, known, trace.decode[idx].astype(bool), valid, step))
     return seqs
 
 
@@ -207,6 +208,7 @@ def train_predictor(
         "val_requests": len(val),
         "train_tokens": int(sum(len(s) for s in train)),
         "params": int(sum(p.numel() for p in net.parameters())),
+        "popularity": np.round(popularity(train, ne), 5).tolist(),
     }
     return net.eval(), vocab, info
 
@@ -247,15 +249,30 @@ def last_token_scorer(pop: np.ndarray) -> Scorer:
     return lambda seq: prev_routing(seq, pop.shape[1]) + 1e-3 * pop[None]
 
 
-def eam_scorer(train: list[RequestSeq], num_experts: int) -> Scorer | None:
-    """MoE-Infinity's EAM match as a per-token predictor, or None when ``moeflow.routing.eam`` is absent."""
+def eam_scorer(train: list[RequestSeq], pop: np.ndarray) -> Scorer | None:
+    """MoE-Infinity's EAM match as a per-token predictor: the request's EAM over the tokens of earlier steps
+    is matched (cosine, all layers) against a collection of the training requests' EAMs, and the best entry's
+    activation ratios score the token (popularity before anything of the request has run). None when
+    ``moeflow.routing.eam`` is not available."""
     try:
-        from moeflow.routing import eam  # noqa: F401  (written by the MoE-Infinity helper)
+        from moeflow.routing.eam import EAMCollection, eam_from_experts
     except ImportError:
         return None
-    from moeflow.routing.eam_baseline import build_eam_scorer  # pragma: no cover  (see docs/expertflow.md)
+    num_layers, num_experts = pop.shape
+    eamc = EAMCollection(num_layers, num_experts)
+    eamc.extend(eam_from_experts(s.experts[s.valid], num_experts) for s in train)
 
-    return build_eam_scorer(train, num_experts)
+    def score(seq: RequestSeq) -> np.ndarray:
+        out = np.empty((len(seq), num_layers, num_experts))
+        counts = np.zeros((num_layers, num_experts))  # [L, E] EAM of the steps run so far
+        for st in np.unique(seq.step):
+            rows = np.flatnonzero(seq.step == st)
+            pred = eamc.predict(eamc.similarity(counts, num_layers - 1)) if counts.any() else None
+            out[rows] = (pop if pred is None else pred) + 1e-3 * pop
+            counts += eam_from_experts(seq.experts[rows][seq.valid[rows]], num_experts)
+        return out
+
+    return score
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -295,6 +312,20 @@ def evaluate(scorer: Scorer, seqs: list[RequestSeq], k: int, m: int | None = Non
             "precision_per_layer": [round(float(x) / m, 4) for x in per_layer],
         }
     return out
+
+
+def baselines(train: list[RequestSeq], pop: np.ndarray) -> tuple[dict[str, Scorer], list[str]]:
+    """The baseline scorers ({name: scorer}) and notes on any left out."""
+    out = {"last-token": last_token_scorer(pop), "popularity": popularity_scorer(pop)}
+    notes = []
+    eam = eam_scorer(train, pop) if train else None
+    if eam is not None:
+        out["eam-match"] = eam
+    else:
+        notes.append(
+            "eam-match left out: " + ("no training traces given" if not train else "no moeflow.routing.eam")
+        )
+    return out, notes
 
 
 def compare(

@@ -23,6 +23,7 @@ Per step (``L`` layers, ``E`` experts, ``T`` tokens, ``B`` sequences):
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -94,6 +95,11 @@ class ExpertFlowPolicy(CachePolicy):
             if name in opts:
                 setattr(self, name, type(getattr(self, name))(opts[name]))
         path = opts.get("predictor")
+        if path is not None and not isinstance(
+            path, (str, os.PathLike)
+        ):  # a predictor object (tests, notebooks)
+            self._use(path, "given predictor")
+            return
         if path is None and context.model_dir:
             from moeflow.routing.predictor import DEFAULT_NAME
 
@@ -111,13 +117,16 @@ class ExpertFlowPolicy(CachePolicy):
     def _load(self, path: str | Path) -> None:
         from moeflow.routing.predictor import load_predictor
 
-        pred = load_predictor(path)
+        self._use(load_predictor(path), str(path))
+
+    def _use(self, pred, source: str) -> None:
+        """Adopt ``pred`` (anything with ``shape``, ``cfg.top_k``, ``init_state()`` and ``predict()``)."""
         if pred.shape != (self.num_layers, self.num_experts) or pred.cfg.top_k != self.top_k:
             raise MoeflowError(
-                f"predictor {path} is for {pred.shape[0]} layers × {pred.shape[1]} experts (top-{pred.cfg.top_k}); "
+                f"predictor {source} is for {pred.shape[0]} layers × {pred.shape[1]} experts (top-{pred.cfg.top_k}); "
                 f"the model has {self.num_layers} × {self.num_experts} (top-{self.top_k}): train one on its traces"
             )
-        self.predictor, self.source = pred, str(path)
+        self.predictor, self.source = pred, source
 
     def end_request(self, request_id: int) -> None:
         self._requests.pop(request_id, None)

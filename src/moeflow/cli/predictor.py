@@ -1,0 +1,150 @@
+"""``moeflow predictor train|eval``: fit ExpertFlow's routing-path predictor on recorded traces and judge it
+per layer against the baselines (previous token's experts, global popularity, MoE-Infinity's EAM match)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from moeflow.errors import MoeflowError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("predictor", help="train or evaluate the ExpertFlow routing-path predictor")
+    sub = p.add_subparsers(dest="predictor_command", required=True)
+
+    t = sub.add_parser("train", help="train a predictor from routing traces")
+    t.add_argument("--traces", nargs="+", required=True, help="trace files (.npz) of one model")
+    t.add_argument(
+        "--model", default=None, help="checkpoint directory (default output: MODEL/moeflow/predictor.pt)"
+    )
+    t.add_argument("--out", default=None, help="predictor file to write (.pt)")
+    t.add_argument("--epochs", type=int, default=40, help="most epochs (early stopping usually ends sooner)")
+    t.add_argument("--patience", type=int, default=4, help="epochs without validation gain before stopping")
+    t.add_argument("--hidden", type=int, default=128, help="GRU width (default 128)")
+    t.add_argument("--emb-dim", type=int, default=64, help="token embedding width (default 64)")
+    t.add_argument(
+        "--max-vocab", type=int, default=8192, help="token ids with their own embedding (default 8192)"
+    )
+    t.add_argument("--no-prev-routing", action="store_true", help="do not feed the previous token's routing")
+    t.add_argument("--val-frac", type=float, default=0.15, help="share of requests held out for validation")
+    t.add_argument("--device", default="cpu", help="torch device for training (default cpu)")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="per-layer recall/precision of a predictor and the baselines")
+    e.add_argument("--predictor", default=None, help="predictor file (default: MODEL/moeflow/predictor.pt)")
+    e.add_argument("--model", default=None, help="checkpoint directory")
+    e.add_argument(
+        "--traces", nargs="+", required=True, help="trace files to evaluate on (held-out requests)"
+    )
+    e.add_argument(
+        "--train-traces", nargs="*", default=None, help="traces the EAM-match baseline learns from"
+    )
+    e.add_argument("--top", type=int, nargs="*", default=None, help="predicted set sizes (default: k and 2k)")
+    e.add_argument("--json", action="store_true", help="print the results as JSON")
+    e.set_defaults(func=cmd_eval)
+
+
+def _predictor_path(args: argparse.Namespace, flag: str) -> Path:
+    from moeflow.routing.predictor import default_path
+
+    given = getattr(args, flag)
+    if given:
+        return Path(given)
+    if args.model:
+        return default_path(args.model)
+    raise MoeflowError(f"say where the predictor goes: --{flag} FILE or --model DIR")
+
+
+def _traces(paths: list[str]) -> list:
+    from moeflow.routing.trace import Trace
+
+    return [Trace.load(p) for p in paths]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from moeflow.config import format_size
+    from moeflow.routing.predictor import file_size, save_predictor
+    from moeflow.routing.predictor_train import TrainConfig, train_predictor
+
+    out = _predictor_path(args, "out")
+    cfg = TrainConfig(
+        emb_dim=args.emb_dim,
+        hidden=args.hidden,
+        max_vocab=args.max_vocab,
+        use_prev_routing=not args.no_prev_routing,
+        max_epochs=args.epochs,
+        patience=args.patience,
+        val_frac=args.val_frac,
+        seed=args.seed,
+        device=args.device,
+    )
+    net, vocab, info = train_predictor(_traces(args.traces), cfg)
+    info["traces"] = [str(p) for p in args.traces]
+    save_predictor(out, net, vocab, info)
+    print(
+        f"predictor: {info['params']:,} parameters ({format_size(file_size(out))} on disk), "
+        f"{info['epochs']} epochs, validation recall@k {info['val_recall']:.3f} "
+        f"on {info['val_requests']} held-out requests -> {out}"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from moeflow.routing import predictor_train as pt
+    from moeflow.routing.predictor import load_net, load_predictor, time_per_token
+
+    path = _predictor_path(args, "predictor")
+    net, vocab, info = load_net(path)
+    seqs, (nl, ne, k) = pt.load_sequences(_traces(args.traces))
+    if (nl, ne, k) != (net.cfg.num_layers, net.cfg.num_experts, net.cfg.top_k):
+        raise MoeflowError(
+            f"{path} predicts {net.cfg.num_layers}×{net.cfg.num_experts} routing, the traces are {nl}×{ne}"
+        )
+    train = pt.load_sequences(_traces(args.train_traces))[0] if args.train_traces else []
+    pop = np.asarray(info["popularity"]) if "popularity" in info else pt.popularity(train or seqs, ne)
+    scorers, notes = pt.baselines(train, pop)
+    results = pt.compare({"predictor": pt.net_scorer(net, vocab), **scorers}, seqs, k, args.top)
+    longest = max(seqs, key=len).tokens[:256]
+    speed = time_per_token(load_predictor(path), longest)
+    report = {
+        "predictor": str(path),
+        "traces": args.traces,
+        "notes": notes,
+        "cpu_time": speed,
+        "results": results,
+    }
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    _print_table(results, k)
+    print(
+        f"predictor CPU time (NumPy runtime): {speed['decode_us_per_token']:.0f} µs/token decoding, "
+        f"{speed['prefill_us_per_token']:.0f} µs/token in prefill"
+    )
+    for note in notes:
+        print("note:", note)
+    return 0
+
+
+def _print_table(results: dict, k: int) -> None:
+    names = list(results)
+    key = f"top{k}"
+    print(f"per-token recall of the true top-{k} among the predicted top-{k} (= precision at this size)")
+    print(f"{'layer':<24}" + "".join(f"{n:>13}" for n in names))
+    layers = len(results[names[0]][key]["overall"]["recall_per_layer"])
+    for layer in range(layers):
+        row = [results[n][key]["overall"]["recall_per_layer"][layer] for n in names]
+        print(f"{layer:<24}" + "".join(f"{v:>13.3f}" for v in row))
+    for size in results[names[0]]:
+        for part in ("overall", "prefill", "decode"):
+            if part not in results[names[0]][size]:
+                continue
+            m = results[names[0]][size]["m"]
+            for metric in ("recall", "precision"):
+                vals = "".join(f"{results[n][size][part][metric]:>13.3f}" for n in names)
+                print(f"{f'{part} top{m} {metric}':<24}{vals}")

@@ -58,7 +58,8 @@ def layer_microbench(llm: LLM, backends: list[str]) -> dict:
     module = llm.loaded.layers[0].module
     views = llm.store.views
     hidden = torch.randn(1, llm.loaded.config.hidden_size, device="cuda", dtype=llm.loaded.dtype)
-    slots = torch.randperm(llm.store.num_slots, device="cuda")[: llm.info.top_k].view(1, -1)
+    llm.store.slots[:64].normal_(0, 0.02)  # nothing is resident yet: fill a few slots with fresh random weights
+    slots = torch.randperm(64, device="cuda")[: llm.info.top_k].view(1, -1)
     weights = torch.softmax(torch.randn(1, llm.info.top_k, device="cuda"), -1).to(llm.loaded.dtype)
     ref = run_experts("batched", module, views, hidden, slots, weights).float()
     out = {}
@@ -102,7 +103,9 @@ def decode_run(llm: LLM, request: int, prompt: list[int], tokens: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True, help="OLMoE-geometry checkpoint (made with `moeflow synth` if absent)")
+    ap.add_argument(
+        "--model", required=True, help="OLMoE-geometry checkpoint (made with `moeflow synth` if absent)"
+    )
     ap.add_argument("--fraction", type=float, default=0.25)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--backends", default="triton,batched,grouped,loop", help="layer microbenchmark backends")
@@ -128,33 +131,29 @@ def main() -> None:
     result["h2d_GBps"] = bw / 1e9
     prompt = list(range(100, 116))
     length = len(prompt) + args.tokens + 1
-    all_slots = None
+    trace = random_trace(8, length, args.layers, args.experts, 8, seed=0)
+    llm = LLM(args.model, device="cuda", replay=trace, progress=False)  # every expert gets a slot
+    all_slots = llm.store.num_slots
+    result["expert_bytes"], result["dense_bytes"] = llm.info.expert_bytes, llm.info.dense_bytes
+    result["layer_microbench"] = layer_microbench(llm, backends)
+    request = 0
     for backend in args.e2e_backends.split(","):
-        probe_trace = random_trace(4, length, args.layers, args.experts, 8, seed=0)
-        full = LLM(args.model, device="cuda", num_slots=all_slots, replay=probe_trace, expert_backend=backend,
-                   progress=False)  # fmt: skip
-        all_slots = full.store.num_slots
-        if "layer_microbench" not in result:
-            result["layer_microbench"] = layer_microbench(full, backends)
-            result["expert_bytes"] = full.info.expert_bytes
-            result["dense_bytes"] = full.info.dense_bytes
-        decode_run(full, 0, prompt, args.tokens)  # warm: loads every expert it meets
-        resident = decode_run(full, 1, prompt, args.tokens)
-        del full
-        torch.cuda.empty_cache()
+        llm.runtime.backend = backend
+        llm.reconfigure(policy="lru", num_slots=all_slots)
+        decode_run(llm, request, prompt, args.tokens)  # warm: loads every expert it meets
+        resident = decode_run(llm, request + 1, prompt, args.tokens)
         slots = int(all_slots * args.fraction)
-        llm = LLM(args.model, device="cuda", num_slots=slots, replay=probe_trace, expert_backend=backend,
-                  progress=False)  # fmt: skip
-        decode_run(llm, 2, prompt, args.tokens)  # warm-up (kernels, caches)
-        cached = decode_run(llm, 3, prompt, args.tokens)
-        floor = cached["bytes_to_device_per_token"] / bw * 1e3 + resident["ms_per_token"]
+        llm.reconfigure(policy="lru", num_slots=slots)
+        decode_run(llm, request + 2, prompt, args.tokens)  # warm the cache with other tokens
+        cached = decode_run(llm, request + 3, prompt, args.tokens)
+        request += 4
+        transfer_floor = cached["bytes_to_device_per_token"] / bw * 1e3
         result[f"backend_{backend}"] = {
             "all_resident": resident, "cached": cached, "slots": slots, "total_experts": all_slots,
-            "floor_ms_per_token": floor,
-            "transfer_floor_ms_per_token": cached["bytes_to_device_per_token"] / bw * 1e3,
+            "floor_ms_per_token": transfer_floor + resident["ms_per_token"],
+            "transfer_floor_ms_per_token": transfer_floor,
         }  # fmt: skip
-        del llm
-        torch.cuda.empty_cache()
+        print(backend, json.dumps(result[f"backend_{backend}"]), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

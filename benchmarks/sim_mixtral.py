@@ -133,7 +133,8 @@ def main() -> int:
             if "halves" in protocol
             else "",
             "timing_model": timing.constants(),
-            "gap_closed_pooled": gap_closed(pool),
+            "gap_closed_hit_ratio": gap_closed(pool),
+            "gap_closed_loads": gap_closed(pool, "loads"),
             "pooled": pool,
             "runs": results,
         }

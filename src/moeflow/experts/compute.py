@@ -41,8 +41,9 @@ def _eager(module: nn.Module) -> ExpertsFn:
     )  # the family's own loop, under transformers' dispatch wrapper
 
 
-TRITON_MAX_PAIRS = 128
-"""Above this many (token, expert) pairs a layer is no longer memory bound on weights: use grouped matmuls."""
+SMALL_LAYER_PAIRS = 128
+"""Up to this many (token, expert) pairs a layer is memory bound on its weights: read them once per pair (Triton
+kernel, or gather + bmm). Beyond it (prefill), gathering weights per pair would copy too much: loop over experts."""
 
 
 def _has_triton() -> bool:
@@ -54,12 +55,12 @@ def _has_triton() -> bool:
 
 
 def pick_backend(name: str, device: torch.device) -> str:
-    """Resolve "auto": the loop on CPU; on CUDA "auto-cuda" (Triton for decode-sized layers, gather + bmm else)."""
+    """Resolve "auto" once per engine: "auto-cuda" (Triton when importable) or "auto-cpu"; decided per call."""
     if name != "auto":
         return name
     if device.type != "cuda":
-        return "loop"
-    return "auto-cuda" if _has_triton() else "batched"
+        return "auto-cpu"
+    return "auto-cuda" if _has_triton() else "auto-cpu"
 
 
 def run_experts(
@@ -72,8 +73,9 @@ def run_experts(
 ) -> torch.Tensor:  # [T, H]
     """Combine the chosen experts' outputs for every token, computing on the slot pool."""
     proxy = SlotExperts(module, views)
-    if backend == "auto-cuda":
-        backend = "triton" if slot_index.numel() <= TRITON_MAX_PAIRS else "batched"
+    if backend.startswith("auto"):
+        small = "triton" if backend == "auto-cuda" else "batched"
+        backend = small if slot_index.numel() <= SMALL_LAYER_PAIRS else "loop"
     if backend == "loop":
         return _eager(module)(proxy, hidden, slot_index, weights)
     if backend == "batched":

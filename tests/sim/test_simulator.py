@@ -175,3 +175,17 @@ def test_cli_eamc_build(tmp_path, capsys) -> None:
     assert main(["eamc", "build", "--traces", str(tmp_path / "t.npz"), "--out", str(tmp_path / "e.npz")]) == 0
     c = EAMCollection.load(tmp_path / "e.npz", 3, 4)
     assert len(c) == 2 and c.entries.sum() == 8 * 3 * 2
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_every_registered_policy_replays_without_special_casing() -> None:
+    from moeflow.experts.cache import POLICIES, make_policy
+
+    make_policy("lru")  # loads the plug-in policies
+    rng = np.random.default_rng(3)
+    trace = make_trace([(3, 5), (2, 6), (4, 4)], rng.integers(0, 6, size=(24, 3, 2)), 6)
+    for name in sorted(POLICIES):
+        for batch in (1, 2):
+            res = simulate(trace, name, 5, batch)
+            assert res.hits + res.misses == len(access_sequence(trace, batch, 5)), name
+            assert res.loads >= simulate(trace, "belady", 5, batch).misses, name

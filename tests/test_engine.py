@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -130,3 +131,30 @@ def test_async_prefetch_keeps_outputs_exact(checkpoints: dict[str, Path]) -> Non
     stats = llm.policy.stats
     assert stats.prefetches > 0 and llm.store.stats.prefetch_loads == stats.prefetches
     assert stats.prefetch_hits > 0
+
+
+class _ParityPredictor:
+    """Predicts that a request uses expert (first token mod 2) of every layer."""
+
+    def request_path(self, token_ids: np.ndarray) -> np.ndarray:
+        path = np.zeros((2, 8))
+        path[:, int(token_ids[0]) % 2] = 1.0
+        return path
+
+
+class _PredictingLRU(LRUPolicy):
+    predictor = _ParityPredictor()
+
+
+def test_expert_aware_scheduling_groups_requests_and_keeps_outputs(checkpoints: dict[str, Path]) -> None:
+    path = checkpoints["olmoe"]
+    prompts = [[4, 9, 33], [7, 12], [10, 5, 5, 6], [3, 8]]  # parities 0, 1, 0, 1
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    llm = LLM(path, device="cpu", num_slots=4, policy=_PredictingLRU(), batch_size=2, max_wait=1, progress=False)
+    seqs = llm._admit(prompts, params)
+    assert llm.batches(seqs) == [[0, 2], [1, 3]]
+    fifo = LLM(path, device="cpu", num_slots=4, batch_size=2, schedule="fifo", progress=False)
+    assert fifo.batches(fifo._admit(prompts, params)) == [[0, 1], [2, 3]]
+    got = [o.token_ids for o in llm.generate(prompts, params)]
+    assert got == [o.token_ids for o in fifo.generate(prompts, params)]
+    assert got == [greedy_ref(reference(path), p, 4) for p in prompts]

@@ -83,6 +83,14 @@ class EngineConfig:
     """Expert compute over the slot pool: "auto", "loop" (eager, per expert), "batched" (gather + bmm),
     "grouped" (torch grouped_mm), or "triton" (kernel reading weights from slots by index, CUDA only)."""
 
+    schedule: str = "auto"
+    """Which prompts share a batch when there are more than the batch size: "fifo" (arrival order), "expert"
+    (ExpertFlow's token scheduling: group requests whose predicted routing paths share experts), or "auto"
+    ("expert" when a routing predictor is available, else "fifo")."""
+
+    max_wait: int = 2
+    """Fairness bound of expert-aware scheduling: no request runs more than this many batches later than FIFO."""
+
     progress: bool = True
     """Show progress bars while loading."""
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -134,13 +135,43 @@ class LLM:
         (default: consecutive new ids) name the requests, e.g. to match a replayed trace."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
         seqs = self._admit(prompts, params or SamplingParams(), request_ids)
-        outputs: list[RequestOutput] = []
-        for start in range(0, len(seqs), self.batch_size):
-            batch = seqs[start : start + self.batch_size]
-            for _ in self._run(batch):
+        outputs: dict[int, RequestOutput] = {}
+        for batch in self.batches(seqs):
+            for _ in self._run([seqs[i] for i in batch]):
                 pass
-            outputs.extend(self._last_outputs)
-        return outputs
+            outputs.update((o.request_id, o) for o in self._last_outputs)
+        return [outputs[s.request_id] for s in seqs]
+
+    def batches(self, seqs: list[Sequence]) -> list[list[int]]:
+        """Indices of ``seqs`` per batch, in run order: FIFO, or grouped by predicted routing paths."""
+        n, b = len(seqs), self.batch_size
+        fifo = [list(range(i, min(i + b, n))) for i in range(0, n, b)]
+        predictor = self._path_predictor() if n > b and self.config.schedule != "fifo" else None
+        if predictor is None:
+            return fifo
+        from moeflow.scheduler import ExpertAwareScheduler
+
+        paths = [predictor.request_path(np.asarray(s.prompt_ids)) for s in seqs]  # [L, E] each
+        return ExpertAwareScheduler(b, self.config.max_wait).order(paths)
+
+    def _path_predictor(self) -> Any:
+        """The routing predictor for scheduling: the policy's, else one saved beside the model, else None."""
+        pred = getattr(self.policy, "predictor", None)
+        if pred is not None and hasattr(pred, "request_path"):
+            return pred
+        from moeflow.routing.predictor import default_path, load_predictor
+
+        path = default_path(self.model_dir)
+        if path.exists():
+            return load_predictor(path)
+        if self.config.schedule == "expert":
+            raise RequestError(f"schedule='expert' needs a routing predictor: train one to {path}")
+        return None
+
+    def close(self) -> None:
+        """End of serving: the policy settles (e.g. saves what it learned) and the store's threads stop."""
+        self.runtime.policy.finish()
+        self.runtime.store.close()
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Yield text as it is generated for one prompt; the last event carries the full output."""
@@ -226,6 +257,8 @@ class LLM:
         for seq, token in zip(seqs, tokens):
             if not seq.finished:
                 seq.append(token, self._decode(seq.output_ids + [token]), self.eos_ids)
+                if seq.finished:
+                    self.runtime.policy.end_request(seq.request_id)
         return mask
 
     def _inputs(self, seqs: list[Sequence], mask: torch.Tensor | None) -> tuple:

@@ -105,7 +105,12 @@ class CachePolicy:
 
     def bind(self, num_slots: int, num_layers: int, num_experts: int, top_k: int) -> None:
         """Size the policy for a model; forgets all residency."""
-        self.num_slots, self.num_layers, self.num_experts, self.top_k = num_slots, num_layers, num_experts, top_k
+        self.num_slots, self.num_layers, self.num_experts, self.top_k = (
+            num_slots,
+            num_layers,
+            num_experts,
+            top_k,
+        )
         self.slot_of = {}
         self.key_in = [None] * num_slots
         self.stats = PolicyStats()
@@ -129,6 +134,9 @@ class CachePolicy:
     def end_step(self) -> None:
         """The forward step finished."""
 
+    def end_request(self, request_id: int) -> None:
+        """Request ``request_id`` finished (its routing is complete)."""
+
     def on_access(self, key: Key) -> None:
         """``key`` was requested (hit or miss) at the current clock."""
 
@@ -146,7 +154,9 @@ class CachePolicy:
     def request(self, layer: int, experts: Sequence[int]) -> Plan:
         """Experts ``layer`` needs now (distinct ids, at most ``num_slots``). Misses evict victims."""
         if len(experts) > self.num_slots:
-            raise ValueError(f"layer {layer} asks for {len(experts)} experts but only {self.num_slots} slots exist")
+            raise ValueError(
+                f"layer {layer} asks for {len(experts)} experts but only {self.num_slots} slots exist"
+            )
         self.clock += 1
         needed = {(layer, int(e)) for e in experts}
         slots: list[int] = []

@@ -25,8 +25,31 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from moeflow.routing.stats import trace_stats
 from moeflow.routing.trace import Trace
+
+
+def token_predictability(trace: Trace) -> np.ndarray | None:
+    """[L] held-out accuracy of guessing each layer's first choice from the input token id alone: a table (most
+    frequent first choice per token) learned on half of the requests, scored on the other half, both ways, pooled;
+    tokens unseen in the learning half are guessed as the layer's most frequent first choice. None without tokens."""
+    if (trace.token < 0).any() or len(trace.requests()) < 2:
+        return None
+    reqs = np.asarray(trace.requests())
+    half = np.isin(trace.request, reqs[: len(reqs) // 2])
+    first = trace.experts[:, :, 0].astype(np.int64)  # [N, L]
+    vocab = int(trace.token.max()) + 1
+    correct, total = np.zeros(trace.num_layers), 0
+    for learn, score in ((half, ~half), (~half, half)):
+        for layer in range(trace.num_layers):
+            counts = np.zeros((vocab, trace.num_experts), np.int64)
+            np.add.at(counts, (trace.token[learn], first[learn, layer]), 1)
+            table = np.where(counts.sum(1) > 0, counts.argmax(1), counts.sum(0).argmax())  # [V]
+            correct[layer] += (table[trace.token[score]] == first[score, layer]).sum()
+        total += int(score.sum())
+    return correct / total
 
 
 def verdicts(stats: dict[str, Any]) -> dict[str, Any]:
@@ -72,6 +95,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         ("first_repeat_range_x", "rep-1st range ×rand"),
         ("next_layer_mean_x", "next-layer mean ×rand (≤5)"),
         ("next_layer_max_x", "next-layer max ×rand"),
+        ("token_first_mean_x", "token-id→1st mean ×rand"),
     ]
     lines = [
         "| trace | tokens | L×E, top-k | " + " | ".join(c[1] for c in cols) + " |",
@@ -79,7 +103,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     ]
     for name, r in results.items():
         s, v = r["stats"], r["verdicts"]
-        cells = [fmt(v[k]) + (" ✗" if v.get(k + "_ok") is False else "") for k, _ in cols]
+        cells = [fmt(v.get(k)) + (" ✗" if v.get(k + "_ok") is False else "") for k, _ in cols]
         lines.append(
             f"| {name} | {s['num_tokens']} | {s['num_layers']}×{s['num_experts']}, {s['top_k']} | "
             + " | ".join(cells)
@@ -102,8 +126,18 @@ def main() -> None:
     results = {}
     for spec in args.traces:
         name, path = spec.split("=", 1)
-        stats = trace_stats(Trace.load(path))
-        results[name] = {"path": path, "stats": stats, "verdicts": verdicts(stats)}
+        trace = Trace.load(path)
+        stats = trace_stats(trace)
+        tok = token_predictability(trace)
+        extra = (
+            {}
+            if tok is None
+            else {
+                "token_first_mean_x": float(tok.mean()) * trace.num_experts,
+                "token_first": [round(float(x), 4) for x in tok],
+            }
+        )
+        results[name] = {"path": path, "stats": stats, "verdicts": verdicts(stats) | extra}
     if results:
         print(table(results))
     if args.json:

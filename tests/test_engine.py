@@ -158,3 +158,20 @@ def test_expert_aware_scheduling_groups_requests_and_keeps_outputs(checkpoints: 
     got = [o.token_ids for o in llm.generate(prompts, params)]
     assert got == [o.token_ids for o in fifo.generate(prompts, params)]
     assert got == [greedy_ref(reference(path), p, 4) for p in prompts]
+
+
+def test_replay_routes_and_tokens_follow_the_trace(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    from tests.families import build_checkpoint
+
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    rec = LLM(checkpoints["olmoe"], device="cpu", record_trace=True, progress=False)
+    want = [o.token_ids for o in rec.generate(PROMPT + [[3, 4, 5]], params)]
+    trace = rec.trace()
+    other = build_checkpoint("olmoe", tmp_path / "other", seed=1)  # different weights, same shape
+    replay = LLM(other, device="cpu", num_slots=3, replay=trace, record_trace=True, progress=False)
+    got = [o.token_ids for o in replay.generate(PROMPT + [[3, 4, 5]], params)]
+    assert got[0][:-1] == want[0][:-1] and got[1][:-1] == want[1][:-1]  # the last token is past the trace
+    again = replay.trace()
+    np.testing.assert_array_equal(again.experts, trace.experts)
+    np.testing.assert_allclose(again.weights, trace.weights, rtol=1e-6)
+    assert replay.runtime.replay.mapping == ""

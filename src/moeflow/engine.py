@@ -254,7 +254,11 @@ class LLM:
         ).logits[:, -1, :]  # [B, V]
         self._end_step()
         tokens = sample(logits, seqs[0].params, gen).tolist()
+        replay = self.runtime.replay
         for seq, token in zip(seqs, tokens):
+            if replay is not None:  # follow the recorded text where the trace has it
+                recorded = replay.token(seq.request_id, seq.position + 1)
+                token = token if recorded is None else recorded
             if not seq.finished:
                 seq.append(token, self._decode(seq.output_ids + [token]), self.eos_ids)
                 if seq.finished:

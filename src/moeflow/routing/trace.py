@@ -164,7 +164,12 @@ class TraceRecorder:
         self.prompts: dict[int, str] = {}
 
     def begin_step(
-        self, step: int, request_ids: list[int], positions: list[list[int]], tokens: list[list[int]], prefill: bool
+        self,
+        step: int,
+        request_ids: list[int],
+        positions: list[list[int]],
+        tokens: list[list[int]],
+        prefill: bool,
     ) -> None:
         """Tokens of this step, sequence by sequence (flattened in the same order the experts see them)."""
         req = np.concatenate([np.full(len(p), r) for r, p in zip(request_ids, positions)])
@@ -181,7 +186,9 @@ class TraceRecorder:
             "weights": np.zeros((n, self.num_layers, self.top_k), np.float32),
         }
 
-    def record(self, layer: int, experts: np.ndarray, weights: np.ndarray, keep: np.ndarray | None = None) -> None:
+    def record(
+        self, layer: int, experts: np.ndarray, weights: np.ndarray, keep: np.ndarray | None = None
+    ) -> None:
         """``experts``/``weights`` [T, K] for the step's tokens (``keep`` selects the real, unpadded rows)."""
         if self._cur is None:
             return
@@ -248,6 +255,14 @@ class TraceReplay:
                         "with at most the recorded number of tokens"
                     ) from None
         return np.asarray(out, np.int64)
+
+    def token(self, request: int, position: int) -> int | None:
+        """The recorded input token at (request, position), if the trace has it (so replay follows the trace's
+        text, and predictors see the tokens the routing came from)."""
+        i = self._index.get((request, position))
+        if i is None or self.trace.token[i] < 0:
+            return None
+        return int(self.trace.token[i])
 
     def route(self, rows: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(experts [T, K], weights [T, K]) for ``rows`` at model MoE layer ``layer``."""

@@ -297,7 +297,7 @@ class LLM:
         self, live: list[Sequence], tokens: list, positions: list, prefill: bool, keep: torch.Tensor
     ) -> None:
         rt = self.runtime
-        rt.keep = keep
+        rt.keep, rt.prefill = keep, prefill
         ids = [s.request_id for s in live]
         rt.policy.begin_step(
             StepInfo(

@@ -33,15 +33,19 @@ class Runtime:
     """[T] bool: real (unpadded, unfinished) tokens of the current step; None = all."""
     replay_rows: np.ndarray | None = None
     """Trace rows of the current step's real tokens (replay only)."""
+    prefill: bool = False
+    """The current step is a prefill."""
     distinct: list[list[int]] = field(default_factory=list)
-    """Per layer, distinct experts touched in each step so far (for scheduling benchmarks)."""
+    """Per layer, distinct experts touched in each decode step so far (for scheduling benchmarks)."""
 
 
 class OffloadedExperts:
     def __init__(self, layer: int, module: nn.Module, runtime: Runtime):
         self.layer, self.module, self.rt = layer, module, runtime
 
-    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         rt, out = self.rt, torch.zeros_like(hidden)  # [T, H]
         if rt.keep is not None and not bool(rt.keep.all()):
             hidden, top_k_index, top_k_weights = hidden[rt.keep], top_k_index[rt.keep], top_k_weights[rt.keep]
@@ -54,7 +58,8 @@ class OffloadedExperts:
         if rt.recorder is not None:
             rt.recorder.record(self.layer, experts, top_k_weights.float().cpu().numpy())
         needed = np.unique(experts).tolist()
-        rt.distinct[self.layer].append(len(needed))
+        if not rt.prefill:
+            rt.distinct[self.layer].append(len(needed))
         result = self._compute(hidden, top_k_index, top_k_weights, needed)
         rt.store.prefetch(rt.policy.prefetch(self.layer))
         if rt.keep is not None and not bool(rt.keep.all()):

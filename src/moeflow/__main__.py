@@ -1,0 +1,7 @@
+"""``python -m moeflow`` runs the console script."""
+
+import sys
+
+from moeflow.cli import main
+
+sys.exit(main())

@@ -23,6 +23,11 @@ from moeflow import LLM, SamplingParams
 from moeflow.routing.trace import Trace
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def requests_of(trace: Trace, limit: int) -> list[tuple[int, list[int], int]]:
     """(request id, prompt token ids, decode tokens) for up to ``limit`` requests of the trace."""
     out = []
@@ -42,7 +47,7 @@ def h2d_bandwidth(nbytes: int = 1 << 30) -> float:
     for _ in range(5):
         t0 = time.perf_counter()
         dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize()
+        _sync()
         best = min(best, time.perf_counter() - t0)
     return nbytes / best
 
@@ -51,7 +56,7 @@ def run(llm: LLM, reqs: list, batch: int, bw: float) -> dict:
     llm.batch_size = batch
     p0, s0 = llm.policy.stats, llm.store.stats
     h0, m0, b0, st0 = p0.hits, p0.misses, s0.bytes_to_device, s0.stall_s
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     tokens = 0
     for start in range(0, len(reqs), batch):
@@ -59,7 +64,7 @@ def run(llm: LLM, reqs: list, batch: int, bw: float) -> dict:
         params = SamplingParams(max_tokens=min(n for _, _, n in chunk), ignore_eos=True)
         outs = llm.generate([p for _, p, _ in chunk], params, request_ids=[r for r, _, _ in chunk])
         tokens += sum(len(o.token_ids) for o in outs)
-    torch.cuda.synchronize()
+    _sync()
     wall = time.perf_counter() - t0
     p, s = llm.policy.stats, llm.store.stats
     moved, stall = s.bytes_to_device - b0, s.stall_s - st0
@@ -85,6 +90,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--option", action="append", default=[], help="policy option KEY=VALUE (repeatable)")
+    ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import transformers
@@ -92,11 +98,11 @@ def main() -> None:
     trace = Trace.load(args.trace)
     reqs = requests_of(trace, args.requests)
     options = dict(kv.split("=", 1) for kv in args.option)
-    llm = LLM(args.model, device="cuda", replay=trace, progress=False, extra=options)
+    llm = LLM(args.model, device=args.device, replay=trace, progress=False, extra=options)
     total = llm.info.num_layers * llm.info.num_experts
-    bw = h2d_bandwidth()
+    bw = h2d_bandwidth() if args.device == "cuda" else 52e9
     result: dict = {
-        "command": " ".join(sys.argv), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "command": " ".join(sys.argv), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(), "h2d_GBps": bw / 1e9,
         "trace": args.trace, "trace_model": trace.model, "replay_mapping": llm.runtime.replay.mapping or "identity",
         "requests": len(reqs), "runs": [],

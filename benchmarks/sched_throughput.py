@@ -21,6 +21,11 @@ from moeflow import LLM, SamplingParams
 from moeflow.routing.trace import Trace
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -30,14 +35,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--fraction", type=float, default=0.25)
     ap.add_argument("--policy", default="lru")
+    ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     trace = Trace.load(args.trace)
     reqs = requests_of(trace, args.requests)
     tokens = min(args.tokens, min(n for _, _, n in reqs))
-    llm = LLM(args.model, device="cuda", replay=trace, progress=False)
+    llm = LLM(args.model, device=args.device, replay=trace, progress=False)
     slots = int(llm.info.num_layers * llm.info.num_experts * args.fraction)
-    result: dict = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    result: dict = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
                     "policy": args.policy, "fraction": args.fraction, "requests": len(reqs), "tokens": tokens,
                     "runs": []}  # fmt: skip
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
@@ -46,10 +52,10 @@ def main() -> None:
             llm.reconfigure(policy=args.policy, num_slots=slots)
             llm.batch_size, llm.config.schedule = batch, schedule
             order = llm.batches(llm._admit([p for _, p, _ in reqs], params, [r for r, _, _ in reqs]))
-            torch.cuda.synchronize()
+            _sync()
             t0 = time.perf_counter()
             outs = llm.generate([p for _, p, _ in reqs], params, request_ids=[r for r, _, _ in reqs])
-            torch.cuda.synchronize()
+            _sync()
             wall = time.perf_counter() - t0
             distinct = np.mean([np.mean(d) for d in llm.runtime.distinct if d])
             row = {"batch": batch, "schedule": schedule, "tokens_per_s": sum(len(o.token_ids) for o in outs) / wall,

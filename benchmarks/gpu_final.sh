@@ -11,7 +11,7 @@ time timeout 120 python3 -m moeflow synth --like olmoe --out $M 2>&1 | tail -1
 mkdir -p $M/moeflow && cp $T/eamc-demo-train.npz $M/moeflow/eamc.npz && cp $T/predictor-demo.pt $M/moeflow/predictor.pt
 timeout 140 python3 benchmarks/olmoe_decode.py --model $M --tokens 48 --e2e-backends triton,batched \
   --out "$OUT/olmoe-decode-h100.json" 2>&1 | grep -v '^ ' | tail -4
-timeout 200 python3 benchmarks/policy_decode.py --model $M --trace $T/demo-heldout-code.npz --requests 8 \
+timeout 220 python3 benchmarks/policy_decode.py --model $M --trace $T/demo-eval.npz --requests 6 \
   --policies lru,moe-infinity,expertflow --fractions 0.1,0.25,0.5 --batches 1,8 --out "$OUT/policy-decode-h100.json" 2>&1 | tail -20
-timeout 120 python3 benchmarks/sched_throughput.py --model $M --trace $T/demo-heldout-code.npz --requests 32 \
+timeout 130 python3 benchmarks/sched_throughput.py --model $M --trace $T/demo-eval.npz --requests 48 --tokens 24 \
   --out "$OUT/sched-throughput-h100.json" 2>&1 | tail -10

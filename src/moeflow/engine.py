@@ -10,16 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import DynamicCache
 
+from moeflow.batching import plan_batches
 from moeflow.config import EngineConfig
 from moeflow.errors import RequestError
 from moeflow.experts.cache import PolicyContext, StepInfo, make_policy
 from moeflow.experts.compute import pick_backend
 from moeflow.experts.layer import Runtime, attach
 from moeflow.experts.store import ExpertStore
+from moeflow.inputs import StepInputs, decode_inputs, prefill_inputs
 from moeflow.memory import MemoryPlan, plan_memory
 from moeflow.metrics import Stats
 from moeflow.model.loader import LoadedModel, load_dense, open_model
@@ -106,7 +107,9 @@ class LLM:
         policy.setup(PolicyContext(model_dir=self.model_dir, options=dict(options)))
         return policy
 
-    def reconfigure(self, policy: Any = None, num_slots: int | None = None, options: dict | None = None) -> None:
+    def reconfigure(
+        self, policy: Any = None, num_slots: int | None = None, options: dict | None = None
+    ) -> None:
         """Swap the cache policy and/or the slot pool size, keeping dense weights and the host tier (sweeps)."""
         old = self.runtime.store
         slots = num_slots or old.num_slots
@@ -143,30 +146,9 @@ class LLM:
         return [outputs[s.request_id] for s in seqs]
 
     def batches(self, seqs: list[Sequence]) -> list[list[int]]:
-        """Indices of ``seqs`` per batch, in run order: FIFO, or grouped by predicted routing paths."""
-        n, b = len(seqs), self.batch_size
-        fifo = [list(range(i, min(i + b, n))) for i in range(0, n, b)]
-        predictor = self._path_predictor() if n > b and self.config.schedule != "fifo" else None
-        if predictor is None:
-            return fifo
-        from moeflow.scheduler import ExpertAwareScheduler
-
-        paths = [predictor.request_path(np.asarray(s.prompt_ids)) for s in seqs]  # [L, E] each
-        return ExpertAwareScheduler(b, self.config.max_wait).order(paths)
-
-    def _path_predictor(self) -> Any:
-        """The routing predictor for scheduling: the policy's, else one saved beside the model, else None."""
-        pred = getattr(self.policy, "predictor", None)
-        if pred is not None and hasattr(pred, "request_path"):
-            return pred
-        from moeflow.routing.predictor import default_path, load_predictor
-
-        path = default_path(self.model_dir)
-        if path.exists():
-            return load_predictor(path)
-        if self.config.schedule == "expert":
-            raise RequestError(f"schedule='expert' needs a routing predictor: train one to {path}")
-        return None
+        """Indices of ``seqs`` per batch, in run order (see ``EngineConfig.schedule``)."""
+        cfg = self.config
+        return plan_batches(seqs, self.batch_size, cfg.schedule, cfg.max_wait, self.policy, self.model_dir)
 
     def close(self) -> None:
         """End of serving: the policy settles (e.g. saves what it learned) and the store's threads stop."""
@@ -191,7 +173,9 @@ class LLM:
         return self.runtime.recorder.trace()
 
     # ------------------------------------------------------------------------------------ internals
-    def _admit(self, prompts: list, params: SamplingParams, request_ids: list[int] | None = None) -> list[Sequence]:
+    def _admit(
+        self, prompts: list, params: SamplingParams, request_ids: list[int] | None = None
+    ) -> list[Sequence]:
         if not prompts:
             raise RequestError("no prompts given")
         if request_ids is not None and len(request_ids) != len(prompts):
@@ -240,14 +224,13 @@ class LLM:
         mask: torch.Tensor | None,
         gen: torch.Generator | None,
     ) -> torch.Tensor:
-        prefill = mask is None
-        ids, mask, pos, keep, new_tokens, positions = self._inputs(seqs, mask)
+        x = prefill_inputs(seqs, self.device) if mask is None else decode_inputs(seqs, mask, self.device)
         live = [s for s in seqs if not s.finished]
-        self._begin_step(live, new_tokens, positions, prefill, keep)
+        self._begin_step(live, x)
         logits = self.loaded.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
+            input_ids=x.ids,
+            attention_mask=x.mask,
+            position_ids=x.positions,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
@@ -260,58 +243,28 @@ class LLM:
                 recorded = replay.token(seq.request_id, seq.position + 1)
                 token = token if recorded is None else recorded
             if not seq.finished:
-                seq.append(token, self._decode(seq.output_ids + [token]), self.eos_ids)
+                seq.append(token, self._decode([*seq.output_ids, token]), self.eos_ids)
                 if seq.finished:
                     self.runtime.policy.end_request(seq.request_id)
-        return mask
+        return x.mask
 
-    def _inputs(self, seqs: list[Sequence], mask: torch.Tensor | None) -> tuple:
-        dev = self.device
-        if mask is None:  # prefill, left-padded
-            width = max(len(s.prompt_ids) for s in seqs)
-            ids = torch.zeros(len(seqs), width, dtype=torch.long)
-            mask = torch.zeros(len(seqs), width, dtype=torch.long)
-            for b, s in enumerate(seqs):
-                ids[b, width - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids)
-                mask[b, width - len(s.prompt_ids) :] = 1
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            keep = mask.bool().flatten()
-            new_tokens = [s.prompt_ids for s in seqs]
-            positions = [list(range(len(s.prompt_ids))) for s in seqs]
-            return ids.to(dev), mask.to(dev), pos.to(dev), keep.to(dev), new_tokens, positions
-        ids = torch.tensor([[s.output_ids[-1]] for s in seqs])
-        mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=mask.dtype, device=mask.device)], dim=1)
-        pos = torch.tensor([[s.position] for s in seqs])
-        keep = torch.tensor([not s.finished for s in seqs])
-        live = [s for s in seqs if not s.finished]
-        return (
-            ids.to(dev),
-            mask,
-            pos.to(dev),
-            keep.to(dev),
-            [[s.output_ids[-1]] for s in live],
-            [[s.position] for s in live],
-        )
-
-    def _begin_step(
-        self, live: list[Sequence], tokens: list, positions: list, prefill: bool, keep: torch.Tensor
-    ) -> None:
+    def _begin_step(self, live: list[Sequence], x: StepInputs) -> None:
         rt = self.runtime
-        rt.keep, rt.prefill = keep, prefill
+        rt.keep, rt.prefill = x.keep, x.prefill
         ids = [s.request_id for s in live]
         rt.policy.begin_step(
             StepInfo(
                 self._step,
                 tuple(ids),
-                tuple(tuple(t) for t in tokens),
-                tuple(p[0] for p in positions),
-                prefill,
+                tuple(tuple(t) for t in x.new_tokens),
+                tuple(p[0] for p in x.new_positions),
+                x.prefill,
             )
         )
         if rt.recorder is not None:
-            rt.recorder.begin_step(self._step, ids, positions, tokens, prefill)
+            rt.recorder.begin_step(self._step, ids, x.new_positions, x.new_tokens, x.prefill)
         if rt.replay is not None:
-            rt.replay_rows = rt.replay.rows(ids, positions)
+            rt.replay_rows = rt.replay.rows(ids, x.new_positions)
 
     def _end_step(self) -> None:
         self.runtime.policy.end_step()

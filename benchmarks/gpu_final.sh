@@ -15,3 +15,6 @@ timeout 220 python3 benchmarks/policy_decode.py --model $M --trace $T/demo-eval.
   --policies lru,moe-infinity,expertflow --fractions 0.1,0.25,0.5 --batches 1,8 --out "$OUT/policy-decode-h100.json" 2>&1 | tail -20
 timeout 130 python3 benchmarks/sched_throughput.py --model $M --trace $T/demo-eval.npz --requests 48 --tokens 24 \
   --out "$OUT/sched-throughput-h100.json" 2>&1 | tail -10
+timeout 60 python3 benchmarks/policy_decode.py --model models/demo --trace $T/demo-eval.npz --requests 4 \
+  --policies lru,moe-infinity,expertflow --fractions 0.25 --batches 1 --option eamc=$T/eamc-demo-train.npz \
+  --option predictor=$T/predictor-demo.pt --out "$OUT/policy-decode-demo-h100.json" 2>&1 | tail -4

@@ -115,6 +115,7 @@ def main() -> None:
                 row = {"policy": policy, "fraction": frac, "batch": batch, **run(llm, reqs, batch, bw)}
                 result["runs"].append(row)
                 print(json.dumps(row), flush=True)
+                Path(args.out).write_text(json.dumps(result, indent=2))  # after every row
     Path(args.out).write_text(json.dumps(result, indent=2))
 
 

@@ -63,6 +63,7 @@ def main() -> None:
                    "batches": order}  # fmt: skip
             result["runs"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "batches"}), flush=True)
+            Path(args.out).write_text(json.dumps(result, indent=2))  # after every row: a timeout keeps the rest
     Path(args.out).write_text(json.dumps(result, indent=2))
 
 

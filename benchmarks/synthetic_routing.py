@@ -3,8 +3,9 @@
 A fixed random "model" routes each token at layer l by top-k of ``a_l * token_score + (1 - a_l) * context_score
 + noise``: early layers follow the token id, deeper layers the request's context (an exponential average of
 token vectors) — the pattern trained MoE routers show. Requests come from domains ("code", "prose") with
-different token distributions (Zipf over overlapping vocabulary ranges) and a bigram chain, so requests of a
-domain share experts. Shapes: V vocabulary, L layers, E experts, K top-k, D latent width.
+different token distributions (Zipf over overlapping vocabulary ranges) and a bigram chain; ``specialization``
+adds a per-domain bias to the router scores (experts specialised by domain, as reported for OLMoE), so requests
+of a domain share experts. The degree of specialisation is an assumption of this generator, not a measurement. Shapes: V vocabulary, L layers, E experts, K top-k, D latent width.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class SyntheticRouter:
         dim: int = 16,
         noise: float = 0.35,
         seed: int = 0,
+        specialization: float = 0.0,
     ):
         rng = np.random.default_rng(seed)
         self.L, self.E, self.K, self.V, self.noise = num_layers, num_experts, top_k, vocab, noise
@@ -35,7 +37,8 @@ class SyntheticRouter:
         self.w_tok = rng.normal(size=(num_layers, dim, num_experts)).astype(np.float32)  # [L, D, E]
         self.w_ctx = rng.normal(size=(num_layers, dim, num_experts)).astype(np.float32)  # [L, D, E]
         self.alpha = np.linspace(0.9, 0.3, num_layers).astype(np.float32)  # [L] token share per layer
-        self.seed = seed
+        self.seed, self.specialization = seed, specialization
+        self.domain_bias = {d: rng.normal(size=(num_layers, num_experts)).astype(np.float32) for d in DOMAINS}
 
     def tokens(self, domain: str, n: int, rng: np.random.Generator) -> np.ndarray:
         lo, hi = DOMAINS[domain]
@@ -53,7 +56,7 @@ class SyntheticRouter:
             )
         return out
 
-    def route(self, tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def route(self, tokens: np.ndarray, rng: np.random.Generator, domain: str | None = None) -> np.ndarray:
         """tokens [n] → experts [n, L, K]."""
         x = self.tok_vec[tokens]  # [n, D]
         ctx = np.zeros_like(x)
@@ -63,7 +66,10 @@ class SyntheticRouter:
             ctx[i] = acc * 2.0
         s = self.alpha[None, :, None] * np.einsum("nd,lde->nle", x, self.w_tok)
         s += (1 - self.alpha)[None, :, None] * np.einsum("nd,lde->nle", ctx, self.w_ctx)
-        s += self.noise * rng.normal(size=s.shape) * s.std()
+        scale = s.std()
+        if domain is not None and self.specialization:
+            s += self.specialization * scale * self.domain_bias[domain][None]
+        s += self.noise * rng.normal(size=s.shape) * scale
         return np.argsort(-s, axis=-1)[..., : self.K]
 
     def trace(
@@ -76,7 +82,7 @@ class SyntheticRouter:
         for b0 in range(0, num_requests, batch):
             group = range(b0, min(num_requests, b0 + batch))
             seqs = {r: self.tokens(domain, prompt_len + decode_len, rng) for r in group}
-            routes = {r: self.route(t, rng) for r, t in seqs.items()}
+            routes = {r: self.route(t, rng, domain) for r, t in seqs.items()}
             for pos_range, dec in (
                 (range(prompt_len), False),
                 *((range(p, p + 1), True) for p in range(prompt_len, prompt_len + decode_len)),

@@ -36,11 +36,16 @@ SPECIALIZATION = 0.5
 """Synthetic traces: per-domain router bias (0.5 keeps usage entropy >= 0.9 of uniform per domain)."""
 
 
-def parse_domains(items: list[str]) -> dict[str, list[Trace]]:
+def parse_domains(items: list[str], prompts: dict[str, set[str]]) -> dict[str, list[Trace]]:
+    """DOMAIN=TRACE[,TRACE] items; with a prompt file for the domain, only requests whose prompt is in it."""
     out: dict[str, list[Trace]] = {}
     for item in items:
         name, _, paths = item.partition("=")
-        out.setdefault(name, []).extend(Trace.load(p) for p in paths.split(","))
+        for p in paths.split(","):
+            trace = Trace.load(p)
+            if name in prompts:
+                trace = trace.of_requests([r for r, text in trace.prompts.items() if text in prompts[name]])
+            out.setdefault(name, []).append(trace)
     return out
 
 
@@ -79,7 +84,7 @@ def split_domains(train: dict, test: dict, seed: int) -> tuple[dict, dict]:
 
 def fit(seqs: list[pt.RequestSeq], shape: tuple[int, int, int], cfg: pt.TrainConfig) -> tuple:
     t0 = time.perf_counter()
-    net, vocab, info = pt.train_on_sequences(seqs, shape, cfg)
+    net, vocab, info = pt.train_on_sequences(seqs, shape, cfg, progress=False)
     info["train_seconds"] = round(time.perf_counter() - t0, 1)
     return net, vocab, info
 
@@ -101,7 +106,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", action="append", default=[], help="DOMAIN=TRACE[,TRACE] (repeatable)")
     ap.add_argument("--test", action="append", default=[], help="DOMAIN=TRACE[,TRACE] held-out traces")
+    ap.add_argument(
+        "--domain-prompts", action="append", default=[], help="DOMAIN=PROMPTFILE: keep its requests"
+    )
     ap.add_argument("--synthetic", action="store_true", help="use synthetic_routing.py traces")
+    ap.add_argument("--device", default="cpu", help="torch device for training")
     ap.add_argument("--scale", type=float, default=1.0, help="synthetic data size factor")
     ap.add_argument("--variant", action="append", default=[], help="NAME:field=value,... (TrainConfig)")
     ap.add_argument("--name", default="demo", help="results go to benchmarks/results/predictor-NAME.json")
@@ -113,7 +122,10 @@ def main() -> int:
     if args.synthetic:
         train, test = synthetic_domains(args.scale)
     else:
-        train, test = parse_domains(args.train), parse_domains(args.test)
+        from moeflow.cli.prompts import read_prompts
+
+        prompts = {n: set(read_prompts(f)) for n, f in (x.split("=", 1) for x in args.domain_prompts)}
+        train, test = parse_domains(args.train, {}), parse_domains(args.test, prompts)
     if not train:
         ap.error("give --train DOMAIN=TRACE (or --synthetic)")
     first = next(iter(train.values()))[0]
@@ -127,7 +139,7 @@ def main() -> int:
         "runs": {},
     }
     for vname, fields in variants:
-        cfg = pt.TrainConfig(seed=args.seed, **fields)
+        cfg = pt.TrainConfig(seed=args.seed, device=args.device, **fields)
         everything = [s for seqs in tr.values() for s in seqs]
         net, vocab, info = fit(everything, shape, cfg)
         run = {
@@ -147,7 +159,7 @@ def main() -> int:
                     print(summary_line(f"{vname} {label}", run["eval"][label], k))
         if vname == variants[0][0]:
             rt = RoutingPredictor(
-                net.cfg, vocab, {n: p.detach().numpy() for n, p in net.state_dict().items()}
+                net.cfg, vocab, {n: p.detach().cpu().numpy() for n, p in net.state_dict().items()}
             )
             longest = max((s for seqs in te.values() for s in seqs), key=len).tokens[:256]
             run["cpu_time"] = {**time_per_token(rt, longest), "threads": torch.get_num_threads()}

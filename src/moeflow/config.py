@@ -80,8 +80,9 @@ class EngineConfig:
     """Force the number of device expert slots (overrides the size computed from device_memory)."""
 
     expert_backend: str = "auto"
-    """Expert compute over the slot pool: "auto", "loop" (eager, per expert), "batched" (gather + bmm),
-    "grouped" (torch grouped_mm), or "triton" (kernel reading weights from slots by index, CUDA only)."""
+    """Expert compute over the slot pool: "auto" (gather + bmm for decode-sized layers, the loop for prefill),
+    "loop" (eager, per expert), "batched" (gather + bmm), "grouped" (torch grouped_mm; at most 1024 slots), or
+    "triton" (a kernel reading weights from slots by index, CUDA only; slower than gather + bmm so far)."""
 
     schedule: str = "auto"
     """Which prompts share a batch when there are more than the batch size: "fifo" (arrival order), "expert"
@@ -101,3 +102,8 @@ class EngineConfig:
         self.device_memory = parse_size(self.device_memory)
         self.host_memory = parse_size(self.host_memory)
         self.kv_reserve = parse_size(self.kv_reserve)
+        backends = ("auto", "loop", "batched", "grouped", "triton")
+        if self.expert_backend not in backends:
+            raise MoeflowError(f"unknown expert backend {self.expert_backend!r}: use one of {', '.join(backends)}")
+        if self.schedule not in ("auto", "fifo", "expert"):
+            raise MoeflowError(f"unknown schedule {self.schedule!r}: use auto, fifo or expert")

@@ -17,7 +17,6 @@ from moeflow.batching import plan_batches
 from moeflow.config import EngineConfig
 from moeflow.errors import RequestError
 from moeflow.experts.cache import PolicyContext, StepInfo, make_policy
-from moeflow.experts.compute import pick_backend
 from moeflow.experts.layer import Runtime, attach
 from moeflow.experts.store import ExpertStore
 from moeflow.inputs import StepInputs, decode_inputs, prefill_inputs
@@ -92,7 +91,7 @@ class LLM:
             )
         if isinstance(replay, Trace):
             replay = TraceReplay(replay, len(lm.layers), lm.num_experts, lm.top_k)
-        self.runtime = Runtime(store, policy, pick_backend(cfg.expert_backend, self.device), recorder, replay)
+        self.runtime = Runtime(store, policy, cfg.expert_backend, recorder, replay)
         attach(lm.layers, self.runtime)
         self.tokenizer = _load_tokenizer(self.model_dir)
         eos = lm.config.eos_token_id if getattr(lm.config, "eos_token_id", None) is not None else []

@@ -20,16 +20,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face format, safetensors)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--device-memory", help="device budget, e.g. 12GiB (default: what is free)")
-    p.add_argument("--host-memory", help="host RAM for the expert pool, e.g. 64GiB (default: all experts if they fit)")
+    p.add_argument(
+        "--host-memory", help="host RAM for the expert pool, e.g. 64GiB (default: all experts if they fit)"
+    )
     p.add_argument("--num-slots", type=int, help="force the number of device expert slots")
     p.add_argument("--policy", default="lru", help="cache policy: lru, lfu, moe-infinity, expertflow, ...")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     p.add_argument("--expert-backend", default="auto", help="auto, loop, batched, grouped or triton")
     p.add_argument("--batch-size", type=int, default=8, help="sequences decoded together")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="policy option (repeatable)")
+    p.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="policy option (repeatable)"
+    )
 
 
-def engine_from_args(args: argparse.Namespace, **kwargs: object):  # noqa: ANN201
+def engine_from_args(args: argparse.Namespace, **kwargs: object):
     from moeflow.engine import LLM
 
     extra = dict(kv.split("=", 1) for kv in args.option)
@@ -56,7 +60,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
 
 
-def sampling_from_args(args: argparse.Namespace):  # noqa: ANN201
+def sampling_from_args(args: argparse.Namespace):
     from moeflow.sampling import SamplingParams
 
     return SamplingParams(
@@ -107,7 +111,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from moeflow.model.loader import open_model
 
-    lm = open_model(args.model, torch.device("cpu") if args.device == "cpu" else torch.device("meta"), args.dtype)
+    lm = open_model(
+        args.model, torch.device("cpu") if args.device == "cpu" else torch.device("meta"), args.dtype
+    )
     total = len(lm.layers) * lm.num_experts
     info = {
         "architecture": type(lm.model).__name__,
@@ -130,7 +136,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info))
         return 0
     for key, value in info.items():
-        shown = format_size(value) if key.endswith("bytes") or key.endswith("_total") or key == "device_memory" else value
+        shown = (
+            format_size(value)
+            if key.endswith("bytes") or key.endswith("_total") or key == "device_memory"
+            else value
+        )
         if key == "bytes_per_expert":
             shown = format_size(value)
         print(f"{key:>20}: {shown}")
@@ -156,7 +166,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         lm = open_model(str(model), torch.device("cpu"), "auto")
         slots = max(lm.top_k, int(len(lm.layers) * lm.num_experts * args.cache_fraction))
         ns.num_slots = slots
-        print(f"demo: {model.name}, {slots} of {len(lm.layers) * lm.num_experts} experts on the device", file=sys.stderr)
+        print(
+            f"demo: {model.name}, {slots} of {len(lm.layers) * lm.num_experts} experts on the device",
+            file=sys.stderr,
+        )
     return cmd_generate(ns)
 
 

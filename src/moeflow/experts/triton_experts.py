@@ -51,7 +51,9 @@ def _pair_gemv(
     tl.store(y_ptr + p * N + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
-def pair_linear(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, transposed: bool):
+def pair_linear(
+    x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, transposed: bool
+):
     """y[p] = x[rows[p]] @ W[slots[p]]^T (or ``@ W`` when ``transposed``): x [R, D], weight [S, N, D] or [S, D, N]."""
     s_stride, a, b = weight.stride()
     if transposed:  # weight [S, D, N]
@@ -61,7 +63,9 @@ def pair_linear(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, slots
     y = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
     block_n, block_d = 32, 128
     grid = (rows.shape[0], triton.cdiv(n, block_n))
-    _pair_gemv[grid](x, weight, rows, slots, y, n, d, x.stride(0), s_stride, swn, swd, BLOCK_N=block_n, BLOCK_D=block_d)
+    _pair_gemv[grid](
+        x, weight, rows, slots, y, n, d, x.stride(0), s_stride, swn, swd, BLOCK_N=block_n, BLOCK_D=block_d
+    )
     return y
 
 

@@ -27,10 +27,14 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise CheckpointError(f"model directory {self.path} does not exist (pass a local Hugging Face checkpoint)")
+            raise CheckpointError(
+                f"model directory {self.path} does not exist (pass a local Hugging Face checkpoint)"
+            )
         cfg = self.path / "config.json"
         if not cfg.is_file():
-            raise CheckpointError(f"{self.path} has no config.json: is this a Hugging Face checkpoint directory?")
+            raise CheckpointError(
+                f"{self.path} has no config.json: is this a Hugging Face checkpoint directory?"
+            )
         self.config_dict: dict[str, Any] = json.loads(cfg.read_text())
         self.shard_of: dict[str, str] = self._index()
         self._handles: dict[str, Any] = {}
@@ -45,7 +49,9 @@ class Checkpoint:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(f"{index} is corrupt ({exc}); re-download or re-save the checkpoint") from None
+                raise CheckpointError(
+                    f"{index} is corrupt ({exc}); re-download or re-save the checkpoint"
+                ) from None
             return dict(weight_map)
         if (self.path / SINGLE).is_file():
             return dict.fromkeys(self._header(SINGLE), SINGLE)
@@ -71,7 +77,9 @@ class Checkpoint:
                 raise CheckpointError(f"shard {path} is truncated (empty or cut off); download it again")
             (n,) = struct.unpack("<Q", raw)
             if n > size - 8:
-                raise CheckpointError(f"shard {path} is truncated or not a safetensors file; download it again")
+                raise CheckpointError(
+                    f"shard {path} is truncated or not a safetensors file; download it again"
+                )
             try:
                 header = json.loads(f.read(n))
             except json.JSONDecodeError:
@@ -97,7 +105,18 @@ class Checkpoint:
         return self._shapes[name]
 
     def nbytes(self, name: str) -> int:
-        item = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
+        item = {
+            "F64": 8,
+            "F32": 4,
+            "I64": 8,
+            "I32": 4,
+            "F16": 2,
+            "BF16": 2,
+            "I16": 2,
+            "U8": 1,
+            "I8": 1,
+            "BOOL": 1,
+        }
         n = 1
         for d in self._shapes[name]:
             n *= d

@@ -22,7 +22,6 @@ from moeflow.model.checkpoint import Checkpoint
 from moeflow.model.families import Family, disk_names, family_for
 
 
-
 @dataclass(frozen=True)
 class ParamSlice:
     """One parameter of an expert inside the expert's flat buffer."""
@@ -48,7 +47,9 @@ class ExpertLayout:
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Parameter views into ``flat`` [N, numel] -> {name: [N, *shape]}."""
-        return {p.name: flat[:, p.offset : p.offset + p.numel].view(flat.shape[0], *p.shape) for p in self.params}
+        return {
+            p.name: flat[:, p.offset : p.offset + p.numel].view(flat.shape[0], *p.shape) for p in self.params
+        }
 
 
 @dataclass
@@ -119,7 +120,9 @@ def open_model(path: str, device: torch.device, dtype: str = "auto") -> LoadedMo
     config = AutoConfig.from_pretrained(ckpt.path)
     torch_dtype = resolve_dtype(dtype, config, device)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, experts_implementation=IMPLEMENTATION)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch_dtype, experts_implementation=IMPLEMENTATION
+        )
     model.eval()
     layers = _find_moe_layers(model, ckpt, family)
     layout = _layout(layers[0].module)
@@ -130,9 +133,13 @@ def open_model(path: str, device: torch.device, dtype: str = "auto") -> LoadedMo
     num_experts = int(getattr(module, "num_experts", 0) or 0)
     top_k = int(getattr(config, "num_experts_per_tok", 0) or getattr(config, "top_k", 0) or 0)
     if not num_experts or not top_k:
-        raise UnsupportedModelError(f"cannot tell the expert count or top-k of {model_type} from {path}/config.json")
+        raise UnsupportedModelError(
+            f"cannot tell the expert count or top-k of {model_type} from {path}/config.json"
+        )
     dense_bytes = sum(p.numel() for p in model.parameters()) * torch_dtype.itemsize
-    return LoadedModel(model, config, ckpt, family, layers, layout, num_experts, top_k, torch_dtype, device, dense_bytes)
+    return LoadedModel(
+        model, config, ckpt, family, layers, layout, num_experts, top_k, torch_dtype, device, dense_bytes
+    )
 
 
 def load_dense(loaded: LoadedModel, progress: bool = True) -> None:
@@ -152,14 +159,18 @@ def _find_moe_layers(model: nn.Module, ckpt: Checkpoint, family: Family) -> list
             layer_id = next((int(p) for p in path.split(".") if p.isdigit()), len(found))
             found.append(MoELayer(len(found), layer_id, path, module))
     if not found:
-        raise UnsupportedModelError("this model has no MoE layers with 3-D expert weights; nothing to offload")
+        raise UnsupportedModelError(
+            "this model has no MoE layers with 3-D expert weights; nothing to offload"
+        )
     for layer in found:
         for name, param in layer.module.named_parameters(recurse=False):
             layer.sources[name] = _expert_sources(ckpt, family, layer, name, param.shape[0])
     return found
 
 
-def _expert_sources(ckpt: Checkpoint, family: Family, layer: MoELayer, name: str, e: int) -> list[tuple[str, bool]]:
+def _expert_sources(
+    ckpt: Checkpoint, family: Family, layer: MoELayer, name: str, e: int
+) -> list[tuple[str, bool]]:
     for disk in disk_names(family, f"{layer.path}.{name}"):
         if disk in ckpt:
             if ckpt.shape(disk)[0] != e:
@@ -186,26 +197,39 @@ def _layout(module: nn.Module) -> ExpertLayout:
 
 
 def _load_dense(
-    model: nn.Module, ckpt: Checkpoint, family: Family, device: torch.device, dtype: torch.dtype, progress: bool
+    model: nn.Module,
+    ckpt: Checkpoint,
+    family: Family,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool,
 ) -> int:
     """Parameters (and persistent buffers found on disk, e.g. DeepSeek-V3's score bias) onto ``device``."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     total = 0
     tensors = [(n, t, True) for n, t in model.named_parameters()]
-    tensors += [(n, t, False) for n, t in model.named_buffers() if any(d in ckpt for d in disk_names(family, n))]
-    for name, param, is_param in tqdm(tensors, desc="dense weights", unit="tensor", disable=not progress, leave=False):
+    tensors += [
+        (n, t, False) for n, t in model.named_buffers() if any(d in ckpt for d in disk_names(family, n))
+    ]
+    for name, param, is_param in tqdm(
+        tensors, desc="dense weights", unit="tensor", disable=not progress, leave=False
+    ):
         disk = next((n for n in disk_names(family, name) if n in ckpt), None)
         if disk is None:
             if tied and name.endswith("lm_head.weight"):
                 continue
-            raise CheckpointError(f"the checkpoint has no tensor for {name}: config.json does not match the weights")
+            raise CheckpointError(
+                f"the checkpoint has no tensor for {name}: config.json does not match the weights"
+            )
         value = ckpt.tensor(disk)
         if tuple(value.shape) != tuple(param.shape):
             raise CheckpointError(
                 f"{disk} has shape {tuple(value.shape)} but the config implies {tuple(param.shape)}: "
                 "config.json does not match the weights"
             )
-        target = value.to(device=device, dtype=dtype if is_param and param.dtype.is_floating_point else param.dtype)
+        target = value.to(
+            device=device, dtype=dtype if is_param and param.dtype.is_floating_point else param.dtype
+        )
         module_path, _, leaf = name.rpartition(".")
         owner = model.get_submodule(module_path)
         if is_param:

@@ -39,6 +39,8 @@ class PredictorConfig:
     emb_dim: int = 64
     hidden: int = 128
     use_prev_routing: bool = True
+    use_context: bool = True
+    """False: no GRU (the token's own embedding and the previous token's routing only)."""
     model: str = ""
     """Name of the model whose traces trained it."""
 
@@ -65,7 +67,10 @@ class PredictorNet(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, S] (remapped), prev [B, S, L*E] (zeros where unknown) → logits [B, S, L*E], h [1, B, H]."""
         x = self.emb(ids)  # [B, S, D]
-        h, hn = self.gru(x, h0)  # [B, S, H]
+        if self.cfg.use_context:
+            h, hn = self.gru(x, h0)  # [B, S, H]
+        else:
+            h, hn = x.new_zeros(*x.shape[:2], self.cfg.hidden), h0
         z = self.mix(torch.cat([h, x], dim=-1))
         if prev is not None and self.cfg.use_prev_routing:
             z = z + self.prev(prev)
@@ -124,9 +129,9 @@ class RoutingPredictor:
         x = self.emb[self.remap(token_ids)]  # [T, D]
         gi = x @ self.w_ih + self.b_ih  # [T, 3H]
         hid = self.cfg.hidden
-        hs = np.empty((len(x), hid), np.float32)
+        hs = np.zeros((len(x), hid), np.float32)
         h = state.astype(np.float32)
-        for t in range(len(x)):  # the only sequential part: the GRU recurrence
+        for t in range(len(x) if self.cfg.use_context else 0):  # the only sequential part: the GRU
             gh = h @ self.w_hh + self.b_hh
             r = _sigmoid(gi[t, :hid] + gh[:hid])
             z = _sigmoid(gi[t, hid : 2 * hid] + gh[hid : 2 * hid])

@@ -48,6 +48,7 @@ class TrainConfig:
     hidden: int = 128
     max_vocab: int = 8192
     use_prev_routing: bool = True
+    use_context: bool = True
     window: int = 128
     burn_in: int = 32
     batch: int = 32
@@ -155,15 +156,27 @@ def train_predictor(
     traces: Sequence[Trace], cfg: TrainConfig | None = None, progress: bool = True
 ) -> tuple[PredictorNet, np.ndarray, dict]:
     """Fit a predictor on ``traces``; returns (net with the best validation weights, vocabulary, info)."""
+    seqs, shape = load_sequences(traces)
+    return train_on_sequences(seqs, shape, cfg, progress, model=traces[0].model)
+
+
+def train_on_sequences(
+    seqs: list[RequestSeq],
+    shape: tuple[int, int, int],
+    cfg: TrainConfig | None = None,
+    progress: bool = True,
+    model: str = "",
+) -> tuple[PredictorNet, np.ndarray, dict]:
+    """``train_predictor`` on request sequences of routing shape (L, E, K)."""
     cfg = cfg or TrainConfig()
     torch.manual_seed(cfg.seed)
-    seqs, (nl, ne, k) = load_sequences(traces)
+    nl, ne, k = shape
     train, val = split_requests(seqs, cfg.val_frac, cfg.seed)
     if not train or not val:
         raise MoeflowError("training needs traces of at least two requests (one is held out for validation)")
     vocab = build_vocab(train, cfg.max_vocab)
     pcfg = PredictorConfig(
-        nl, ne, k, len(vocab) + 1, cfg.emb_dim, cfg.hidden, cfg.use_prev_routing, traces[0].model
+        nl, ne, k, len(vocab) + 1, cfg.emb_dim, cfg.hidden, cfg.use_prev_routing, cfg.use_context, model
     )
     net = PredictorNet(pcfg).to(cfg.device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
@@ -189,7 +202,7 @@ def train_predictor(
             opt.step()
             total += loss.item()
             bar.update(1)
-        score = evaluate(net_scorer(net, vocab, cfg.device), val, k)["overall"]["recall"]
+        score = evaluate(net_scorer(net, vocab), val, k)["overall"]["recall"]
         history.append({"epoch": epoch, "loss": total / n_batches, "val_recall": score})
         bar.set_postfix(loss=f"{total / n_batches:.4f}", val_recall=f"{score:.4f}")
         if score > best + 1e-4:
@@ -219,9 +232,10 @@ Scorer = Callable[[RequestSeq], np.ndarray]
 """A request → scores [n, L, E] (higher = more likely chosen), using only what is known before each token."""
 
 
-def net_scorer(net: PredictorNet, vocab: np.ndarray, device: str = "cpu") -> Scorer:
+def net_scorer(net: PredictorNet, vocab: np.ndarray) -> Scorer:
     """Run the whole request through the net at once (the GRU carries context as the runtime does)."""
     ne, nl = net.cfg.num_experts, net.cfg.num_layers
+    device = next(net.parameters()).device
 
     @torch.no_grad()
     def score(seq: RequestSeq) -> np.ndarray:

@@ -64,7 +64,9 @@ def build_checkpoint(family: str, out: Path, seed: int = 0, max_shard_size: str 
     config = AutoConfig.for_model(family, **COMMON, **kw, eos_token_id=0, pad_token_id=0)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # a random router is nearly uniform per layer; sharpen it so routing varies by token
+    with (
+        torch.no_grad()
+    ):  # a random router is nearly uniform per layer; sharpen it so routing varies by token
         for name, p in model.named_parameters():
             if name.endswith(("gate.weight", "router.weight")) and p.dim() == 2:
                 p.normal_(0, 1.0)

@@ -24,11 +24,15 @@ def test_cuda_matches_transformers(checkpoints: dict[str, Path], family: str, ba
     path = checkpoints[family]
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda").eval()
     ids = torch.tensor(PROMPT, device="cuda")
-    want = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 10:].tolist()
+    want = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[
+        0, 10:
+    ].tolist()
     with torch.no_grad():
         want_logits = ref(ids).logits
     for slots in (2, None):
-        llm = LLM(path, device="cuda", dtype="float32", num_slots=slots, expert_backend=backend, progress=False)
+        llm = LLM(
+            path, device="cuda", dtype="float32", num_slots=slots, expert_backend=backend, progress=False
+        )
         out = llm.generate(PROMPT, SamplingParams(max_tokens=8, ignore_eos=True))[0]
         assert out.token_ids == want
         with torch.no_grad():
@@ -45,7 +49,9 @@ def test_cuda_budget_is_honoured(checkpoints: dict[str, Path]) -> None:
     budget = dense + 4 * per + 8 * 2**20
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    llm = LLM(path, device="cuda", dtype="float32", device_memory=budget, kv_reserve=8 * 2**20, progress=False)
+    llm = LLM(
+        path, device="cuda", dtype="float32", device_memory=budget, kv_reserve=8 * 2**20, progress=False
+    )
     assert llm.store.num_slots == 4
     llm.generate(PROMPT * 2, SamplingParams(max_tokens=16, ignore_eos=True))
     assert torch.cuda.max_memory_allocated() - base <= budget

@@ -22,7 +22,9 @@ def test_generate_json(checkpoints: dict[str, Path], capsys: pytest.CaptureFixtu
 
 
 def test_info_json(checkpoints: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["info", "--model", str(checkpoints["deepseek_v3"]), "--json", "--device-memory", "1GiB"]) == 0
+    assert (
+        main(["info", "--model", str(checkpoints["deepseek_v3"]), "--json", "--device-memory", "1GiB"]) == 0
+    )
     info = json.loads(capsys.readouterr().out)
     assert info["moe_layers"] == 2 and info["moe_layer_ids"] == [1, 2]
     assert info["experts_per_layer"] == 8 and info["top_k"] == 2

@@ -8,7 +8,7 @@ from moeflow.errors import MoeflowError
 from moeflow.experts.cache import LFUPolicy, LRUPolicy, make_policy
 
 
-def bound(policy, slots: int = 3):  # noqa: ANN001, ANN201
+def bound(policy, slots: int = 3):
     policy.bind(slots, num_layers=2, num_experts=8, top_k=2)
     return policy
 

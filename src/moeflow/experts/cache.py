@@ -219,7 +219,7 @@ class CachePolicy:
             if not candidates:
                 if prefetch:
                     return None
-                raise RuntimeError("no evictable slot: more experts needed at once than slots")
+                raise RuntimeError("no evictable slot: more experts needed at once than slots") from None
             evicted = self.victim(candidates, layer)
             slot = self.slot_of.pop(evicted)
             self.stats.evictions += 1

@@ -211,3 +211,24 @@ def _step_rows(trace: Trace, batch: int):
     from moeflow.sim.simulator import schedule
 
     return [st.rows for st in schedule(trace, batch)]
+
+
+def test_engine_loads_the_predictor_beside_the_model_and_keeps_outputs(checkpoints, tmp_path) -> None:
+    import shutil
+
+    from moeflow import LLM, SamplingParams
+    from moeflow.routing.predictor import default_path, save_predictor
+    from moeflow.routing.predictor_train import TrainConfig, train_predictor
+
+    model = tmp_path / "olmoe"
+    shutil.copytree(checkpoints["olmoe"], model)
+    prompts = ["a b c", "hello there", "one two three four"]
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    rec = LLM(model, device="cpu", num_slots=4, record_trace=True, progress=False)
+    want = [o.token_ids for o in rec.generate(prompts, params)]
+    net, vocab, info = train_predictor([rec.trace()], TrainConfig(hidden=16, emb_dim=8, max_epochs=2), progress=False)
+    save_predictor(default_path(model), net, vocab, info)
+    llm = LLM(model, device="cpu", num_slots=4, policy="expertflow", progress=False)
+    assert llm.runtime.policy.source == str(default_path(model))
+    assert [o.token_ids for o in llm.generate(prompts, params)] == want
+    assert llm.runtime.policy.stats.hits + llm.runtime.policy.stats.misses > 0

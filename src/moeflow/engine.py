@@ -16,7 +16,7 @@ from transformers import DynamicCache
 from moeflow.batching import plan_batches
 from moeflow.config import EngineConfig
 from moeflow.errors import RequestError
-from moeflow.experts.cache import PolicyContext, StepInfo, make_policy
+from moeflow.experts.cache import CachePolicy, PolicyContext, StepInfo, make_policy
 from moeflow.experts.layer import Runtime, attach
 from moeflow.experts.store import ExpertStore
 from moeflow.inputs import StepInputs, decode_inputs, prefill_inputs
@@ -99,7 +99,7 @@ class LLM:
         self._next_id = 0
         self._step = 0
 
-    def _policy(self, spec: Any, num_slots: int, options: dict) -> Any:
+    def _policy(self, spec: Any, num_slots: int, options: dict) -> CachePolicy:
         lm = self.loaded
         policy = make_policy(spec)
         policy.bind(num_slots, len(lm.layers), lm.num_experts, lm.top_k)
@@ -112,6 +112,8 @@ class LLM:
         """Swap the cache policy and/or the slot pool size, keeping dense weights and the host tier (sweeps)."""
         old = self.runtime.store
         slots = num_slots or old.num_slots
+        if slots < self.loaded.top_k:
+            raise RequestError(f"{slots} slots cannot hold one token's {self.loaded.top_k} routed experts")
         old.close()
         del old.slots, old.views
         self.runtime.store = ExpertStore(self.loaded, slots, 0, False, share_host=self.runtime.store)
@@ -120,7 +122,7 @@ class LLM:
 
     # ------------------------------------------------------------------------------------------ API
     @property
-    def policy(self):
+    def policy(self) -> CachePolicy:
         return self.runtime.policy
 
     @property

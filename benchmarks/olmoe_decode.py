@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import h2d_bandwidth
 from moeflow import LLM, SamplingParams
 from moeflow.experts.compute import run_experts
 from moeflow.routing.trace import Trace
@@ -37,20 +38,6 @@ def random_trace(requests: int, length: int, layers: int, experts: int, top_k: i
     )  # fmt: skip
 
 
-def h2d_bandwidth(nbytes: int = 1 << 30) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best
-
-
 def layer_microbench(llm: LLM, backends: list[str]) -> dict:
     """One layer, decode batch 1, 8 experts resident in slots: median ms per backend, and max error vs batched."""
     from triton.testing import do_bench
@@ -58,7 +45,9 @@ def layer_microbench(llm: LLM, backends: list[str]) -> dict:
     module = llm.loaded.layers[0].module
     views = llm.store.views
     hidden = torch.randn(1, llm.loaded.config.hidden_size, device="cuda", dtype=llm.loaded.dtype)
-    llm.store.slots[:64].normal_(0, 0.02)  # nothing is resident yet: fill a few slots with fresh random weights
+    llm.store.slots[:64].normal_(
+        0, 0.02
+    )  # nothing is resident yet: fill a few slots with fresh random weights
     slots = torch.randperm(64, device="cuda")[: llm.info.top_k].view(1, -1)
     weights = torch.softmax(torch.randn(1, llm.info.top_k, device="cuda"), -1).to(llm.loaded.dtype)
     ref = run_experts("batched", module, views, hidden, slots, weights).float()

@@ -19,13 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import h2d_bandwidth, sync
 from moeflow import LLM, SamplingParams
 from moeflow.routing.trace import Trace
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def requests_of(trace: Trace, limit: int) -> list[tuple[int, list[int], int]]:
@@ -40,23 +36,11 @@ def requests_of(trace: Trace, limit: int) -> list[tuple[int, list[int], int]]:
     return out
 
 
-def h2d_bandwidth(nbytes: int = 1 << 30) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        dst.copy_(src, non_blocking=True)
-        _sync()
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best
-
-
 def run(llm: LLM, reqs: list, batch: int, bw: float) -> dict:
     llm.batch_size = batch
     p0, s0 = llm.policy.stats, llm.store.stats
     h0, m0, b0, st0 = p0.hits, p0.misses, s0.bytes_to_device, s0.stall_s
-    _sync()
+    sync()
     t0 = time.perf_counter()
     tokens = 0
     for start in range(0, len(reqs), batch):
@@ -64,7 +48,7 @@ def run(llm: LLM, reqs: list, batch: int, bw: float) -> dict:
         params = SamplingParams(max_tokens=min(n for _, _, n in chunk), ignore_eos=True)
         outs = llm.generate([p for _, p, _ in chunk], params, request_ids=[r for r, _, _ in chunk])
         tokens += sum(len(o.token_ids) for o in outs)
-    _sync()
+    sync()
     wall = time.perf_counter() - t0
     p, s = llm.policy.stats, llm.store.stats
     moved, stall = s.bytes_to_device - b0, s.stall_s - st0
@@ -111,7 +95,9 @@ def main() -> None:
     for frac in [float(f) for f in args.fractions.split(",")]:
         for policy in args.policies.split(","):
             for batch in [int(b) for b in args.batches.split(",")]:
-                llm.reconfigure(policy=policy, num_slots=max(llm.info.top_k, int(total * frac)), options=options)
+                llm.reconfigure(
+                    policy=policy, num_slots=max(llm.info.top_k, int(total * frac)), options=options
+                )
                 row = {"policy": policy, "fraction": frac, "batch": batch, **run(llm, reqs, batch, bw)}
                 result["runs"].append(row)
                 print(json.dumps(row), flush=True)

@@ -16,14 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import sync
 from benchmarks.policy_decode import requests_of
 from moeflow import LLM, SamplingParams
 from moeflow.routing.trace import Trace
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -52,10 +48,10 @@ def main() -> None:
             llm.reconfigure(policy=args.policy, num_slots=slots)
             llm.batch_size, llm.config.schedule = batch, schedule
             order = llm.batches(llm._admit([p for _, p, _ in reqs], params, [r for r, _, _ in reqs]))
-            _sync()
+            sync()
             t0 = time.perf_counter()
             outs = llm.generate([p for _, p, _ in reqs], params, request_ids=[r for r, _, _ in reqs])
-            _sync()
+            sync()
             wall = time.perf_counter() - t0
             distinct = np.mean([np.mean(d) for d in llm.runtime.distinct if d])
             row = {"batch": batch, "schedule": schedule, "tokens_per_s": sum(len(o.token_ids) for o in outs) / wall,
@@ -63,7 +59,9 @@ def main() -> None:
                    "batches": order}  # fmt: skip
             result["runs"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "batches"}), flush=True)
-            Path(args.out).write_text(json.dumps(result, indent=2))  # after every row: a timeout keeps the rest
+            Path(args.out).write_text(
+                json.dumps(result, indent=2)
+            )  # after every row: a timeout keeps the rest
     Path(args.out).write_text(json.dumps(result, indent=2))
 
 

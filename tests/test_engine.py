@@ -150,7 +150,9 @@ def test_expert_aware_scheduling_groups_requests_and_keeps_outputs(checkpoints: 
     path = checkpoints["olmoe"]
     prompts = [[4, 9, 33], [7, 12], [10, 5, 5, 6], [3, 8]]  # parities 0, 1, 0, 1
     params = SamplingParams(max_tokens=4, ignore_eos=True)
-    llm = LLM(path, device="cpu", num_slots=4, policy=_PredictingLRU(), batch_size=2, max_wait=1, progress=False)
+    llm = LLM(
+        path, device="cpu", num_slots=4, policy=_PredictingLRU(), batch_size=2, max_wait=1, progress=False
+    )
     seqs = llm._admit(prompts, params)
     assert llm.batches(seqs) == [[0, 2], [1, 3]]
     fifo = LLM(path, device="cpu", num_slots=4, batch_size=2, schedule="fifo", progress=False)
@@ -165,11 +167,11 @@ def test_replay_routes_and_tokens_follow_the_trace(checkpoints: dict[str, Path],
 
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     rec = LLM(checkpoints["olmoe"], device="cpu", record_trace=True, progress=False)
-    want = [o.token_ids for o in rec.generate(PROMPT + [[3, 4, 5]], params)]
+    want = [o.token_ids for o in rec.generate([*PROMPT, [3, 4, 5]], params)]
     trace = rec.trace()
     other = build_checkpoint("olmoe", tmp_path / "other", seed=1)  # different weights, same shape
     replay = LLM(other, device="cpu", num_slots=3, replay=trace, record_trace=True, progress=False)
-    got = [o.token_ids for o in replay.generate(PROMPT + [[3, 4, 5]], params)]
+    got = [o.token_ids for o in replay.generate([*PROMPT, [3, 4, 5]], params)]
     assert got[0][:-1] == want[0][:-1] and got[1][:-1] == want[1][:-1]  # the last token is past the trace
     again = replay.trace()
     np.testing.assert_array_equal(again.experts, trace.experts)

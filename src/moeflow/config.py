@@ -104,6 +104,8 @@ class EngineConfig:
         self.kv_reserve = parse_size(self.kv_reserve)
         backends = ("auto", "loop", "batched", "grouped", "triton")
         if self.expert_backend not in backends:
-            raise MoeflowError(f"unknown expert backend {self.expert_backend!r}: use one of {', '.join(backends)}")
+            raise MoeflowError(
+                f"unknown expert backend {self.expert_backend!r}: use one of {', '.join(backends)}"
+            )
         if self.schedule not in ("auto", "fifo", "expert"):
             raise MoeflowError(f"unknown schedule {self.schedule!r}: use auto, fifo or expert")

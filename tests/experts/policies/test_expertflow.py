@@ -226,7 +226,9 @@ def test_engine_loads_the_predictor_beside_the_model_and_keeps_outputs(checkpoin
     params = SamplingParams(max_tokens=6, temperature=0.0)
     rec = LLM(model, device="cpu", num_slots=4, record_trace=True, progress=False)
     want = [o.token_ids for o in rec.generate(prompts, params)]
-    net, vocab, info = train_predictor([rec.trace()], TrainConfig(hidden=16, emb_dim=8, max_epochs=2), progress=False)
+    net, vocab, info = train_predictor(
+        [rec.trace()], TrainConfig(hidden=16, emb_dim=8, max_epochs=2), progress=False
+    )
     save_predictor(default_path(model), net, vocab, info)
     llm = LLM(model, device="cpu", num_slots=4, policy="expertflow", progress=False)
     assert llm.runtime.policy.source == str(default_path(model))

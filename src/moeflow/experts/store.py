@@ -98,22 +98,21 @@ class ExpertStore:
 
     # --------------------------------------------------------------------------------- device tier
     def _copy(self, load: Load, stream: torch.cuda.Stream | None) -> None:
-        src = self._host_get(load.key)
-        if stream is None:
-            self.slots[load.slot].copy_(src)
-        else:
-            with torch.cuda.stream(stream):
-                released = self._released[load.slot]
-                if released is not None:
-                    stream.wait_event(released)
-                self.slots[load.slot].copy_(src, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record(stream)
-            self._ready[load.slot] = ready
-            with self._lock:
-                row = self.host_row.get(load.key)
-                if row is not None:
-                    self._host_busy[row] = ready
+        # The lock spans host lookup and copy issue: no other thread may recycle the host row in between.
+        with self._lock:
+            src = self._host_get(load.key)
+            if stream is None:
+                self.slots[load.slot].copy_(src)
+            else:
+                with torch.cuda.stream(stream):
+                    released = self._released[load.slot]
+                    if released is not None:
+                        stream.wait_event(released)
+                    self.slots[load.slot].copy_(src, non_blocking=True)
+                    ready = torch.cuda.Event()
+                    ready.record(stream)
+                self._ready[load.slot] = ready
+                self._host_busy[self.host_row[load.key]] = ready  # the pinned row is read until `ready`
         self.stats.bytes_to_device += self.loaded.expert_bytes
 
     def load(self, loads: tuple[Load, ...] | list[Load]) -> None:

@@ -30,7 +30,8 @@ class Runtime:
     recorder: TraceRecorder | None = None
     replay: TraceReplay | None = None
     keep: torch.Tensor | None = None
-    """[T] bool: real (unpadded, unfinished) tokens of the current step; None = all."""
+    """[T] bool: real (unpadded, unfinished) tokens of the current step; None = all (decided on the host, so
+    no layer needs a device sync to know)."""
     replay_rows: np.ndarray | None = None
     """Trace rows of the current step's real tokens (replay only)."""
     prefill: bool = False
@@ -46,13 +47,13 @@ class OffloadedExperts:
     def __call__(
         self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        rt, out = self.rt, torch.zeros_like(hidden)  # [T, H]
-        if rt.keep is not None and not bool(rt.keep.all()):
+        rt, full = self.rt, hidden
+        if rt.keep is not None:
             hidden, top_k_index, top_k_weights = hidden[rt.keep], top_k_index[rt.keep], top_k_weights[rt.keep]
         if rt.replay is not None and rt.replay_rows is not None:
             top_k_index, top_k_weights = self._replayed(hidden.device, top_k_weights.dtype)
         if hidden.shape[0] == 0:
-            return out
+            return torch.zeros_like(full)
         experts = top_k_index.cpu().numpy()  # [T, K]: the one host sync per layer
         rt.policy.observe(self.layer, experts, None)
         if rt.recorder is not None:
@@ -62,7 +63,8 @@ class OffloadedExperts:
             rt.distinct[self.layer].append(len(needed))
         result = self._compute(hidden, top_k_index, top_k_weights, needed)
         rt.store.prefetch(rt.policy.prefetch(self.layer))
-        if rt.keep is not None and not bool(rt.keep.all()):
+        if rt.keep is not None:  # padded / finished rows contribute nothing
+            out = torch.zeros_like(full)  # [T, H]
             out[rt.keep] = result
             return out
         return result

@@ -22,8 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model", default=None, help="checkpoint directory (default output: MODEL/moeflow/predictor.pt)"
     )
     t.add_argument("--out", default=None, help="predictor file to write (.pt)")
-    t.add_argument("--epochs", type=int, default=40, help="most epochs (early stopping usually ends sooner)")
-    t.add_argument("--patience", type=int, default=4, help="epochs without validation gain before stopping")
+    t.add_argument("--epochs", type=int, default=150, help="most epochs (early stopping usually ends sooner)")
+    t.add_argument("--patience", type=int, default=6, help="epochs without validation gain before stopping")
     t.add_argument("--hidden", type=int, default=128, help="GRU width (default 128)")
     t.add_argument("--emb-dim", type=int, default=64, help="token embedding width (default 64)")
     t.add_argument(

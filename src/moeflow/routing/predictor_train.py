@@ -49,12 +49,12 @@ class TrainConfig:
     max_vocab: int = 8192
     use_prev_routing: bool = True
     use_context: bool = True
-    window: int = 128
-    burn_in: int = 32
-    batch: int = 32
+    window: int = 64
+    burn_in: int = 16
+    batch: int = 16
     lr: float = 3e-3
-    max_epochs: int = 40
-    patience: int = 4
+    max_epochs: int = 150
+    patience: int = 6
     val_frac: float = 0.15
     seed: int = 0
     device: str = "cpu"

@@ -71,7 +71,7 @@ def test_registered_and_warns_once_without_predictor() -> None:
 
 def test_prefetches_predicted_experts_of_next_layers_in_order_of_need() -> None:
     truth = hot([[0, 1], [2, 3], [4, 5], [6, 7]])
-    pol = policy(16, {7: truth}, trust=0.0)
+    pol = policy(16, {7: truth}, trust=0.0, max_lookahead=3)
     step(pol, [7])
     pol.observe(0, np.array([[0, 1]]))
     pol.request(0, [0, 1])

@@ -52,11 +52,11 @@ class _Request:
 
 @dataclass
 class ExpertFlowPolicy(CachePolicy):
-    max_lookahead: int = 3
+    max_lookahead: int = 2
     """Most layers ahead that ``prefetch`` plans for."""
     trust: float = 0.25
     """Look ``d`` layers ahead while ``accuracy ** d`` is at least this."""
-    min_prob: float = 0.2
+    min_prob: float = 0.5
     """Prefetch experts at least this likely to be needed in this step."""
     decay: float = 0.9
     """Running averages (accuracy, expert frequency) keep this much of the old value per step."""

@@ -71,7 +71,7 @@ def test_registered_and_warns_once_without_predictor() -> None:
 
 def test_prefetches_predicted_experts_of_next_layers_in_order_of_need() -> None:
     truth = hot([[0, 1], [2, 3], [4, 5], [6, 7]])
-    pol = policy(16, {7: truth}, trust=0.0, max_lookahead=3)
+    pol = policy(16, {7: truth}, trust=0.0, max_lookahead=3, prefetch_per_layer=0)
     step(pol, [7])
     pol.observe(0, np.array([[0, 1]]))
     pol.request(0, [0, 1])
@@ -234,3 +234,21 @@ def test_engine_loads_the_predictor_beside_the_model_and_keeps_outputs(checkpoin
     assert llm.runtime.policy.source == str(default_path(model))
     assert [o.token_ids for o in llm.generate(prompts, params)] == want
     assert llm.runtime.policy.stats.hits + llm.runtime.policy.stats.misses > 0
+
+
+def test_prefetch_budget_caps_loads_per_step() -> None:
+    # Every expert of every layer is predicted; the budget (1 per layer) spreads L loads over the step.
+    everything = np.ones((L, E), np.float32)
+    pol = policy(L * E, {7: everything}, trust=0.0, max_lookahead=3, prefetch_per_layer=1.0)
+    step(pol, [7])
+    issued = []
+    for layer in range(L):
+        pol.observe(layer, np.array([[0, 1]]))
+        pol.request(layer, [0, 1])
+        issued.append(len(pol.prefetch(layer)))
+    assert sum(issued) == L and issued[0] == 2  # ceil(4 / 3) on the first call
+    unlimited = policy(L * E, {7: everything}, trust=0.0, max_lookahead=3, prefetch_per_layer=0)
+    step(unlimited, [7])
+    unlimited.observe(0, np.array([[0, 1]]))
+    unlimited.request(0, [0, 1])
+    assert len(unlimited.prefetch(0)) == 3 * E

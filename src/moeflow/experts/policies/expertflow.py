@@ -12,7 +12,8 @@ Per step (``L`` layers, ``E`` experts, ``T`` tokens, ``B`` sequences):
   looks ``d`` layers ahead only while ``accuracy[l] ** d >= trust``.
 * ``prefetch(l)``: for the trusted layers ahead, the likeliest experts (demand ≥ ``min_prob``), at most each
   layer's quota (the slots shared out among the look-ahead layers in proportion to predicted demand, Σ_e D),
-  in order of need (nearer layer first, then likelier); a prefetch only evicts a key expected to be needed later.
+  in order of need (nearer layer first, then likelier), within a per-step budget of copies
+  (``prefetch_per_layer``); a prefetch only evicts a key expected to be needed later than itself.
 * Eviction (``victim``): the key with the longest expected distance (in layers) to its next use:
   ``d1 + (1 − p1) · L / f`` with ``d1`` the layers until the key's layer comes round again, ``p1`` the chance it
   is used then (this step's demand for layers ahead; a next-step estimate for layers already finished, whose
@@ -58,6 +59,11 @@ class ExpertFlowPolicy(CachePolicy):
     """Look ``d`` layers ahead while ``accuracy ** d`` is at least this."""
     min_prob: float = 0.5
     """Prefetch experts at least this likely to be needed in this step."""
+    prefetch_per_layer: float = 2.0
+    """Prefetch budget: at most this many loads per layer on average in a step (0: no limit). Set it to the
+    copies one layer's compute hides (layer time × bandwidth / expert bytes): beyond that a prefetch takes link
+    time as a miss would, and pays only if it is used and displaces nothing needed."""
+    """Prefetch experts at least this likely to be needed in this step."""
     decay: float = 0.9
     """Running averages (accuracy, expert frequency) keep this much of the old value per step."""
     max_requests: int = 4096
@@ -84,6 +90,7 @@ class ExpertFlowPolicy(CachePolicy):
         self._pos = -1  # layer routed last in this step
         self._table: np.ndarray | None = None  # [L, E] expected distance at self._pos
         self._pending: set[Key] = set()
+        self._prefetched = 0  # prefetch loads issued in this step
         self._demoted: set[Key] = set()
         self._in_use: set[Key] = set()
         self._last: dict[Key, int] = {}
@@ -91,7 +98,7 @@ class ExpertFlowPolicy(CachePolicy):
     def setup(self, context: PolicyContext) -> None:
         self._ready = True
         opts = context.options
-        for name in ("max_lookahead", "trust", "min_prob", "decay"):
+        for name in ("max_lookahead", "trust", "min_prob", "decay", "prefetch_per_layer"):
             if name in opts:
                 setattr(self, name, type(getattr(self, name))(opts[name]))
         path = opts.get("predictor")
@@ -182,7 +189,7 @@ class ExpertFlowPolicy(CachePolicy):
             else f
         )
         self._next = 0.5 * (last + self._fstep)
-        self._pos, self._table, self._in_use = -1, None, set()
+        self._pos, self._table, self._in_use, self._prefetched = -1, None, set(), 0
 
     def observe(self, layer: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
         """``experts`` [T, K] for the step's tokens, sequences concatenated in StepInfo order."""
@@ -263,13 +270,14 @@ class ExpertFlowPolicy(CachePolicy):
             return []
         layers = self.horizon(layer)
         quota = self.quotas(layers)
+        cap = self._call_budget(layer)
         loads: list[Load] = []
         protect = set(self._in_use)
         for ly in layers:
             order = np.argsort(-self._demand[ly], kind="stable")[: quota[ly]]
             for e in order:
                 p = float(self._demand[ly, e])
-                if p < self.min_prob:
+                if p < self.min_prob or len(loads) >= cap:
                     break
                 key = (ly, int(e))
                 protect.add(key)
@@ -283,7 +291,16 @@ class ExpertFlowPolicy(CachePolicy):
                     continue  # nothing resident is expected later than this key
                 self._pending.add(key)
                 loads.append(load)
+        self._prefetched += len(loads)
         return loads
+
+    def _call_budget(self, layer: int) -> float:
+        """Loads this ``prefetch`` call may issue: the step's remaining budget spread over the calls left."""
+        if self.prefetch_per_layer <= 0:
+            return float("inf")
+        budget = self.prefetch_per_layer * self.num_layers
+        calls_left = max(1, self.num_layers - 1 - layer)
+        return float(np.ceil((budget - self._prefetched) / calls_left))
 
 
 register_policy("expertflow", ExpertFlowPolicy)

@@ -129,7 +129,9 @@ def test_async_prefetch_keeps_outputs_exact(checkpoints: dict[str, Path]) -> Non
     out = llm.generate(PROMPT, SamplingParams(max_tokens=8, ignore_eos=True))[0]
     assert out.token_ids == greedy_ref(reference(path), PROMPT[0], 8)
     stats = llm.policy.stats
-    assert stats.prefetches > 0 and llm.store.stats.prefetch_loads == stats.prefetches
+    assert (
+        stats.prefetches > 0 and llm.store.stats.prefetch_loads == stats.prefetches + stats.prefetch_dropped
+    )
     assert stats.prefetch_hits > 0
 
 

@@ -227,6 +227,7 @@ class LLM:
     ) -> torch.Tensor:
         x = prefill_inputs(seqs, self.device) if mask is None else decode_inputs(seqs, mask, self.device)
         live = [s for s in seqs if not s.finished]
+        t0, stall0 = time.perf_counter(), self.runtime.store.stats.stall_s
         self._begin_step(live, x)
         logits = self.loaded.model(
             input_ids=x.ids,
@@ -238,6 +239,8 @@ class LLM:
         ).logits[:, -1, :]  # [B, V]
         self._end_step()
         tokens = sample(logits, seqs[0].params, gen).tolist()
+        if not x.prefill:
+            self.runtime.report_timing(time.perf_counter() - t0, stall0)
         replay = self.runtime.replay
         for seq, token in zip(seqs, tokens):
             if replay is not None:  # follow the recorded text where the trace has it
@@ -251,7 +254,7 @@ class LLM:
 
     def _begin_step(self, live: list[Sequence], x: StepInputs) -> None:
         rt = self.runtime
-        rt.keep, rt.prefill = x.keep, x.prefill
+        rt.keep, rt.prefill, rt.step = x.keep, x.prefill, self._step
         ids = [s.request_id for s in live]
         rt.policy.begin_step(
             StepInfo(
@@ -262,6 +265,7 @@ class LLM:
                 x.prefill,
             )
         )
+        rt.prefetch_after(-1)  # what the step's first layers will need, from the token ids alone
         if rt.recorder is not None:
             rt.recorder.begin_step(self._step, ids, x.new_positions, x.new_tokens, x.prefill)
         if rt.replay is not None:

@@ -96,11 +96,11 @@ def test_simulate_makes_the_engine_calls_in_order() -> None:
     simulate(trace, pol, 3, options={"x": 1})
     assert pol.calls == [
         ("setup", True, {"batch_size": 1, "x": 1}),
-        ("begin", (0,)),
+        ("begin", (0,)), ("prefetch", -1),
         ("observe", 0, [[0, 1]]), ("request", 0, [0, 1]), ("prefetch", 0),
         ("observe", 1, [[2, 3]]), ("request", 1, [2, 3]), ("prefetch", 1),
         ("end_step",),
-        ("begin", (0,)),
+        ("begin", (0,)), ("prefetch", -1),
         ("observe", 0, [[1, 2]]), ("request", 0, [1, 2]), ("prefetch", 0),
         ("observe", 1, [[3, 0]]), ("request", 1, [0, 3]), ("prefetch", 1),
         ("end_step",), ("end_request", 0), ("finish",),

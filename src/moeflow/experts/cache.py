@@ -75,10 +75,13 @@ class PolicyStats:
     hits: int = 0
     misses: int = 0
     prefetches: int = 0
+    """Prefetch loads planned (minus those the store dropped uncopied)."""
     prefetch_hits: int = 0
     """Requested experts that were resident because a prefetch brought them."""
     prefetch_wasted: int = 0
     """Prefetched experts evicted (or never used by the end) without serving a request."""
+    prefetch_dropped: int = 0
+    """Prefetches the store dropped before copying (their layer had passed): no bytes moved, slot freed."""
     evictions: int = 0
 
     @property
@@ -136,6 +139,9 @@ class CachePolicy:
 
     def end_request(self, request_id: int) -> None:
         """Request ``request_id`` finished (its routing is complete)."""
+
+    def on_timing(self, layer_s: float, copy_s: float) -> None:
+        """Measured (engine) or modelled (simulator) seconds of one layer's compute and of one expert copy."""
 
     def on_access(self, key: Key) -> None:
         """``key`` was requested (hit or miss) at the current clock."""
@@ -196,6 +202,16 @@ class CachePolicy:
             self._unused_prefetch.add(key)
             self.on_admit(key)
         return load
+
+    def cancel(self, load: Load) -> None:
+        """The store dropped prefetch ``load`` before copying it: its slot holds nothing usable now."""
+        if self.slot_of.get(load.key) != load.slot:
+            return  # already replaced
+        del self.slot_of[load.key]
+        self.key_in[load.slot] = None
+        self._unused_prefetch.discard(load.key)
+        self.stats.prefetches -= 1
+        self.stats.prefetch_dropped += 1
 
     def finish(self) -> None:
         """End of a run: prefetched experts never used count as wasted."""

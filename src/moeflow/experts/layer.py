@@ -2,7 +2,8 @@
 
 Each MoE layer's experts module gets an :class:`OffloadedExperts` (attribute ``moeflow``) holding its layer index and
 the engine's :class:`Runtime` (store, policy, recorder, replay): injected per model, no globals. One call:
-router output -> (replay) -> observe/record -> policy plan -> store loads -> grouped compute over slots -> prefetch.
+router output -> (replay) -> drop stale prefetches -> observe/record -> policy plan -> store loads -> grouped
+compute over slots -> prefetch.
 Legend: T tokens, K top-k, E experts, H hidden.
 """
 
@@ -36,8 +37,25 @@ class Runtime:
     """Trace rows of the current step's real tokens (replay only)."""
     prefill: bool = False
     """The current step is a prefill."""
+    step: int = 0
+    """Index of the current forward step (dates prefetches, so the store can drop stale ones)."""
     distinct: list[list[int]] = field(default_factory=list)
     """Per layer, distinct experts touched in each decode step so far (for scheduling benchmarks)."""
+
+    def prefetch_after(self, layer: int) -> None:
+        """Start the policy's prefetches once ``layer`` is routed (-1: before the step's first layer)."""
+        self.store.prefetch(self.policy.prefetch(layer), self.step, layer)
+
+    def report_timing(self, wall_s: float, stall_before: float) -> None:
+        """A decode step took ``wall_s`` (the store's stall counter read ``stall_before`` at its start): the policy
+        learns the compute time per layer and the time of one expert copy."""
+        compute = max(wall_s - (self.store.stats.stall_s - stall_before), 0.0)
+        self.policy.on_timing(compute / max(len(self.distinct), 1), self.store.copy_s)
+
+    def drop_stale(self, layer: int) -> None:
+        """``layer`` is about to run: queued prefetches for layers already passed are dropped, slots freed."""
+        for load in self.store.drop_stale(self.step, layer):
+            self.policy.cancel(load)
 
 
 class OffloadedExperts:
@@ -55,6 +73,7 @@ class OffloadedExperts:
         if hidden.shape[0] == 0:
             return torch.zeros_like(full)
         experts = top_k_index.cpu().numpy()  # [T, K]: the one host sync per layer
+        rt.drop_stale(self.layer)
         rt.policy.observe(self.layer, experts, None)
         if rt.recorder is not None:
             rt.recorder.record(self.layer, experts, top_k_weights.float().cpu().numpy())
@@ -62,7 +81,7 @@ class OffloadedExperts:
         if not rt.prefill:
             rt.distinct[self.layer].append(len(needed))
         result = self._compute(hidden, top_k_index, top_k_weights, needed)
-        rt.store.prefetch(rt.policy.prefetch(self.layer))
+        rt.prefetch_after(self.layer)
         if rt.keep is not None:  # padded / finished rows contribute nothing
             out = torch.zeros_like(full)  # [T, H]
             out[rt.keep] = result

@@ -31,8 +31,22 @@ class StoreStats:
     """Bytes read from the checkpoint into the host pool."""
     demand_loads: int = 0
     prefetch_loads: int = 0
+    prefetch_promoted: int = 0
+    """Queued prefetches a layer needed before the reader reached them: copied at once on the demand stream."""
+    prefetch_dropped: int = 0
+    """Queued prefetches dropped unread: their layer had passed, or a later load took their slot."""
     stall_s: float = 0.0
     """Wall time the forward pass spent waiting for expert transfers (disk reads included)."""
+
+
+@dataclass
+class _Queued:
+    """A prefetch handed to the disk-reader thread and not yet known to be issued."""
+
+    future: Future
+    load: Load
+    due: int
+    """Layer position (step x layers + layer) that the copy is for; stale once the forward pass is past it."""
 
 
 class ExpertStore:
@@ -59,7 +73,7 @@ class ExpertStore:
         self.stats = StoreStats()
         self._lock = threading.RLock()
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeflow-disk")
-        self._pending: dict[int, Future] = {}  # slot -> prefetch in flight
+        self._pending: dict[int, _Queued] = {}  # slot -> prefetch queued or in flight
         self.copy_stream = torch.cuda.Stream(self.device, priority=-1) if self.cuda else None
         self.prefetch_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._ready: list[torch.cuda.Event | None] = [None] * num_slots
@@ -72,6 +86,8 @@ class ExpertStore:
                 keys, desc="experts -> host RAM", unit="expert", disable=not progress, leave=False
             ):
                 self._host_get(key)
+        self.copy_s = self._probe()
+        """Measured seconds to copy one expert host -> device slot (sizes the policies' prefetch budgets)."""
 
     @property
     def num_slots(self) -> int:
@@ -129,25 +145,52 @@ class ExpertStore:
                 self._ready[load.slot].synchronize()
         self.stats.stall_s += time.perf_counter() - t0
 
-    def prefetch(self, loads: list[Load]) -> None:
-        """Start prefetch loads: disk reads on the background thread, copies on the prefetch stream."""
+    def prefetch(self, loads: list[Load], step: int = 0, layer: int = -1) -> None:
+        """Queue prefetch loads issued at ``layer`` of forward ``step``: disk reads on the background thread,
+        copies on the prefetch stream. A load for a layer after ``layer`` is due in this step, else in the next."""
+        num_layers = len(self.loaded.layers)
         for load in sorted(loads, key=lambda ld: -ld.priority):
             self._settle(load.slot)
-            self._pending[load.slot] = self._reader.submit(self._copy, load, self.prefetch_stream)
+            target = load.key[0]
+            due = step * num_layers + target + (0 if target > layer else num_layers)
+            self._pending[load.slot] = _Queued(
+                self._reader.submit(self._copy, load, self.prefetch_stream), load, due
+            )
             self.stats.prefetch_loads += 1
 
-    def _settle(self, slot: int) -> None:
-        """Wait for a prefetch still filling ``slot`` (its disk read) to be issued."""
-        pending = self._pending.pop(slot, None)
-        if pending is not None:
-            t0 = time.perf_counter()
-            pending.result()
-            self.stats.stall_s += time.perf_counter() - t0
+    def drop_stale(self, step: int, layer: int) -> list[Load]:
+        """Drop queued prefetches the reader has not started whose layer is already past (``layer`` of ``step``
+        is about to run); returns them so the policy can free their slots."""
+        now = step * len(self.loaded.layers) + layer
+        dropped = []
+        for slot, queued in list(self._pending.items()):
+            if queued.due < now and queued.future.cancel():
+                del self._pending[slot]
+                dropped.append(queued.load)
+        self.stats.prefetch_dropped += len(dropped)
+        return dropped
+
+    def _settle(self, slot: int, promote: bool = False) -> None:
+        """Resolve a prefetch queued for ``slot``: not started -> dropped (a new load takes the slot) or, with
+        ``promote``, copied now on the demand stream (jumping the queue); started -> waited for until issued."""
+        queued = self._pending.pop(slot, None)
+        if queued is None:
+            return
+        if queued.future.cancel():
+            if promote:
+                self._copy(queued.load, self.copy_stream)
+                self.stats.prefetch_promoted += 1
+            else:
+                self.stats.prefetch_dropped += 1
+            return
+        t0 = time.perf_counter()
+        queued.future.result()
+        self.stats.stall_s += time.perf_counter() - t0
 
     def ready(self, slots: list[int]) -> None:
         """Make the compute stream wait until ``slots`` hold their experts."""
         for slot in slots:
-            self._settle(slot)
+            self._settle(slot, promote=True)
             ev = self._ready[slot]
             if ev is not None:
                 torch.cuda.current_stream(self.device).wait_event(ev)
@@ -160,6 +203,21 @@ class ExpertStore:
         ev.record(torch.cuda.current_stream(self.device))
         for slot in slots:
             self._released[slot] = ev
+
+    def _probe(self, repeats: int = 3) -> float:
+        """Seconds per expert copy host -> slot 0 (before any slot is in use)."""
+        if self.num_slots == 0:
+            return 0.0
+        src = self.host[0]
+        self.slots[0].copy_(src, non_blocking=self.cuda)  # warm-up
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            self.slots[0].copy_(src, non_blocking=self.cuda)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return (time.perf_counter() - t0) / repeats
 
     def close(self) -> None:
         self._reader.shutdown(wait=True)

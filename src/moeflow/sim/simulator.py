@@ -1,7 +1,8 @@
 """Trace-driven cache simulation: replays a recorded routing trace through the real policy objects with the
 calls the engine makes, and counts hits, misses, loads, prefetches and modelled time.
 
-Per step: ``begin_step(StepInfo)``; per MoE layer ``observe(layer, experts [T, K], weights [T, K])``, then
+Once: ``on_timing`` with the time model's layer compute and copy time. Per step: ``begin_step(StepInfo)``,
+``prefetch(-1)`` (loads before the first layer); per MoE layer ``observe(layer, experts [T, K], weights [T, K])``, then
 ``request(layer, distinct experts)`` (in chunks of ``num_slots`` when the layer needs more experts than there
 are slots, as the engine does), then ``prefetch(layer)``; ``end_step()``; after a request's last step, the
 policy's optional ``end_request(request_id)``; at the end ``finish()``.
@@ -147,6 +148,10 @@ def simulate(
     pol.bind(cache_size, num_layers, num_experts, trace.top_k)
     opts = {"batch_size": batch_size, **(options or {})}
     pol.setup(PolicyContext(model_dir=model_dir, trace=trace, options=opts))
+    if timing is None and expert_bytes is not None:
+        timing = TimingModel(expert_bytes)
+    if timing is not None:
+        pol.on_timing(timing.compute_per_layer, timing.expert_bytes / timing.bandwidth)
     end_request = getattr(pol, "end_request", None)
     steps = schedule(trace, batch_size)
     demand = np.zeros(len(steps), np.int64)  # [S]
@@ -161,8 +166,6 @@ def simulate(
     pol.finish()
     prefill = np.array([st.info.prefill for st in steps], bool)
     dec_tokens = np.array([0 if st.info.prefill else len(st.rows) for st in steps], np.int64)
-    if timing is None and expert_bytes is not None:
-        timing = TimingModel(expert_bytes)
     st_ = pol.stats
     loads = st_.misses + st_.prefetches
     return SimResult(
@@ -194,6 +197,7 @@ def simulate(
 def _run_step(pol: CachePolicy, st: SimStep, experts: np.ndarray, weights: np.ndarray) -> None:
     """One step: ``experts``/``weights`` [T, L, K] of the step's tokens."""
     pol.begin_step(st.info)
+    pol.prefetch(-1)
     for layer in range(experts.shape[1]):
         pol.observe(layer, experts[:, layer], weights[:, layer])
         for chunk in layer_requests(experts[:, layer], pol.num_slots):

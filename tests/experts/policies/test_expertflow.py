@@ -252,3 +252,24 @@ def test_prefetch_budget_caps_loads_per_step() -> None:
     unlimited.observe(0, np.array([[0, 1]]))
     unlimited.request(0, [0, 1])
     assert len(unlimited.prefetch(0)) == 3 * E
+
+
+def test_prefetch_budget_follows_measured_timing_unless_given() -> None:
+    pol = policy(L * E)
+    pol.on_timing(layer_s=2e-3, copy_s=0.5e-3)  # one layer's compute hides 4 copies
+    assert pol.prefetch_per_layer == pytest.approx(4.0)
+    pol.on_timing(layer_s=1e-3, copy_s=0.5e-3)  # later measurements are smoothed
+    assert 2.0 < pol.prefetch_per_layer < 4.0
+    slow_link = policy(L * E)
+    slow_link.on_timing(layer_s=1e-3, copy_s=1.0)  # still one copy per step
+    assert slow_link.prefetch_per_layer == pytest.approx(1 / L)
+    fixed = policy(L * E, prefetch_per_layer=3.0)
+    fixed.on_timing(layer_s=2e-3, copy_s=0.5e-3)
+    assert fixed.prefetch_per_layer == 3.0
+
+
+def test_prefetch_before_the_first_layer_covers_layer_zero() -> None:
+    pol = policy(L * E, {7: hot([[0, 1], [2, 3], [0, 1], [2, 3]])}, trust=0.0, min_prob=0.5)
+    step(pol, [7])
+    keys = {ld.key for ld in pol.prefetch(-1)}
+    assert {(0, 0), (0, 1)} <= keys

@@ -63,7 +63,9 @@ class ExpertFlowPolicy(CachePolicy):
     """Prefetch budget: at most this many loads per layer on average in a step (0: no limit). Set it to the
     copies one layer's compute hides (layer time × bandwidth / expert bytes): beyond that a prefetch takes link
     time as a miss would, and pays only if it is used and displaces nothing needed."""
-    """Prefetch experts at least this likely to be needed in this step."""
+    auto_budget: bool = True
+    """Set ``prefetch_per_layer`` from timing the engine measures (or the simulator models) via ``on_timing``:
+    layer compute time / one expert's copy time (at least one copy per step). Off when the option is given."""
     decay: float = 0.9
     """Running averages (accuracy, expert frequency) keep this much of the old value per step."""
     max_requests: int = 4096
@@ -73,7 +75,7 @@ class ExpertFlowPolicy(CachePolicy):
 
     def __post_init__(self) -> None:
         self.name = "expertflow"
-        self._ready = False
+        self._ready, self._timed = False, False
 
     # ------------------------------------------------------------------------------ lifecycle
     def bind(self, num_slots: int, num_layers: int, num_experts: int, top_k: int) -> None:
@@ -98,9 +100,14 @@ class ExpertFlowPolicy(CachePolicy):
     def setup(self, context: PolicyContext) -> None:
         self._ready = True
         opts = context.options
-        for name in ("max_lookahead", "trust", "min_prob", "decay", "prefetch_per_layer"):
+        for name in ("max_lookahead", "trust", "min_prob", "decay", "prefetch_per_layer", "auto_budget"):
             if name in opts:
-                setattr(self, name, type(getattr(self, name))(opts[name]))
+                value = opts[name]
+                if isinstance(getattr(self, name), bool) and isinstance(value, str):
+                    value = value.lower() in ("1", "true", "yes", "on")
+                setattr(self, name, type(getattr(self, name))(value))
+        if "prefetch_per_layer" in opts:
+            self.auto_budget = False
         path = opts.get("predictor")
         if path is not None and not isinstance(
             path, (str, os.PathLike)
@@ -216,6 +223,14 @@ class ExpertFlowPolicy(CachePolicy):
             if e > s and req.routing is not None and (ex[e - 1] >= 0).all():
                 req.routing[layer, ex[e - 1]] = 1.0
                 req.seen += 1
+
+    def on_timing(self, layer_s: float, copy_s: float) -> None:
+        if not self.auto_budget or copy_s <= 0 or self.num_layers == 0:
+            return
+        budget = max(layer_s / copy_s, 1.0 / self.num_layers)
+        if self._timed:  # measured every step: smooth
+            budget = self.decay * self.prefetch_per_layer + (1 - self.decay) * budget
+        self.prefetch_per_layer, self._timed = budget, True
 
     def request(self, layer: int, experts: Sequence[int]):
         self._in_use |= {(layer, int(e)) for e in experts}

@@ -24,22 +24,59 @@ from moeflow import LLM, SamplingParams
 from moeflow.routing.trace import Trace
 
 
-def requests_of(trace: Trace, limit: int) -> list[tuple[int, list[int], int]]:
-    """(request id, prompt token ids, decode tokens) for up to ``limit`` requests of the trace."""
+def requests_of(
+    trace: Trace, limit: int, max_prompt: int = 0, max_tokens: int = 0
+) -> list[tuple[int, list[int], int]]:
+    """(request id, prompt token ids, tokens to generate) for up to ``limit`` requests of the trace. ``max_prompt``
+    keeps a prompt's first tokens only (their routing is the recorded one); a decode-only trace (imported logs)
+    gets its first token as a one-token prompt. ``max_tokens`` caps the tokens generated (0: all recorded)."""
     out = []
     for r in trace.requests()[:limit]:
         rows = trace.request == r
         pre = rows & ~trace.decode
+        if not pre.any():  # decode-only trace: the first recorded token stands in for the prompt
+            pre = rows & (trace.position == trace.position[rows].min())
         order = np.argsort(trace.position[pre])
-        prompt = trace.token[pre][order].tolist()
-        out.append((r, prompt, int((rows & trace.decode).sum()) + 1))
+        prompt = np.maximum(trace.token[pre][order], 0).tolist()
+        if max_prompt and len(prompt) > max_prompt:
+            prompt = prompt[:max_prompt]  # the rest of the prompt is replayed as decode steps
+        n = int(rows.sum()) - len(prompt) + 1
+        out.append((r, prompt, min(n, max_tokens) if max_tokens else n))
     return out
 
 
-def run(llm: LLM, reqs: list, batch: int, bw: float) -> dict:
+class TimedLLM(LLM):
+    """The engine, plus decode-only totals: wall time, tokens, hits, misses, bytes and stall of decode steps (the
+    prefill step is excluded: its cost depends on prompt length, not on the cache policy's decode behaviour)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decode = dict.fromkeys(("wall_s", "tokens", "hits", "misses", "bytes", "stall_s"), 0.0)
+
+    def step(self, seqs, cache, mask, gen):  # type: ignore[override]
+        live = sum(not s.finished for s in seqs)
+        p, s = self.policy.stats, self.store.stats
+        before = (p.hits, p.misses, s.bytes_to_device, s.stall_s)
+        t0 = time.perf_counter()
+        out = super().step(seqs, cache, mask, gen)  # ends with a host sync (sampling)
+        if mask is not None:
+            d = self.decode
+            d["wall_s"] += time.perf_counter() - t0
+            d["tokens"] += live
+            for key, b, a in zip(
+                ("hits", "misses", "bytes", "stall_s"),
+                before,
+                (p.hits, p.misses, s.bytes_to_device, s.stall_s),
+            ):
+                d[key] += a - b
+        return out
+
+
+def run(llm: TimedLLM, reqs: list, batch: int, bw: float) -> dict:
     llm.batch_size = batch
     p0, s0 = llm.policy.stats, llm.store.stats
     h0, m0, b0, st0 = p0.hits, p0.misses, s0.bytes_to_device, s0.stall_s
+    d0 = dict(llm.decode)
     sync()
     t0 = time.perf_counter()
     tokens = 0
@@ -53,15 +90,23 @@ def run(llm: LLM, reqs: list, batch: int, bw: float) -> dict:
     p, s = llm.policy.stats, llm.store.stats
     moved, stall = s.bytes_to_device - b0, s.stall_s - st0
     hits, misses = p.hits - h0, p.misses - m0
+    d = {k: llm.decode[k] - d0[k] for k in d0}
+    dec_tokens = max(d["tokens"], 1)
     return {
         "tokens": tokens,
         "wall_s": wall,
         "tokens_per_s": tokens / wall,
-        "ms_per_token": 1e3 * wall / tokens,
         "hit_ratio": hits / max(hits + misses, 1),
         "bytes_to_device": moved,
         "stall_s": stall,
-        "transfer_hidden_share": 1 - stall / (moved / bw) if moved else 1.0,
+        "decode_tokens": int(d["tokens"]),
+        "decode_ms_per_token": 1e3 * d["wall_s"] / dec_tokens,
+        "decode_tokens_per_s": d["tokens"] / d["wall_s"] if d["wall_s"] else 0.0,
+        "decode_hit_ratio": d["hits"] / max(d["hits"] + d["misses"], 1),
+        "decode_MB_per_token": d["bytes"] / dec_tokens / 1e6,
+        "decode_stall_ms_per_token": 1e3 * d["stall_s"] / dec_tokens,
+        "decode_transfer_ms_per_token": 1e3 * d["bytes"] / bw / dec_tokens,
+        "decode_transfer_hidden_share": 1 - d["stall_s"] / (d["bytes"] / bw) if d["bytes"] else 1.0,
     }
 
 
@@ -73,6 +118,10 @@ def main() -> None:
     ap.add_argument("--fractions", default="0.1,0.25,0.5")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--max-prompt", type=int, default=0, help="keep only a prompt's first N tokens (0: all)")
+    ap.add_argument(
+        "--max-tokens", type=int, default=0, help="generate at most N tokens a request (0: all recorded)"
+    )
     ap.add_argument("--option", action="append", default=[], help="policy option KEY=VALUE (repeatable)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", required=True)
@@ -80,9 +129,9 @@ def main() -> None:
     import transformers
 
     trace = Trace.load(args.trace)
-    reqs = requests_of(trace, args.requests)
+    reqs = requests_of(trace, args.requests, args.max_prompt, args.max_tokens)
     options = dict(kv.split("=", 1) for kv in args.option)
-    llm = LLM(args.model, device=args.device, replay=trace, progress=False, extra=options)
+    llm = TimedLLM(args.model, device=args.device, replay=trace, progress=False, extra=options)
     total = llm.info.num_layers * llm.info.num_experts
     bw = h2d_bandwidth() if args.device == "cuda" else 52e9
     result: dict = {

@@ -17,9 +17,33 @@ import numpy as np
 import torch
 
 from benchmarks.common import sync
-from benchmarks.policy_decode import requests_of
-from moeflow import LLM, SamplingParams
+from benchmarks.policy_decode import TimedLLM, requests_of
+from moeflow import SamplingParams
 from moeflow.routing.trace import Trace
+
+
+def measure(
+    llm: TimedLLM, reqs: list, params: SamplingParams, policy: str, slots: int, batch: int, schedule: str
+) -> dict:
+    """Generate every request at batch size ``batch``, batches formed by ``schedule``; one result row."""
+    llm.reconfigure(policy=policy, num_slots=slots)
+    llm.batch_size, llm.config.schedule = batch, schedule
+    order = llm.batches(llm._admit([p for _, p, _ in reqs], params, [r for r, _, _ in reqs]))
+    d0 = dict(llm.decode)
+    sync()
+    t0 = time.perf_counter()
+    outs = llm.generate([p for _, p, _ in reqs], params, request_ids=[r for r, _, _ in reqs])
+    sync()
+    wall = time.perf_counter() - t0
+    d = {k: llm.decode[k] - d0[k] for k in d0}
+    distinct = np.mean([np.mean(x) for x in llm.runtime.distinct if x])
+    row = {"policy": policy, "batch": batch, "schedule": schedule,
+           "tokens_per_s": sum(len(o.token_ids) for o in outs) / wall,
+           "decode_tokens_per_s": d["tokens"] / d["wall_s"] if d["wall_s"] else 0.0,
+           "distinct_experts_per_step_layer": float(distinct), "hit_ratio": llm.policy.stats.hit_ratio,
+           "decode_hit_ratio": d["hits"] / max(d["hits"] + d["misses"], 1), "batches": order}  # fmt: skip
+    print(json.dumps({k: v for k, v in row.items() if k != "batches"}), flush=True)
+    return row
 
 
 def main() -> None:
@@ -30,38 +54,25 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--fraction", type=float, default=0.25)
-    ap.add_argument("--policy", default="lru")
+    ap.add_argument("--policies", default="lru", help="comma-separated")
+    ap.add_argument("--max-prompt", type=int, default=0, help="keep only a prompt's first N tokens (0: all)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     trace = Trace.load(args.trace)
-    reqs = requests_of(trace, args.requests)
+    reqs = requests_of(trace, args.requests, args.max_prompt)
     tokens = min(args.tokens, min(n for _, _, n in reqs))
-    llm = LLM(args.model, device=args.device, replay=trace, progress=False)
+    llm = TimedLLM(args.model, device=args.device, replay=trace, progress=False)
     slots = int(llm.info.num_layers * llm.info.num_experts * args.fraction)
     result: dict = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
-                    "policy": args.policy, "fraction": args.fraction, "requests": len(reqs), "tokens": tokens,
+                    "policies": args.policies, "fraction": args.fraction, "requests": len(reqs), "tokens": tokens,
                     "runs": []}  # fmt: skip
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
-    for batch in [int(b) for b in args.batches.split(",")]:
-        for schedule in ("fifo", "expert"):
-            llm.reconfigure(policy=args.policy, num_slots=slots)
-            llm.batch_size, llm.config.schedule = batch, schedule
-            order = llm.batches(llm._admit([p for _, p, _ in reqs], params, [r for r, _, _ in reqs]))
-            sync()
-            t0 = time.perf_counter()
-            outs = llm.generate([p for _, p, _ in reqs], params, request_ids=[r for r, _, _ in reqs])
-            sync()
-            wall = time.perf_counter() - t0
-            distinct = np.mean([np.mean(d) for d in llm.runtime.distinct if d])
-            row = {"batch": batch, "schedule": schedule, "tokens_per_s": sum(len(o.token_ids) for o in outs) / wall,
-                   "distinct_experts_per_step_layer": float(distinct), "hit_ratio": llm.policy.stats.hit_ratio,
-                   "batches": order}  # fmt: skip
-            result["runs"].append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "batches"}), flush=True)
-            Path(args.out).write_text(
-                json.dumps(result, indent=2)
-            )  # after every row: a timeout keeps the rest
+    for policy in args.policies.split(","):
+        for batch in [int(b) for b in args.batches.split(",")]:
+            for schedule in ("fifo", "expert"):
+                result["runs"].append(measure(llm, reqs, params, policy, slots, batch, schedule))
+                Path(args.out).write_text(json.dumps(result, indent=2))  # after every row
     Path(args.out).write_text(json.dumps(result, indent=2))
 
 

@@ -56,3 +56,22 @@ def test_cuda_budget_is_honoured(checkpoints: dict[str, Path]) -> None:
     llm.generate(PROMPT * 2, SamplingParams(max_tokens=16, ignore_eos=True))
     assert torch.cuda.max_memory_allocated() - base <= budget
     assert llm.store.host.is_pinned()
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral"])
+def test_cuda_async_prefetch_drops_and_promotes_and_keeps_outputs(
+    checkpoints: dict[str, Path], family: str
+) -> None:
+    from tests.test_engine import _NextLayerPrefetch, greedy_ref, reference
+
+    path = checkpoints[family]
+    want = greedy_ref(reference(path), PROMPT[0], 12)
+    llm = LLM(path, device="cuda", dtype="float32", num_slots=4, policy=_NextLayerPrefetch(), progress=False)
+    out = llm.generate(PROMPT, SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert out.token_ids == want
+    s = llm.store.stats
+    assert (
+        s.prefetch_loads > 0
+        and s.prefetch_loads == llm.policy.stats.prefetches + llm.policy.stats.prefetch_dropped
+    )
+    assert llm.store.copy_s > 0

@@ -116,6 +116,11 @@ class CachePolicy:
         )
         self.slot_of = {}
         self.key_in = [None] * num_slots
+        self.slot_layer = np.full(num_slots, -1, np.int64)  # [S] layer of the key in each slot (-1: empty)
+        self.slot_expert = np.full(num_slots, -1, np.int64)  # [S] its expert id
+        self.slot_used = np.full(num_slots, -1, np.int64)  # [S] order of last use (-1: none since placed)
+        self._ticks = 0
+        self._free = list(range(num_slots - 1, -1, -1))  # empty slots, lowest index popped first
         self.stats = PolicyStats()
         self._unused_prefetch = set()
         self.clock = 0
@@ -153,7 +158,20 @@ class CachePolicy:
         """Which resident key to evict (``layer`` is the layer being served)."""
         raise NotImplementedError
 
+    def select_victim(
+        self, protect: set[Key], layer: int, may_evict: Callable[[Key], bool] | None
+    ) -> Key | None:
+        """The resident key to evict (None: no acceptable one): by default ``victim`` over the resident keys not
+        in ``protect`` that ``may_evict`` accepts. Policies override it to pick without building that list."""
+        candidates = [k for k in self.slot_of if k not in protect and (may_evict is None or may_evict(k))]
+        return self.victim(candidates, layer) if candidates else None
+
     # ------------------------------------------------------------------------------ mechanics
+    def touch(self, key: Key) -> None:
+        """Mark resident ``key`` as the most recently used (``slot_used`` orders every access)."""
+        self._ticks += 1
+        self.slot_used[self.slot_of[key]] = self._ticks
+
     def resident(self, key: Key) -> bool:
         return key in self.slot_of
 
@@ -181,6 +199,7 @@ class CachePolicy:
                 assert load is not None
                 loads.append(load)
                 slots.append(load.slot)
+            self.touch(key)
             self.on_access(key)
         self.stats.hits += hits
         self.stats.misses += len(loads)
@@ -209,6 +228,8 @@ class CachePolicy:
             return  # already replaced
         del self.slot_of[load.key]
         self.key_in[load.slot] = None
+        self.slot_layer[load.slot] = self.slot_expert[load.slot] = -1
+        self._free.append(load.slot)
         self._unused_prefetch.discard(load.key)
         self.stats.prefetches -= 1
         self.stats.prefetch_dropped += 1
@@ -228,15 +249,14 @@ class CachePolicy:
         may_evict: Callable[[Key], bool] | None = None,
     ) -> Load | None:
         evicted: Key | None = None
-        try:
-            slot = self.key_in.index(None)
-        except ValueError:
-            candidates = [k for k in self.slot_of if k not in protect and (may_evict is None or may_evict(k))]
-            if not candidates:
+        if self._free:
+            slot = self._free.pop()
+        else:
+            evicted = self.select_victim(protect, layer, may_evict)
+            if evicted is None:
                 if prefetch:
                     return None
-                raise RuntimeError("no evictable slot: more experts needed at once than slots") from None
-            evicted = self.victim(candidates, layer)
+                raise RuntimeError("no evictable slot: more experts needed at once than slots")
             slot = self.slot_of.pop(evicted)
             self.stats.evictions += 1
             if evicted in self._unused_prefetch:
@@ -244,6 +264,7 @@ class CachePolicy:
                 self.stats.prefetch_wasted += 1
         self.slot_of[key] = slot
         self.key_in[slot] = key
+        self.slot_layer[slot], self.slot_expert[slot], self.slot_used[slot] = key[0], key[1], -1
         return Load(key, slot, evicted, prefetch, priority)
 
 
@@ -259,14 +280,28 @@ class LRUPolicy(CachePolicy):
         self._last[key] = self.clock
         self._last.move_to_end(key)
 
-    on_admit = on_access  # a prefetched expert counts as just used
-
     def victim(self, candidates: Sequence[Key], layer: int) -> Key:
         cand = set(candidates)
         for key in self._last:  # oldest first
             if key in cand:
                 return key
         return candidates[0]  # never-requested (prefetched) keys
+
+    def on_admit(self, key: Key) -> None:
+        self.on_access(key)
+        self.touch(key)  # a prefetched expert counts as just used
+
+    def select_victim(
+        self, protect: set[Key], layer: int, may_evict: Callable[[Key], bool] | None
+    ) -> Key | None:
+        """``victim`` over every slot at once: the least recently requested (or admitted) resident key."""
+        if may_evict is not None:
+            return super().select_victim(protect, layer, may_evict)
+        used = np.where(self.slot_layer >= 0, self.slot_used, np.iinfo(np.int64).max)  # [S]
+        for key in protect & self.slot_of.keys():
+            used[self.slot_of[key]] = np.iinfo(np.int64).max
+        slot = int(np.argmin(used))
+        return self.key_in[slot] if used[slot] < np.iinfo(np.int64).max else None
 
 
 @dataclass

@@ -174,3 +174,58 @@ def test_corrupt_collection_beside_the_model_warns_and_starts_empty(tmp_path) ->
     with pytest.warns(UserWarning, match="unreadable"):
         pol.setup(PolicyContext(model_dir=str(tmp_path)))
     assert len(pol.eamc) == 0
+
+
+def run_step(pol: MoEInfinityPolicy, step: int, rid: int, routing: np.ndarray, prefetch: bool = True) -> list:
+    """Drive one decode step of request ``rid`` (``routing`` [1, L, K]); returns each ``prefetch`` call's loads."""
+    pol.begin_step(StepInfo(step, (rid,), ((step,),), (step,), False))
+    calls = [pol.prefetch(-1)] if prefetch else []
+    for layer in range(L):
+        pol.observe(layer, routing[:, layer])
+        pol.request(layer, sorted(set(routing[0, layer].tolist())))
+        if prefetch:
+            calls.append(pol.prefetch(layer))
+    pol.end_step()
+    return calls
+
+
+def test_prefetch_budget_caps_loads_per_step_spread_over_the_calls_left() -> None:
+    eamc = EAMCollection(L, E)
+    eamc.add(eam_from_experts(pattern(0, 3), E))
+    pol = bound(slots=L * E, eamc=eamc, max_prefetch=100, prefetch_per_layer=0.5)  # 3 loads a step
+    calls = run_step(pol, 0, 1, pattern(0, 1))
+    assert [len(c) for c in calls] == [0, 1, 1, 1, 0, 0, 0]  # new request: nothing before layer 0
+    assert [ld.key[0] for c in calls for ld in c] == [1, 2, 3]  # the nearest layer ahead first
+    unbounded = bound(slots=L * E, eamc=eamc, max_prefetch=100)
+    assert sum(len(c) for c in run_step(unbounded, 0, 1, pattern(0, 1))) == (L - 1) * K
+
+
+def test_a_running_request_prefetches_layer_zero_before_its_next_step() -> None:
+    eamc = EAMCollection(L, E)
+    eamc.extend([eam_from_experts(pattern(4, 5), E), eam_from_experts(pattern(0, 5), E)])
+    pol = bound(slots=K, eamc=eamc)  # only one layer's experts fit: layer 0's are gone by the step's end
+    run_step(pol, 0, 1, pattern(0, 1))
+    pol.begin_step(StepInfo(1, (1,), ((1,),), (1,), False))
+    first = pol.prefetch(-1)
+    assert {ld.key for ld in first} == {(0, 0), (0, 1)} and all(ld.prefetch for ld in first)
+    pol.observe(0, pattern(0, 1)[:, 0])
+    assert pol.request(0, [0, 1]).hits == K
+    pol.end_step()
+    assert run_step(pol, 2, 7, pattern(0, 1))[0] == []  # a new request: nothing routed to match yet
+    off = bound(slots=K, eamc=eamc, prefetch_before=0)
+    run_step(off, 0, 1, pattern(0, 1))
+    assert run_step(off, 1, 1, pattern(0, 1))[0] == []
+
+
+def test_own_activation_ratios_weight_recent_tokens_by_recency() -> None:
+    a, b = pattern(0, 1), pattern(4, 1)
+    scores = {}
+    for recency, weight in ((1.0, 0.0), (0.5, 1.0)):
+        eamc = EAMCollection(L, E)
+        eamc.extend([eam_from_experts(pattern(0, 4), E), eam_from_experts(pattern(4, 4), E)])
+        pol = bound(slots=L * E, eamc=eamc, recency=recency, recent_weight=weight, history_weight=1.0)
+        for step, routing in enumerate((a, a, a, b)):
+            run_step(pol, step, 1, routing, prefetch=False)
+        pol.begin_step(StepInfo(4, (1,), ((4,),), (4,), False))
+        scores[recency] = pol.keep_score((0, 4)) - pol.keep_score((0, 0))  # b's layer-0 expert minus a's
+    assert scores[1.0] < 0 < scores[0.5]  # counts: a routed 3 times of 4; decayed: b was routed last

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +49,17 @@ class _Request:
     routing: np.ndarray | None = None  # [L, E] multi-hot of the request's latest token (being filled)
     seen: int = 0  # layers of ``routing`` filled
     prev: np.ndarray | None = None  # [L, E] complete routing of the previous token, if known
+
+
+@dataclass(frozen=True)
+class _Later:
+    """A prefetch may evict only keys expected to be needed later than ``floor`` layers from now."""
+
+    policy: ExpertFlowPolicy
+    floor: float
+
+    def __call__(self, key: Key) -> bool:
+        return self.policy._distance(key) > self.floor
 
 
 @dataclass
@@ -264,6 +275,25 @@ class ExpertFlowPolicy(CachePolicy):
     def victim(self, candidates: Sequence[Key], layer: int) -> Key:
         return max(candidates, key=lambda k: (self._distance(k), -self._last.get(k, -1)))
 
+    def select_victim(
+        self, protect: set[Key], layer: int, may_evict: Callable[[Key], bool] | None
+    ) -> Key | None:
+        """``victim``'s rule over every slot at once: longest expected distance, then least recently used."""
+        if may_evict is not None and not isinstance(may_evict, _Later):
+            return super().select_victim(protect, layer, may_evict)
+        occupied = self.slot_layer >= 0  # [S]
+        dist = self.distances()[np.maximum(self.slot_layer, 0), np.maximum(self.slot_expert, 0)]  # [S]
+        for key in self._demoted & self.slot_of.keys():
+            dist[self.slot_of[key]] += DEMOTED
+        for key in protect & self.slot_of.keys():
+            occupied[self.slot_of[key]] = False
+        if may_evict is not None:
+            occupied &= dist > may_evict.floor
+        idx = np.flatnonzero(occupied)
+        if len(idx) == 0:
+            return None
+        return self.key_in[idx[np.lexsort((self.slot_used[idx], -dist[idx]))[0]]]
+
     def horizon(self, layer: int) -> list[int]:
         """Layers after ``layer`` whose predictions are trusted (see ``trust``)."""
         out = []
@@ -299,9 +329,7 @@ class ExpertFlowPolicy(CachePolicy):
                 if self.resident(key):
                     continue
                 mine = self._distance(key)
-                load = self.admit(
-                    key, (self.num_layers - ly) + p, protect, lambda k, m=mine: self._distance(k) > m
-                )
+                load = self.admit(key, (self.num_layers - ly) + p, protect, _Later(self, mine))
                 if load is None:
                     continue  # nothing resident is expected later than this key
                 self._pending.add(key)

@@ -1,18 +1,23 @@
 """MoE-Infinity (arXiv 2401.14361) as a cache policy: activation-aware prefetching and caching driven by the
 running requests' Expert Activation Matrices matched against a collection of past ones (``routing.eam``).
 
-Per MoE layer ``l`` of a step (``L`` layers): ``observe`` adds the routing to each running request's EAM and
-matches its rows ``0..l`` against the collection; the prediction is the best match's (or the top-``match_k``
-matches' similarity-weighted) normalised rows.
+Per MoE layer ``l`` of a step (``L`` layers): ``observe`` adds the routing to each running request's EAM (over
+the whole sequence so far, as in the paper) and matches its rows ``0..l`` against the collection; the match is
+the best entry's (or the top-``match_k`` entries' similarity-weighted) normalised rows. The predicted activation
+ratio of a row blends the request's own ratios (weight ``history_weight``; rows it routed in earlier tokens)
+with the match; rows the request has not routed yet are the match's alone. The own ratios mix the EAM's with
+those of a recency-weighted copy (each step multiplies it by ``recency``; share ``recent_weight``), since a
+request's next tokens route more like its latest ones than like its prompt as a whole.
 
 * Prefetch (``prefetch(l)``): candidates are the experts of layers ``l+1..`` (never a layer already passed),
-  priority = predicted activation ratio × (1 − (i − l)/L), the paper's layer-proximity decay; the highest first,
-  at most ``max_prefetch`` loads per call, and a prefetch only displaces an expert whose keep-score is lower.
-* Cache (``victim``): keep-score = activation ratio × (1 − i/L), the paper's bias toward early layers (they have
-  the least time to be prefetched). The ratio blends the running requests' own EAM rows (weight
-  ``history_weight``) with the collection's prediction; for a layer still ahead in this step the score is at
-  least its prefetch priority (it is about to be used). The lowest score is evicted; ties go to the least
-  recently requested (LRU), which is also what remains when nothing is known.
+  priority = predicted ratio × (1 − (i − l)/L), the paper's layer-proximity decay; the highest first, at most
+  ``max_prefetch`` loads per call and ``prefetch_per_layer`` × L per step (spread over the calls left), and a
+  prefetch only displaces an expert whose keep-score is lower. ``prefetch(-1)``, before a step's first layer,
+  does the same from layer 0 on for requests that routed earlier tokens (matched over all their rows).
+* Cache (``victim``): keep-score = predicted ratio × (1 − i/L), the paper's bias toward early layers (they have
+  the least time to be prefetched); for a layer still ahead in this step the score is at least its prefetch
+  priority (it is about to be used). The lowest score is evicted; ties go to the least recently requested
+  (LRU), which is also what remains when nothing is known.
 
 The collection comes from ``options["eamc"]`` (an ``EAMCollection`` or a path) or ``<model_dir>/moeflow/eamc.npz``,
 and grows online: a request's EAM is admitted when it ends (``end_request``, or ``finish``); ``finish`` saves it
@@ -22,7 +27,7 @@ to ``options["eamc_save"]`` or, when serving with the default location, back the
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +41,17 @@ EAMC_FILE = Path("moeflow") / "eamc.npz"
 """Where the collection lives, relative to the model directory."""
 
 
+@dataclass(frozen=True)
+class _Below:
+    """A prefetch of priority ``bound`` may evict only keys whose keep-score is lower."""
+
+    policy: MoEInfinityPolicy
+    bound: float
+
+    def __call__(self, key: Key) -> bool:
+        return self.policy.keep_score(key) < self.bound
+
+
 @dataclass
 class MoEInfinityPolicy(CachePolicy):
     capacity: int = DEFAULT_CAPACITY
@@ -45,8 +61,22 @@ class MoEInfinityPolicy(CachePolicy):
     max_prefetch: int = 0
     """Prefetch loads per ``prefetch`` call; 0: top_k × the step's sequences."""
     prefetch_enabled: bool = True
-    history_weight: float = 0.5
-    """Caching: weight of the running requests' own activation ratios against the collection's prediction."""
+    history_weight: float = 0.75
+    """Weight of the running requests' own activation ratios against the collection's prediction (per layer
+    row the request has routed before; rows it has not are the collection's alone)."""
+    predict_own: bool = True
+    """Prefetch from that blend too (the request's own rows ahead, from its earlier tokens); off: from the
+    collection's match alone (eviction still uses the blend)."""
+    recency: float = 0.8
+    """Per-step decay of a second, recency-weighted copy of each request's EAM (1: none)."""
+    recent_weight: float = 0.5
+    """Share of the recency-weighted copy in the request's own activation ratios."""
+    prefetch_before: bool = True
+    """Act on ``prefetch(-1)`` (before the step's first layer): prefetch from layer 0 on, matching the requests'
+    EAMs from their earlier tokens over all layers."""
+    prefetch_per_layer: float = 0.0
+    """Prefetch budget, as ExpertFlow's: at most this many loads per layer on average in a step (0: no limit).
+    Fewer copies for some hit ratio: e.g. the copies one layer's compute hides (layer time × bandwidth / bytes)."""
 
     def __post_init__(self) -> None:
         self.name = "moe-infinity"
@@ -56,6 +86,8 @@ class MoEInfinityPolicy(CachePolicy):
 
     def _reset(self) -> None:
         self.running: dict[int, RequestEAM] = {}
+        self._recent: dict[int, np.ndarray] = {}  # [L, E] recency-weighted counts per request
+        self._prefetched = 0  # prefetch loads issued in this step
         self._rids: tuple[int, ...] = ()
         self._lengths: list[int] = []
         self._layer = -1
@@ -74,11 +106,24 @@ class MoEInfinityPolicy(CachePolicy):
 
     def setup(self, context: PolicyContext) -> None:
         opts = context.options
-        for name in ("capacity", "match_k", "max_prefetch", "history_weight"):
+        for name in (
+            "capacity",
+            "match_k",
+            "max_prefetch",
+            "history_weight",
+            "recency",
+            "recent_weight",
+            "prefetch_per_layer",
+        ):
             if name in opts:
                 setattr(self, name, type(getattr(self, name))(opts[name]))
-        if "prefetch" in opts:
-            self.prefetch_enabled = str(opts["prefetch"]).lower() not in ("0", "false", "no", "off")
+        for name, attr in (
+            ("prefetch", "prefetch_enabled"),
+            ("predict_own", "predict_own"),
+            ("prefetch_before", "prefetch_before"),
+        ):
+            if name in opts:
+                setattr(self, attr, str(opts[name]).lower() not in ("0", "false", "no", "off"))
         self.eamc = self._load_collection(context)
         if opts.get("eamc_save"):
             self.save_path = Path(opts["eamc_save"])
@@ -107,6 +152,7 @@ class MoEInfinityPolicy(CachePolicy):
     def end_request(self, request_id: int) -> None:
         """A request finished: its EAM joins the collection."""
         req = self.running.pop(request_id, None)
+        self._recent.pop(request_id, None)
         if req is not None and self.eamc is not None:
             self.eamc.add(req.counts)
 
@@ -127,7 +173,12 @@ class MoEInfinityPolicy(CachePolicy):
         for rid in self._rids:
             if rid not in self.running:
                 self.running[rid] = RequestEAM(self.num_layers, self.num_experts)
-        self._layer, self._pred, self._keep = -1, None, None
+                self._recent[rid] = np.zeros((self.num_layers, self.num_experts))
+            self._recent[rid] *= self.recency
+        self._layer, self._pred, self._keep, self._prefetched = -1, None, None, 0
+        self._needed = set()  # nothing is in use before the first layer
+        if self.prefetch_before and any(self.running[r].counts.any() for r in self._rids):
+            self._update_scores(-1)  # ``prefetch(-1)``: layer 0 on from the requests' earlier tokens
 
     def observe(self, layer: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
         """``experts`` [T, K]: the step's tokens, sequences concatenated in StepInfo order."""
@@ -140,22 +191,32 @@ class MoEInfinityPolicy(CachePolicy):
             parts = np.array_split(experts, len(self._rids))
         for rid, part in zip(self._rids, parts):
             self.running[rid].add(layer, part)
+            ids = part[part >= 0].astype(np.int64)
+            self._recent[rid][layer] += np.bincount(ids, minlength=self.num_experts)[: self.num_experts]
         self._layer = layer
         self._update_scores(layer)
 
     def _update_scores(self, layer: int) -> None:
         """Prediction and keep-scores [L, E] for the step's requests at ``layer``."""
         assert self.eamc is not None
-        own = np.zeros((self.num_layers, self.num_experts))
-        pred = np.zeros_like(own) if len(self.eamc) else None
+        shape = (self.num_layers, self.num_experts)
+        ratio, match = np.zeros(shape), np.zeros(shape) if len(self.eamc) else None
         for rid in self._rids:
             req = self.running[rid]
-            own += row_normalise(req.counts)
-            if pred is not None:
-                pred += self.eamc.predict(req.similarity(self.eamc, layer), self.match_k)
+            own = row_normalise(req.counts)
+            if self.recent_weight > 0:
+                own = (1 - self.recent_weight) * own + self.recent_weight * row_normalise(self._recent[rid])
+            if match is None or not req.counts.any():  # no collection, or nothing routed yet to match
+                ratio += own
+                continue
+            sims = req.similarity(self.eamc, layer if layer >= 0 else self.num_layers - 1)
+            m = self.eamc.predict(sims, self.match_k)
+            match += m
+            seen = req.counts.sum(axis=1, keepdims=True) > 0  # [L, 1]
+            ratio += np.where(seen, self.history_weight * own + (1 - self.history_weight) * m, m)
         depth = np.arange(self.num_layers)[:, None]  # [L, 1]
-        ratio = own if pred is None else self.history_weight * own + (1 - self.history_weight) * pred
         keep = ratio * (1 - depth / self.num_layers)
+        pred = None if match is None else ratio if self.predict_own else match
         if pred is not None:
             soon = np.where(depth > layer, pred * (1 - (depth - layer) / self.num_layers), 0.0)
             keep = np.maximum(keep, soon)
@@ -173,11 +234,37 @@ class MoEInfinityPolicy(CachePolicy):
     def victim(self, candidates: Sequence[Key], layer: int) -> Key:
         return min(candidates, key=lambda k: (self.keep_score(k), self._last.get(k, -1)))
 
+    def _slot_keep(self, protect: set[Key]) -> np.ndarray:
+        """[S] keep-score of each slot's key; inf for empty slots and ``protect``-ed keys (not evictable)."""
+        occupied = self.slot_layer >= 0
+        keep = (
+            np.zeros(self.num_slots)
+            if self._keep is None
+            else self._keep[np.maximum(self.slot_layer, 0), np.maximum(self.slot_expert, 0)]
+        )
+        keep = np.where(occupied, keep, np.inf)
+        for key in protect & self.slot_of.keys():
+            keep[self.slot_of[key]] = np.inf
+        return keep
+
+    def select_victim(
+        self, protect: set[Key], layer: int, may_evict: Callable[[Key], bool] | None
+    ) -> Key | None:
+        """``victim``'s rule over every slot at once: lowest keep-score, then least recently requested."""
+        if may_evict is not None and not isinstance(may_evict, _Below):
+            return super().select_victim(protect, layer, may_evict)
+        keep = self._slot_keep(protect)  # [S]
+        ok = keep < (np.inf if may_evict is None else may_evict.bound)
+        idx = np.flatnonzero(ok)
+        if len(idx) == 0:
+            return None
+        return self.key_in[idx[np.lexsort((self.slot_used[idx], keep[idx]))[0]]]
+
     def _evict_floor(self, protect: set[Key]) -> float:
         """Lowest keep-score a prefetch could displace (-inf while a slot is free, inf if none can go)."""
-        if None in self.key_in:
+        if self._free:
             return float("-inf")
-        return min((self.keep_score(k) for k in self.slot_of if k not in protect), default=float("inf"))
+        return float(self._slot_keep(protect).min())
 
     def prefetch(self, layer: int) -> list[Load]:
         """Loads for layers ahead of ``layer``, highest priority first (see the module docstring)."""
@@ -190,7 +277,11 @@ class MoEInfinityPolicy(CachePolicy):
             return []
         ahead = np.arange(layer + 1, self.num_layers)  # [A]
         pri = self._pred[ahead] * (1 - (ahead - layer) / self.num_layers)[:, None]  # [A, E]
-        budget = self.max_prefetch or self.top_k * len(self._rids)
+        resident = np.zeros((self.num_layers, self.num_experts), bool)
+        occupied = self.slot_layer >= 0
+        resident[self.slot_layer[occupied], self.slot_expert[occupied]] = True
+        pri = np.where(resident[ahead], 0.0, pri)  # nothing to load for resident keys
+        budget = min(self.max_prefetch or self.top_k * len(self._rids), self._call_budget(layer))
         protect = set(self._needed)
         floor = self._evict_floor(protect)
         loads: list[Load] = []
@@ -199,12 +290,20 @@ class MoEInfinityPolicy(CachePolicy):
             if p <= 0 or len(loads) >= budget or p <= floor:  # nothing left that this could displace
                 break
             key = (int(ahead[flat // self.num_experts]), int(flat % self.num_experts))
-            load = self.admit(key, p, protect=protect, may_evict=lambda k, p=p: self.keep_score(k) < p)
+            load = self.admit(key, p, protect=protect, may_evict=_Below(self, p))
             if load is not None:
                 loads.append(load)
                 protect.add(key)
                 floor = self._evict_floor(protect)
+        self._prefetched += len(loads)
         return loads
+
+    def _call_budget(self, layer: int) -> float:
+        """Loads this ``prefetch`` call may issue: the step's remaining budget spread over the calls left."""
+        if self.prefetch_per_layer <= 0:
+            return float("inf")
+        left = self.prefetch_per_layer * self.num_layers - self._prefetched
+        return float(np.ceil(left / max(1, self.num_layers - 1 - layer)))
 
 
 register_policy("moe-infinity", MoEInfinityPolicy)

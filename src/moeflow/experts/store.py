@@ -3,9 +3,11 @@
 The store owns the bytes: a host pool of ``host_capacity`` expert buffers (pinned when the device is a GPU; every
 expert preloaded when all fit) kept by LRU, and ``num_slots`` device slots, one contiguous row per expert so a
 transfer is one copy. It executes :class:`~moeflow.experts.cache.Load` lists from a policy: demand loads block until
-their copy is done; prefetch loads read disk on a background thread and copy on a separate CUDA stream, with one
-event per slot so compute waits only for the slots it uses, and one per slot use so a copy never overwrites a slot
-still being read by earlier compute.
+their copy is done (on a high-priority stream); prefetch loads copy on a separate CUDA stream, at once when the
+expert is in the host pool, else after a disk read on a background thread. One event per slot lets compute wait
+only for the slots it uses, and one per slot use keeps a copy from overwriting a slot still being read. Queued
+prefetches whose layer has passed are dropped (the policy frees their slots); a queued prefetch that a layer needs
+is copied at once on the demand stream.
 """
 
 from __future__ import annotations
@@ -146,17 +148,21 @@ class ExpertStore:
         self.stats.stall_s += time.perf_counter() - t0
 
     def prefetch(self, loads: list[Load], step: int = 0, layer: int = -1) -> None:
-        """Queue prefetch loads issued at ``layer`` of forward ``step``: disk reads on the background thread,
-        copies on the prefetch stream. A load for a layer after ``layer`` is due in this step, else in the next."""
+        """Start prefetch loads issued at ``layer`` of forward ``step``, copies on the prefetch stream. Experts in
+        the pinned host pool are copied at once; the others queue for the disk-reader thread (a load for a layer
+        after ``layer`` is due in this step, else in the next; ``drop_stale`` drops it once that layer passed)."""
         num_layers = len(self.loaded.layers)
         for load in sorted(loads, key=lambda ld: -ld.priority):
             self._settle(load.slot)
+            self.stats.prefetch_loads += 1
+            if self.cuda and load.key in self.host_row:  # in pinned RAM: issue the copy now, no thread hop
+                self._copy(load, self.prefetch_stream)
+                continue
             target = load.key[0]
             due = step * num_layers + target + (0 if target > layer else num_layers)
             self._pending[load.slot] = _Queued(
                 self._reader.submit(self._copy, load, self.prefetch_stream), load, due
             )
-            self.stats.prefetch_loads += 1
 
     def drop_stale(self, step: int, layer: int) -> list[Load]:
         """Drop queued prefetches the reader has not started whose layer is already past (``layer`` of ``step``
@@ -164,7 +170,10 @@ class ExpertStore:
         now = step * len(self.loaded.layers) + layer
         dropped = []
         for slot, queued in list(self._pending.items()):
-            if queued.due < now and queued.future.cancel():
+            if queued.future.done():  # issued already: nothing left to wait for (a failed read raises here)
+                del self._pending[slot]
+                queued.future.result()
+            elif queued.due < now and queued.future.cancel():
                 del self._pending[slot]
                 dropped.append(queued.load)
         self.stats.prefetch_dropped += len(dropped)

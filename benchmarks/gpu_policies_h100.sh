@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Device calls for the policy results (each fits one 600 s call):
-#   bash benchmarks/gpu_policies_h100.sh policies  # GPU tests; policies on the demo model; OLMoE geometry driven by
-#                                                  # demo-model routing, 10/25/50% cached, batch 1 and 8
-#   bash benchmarks/gpu_policies_h100.sh sched     # token scheduling on/off at batch 4-32, LRU and ExpertFlow
+#   bash benchmarks/gpu_policies_h100.sh policies  # GPU tests; OLMoE geometry driven by demo-model routing,
+#                                                  # 10/25/50% cached, batch 1 and 8
+#   bash benchmarks/gpu_policies_h100.sh sched     # policies on the demo model itself (25/10%); token scheduling
+#                                                  # on/off at batch 4-32, LRU and ExpertFlow
 # Metrics are decode-only (prefill excluded); prompts are cut to 64 tokens, the rest replayed as decode steps.
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
@@ -15,9 +16,6 @@ python3 -c "import torch, transformers, triton; print('torch', torch.__version__
 (timeout 120 python3 -m moeflow synth --like olmoe --out $M > "$OUT/synth.log" 2>&1; echo "synth rc $?" >> "$OUT/synth.log") &
 if [ "$STAGE" = policies ]; then
   timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py tests/experts/test_store.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -3
-  timeout 100 python3 benchmarks/policy_decode.py --model models/demo --trace $T/demo-eval.npz --requests 8 \
-    --max-prompt 64 --max-tokens 32 --policies lru,moe-infinity,expertflow --fractions 0.25,0.1 --batches 1,8 \
-    --out "$OUT/policy-decode-demo-h100.json" 2>&1 | cut -c1-150 | tail -12
 fi
 wait
 tail -1 "$OUT/synth.log"
@@ -26,7 +24,10 @@ if [ "$STAGE" = policies ]; then
   timeout 360 python3 benchmarks/policy_decode.py --model $M --trace $T/demo-eval.npz --requests 8 \
     --max-prompt 64 --max-tokens 32 --policies lru,expertflow,moe-infinity --fractions 0.25,0.1,0.5 --batches 1,8 \
     --out "$OUT/policy-decode-olmoe-h100.json" 2>&1 | cut -c1-150 | tail -18
-else
-  timeout 500 python3 benchmarks/sched_throughput.py --model $M --trace $T/demo-eval.npz --requests 32 --tokens 16 \
+else  # the demo model first, with nothing else running on the host
+  timeout 100 python3 benchmarks/policy_decode.py --model models/demo --trace $T/demo-eval.npz --requests 8 \
+    --max-prompt 64 --max-tokens 32 --policies lru,moe-infinity,expertflow --fractions 0.25,0.1 --batches 1,8 \
+    --out "$OUT/policy-decode-demo-h100.json" 2>&1 | cut -c1-150 | tail -12
+  timeout 420 python3 benchmarks/sched_throughput.py --model $M --trace $T/demo-eval.npz --requests 32 --tokens 16 \
     --max-prompt 64 --batches 16,4,8,32 --policies expertflow,lru --out "$OUT/sched-throughput-h100.json" 2>&1 | cut -c1-220 | tail -16
 fi

@@ -4,6 +4,8 @@
 #                                                  # 10/25/50% cached, batch 1 and 8
 #   bash benchmarks/gpu_policies_h100.sh sched     # policies on the demo model itself (25/10%); token scheduling
 #                                                  # on/off at batch 4-32, LRU and ExpertFlow
+#   bash benchmarks/gpu_policies_h100.sh mixtral   # Mixtral-8x7B geometry (first 8 layers) driven by the real
+#                                                  # Mixtral routing trace (carry .data/traces/mixtral.npz)
 # Metrics are decode-only (prefill excluded); prompts are cut to 64 tokens, the rest replayed as decode steps.
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
@@ -13,6 +15,14 @@ M=/dev/shm/olmoe
 STAGE=${1:-policies}
 mkdir -p "$OUT"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
+if [ "$STAGE" = mixtral ]; then
+  X=/dev/shm/mixtral8
+  rm -rf $X; time timeout 200 python3 -m moeflow synth --like mixtral --layers 8 --out $X 2>&1 | tail -1
+  timeout 360 python3 benchmarks/policy_decode.py --model $X --trace .data/traces/mixtral.npz --requests 2 \
+    --policies lru,expertflow,moe-infinity --fractions 0.25,0.5 --batches 1,2 \
+    --out "$OUT/policy-decode-mixtral-h100.json" 2>&1 | grep -v Warn | cut -c1-150 | tail -12
+  exit 0
+fi
 (timeout 120 python3 -m moeflow synth --like olmoe --out $M > "$OUT/synth.log" 2>&1; echo "synth rc $?" >> "$OUT/synth.log") &
 if [ "$STAGE" = policies ]; then
   timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py tests/experts/test_store.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -3

@@ -4,6 +4,7 @@
 #                                                  # 10/25/50% cached, batch 1 and 8
 #   bash benchmarks/gpu_policies_h100.sh sched     # policies on the demo model itself (25/10%); token scheduling
 #                                                  # on/off at batch 4-32, LRU and ExpertFlow
+#   bash benchmarks/gpu_policies_h100.sh profile   # cProfile of decode per policy (OLMoE geometry, 25%, batch 1)
 #   bash benchmarks/gpu_policies_h100.sh mixtral   # Mixtral-8x7B geometry (first 8 layers) driven by the real
 #                                                  # Mixtral routing trace (carry .data/traces/mixtral.npz)
 # Metrics are decode-only (prefill excluded); prompts are cut to 64 tokens, the rest replayed as decode steps.
@@ -34,6 +35,9 @@ if [ "$STAGE" = policies ]; then
   timeout 360 python3 benchmarks/policy_decode.py --model $M --trace $T/demo-eval.npz --requests 8 \
     --max-prompt 64 --max-tokens 32 --policies lru,expertflow,moe-infinity --fractions 0.25,0.1,0.5 --batches 1,8 \
     --out "$OUT/policy-decode-olmoe-h100.json" 2>&1 | cut -c1-150 | tail -18
+elif [ "$STAGE" = profile ]; then
+  timeout 300 python3 benchmarks/profile_decode.py --model $M --trace $T/demo-eval.npz \
+    --out "$OUT/profile-decode-h100.json" 2>&1 | tail -120
 else  # the demo model first, with nothing else running on the host
   timeout 100 python3 benchmarks/policy_decode.py --model models/demo --trace $T/demo-eval.npz --requests 8 \
     --max-prompt 64 --max-tokens 32 --policies lru,moe-infinity,expertflow --fractions 0.25,0.1 --batches 1,8 \

@@ -166,6 +166,19 @@ class CachePolicy:
         candidates = [k for k in self.slot_of if k not in protect and (may_evict is None or may_evict(k))]
         return self.victim(candidates, layer) if candidates else None
 
+    def select_victims(self, n: int, protect: set[Key], layer: int) -> list[Key]:
+        """``n`` keys to evict for a layer's misses, in eviction order: by default ``select_victim`` repeated.
+        Policies whose scores do not change within one ``request`` override it to choose all at once."""
+        chosen: list[Key] = []
+        protect = set(protect)
+        for _ in range(n):
+            key = self.select_victim(protect, layer, None)
+            if key is None:
+                break
+            chosen.append(key)
+            protect.add(key)
+        return chosen
+
     # ------------------------------------------------------------------------------ mechanics
     def touch(self, key: Key) -> None:
         """Mark resident ``key`` as the most recently used (``slot_used`` orders every access)."""
@@ -186,6 +199,8 @@ class CachePolicy:
         slots: list[int] = []
         loads: list[Load] = []
         hits = 0
+        short = sum(k not in self.slot_of for k in needed) - len(self._free)
+        victims = self.select_victims(short, needed, layer) if short > 0 else []
         for e in experts:
             key = (layer, int(e))
             if key in self.slot_of:
@@ -195,7 +210,7 @@ class CachePolicy:
                     self.stats.prefetch_hits += 1
                 slots.append(self.slot_of[key])
             else:
-                load = self._place(key, protect=needed, layer=layer, prefetch=False, priority=float("inf"))
+                load = self._place(key, needed, layer, prefetch=False, priority=float("inf"), victims=victims)
                 assert load is not None
                 loads.append(load)
                 slots.append(load.slot)
@@ -211,11 +226,14 @@ class CachePolicy:
         priority: float = 0.0,
         protect: Iterable[Key] = (),
         may_evict: Callable[[Key], bool] | None = None,
+        victim: Key | None = None,
     ) -> Load | None:
-        """Bookkeeping for a prefetch of ``key``; None when resident already or no acceptable victim."""
+        """Bookkeeping for a prefetch of ``key``; None when resident already or no acceptable victim. A caller
+        that has chosen the ``victim`` itself (used when no slot is free) skips the policy's selection."""
         if key in self.slot_of:
             return None
-        load = self._place(key, set(protect), key[0], prefetch=True, priority=priority, may_evict=may_evict)
+        victims = [victim] if victim is not None else None
+        load = self._place(key, set(protect), key[0], True, priority, may_evict, victims)
         if load is not None:
             self.stats.prefetches += 1
             self._unused_prefetch.add(key)
@@ -247,12 +265,13 @@ class CachePolicy:
         prefetch: bool,
         priority: float,
         may_evict: Callable[[Key], bool] | None = None,
+        victims: list[Key] | None = None,
     ) -> Load | None:
         evicted: Key | None = None
         if self._free:
             slot = self._free.pop()
         else:
-            evicted = self.select_victim(protect, layer, may_evict)
+            evicted = victims.pop(0) if victims else self.select_victim(protect, layer, may_evict)
             if evicted is None:
                 if prefetch:
                     return None
@@ -297,11 +316,16 @@ class LRUPolicy(CachePolicy):
         """``victim`` over every slot at once: the least recently requested (or admitted) resident key."""
         if may_evict is not None:
             return super().select_victim(protect, layer, may_evict)
-        used = np.where(self.slot_layer >= 0, self.slot_used, np.iinfo(np.int64).max)  # [S]
+        chosen = self.select_victims(1, protect, layer)
+        return chosen[0] if chosen else None
+
+    def select_victims(self, n: int, protect: set[Key], layer: int) -> list[Key]:
+        never = np.iinfo(np.int64).max
+        used = np.where(self.slot_layer >= 0, self.slot_used, never)  # [S]
         for key in protect & self.slot_of.keys():
-            used[self.slot_of[key]] = np.iinfo(np.int64).max
-        slot = int(np.argmin(used))
-        return self.key_in[slot] if used[slot] < np.iinfo(np.int64).max else None
+            used[self.slot_of[key]] = never
+        order = np.argsort(used, kind="stable")[:n]
+        return [self.key_in[s] for s in order if used[s] < never]
 
 
 @dataclass

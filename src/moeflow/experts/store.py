@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -115,20 +116,28 @@ class ExpertStore:
             return self.host[row]
 
     # --------------------------------------------------------------------------------- device tier
+    def _on(self, stream: torch.cuda.Stream | None) -> AbstractContextManager:
+        """Make ``stream`` current (once for a batch of copies: entering a stream context is not free)."""
+        return torch.cuda.stream(stream) if stream is not None else nullcontext()
+
+    def _copy_on(self, load: Load, stream: torch.cuda.Stream | None) -> None:
+        with self._on(stream):
+            self._copy(load, stream)
+
     def _copy(self, load: Load, stream: torch.cuda.Stream | None) -> None:
+        """Copy ``load`` into its slot on ``stream``, which the caller has made current (see ``_on``)."""
         # The lock spans host lookup and copy issue: no other thread may recycle the host row in between.
         with self._lock:
             src = self._host_get(load.key)
             if stream is None:
                 self.slots[load.slot].copy_(src)
             else:
-                with torch.cuda.stream(stream):
-                    released = self._released[load.slot]
-                    if released is not None:
-                        stream.wait_event(released)
-                    self.slots[load.slot].copy_(src, non_blocking=True)
-                    ready = torch.cuda.Event()
-                    ready.record(stream)
+                released = self._released[load.slot]
+                if released is not None:
+                    stream.wait_event(released)
+                self.slots[load.slot].copy_(src, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(stream)
                 self._ready[load.slot] = ready
                 self._host_busy[self.host_row[load.key]] = ready  # the pinned row is read until `ready`
         self.stats.bytes_to_device += self.loaded.expert_bytes
@@ -138,10 +147,11 @@ class ExpertStore:
         if not loads:
             return
         t0 = time.perf_counter()
-        for load in loads:
-            self._settle(load.slot)
-            self._copy(load, self.copy_stream)
-            self.stats.demand_loads += 1
+        with self._on(self.copy_stream):
+            for load in loads:
+                self._settle(load.slot)
+                self._copy(load, self.copy_stream)
+                self.stats.demand_loads += 1
         if self.cuda:
             for load in loads:
                 self._ready[load.slot].synchronize()
@@ -152,17 +162,19 @@ class ExpertStore:
         the pinned host pool are copied at once; the others queue for the disk-reader thread (a load for a layer
         after ``layer`` is due in this step, else in the next; ``drop_stale`` drops it once that layer passed)."""
         num_layers = len(self.loaded.layers)
-        for load in sorted(loads, key=lambda ld: -ld.priority):
-            self._settle(load.slot)
-            self.stats.prefetch_loads += 1
-            if self.cuda and load.key in self.host_row:  # in pinned RAM: issue the copy now, no thread hop
-                self._copy(load, self.prefetch_stream)
-                continue
-            target = load.key[0]
-            due = step * num_layers + target + (0 if target > layer else num_layers)
-            self._pending[load.slot] = _Queued(
-                self._reader.submit(self._copy, load, self.prefetch_stream), load, due
-            )
+        if not loads:
+            return
+        with self._on(self.prefetch_stream):
+            for load in sorted(loads, key=lambda ld: -ld.priority):
+                self._settle(load.slot)
+                self.stats.prefetch_loads += 1
+                if self.cuda and load.key in self.host_row:  # in pinned RAM: copy now, no thread hop
+                    self._copy(load, self.prefetch_stream)
+                    continue
+                target = load.key[0]
+                due = step * num_layers + target + (0 if target > layer else num_layers)
+                future = self._reader.submit(self._copy_on, load, self.prefetch_stream)
+                self._pending[load.slot] = _Queued(future, load, due)
 
     def drop_stale(self, step: int, layer: int) -> list[Load]:
         """Drop queued prefetches the reader has not started whose layer is already past (``layer`` of ``step``
@@ -187,7 +199,7 @@ class ExpertStore:
             return
         if queued.future.cancel():
             if promote:
-                self._copy(queued.load, self.copy_stream)
+                self._copy_on(queued.load, self.copy_stream)
                 self.stats.prefetch_promoted += 1
             else:
                 self.stats.prefetch_dropped += 1
@@ -198,11 +210,12 @@ class ExpertStore:
 
     def ready(self, slots: list[int]) -> None:
         """Make the compute stream wait until ``slots`` hold their experts."""
+        compute = torch.cuda.current_stream(self.device) if self.cuda else None
         for slot in slots:
             self._settle(slot, promote=True)
             ev = self._ready[slot]
             if ev is not None:
-                torch.cuda.current_stream(self.device).wait_event(ev)
+                compute.wait_event(ev)
 
     def release(self, slots: list[int]) -> None:
         """Compute reading ``slots`` has been issued: later copies into them wait for it."""

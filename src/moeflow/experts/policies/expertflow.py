@@ -281,18 +281,25 @@ class ExpertFlowPolicy(CachePolicy):
         """``victim``'s rule over every slot at once: longest expected distance, then least recently used."""
         if may_evict is not None and not isinstance(may_evict, _Later):
             return super().select_victim(protect, layer, may_evict)
-        occupied = self.slot_layer >= 0  # [S]
+        chosen = self._ranked(1, protect, None if may_evict is None else may_evict.floor)
+        return chosen[0] if chosen else None
+
+    def select_victims(self, n: int, protect: set[Key], layer: int) -> list[Key]:
+        return self._ranked(n, protect, None)
+
+    def _ranked(self, n: int, protect: set[Key], floor: float | None) -> list[Key]:
+        """The ``n`` best victims: longest expected distance first, then least recently used; only keys
+        expected later than ``floor`` when given."""
+        ok = self.slot_layer >= 0  # [S]
         dist = self.distances()[np.maximum(self.slot_layer, 0), np.maximum(self.slot_expert, 0)]  # [S]
         for key in self._demoted & self.slot_of.keys():
             dist[self.slot_of[key]] += DEMOTED
         for key in protect & self.slot_of.keys():
-            occupied[self.slot_of[key]] = False
-        if may_evict is not None:
-            occupied &= dist > may_evict.floor
-        idx = np.flatnonzero(occupied)
-        if len(idx) == 0:
-            return None
-        return self.key_in[idx[np.lexsort((self.slot_used[idx], -dist[idx]))[0]]]
+            ok[self.slot_of[key]] = False
+        if floor is not None:
+            ok &= dist > floor
+        idx = np.flatnonzero(ok)
+        return [self.key_in[s] for s in idx[np.lexsort((self.slot_used[idx], -dist[idx]))[:n]]]
 
     def horizon(self, layer: int) -> list[int]:
         """Layers after ``layer`` whose predictions are trusted (see ``trust``)."""

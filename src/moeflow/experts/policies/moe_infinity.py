@@ -41,17 +41,6 @@ EAMC_FILE = Path("moeflow") / "eamc.npz"
 """Where the collection lives, relative to the model directory."""
 
 
-@dataclass(frozen=True)
-class _Below:
-    """A prefetch of priority ``bound`` may evict only keys whose keep-score is lower."""
-
-    policy: MoEInfinityPolicy
-    bound: float
-
-    def __call__(self, key: Key) -> bool:
-        return self.policy.keep_score(key) < self.bound
-
-
 @dataclass
 class MoEInfinityPolicy(CachePolicy):
     capacity: int = DEFAULT_CAPACITY
@@ -251,20 +240,19 @@ class MoEInfinityPolicy(CachePolicy):
         self, protect: set[Key], layer: int, may_evict: Callable[[Key], bool] | None
     ) -> Key | None:
         """``victim``'s rule over every slot at once: lowest keep-score, then least recently requested."""
-        if may_evict is not None and not isinstance(may_evict, _Below):
+        if may_evict is not None:
             return super().select_victim(protect, layer, may_evict)
-        keep = self._slot_keep(protect)  # [S]
-        ok = keep < (np.inf if may_evict is None else may_evict.bound)
-        idx = np.flatnonzero(ok)
-        if len(idx) == 0:
-            return None
-        return self.key_in[idx[np.lexsort((self.slot_used[idx], keep[idx]))[0]]]
+        chosen = self._ranked(1, protect, np.inf)
+        return chosen[0] if chosen else None
 
-    def _evict_floor(self, protect: set[Key]) -> float:
-        """Lowest keep-score a prefetch could displace (-inf while a slot is free, inf if none can go)."""
-        if self._free:
-            return float("-inf")
-        return float(self._slot_keep(protect).min())
+    def select_victims(self, n: int, protect: set[Key], layer: int) -> list[Key]:
+        return self._ranked(n, protect, np.inf)
+
+    def _ranked(self, n: int, protect: set[Key], bound: float) -> list[Key]:
+        """The ``n`` best victims with keep-score below ``bound``: lowest score, then least recently requested."""
+        keep = self._slot_keep(protect)  # [S]
+        idx = np.flatnonzero(keep < bound)
+        return [self.key_in[s] for s in idx[np.lexsort((self.slot_used[idx], keep[idx]))[:n]]]
 
     def prefetch(self, layer: int) -> list[Load]:
         """Loads for layers ahead of ``layer``, highest priority first (see the module docstring)."""
@@ -282,19 +270,24 @@ class MoEInfinityPolicy(CachePolicy):
         resident[self.slot_layer[occupied], self.slot_expert[occupied]] = True
         pri = np.where(resident[ahead], 0.0, pri)  # nothing to load for resident keys
         budget = min(self.max_prefetch or self.top_k * len(self._rids), self._call_budget(layer))
-        protect = set(self._needed)
-        floor = self._evict_floor(protect)
+        keep = self._slot_keep(set(self._needed))  # [S] inf: not evictable (in use, or admitted just now)
         loads: list[Load] = []
         for flat in np.argsort(-pri, axis=None, kind="stable"):
             p = float(pri.flat[flat])
-            if p <= 0 or len(loads) >= budget or p <= floor:  # nothing left that this could displace
+            if p <= 0 or len(loads) >= budget:
                 break
+            victim = None
+            if not self._free:  # the victim: lowest keep-score, then least recently requested
+                low = keep.min()
+                if p <= low:  # nothing left that this could displace
+                    break
+                tied = np.flatnonzero(keep == low)
+                victim = self.key_in[tied[np.argmin(self.slot_used[tied])]]
             key = (int(ahead[flat // self.num_experts]), int(flat % self.num_experts))
-            load = self.admit(key, p, protect=protect, may_evict=_Below(self, p))
+            load = self.admit(key, p, victim=victim)
             if load is not None:
                 loads.append(load)
-                protect.add(key)
-                floor = self._evict_floor(protect)
+                keep[load.slot] = np.inf
         self._prefetched += len(loads)
         return loads
 

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeflow import LLM, SamplingParams
-from moeflow.experts.cache import Load, LRUPolicy
+from moeflow.experts.cache import Load
+from moeflow.experts.policies.classic import LRUPolicy
 from tests.families import FAMILIES
 
 PROMPT = [[5, 17, 42, 7, 99, 3, 250, 11, 64, 8]]

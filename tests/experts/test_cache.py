@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from moeflow.errors import MoeflowError
-from moeflow.experts.cache import LFUPolicy, LRUPolicy, make_policy
+from moeflow.experts.cache import make_policy
+from moeflow.experts.policies.classic import LFUPolicy, LRUPolicy
 
 
 def bound(policy, slots: int = 3):

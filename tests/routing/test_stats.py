@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moeflow.errors import TraceError
-from moeflow.experts.cache import LRUPolicy
+from moeflow.experts.policies.classic import LRUPolicy
 from moeflow.routing.importer import import_jsonl
 from moeflow.routing.stats import default_cache_sizes, lru_stack_ranks, trace_stats
 from moeflow.routing.trace import Trace

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from moeflow.cli import main
-from moeflow.experts.cache import LRUPolicy, PolicyContext, StepInfo
+from moeflow.experts.cache import PolicyContext, StepInfo
+from moeflow.experts.policies.classic import LRUPolicy
 from moeflow.routing.trace import Trace
 from moeflow.sim import TimingModel, schedule, simulate
 from moeflow.sim.simulator import access_sequence, layer_requests

@@ -3,13 +3,13 @@
 A policy decides and never touches CUDA or tensors; the store executes its plans. The engine calls, per step:
 ``begin_step(info)`` → for each MoE layer ``request(layer, experts)`` (returns a :class:`Plan`),
 ``observe(layer, experts_per_token)`` and ``prefetch(layer)`` (loads for layers ahead) → ``end_step()``.
-The simulator drives the very same calls from a recorded trace. Subclasses choose victims (``victim``)
-and may use the hooks; residency, hit/miss accounting and wasted-prefetch accounting live here.
+The simulator drives the very same calls from a recorded trace. Subclasses choose victims (``victim``, or
+``select_victim(s)`` over all slots at once) and may use the hooks; residency, hit/miss accounting and
+wasted-prefetch accounting live here. The policies themselves are in ``moeflow.experts.policies``.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -287,66 +287,8 @@ class CachePolicy:
         return Load(key, slot, evicted, prefetch, priority)
 
 
-@dataclass
-class LRUPolicy(CachePolicy):
-    """Evict the expert whose last request is oldest."""
-
-    def __post_init__(self) -> None:
-        self.name = "lru"
-        self._last: OrderedDict[Key, int] = OrderedDict()
-
-    def on_access(self, key: Key) -> None:
-        self._last[key] = self.clock
-        self._last.move_to_end(key)
-
-    def victim(self, candidates: Sequence[Key], layer: int) -> Key:
-        cand = set(candidates)
-        for key in self._last:  # oldest first
-            if key in cand:
-                return key
-        return candidates[0]  # never-requested (prefetched) keys
-
-    def on_admit(self, key: Key) -> None:
-        self.on_access(key)
-        self.touch(key)  # a prefetched expert counts as just used
-
-    def select_victim(
-        self, protect: set[Key], layer: int, may_evict: Callable[[Key], bool] | None
-    ) -> Key | None:
-        """``victim`` over every slot at once: the least recently requested (or admitted) resident key."""
-        if may_evict is not None:
-            return super().select_victim(protect, layer, may_evict)
-        chosen = self.select_victims(1, protect, layer)
-        return chosen[0] if chosen else None
-
-    def select_victims(self, n: int, protect: set[Key], layer: int) -> list[Key]:
-        never = np.iinfo(np.int64).max
-        used = np.where(self.slot_layer >= 0, self.slot_used, never)  # [S]
-        for key in protect & self.slot_of.keys():
-            used[self.slot_of[key]] = never
-        order = np.argsort(used, kind="stable")[:n]
-        return [self.key_in[s] for s in order if used[s] < never]
-
-
-@dataclass
-class LFUPolicy(CachePolicy):
-    """Evict the expert requested least often so far (ties: least recently)."""
-
-    def __post_init__(self) -> None:
-        self.name = "lfu"
-        self._count: dict[Key, int] = {}
-        self._last: dict[Key, int] = {}
-
-    def on_access(self, key: Key) -> None:
-        self._count[key] = self._count.get(key, 0) + 1
-        self._last[key] = self.clock
-
-    def victim(self, candidates: Sequence[Key], layer: int) -> Key:
-        return min(candidates, key=lambda k: (self._count.get(k, 0), self._last.get(k, -1)))
-
-
-POLICIES: dict[str, Callable[[], CachePolicy]] = {"lru": LRUPolicy, "lfu": LFUPolicy}
-"""Name → factory. Other modules add theirs with :func:`register_policy`."""
+POLICIES: dict[str, Callable[[], CachePolicy]] = {}
+"""Name → factory, filled by the policy modules (``moeflow.experts.policies``) with :func:`register_policy`."""
 
 
 def register_policy(name: str, factory: Callable[[], CachePolicy]) -> None:
@@ -366,12 +308,5 @@ def make_policy(spec: str | CachePolicy) -> CachePolicy:
 
 
 def _load_plugins() -> None:
-    """Import the modules that register the paper policies (kept out of this module's import time)."""
-    import importlib
-
-    for mod in ("moeflow.experts.policies",):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:  # not written yet
-            if exc.name != mod:
-                raise
+    """Import the policy modules, which register themselves (kept out of this module's import time)."""
+    import moeflow.experts.policies  # noqa: F401

@@ -1,12 +1,8 @@
-"""The paper policies (MoE-Infinity, ExpertFlow) and the offline optimum (Belady); importing registers them."""
+"""Cache policies; importing this package registers them by name: LRU and LFU (``classic``), MoE-Infinity,
+ExpertFlow and the offline optimum (Belady)."""
 
 from __future__ import annotations
 
-import importlib
+from moeflow.experts.policies import belady, classic, expertflow, moe_infinity
 
-for _name in ("belady", "moe_infinity", "expertflow"):
-    try:
-        importlib.import_module(f"moeflow.experts.policies.{_name}")
-    except ModuleNotFoundError as _exc:  # a module not written yet
-        if _exc.name != f"moeflow.experts.policies.{_name}":
-            raise
+__all__ = ["belady", "classic", "expertflow", "moe_infinity"]

@@ -1,0 +1,73 @@
+"""The classic cache policies: LRU (the on-demand baseline both papers compare against) and LFU."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from moeflow.experts.cache import CachePolicy, Key, register_policy
+
+
+@dataclass
+class LRUPolicy(CachePolicy):
+    """Evict the expert whose last request is oldest."""
+
+    def __post_init__(self) -> None:
+        self.name = "lru"
+        self._last: OrderedDict[Key, int] = OrderedDict()
+
+    def on_access(self, key: Key) -> None:
+        self._last[key] = self.clock
+        self._last.move_to_end(key)
+
+    def victim(self, candidates: Sequence[Key], layer: int) -> Key:
+        cand = set(candidates)
+        for key in self._last:  # oldest first
+            if key in cand:
+                return key
+        return candidates[0]  # never-requested (prefetched) keys
+
+    def on_admit(self, key: Key) -> None:
+        self.on_access(key)
+        self.touch(key)  # a prefetched expert counts as just used
+
+    def select_victim(
+        self, protect: set[Key], layer: int, may_evict: Callable[[Key], bool] | None
+    ) -> Key | None:
+        """``victim`` over every slot at once: the least recently requested (or admitted) resident key."""
+        if may_evict is not None:
+            return super().select_victim(protect, layer, may_evict)
+        chosen = self.select_victims(1, protect, layer)
+        return chosen[0] if chosen else None
+
+    def select_victims(self, n: int, protect: set[Key], layer: int) -> list[Key]:
+        never = np.iinfo(np.int64).max
+        used = np.where(self.slot_layer >= 0, self.slot_used, never)  # [S]
+        for key in protect & self.slot_of.keys():
+            used[self.slot_of[key]] = never
+        order = np.argsort(used, kind="stable")[:n]
+        return [self.key_in[s] for s in order if used[s] < never]
+
+
+@dataclass
+class LFUPolicy(CachePolicy):
+    """Evict the expert requested least often so far (ties: least recently)."""
+
+    def __post_init__(self) -> None:
+        self.name = "lfu"
+        self._count: dict[Key, int] = {}
+        self._last: dict[Key, int] = {}
+
+    def on_access(self, key: Key) -> None:
+        self._count[key] = self._count.get(key, 0) + 1
+        self._last[key] = self.clock
+
+    def victim(self, candidates: Sequence[Key], layer: int) -> Key:
+        return min(candidates, key=lambda k: (self._count.get(k, 0), self._last.get(k, -1)))
+
+
+register_policy("lru", LRUPolicy)
+register_policy("lfu", LFUPolicy)

@@ -4,6 +4,7 @@
 #                                                  # 10/25/50% cached, batch 1 and 8
 #   bash benchmarks/gpu_policies_h100.sh sched     # policies on the demo model itself (25/10%); token scheduling
 #                                                  # on/off at batch 4-32, LRU and ExpertFlow
+#   bash benchmarks/gpu_policies_h100.sh attrib    # batch 1: LRU, ExpertFlow, ExpertFlow without prefetching
 #   bash benchmarks/gpu_policies_h100.sh profile   # cProfile of decode per policy (OLMoE geometry, 25%, batch 1)
 #   bash benchmarks/gpu_policies_h100.sh mixtral   # Mixtral-8x7B geometry (first 8 layers) driven by the real
 #                                                  # Mixtral routing trace (carry .data/traces/mixtral.npz)
@@ -35,6 +36,12 @@ if [ "$STAGE" = policies ]; then
   timeout 360 python3 benchmarks/policy_decode.py --model $M --trace $T/demo-eval.npz --requests 8 \
     --max-prompt 64 --max-tokens 32 --policies lru,expertflow,moe-infinity --fractions 0.25,0.1,0.5 --batches 1,8 \
     --out "$OUT/policy-decode-olmoe-h100.json" 2>&1 | cut -c1-150 | tail -18
+elif [ "$STAGE" = attrib ]; then  # batch 1, 25%: where ExpertFlow's extra time goes (with and without prefetch)
+  timeout 150 python3 benchmarks/policy_decode.py --model $M --trace $T/demo-eval.npz --requests 8 --max-prompt 64 \
+    --max-tokens 32 --policies lru,expertflow --fractions 0.25 --batches 1 --out "$OUT/attrib-default.json" 2>&1 | cut -c1-120 | tail -2
+  timeout 100 python3 benchmarks/policy_decode.py --model $M --trace $T/demo-eval.npz --requests 8 --max-prompt 64 \
+    --max-tokens 32 --policies expertflow --fractions 0.25 --batches 1 --option max_lookahead=0 \
+    --out "$OUT/attrib-no-prefetch.json" 2>&1 | cut -c1-120 | tail -1
 elif [ "$STAGE" = profile ]; then
   timeout 300 python3 benchmarks/profile_decode.py --model $M --trace $T/demo-eval.npz \
     --out "$OUT/profile-decode-h100.json" 2>&1 | tail -120

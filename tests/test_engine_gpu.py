@@ -75,3 +75,26 @@ def test_cuda_async_prefetch_drops_and_promotes_and_keeps_outputs(
         and s.prefetch_loads == llm.policy.stats.prefetches + llm.policy.stats.prefetch_dropped
     )
     assert llm.store.copy_s > 0
+
+
+def test_cuda_copies_into_one_slot_land_in_issue_order(checkpoints: dict[str, Path]) -> None:
+    """A prefetch held back on its stream, then a demand load into the same slot on the demand stream: the slot
+    must end up holding the demand load's expert (the later copy waits for the earlier one)."""
+    from moeflow.experts.cache import Load
+
+    llm = LLM(checkpoints["olmoe"], device="cuda", dtype="float32", num_slots=4, progress=False)
+    store = llm.store
+    assert (0, 1) in store.host_row and (0, 2) in store.host_row  # prefetches copy straight from pinned RAM
+    hold = torch.cuda.Stream()
+    with torch.cuda.stream(hold):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time
+        gate = torch.cuda.Event()
+        gate.record(hold)
+    store._released[0] = gate  # the prefetch into slot 0 must wait for the sleep
+    store.prefetch([Load((0, 1), 0, prefetch=True)], step=0, layer=-1)
+    store._released[0] = None  # the demand copy does not wait for the gate itself
+    store.load([Load((0, 2), 0)])
+    torch.cuda.synchronize()
+    want = torch.empty_like(store.slots[0])
+    store.loaded.read_expert(0, 2, want)
+    assert torch.equal(store.slots[0], want.to("cuda"))

@@ -132,9 +132,11 @@ class ExpertStore:
             if stream is None:
                 self.slots[load.slot].copy_(src)
             else:
-                released = self._released[load.slot]
-                if released is not None:
-                    stream.wait_event(released)
+                for before in (self._released[load.slot], self._ready[load.slot]):
+                    if (
+                        before is not None
+                    ):  # compute still reading the slot; an earlier copy into it (any stream)
+                        stream.wait_event(before)
                 self.slots[load.slot].copy_(src, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record(stream)

@@ -219,3 +219,17 @@ def load_net(path: str | os.PathLike) -> tuple[PredictorNet, np.ndarray, dict]:
 
 def file_size(path: str | os.PathLike) -> int:
     return Path(path).stat().st_size
+
+
+def resolve_predictor(option: object, model_dir: str | os.PathLike | None) -> tuple[object | None, str]:
+    """The predictor a policy should use, and where it came from: ``option`` may be a predictor object (tests,
+    notebooks: anything with ``shape``, ``cfg.top_k``, ``init_state()`` and ``predict()``) or a path; without it,
+    the one saved beside the model, if any. ``(None, "")`` when there is none."""
+    if option is not None and not isinstance(option, (str, os.PathLike)):
+        return option, "given predictor"
+    path = option
+    if path is None and model_dir:
+        path = default_path(model_dir) if default_path(model_dir).exists() else None
+    if path is None:
+        return None, ""
+    return load_predictor(path), str(path)

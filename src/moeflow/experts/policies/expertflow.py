@@ -24,17 +24,16 @@ Per step (``L`` layers, ``E`` experts, ``T`` tokens, ``B`` sequences):
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from moeflow.errors import MoeflowError
 from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
+from moeflow.experts.policies.options import apply_options
 
 DEMOTED = 1e9
 """Added to a demoted key's expected distance: demoted keys go first."""
@@ -111,41 +110,21 @@ class ExpertFlowPolicy(CachePolicy):
     def setup(self, context: PolicyContext) -> None:
         self._ready = True
         opts = context.options
-        for name in ("max_lookahead", "trust", "min_prob", "decay", "prefetch_per_layer", "auto_budget"):
-            if name in opts:
-                value = opts[name]
-                if isinstance(getattr(self, name), bool) and isinstance(value, str):
-                    value = value.lower() in ("1", "true", "yes", "on")
-                setattr(self, name, type(getattr(self, name))(value))
-        if "prefetch_per_layer" in opts:
+        names = ("max_lookahead", "trust", "min_prob", "decay", "prefetch_per_layer", "auto_budget")
+        if "prefetch_per_layer" in apply_options(self, opts, names):
             self.auto_budget = False
-        path = opts.get("predictor")
-        if path is not None and not isinstance(
-            path, (str, os.PathLike)
-        ):  # a predictor object (tests, notebooks)
-            self._use(path, "given predictor")
-            return
-        if path is None and context.model_dir:
-            from moeflow.routing.predictor import DEFAULT_NAME
+        from moeflow.routing.predictor import (
+            resolve_predictor,
+        )  # torch-backed loader: imported only when used
 
-            default = Path(context.model_dir) / DEFAULT_NAME
-            path = default if default.exists() else None
-        if path is None:
+        pred, source = resolve_predictor(opts.get("predictor"), context.model_dir)
+        if pred is None:
             warnings.warn(
                 "expertflow: no routing predictor found (pass options predictor=PATH or train one with "
                 "`moeflow predictor train`); predicting from expert frequencies instead",
                 stacklevel=2,
             )
             return
-        self._load(path)
-
-    def _load(self, path: str | Path) -> None:
-        from moeflow.routing.predictor import load_predictor
-
-        self._use(load_predictor(path), str(path))
-
-    def _use(self, pred, source: str) -> None:
-        """Adopt ``pred`` (anything with ``shape``, ``cfg.top_k``, ``init_state()`` and ``predict()``)."""
         if pred.shape != (self.num_layers, self.num_experts) or pred.cfg.top_k != self.top_k:
             raise MoeflowError(
                 f"predictor {source} is for {pred.shape[0]} layers × {pred.shape[1]} experts (top-{pred.cfg.top_k}); "

@@ -35,6 +35,7 @@ import numpy as np
 
 from moeflow.errors import MoeflowError
 from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
+from moeflow.experts.policies.options import apply_options
 from moeflow.routing.eam import DEFAULT_CAPACITY, EAMCollection, RequestEAM, row_normalise
 
 EAMC_FILE = Path("moeflow") / "eamc.npz"
@@ -95,24 +96,9 @@ class MoEInfinityPolicy(CachePolicy):
 
     def setup(self, context: PolicyContext) -> None:
         opts = context.options
-        for name in (
-            "capacity",
-            "match_k",
-            "max_prefetch",
-            "history_weight",
-            "recency",
-            "recent_weight",
-            "prefetch_per_layer",
-        ):
-            if name in opts:
-                setattr(self, name, type(getattr(self, name))(opts[name]))
-        for name, attr in (
-            ("prefetch", "prefetch_enabled"),
-            ("predict_own", "predict_own"),
-            ("prefetch_before", "prefetch_before"),
-        ):
-            if name in opts:
-                setattr(self, attr, str(opts[name]).lower() not in ("0", "false", "no", "off"))
+        names = ("capacity", "match_k", "max_prefetch", "history_weight", "recency", "recent_weight")
+        apply_options(self, opts, (*names, "prefetch_per_layer", ("prefetch", "prefetch_enabled")))
+        apply_options(self, opts, ("predict_own", "prefetch_before"))
         self.eamc = self._load_collection(context)
         if opts.get("eamc_save"):
             self.save_path = Path(opts["eamc_save"])

@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moeflow.routing import predictor_eval as pe
 from moeflow.routing import predictor_train as pt
+from moeflow.routing import sequences as rs
 from moeflow.routing.predictor import RoutingPredictor, time_per_token
 from moeflow.routing.trace import Trace
 
@@ -74,15 +76,15 @@ def split_domains(train: dict, test: dict, seed: int) -> tuple[dict, dict]:
     """Sequences per domain; a domain without test traces gives 20% of its requests as the test split."""
     tr, te = {}, {}
     for name, traces in train.items():
-        seqs, _ = pt.load_sequences(traces)
+        seqs, _ = rs.load_sequences(traces)
         if name in test:
-            tr[name], te[name] = seqs, pt.load_sequences(test[name])[0]
+            tr[name], te[name] = seqs, rs.load_sequences(test[name])[0]
         else:
-            tr[name], te[name] = pt.split_requests(seqs, 0.2, seed)
+            tr[name], te[name] = rs.split_requests(seqs, 0.2, seed)
     return tr, te
 
 
-def fit(seqs: list[pt.RequestSeq], shape: tuple[int, int, int], cfg: pt.TrainConfig) -> tuple:
+def fit(seqs: list[rs.RequestSeq], shape: tuple[int, int, int], cfg: pt.TrainConfig) -> tuple:
     t0 = time.perf_counter()
     net, vocab, info = pt.train_on_sequences(seqs, shape, cfg, progress=False)
     info["train_seconds"] = round(time.perf_counter() - t0, 1)
@@ -91,8 +93,8 @@ def fit(seqs: list[pt.RequestSeq], shape: tuple[int, int, int], cfg: pt.TrainCon
 
 def evaluate(net, vocab, info, train_seqs, test_seqs, k) -> dict:
     pop = np.asarray(info["popularity"])
-    scorers, notes = pt.baselines(train_seqs, pop)
-    res = pt.compare({"predictor": pt.net_scorer(net, vocab), **scorers}, test_seqs, k)
+    scorers, notes = pe.baselines(train_seqs, pop)
+    res = pe.compare({"predictor": pe.net_scorer(net, vocab), **scorers}, test_seqs, k)
     return {"notes": notes, "test_requests": len(test_seqs), "methods": res}
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moeflow.routing.predictor_train import RequestSeq, request_sequences
+from moeflow.routing.sequences import RequestSeq, request_sequences
 from moeflow.routing.trace import Trace
 from moeflow.scheduler import ExpertAwareScheduler, decode_distinct, fifo, usage_path
 

@@ -11,7 +11,9 @@ import torch
 
 from moeflow.cli import main
 from moeflow.errors import MoeflowError
+from moeflow.routing import predictor_eval as pe
 from moeflow.routing import predictor_train as pt
+from moeflow.routing import sequences as rs
 from moeflow.routing.predictor import (
     PredictorConfig,
     PredictorNet,
@@ -94,15 +96,15 @@ def test_load_errors_name_the_fix(tmp_path) -> None:
 
 
 def test_sequences_mark_what_is_known_before_each_token() -> None:
-    seq = pt.request_sequences(make_trace(1))[0]
+    seq = rs.request_sequences(make_trace(1))[0]
     assert seq.known.tolist() == [False] * 6 + [True] * 10  # prompt tokens run together; decode sees prev
-    prev = pt.prev_routing(seq, E)
-    assert not prev[:6].any() and (prev[6] == pt.multi_hot(seq.experts[5], E)).all()
+    prev = rs.prev_routing(seq, E)
+    assert not prev[:6].any() and (prev[6] == rs.multi_hot(seq.experts[5], E)).all()
 
 
 def test_split_is_by_request() -> None:
-    seqs = pt.request_sequences(make_trace(20))
-    rest, held = pt.split_requests(seqs, 0.25, seed=1)
+    seqs = rs.request_sequences(make_trace(20))
+    rest, held = rs.split_requests(seqs, 0.25, seed=1)
     assert len(held) == 5 and len(rest) == 15
     assert not {id(s) for s in rest} & {id(s) for s in held}
 
@@ -112,10 +114,10 @@ def test_metrics_known_answer() -> None:
     scores[0, 0] = [0.9, 0.8, 0.1, 0.0]  # top-2 {0, 1}, top-3 adds 2
     scores[1, 0] = [0.0, 0.1, 0.8, 0.9]  # top-2 {3, 2}
     experts = np.array([[[0, 2]], [[0, 1]]])
-    assert pt.topk_hits(scores, experts, 2)[:, 0].tolist() == [1, 0]
-    assert pt.topk_hits(scores, experts, 3)[:, 0].tolist() == [2, 1]
-    seq = pt.RequestSeq(np.zeros(2, int), experts, np.zeros(2, bool), np.array([False, True]), np.ones(2, bool), np.arange(2))  # fmt: skip
-    res = pt.evaluate(lambda s: scores, [seq], k=2, m=3)
+    assert pe.topk_hits(scores, experts, 2)[:, 0].tolist() == [1, 0]
+    assert pe.topk_hits(scores, experts, 3)[:, 0].tolist() == [2, 1]
+    seq = rs.RequestSeq(np.zeros(2, int), experts, np.zeros(2, bool), np.array([False, True]), np.ones(2, bool), np.arange(2))  # fmt: skip
+    res = pe.evaluate(lambda s: scores, [seq], k=2, m=3)
     assert res["overall"]["recall"] == pytest.approx(0.75) and res["overall"]["precision"] == pytest.approx(
         0.5
     )
@@ -123,12 +125,12 @@ def test_metrics_known_answer() -> None:
 
 
 def test_last_token_baseline_uses_only_known_routing() -> None:
-    seq = pt.request_sequences(make_trace(1))[0]
+    seq = rs.request_sequences(make_trace(1))[0]
     pop = np.full((L, E), 1 / E)
     pop[:, 7] = 0.5
-    scores = pt.last_token_scorer(pop)(seq)
+    scores = pe.last_token_scorer(pop)(seq)
     assert (np.argmax(scores[:6], -1) == 7).all()  # prompt tokens: popularity
-    hits = pt.topk_hits(
+    hits = pe.topk_hits(
         scores[6:], seq.experts[5:-1], K
     )  # decode tokens: exactly the previous token's experts
     assert (hits == K).all()
@@ -139,10 +141,10 @@ def test_training_learns_token_and_context_routing() -> None:
         emb_dim=16, hidden=48, window=16, burn_in=4, batch=16, lr=1e-2, max_epochs=60, patience=8
     )
     net, vocab, info = pt.train_predictor([make_trace(120, seed=1)], cfg, progress=False)
-    test = pt.request_sequences(make_trace(20, seed=2))
-    res = pt.evaluate(pt.net_scorer(net, vocab), test, K)
-    pop = pt.popularity_scorer(np.asarray(info["popularity"]))
-    base = pt.evaluate(pop, test, K)["overall"]["recall"]
+    test = rs.request_sequences(make_trace(20, seed=2))
+    res = pe.evaluate(pe.net_scorer(net, vocab), test, K)
+    pop = pe.popularity_scorer(np.asarray(info["popularity"]))
+    base = pe.evaluate(pop, test, K)["overall"]["recall"]
     per_layer = res["overall"]["recall_per_layer"]
     assert per_layer[0] > 0.95 and per_layer[1] > 0.9 and per_layer[2] > 0.45, per_layer
     assert res["overall"]["recall"] > base + 0.4

@@ -95,20 +95,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from moeflow.routing import predictor_train as pt
+    from moeflow.routing import predictor_eval as pe
+    from moeflow.routing import sequences as rs
     from moeflow.routing.predictor import load_net, load_predictor, time_per_token
 
     path = _predictor_path(args, "predictor")
     net, vocab, info = load_net(path)
-    seqs, (nl, ne, k) = pt.load_sequences(_traces(args.traces))
+    seqs, (nl, ne, k) = rs.load_sequences(_traces(args.traces))
     if (nl, ne, k) != (net.cfg.num_layers, net.cfg.num_experts, net.cfg.top_k):
         raise MoeflowError(
             f"{path} predicts {net.cfg.num_layers}×{net.cfg.num_experts} routing, the traces are {nl}×{ne}"
         )
-    train = pt.load_sequences(_traces(args.train_traces))[0] if args.train_traces else []
-    pop = np.asarray(info["popularity"]) if "popularity" in info else pt.popularity(train or seqs, ne)
-    scorers, notes = pt.baselines(train, pop)
-    results = pt.compare({"predictor": pt.net_scorer(net, vocab), **scorers}, seqs, k, args.top)
+    train = rs.load_sequences(_traces(args.train_traces))[0] if args.train_traces else []
+    pop = np.asarray(info["popularity"]) if "popularity" in info else pe.popularity(train or seqs, ne)
+    scorers, notes = pe.baselines(train, pop)
+    results = pe.compare({"predictor": pe.net_scorer(net, vocab), **scorers}, seqs, k, args.top)
     longest = max(seqs, key=len).tokens[:256]
     speed = time_per_token(load_predictor(path), longest)
     report = {

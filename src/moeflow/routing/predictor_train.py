@@ -1,13 +1,8 @@
-"""Training and evaluation of the routing-path predictor, and the baselines it is judged against.
+"""Training of the routing-path predictor (its evaluation and baselines are in ``predictor_eval``).
 
 Traces become per-request sequences (rows sorted by position). Training fits :class:`PredictorNet` with a
 multi-label (binary cross-entropy) loss against the true L×E routing, on windows of each request with a burn-in
 of preceding tokens, with a validation split *by request* and early stopping on validation recall.
-
-Evaluation is per token and per layer: of the true top-k experts, how many are among the predicted top-m
-(recall = hits / k, precision = hits / m; equal when m = k), averaged over tokens, never pooled over a batch.
-Baselines: the previous token's experts (when known before the token runs, else popularity), global
-popularity from the training traces, and MoE-Infinity's EAM match when ``moeflow.routing.eam`` provides it.
 
 Shapes: ``n`` tokens of a request, ``L`` layers, ``E`` experts, ``K`` top-k, ``M`` predicted set size.
 """
@@ -15,7 +10,7 @@ Shapes: ``n`` tokens of a request, ``L`` layers, ``E`` experts, ``K`` top-k, ``M
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,22 +19,16 @@ from tqdm.auto import tqdm
 
 from moeflow.errors import MoeflowError
 from moeflow.routing.predictor import PredictorConfig, PredictorNet, remap_tokens
+from moeflow.routing.predictor_eval import evaluate, net_scorer, popularity
+from moeflow.routing.sequences import (
+    RequestSeq,
+    build_vocab,
+    load_sequences,
+    multi_hot,
+    prev_routing,
+    split_requests,
+)
 from moeflow.routing.trace import Trace
-
-
-@dataclass
-class RequestSeq:
-    """One request's tokens in position order."""
-
-    tokens: np.ndarray  # [n] token ids
-    experts: np.ndarray  # [n, L, K] (-1 = not recorded)
-    known: np.ndarray  # [n] bool: the previous token's routing was known before this token ran
-    decode: np.ndarray  # [n] bool
-    valid: np.ndarray  # [n] bool: every layer recorded
-    step: np.ndarray  # [n] engine step each token ran in
-
-    def __len__(self) -> int:
-        return len(self.tokens)
 
 
 @dataclass
@@ -58,67 +47,6 @@ class TrainConfig:
     val_frac: float = 0.15
     seed: int = 0
     device: str = "cpu"
-
-
-def request_sequences(trace: Trace) -> list[RequestSeq]:
-    """Split a trace into per-request sequences, each sorted by position."""
-    seqs = []
-    for r in trace.requests():
-        idx = np.flatnonzero(trace.request == r)
-        idx = idx[np.argsort(trace.position[idx], kind="stable")]
-        ex = trace.experts[idx]
-        valid = (ex >= 0).all(axis=(1, 2))
-        step = trace.step[idx]
-        known = np.zeros(len(idx), bool)
-        known[1:] = (step[:-1] < step[1:]) & valid[:-1]
-        seqs.append(RequestSeq(trace.token[idx], ex, known, trace.decode[idx].astype(bool), valid, step))
-    return seqs
-
-
-def load_sequences(traces: Sequence[Trace]) -> tuple[list[RequestSeq], tuple[int, int, int]]:
-    """All requests of several traces of one model shape; returns (sequences, (L, E, K))."""
-    if not traces:
-        raise MoeflowError("no traces given; record some with `moeflow trace`")
-    shape = (traces[0].num_layers, traces[0].num_experts, traces[0].top_k)
-    for t in traces[1:]:
-        if (t.num_layers, t.num_experts, t.top_k) != shape:
-            raise MoeflowError(
-                f"traces have different shapes (L, E, K): {shape} and {(t.num_layers, t.num_experts, t.top_k)}; "
-                "train one predictor per model"
-            )
-    return [s for t in traces for s in request_sequences(t)], shape
-
-
-def split_requests(
-    seqs: list[RequestSeq], frac: float, seed: int
-) -> tuple[list[RequestSeq], list[RequestSeq]]:
-    """(rest, held-out) with about ``frac`` of the requests held out (at least one each when possible)."""
-    order = np.random.default_rng(seed).permutation(len(seqs))
-    n_held = min(max(1, round(frac * len(seqs))), len(seqs) - 1) if len(seqs) > 1 else 0
-    held = {int(i) for i in order[:n_held]}
-    return [s for i, s in enumerate(seqs) if i not in held], [s for i, s in enumerate(seqs) if i in held]
-
-
-def build_vocab(seqs: list[RequestSeq], max_vocab: int) -> np.ndarray:
-    """The ``max_vocab`` most frequent token ids, sorted."""
-    ids, counts = np.unique(np.concatenate([s.tokens for s in seqs]), return_counts=True)
-    keep = ids[np.argsort(-counts, kind="stable")[:max_vocab]]
-    return np.sort(keep[keep >= 0])
-
-
-def multi_hot(experts: np.ndarray, num_experts: int) -> np.ndarray:
-    """[..., L, K] expert ids (-1 ignored) → [..., L, E] float32 0/1."""
-    out = np.zeros((*experts.shape[:-1], num_experts + 1), np.float32)
-    np.put_along_axis(out, np.where(experts < 0, num_experts, experts), 1.0, axis=-1)
-    return out[..., :num_experts]
-
-
-def prev_routing(seq: RequestSeq, num_experts: int) -> np.ndarray:
-    """[n, L, E]: the previous token's routing where it was known before the token ran, else zeros."""
-    hot = multi_hot(seq.experts, num_experts)
-    prev = np.zeros_like(hot)
-    prev[1:] = hot[:-1] * seq.known[1:, None, None]
-    return prev
 
 
 def _windows(seqs: list[RequestSeq], window: int) -> list[tuple[int, int]]:
@@ -224,127 +152,3 @@ def train_on_sequences(
         "popularity": np.round(popularity(train, ne), 5).tolist(),
     }
     return net.eval(), vocab, info
-
-
-# --------------------------------------------------------------------------------------------- scoring
-
-Scorer = Callable[[RequestSeq], np.ndarray]
-"""A request → scores [n, L, E] (higher = more likely chosen), using only what is known before each token."""
-
-
-def net_scorer(net: PredictorNet, vocab: np.ndarray) -> Scorer:
-    """Run the whole request through the net at once (the GRU carries context as the runtime does)."""
-    ne, nl = net.cfg.num_experts, net.cfg.num_layers
-    device = next(net.parameters()).device
-
-    @torch.no_grad()
-    def score(seq: RequestSeq) -> np.ndarray:
-        net.eval()
-        ids = torch.from_numpy(remap_tokens(vocab, seq.tokens))[None].to(device)
-        prev = torch.from_numpy(prev_routing(seq, ne).reshape(1, len(seq), -1)).to(device)
-        logits, _ = net(ids, prev)
-        return torch.sigmoid(logits[0]).float().cpu().numpy().reshape(len(seq), nl, ne)
-
-    return score
-
-
-def popularity(seqs: list[RequestSeq], num_experts: int) -> np.ndarray:
-    """Per-layer share of tokens routed to each expert [L, E]."""
-    tot = sum(multi_hot(s.experts[s.valid], num_experts).sum(0) for s in seqs)
-    return tot / max(1, sum(int(s.valid.sum()) for s in seqs))
-
-
-def popularity_scorer(pop: np.ndarray) -> Scorer:
-    return lambda seq: np.broadcast_to(pop, (len(seq), *pop.shape))
-
-
-def last_token_scorer(pop: np.ndarray) -> Scorer:
-    """Previous token's experts where known before the token ran; popularity breaks ties and fills the rest."""
-    return lambda seq: prev_routing(seq, pop.shape[1]) + 1e-3 * pop[None]
-
-
-def eam_scorer(train: list[RequestSeq], pop: np.ndarray) -> Scorer | None:
-    """MoE-Infinity's EAM match as a per-token predictor: the request's EAM over the tokens of earlier steps
-    is matched (cosine, all layers) against a collection of the training requests' EAMs, and the best entry's
-    activation ratios score the token (popularity before anything of the request has run). None when
-    ``moeflow.routing.eam`` is not available."""
-    try:
-        from moeflow.routing.eam import EAMCollection, eam_from_experts
-    except ImportError:
-        return None
-    num_layers, num_experts = pop.shape
-    eamc = EAMCollection(num_layers, num_experts)
-    eamc.extend(eam_from_experts(s.experts[s.valid], num_experts) for s in train)
-
-    def score(seq: RequestSeq) -> np.ndarray:
-        out = np.empty((len(seq), num_layers, num_experts))
-        counts = np.zeros((num_layers, num_experts))  # [L, E] EAM of the steps run so far
-        for st in np.unique(seq.step):
-            rows = np.flatnonzero(seq.step == st)
-            pred = eamc.predict(eamc.similarity(counts, num_layers - 1)) if counts.any() else None
-            out[rows] = (pop if pred is None else pred) + 1e-3 * pop
-            counts += eam_from_experts(seq.experts[rows][seq.valid[rows]], num_experts)
-        return out
-
-    return score
-
-
-# --------------------------------------------------------------------------------------------- metrics
-
-
-def topk_hits(scores: np.ndarray, experts: np.ndarray, m: int) -> np.ndarray:
-    """How many of each token's true experts are among its ``m`` top-scored ones: [n, L] from [n, L, E], [n, L, K]."""
-    top = np.argpartition(-scores, m - 1, axis=-1)[..., :m]  # [n, L, M]
-    return (top[..., :, None] == experts[..., None, :]).any(-2).sum(-1)
-
-
-def evaluate(scorer: Scorer, seqs: list[RequestSeq], k: int, m: int | None = None) -> dict:
-    """Per-token recall and precision of the true top-k among the predicted top-m, per layer and overall, for
-    all tokens, prefill tokens and decode tokens."""
-    m = m or k
-    hits, dec = [], []
-    for seq in seqs:
-        if not seq.valid.any():
-            continue
-        h = topk_hits(scorer(seq), seq.experts, m)
-        hits.append(h[seq.valid])
-        dec.append(seq.decode[seq.valid])
-    if not hits:
-        raise MoeflowError("no fully recorded tokens to evaluate on")
-    allh, alld = np.concatenate(hits).astype(np.float64), np.concatenate(dec)
-    out = {"k": k, "m": m}
-    for name, sel in (("overall", slice(None)), ("prefill", ~alld), ("decode", alld)):
-        h = allh[sel]
-        if len(h) == 0:
-            continue
-        per_layer = h.mean(0)
-        out[name] = {
-            "tokens": len(h),
-            "recall": float(per_layer.mean() / k),
-            "precision": float(per_layer.mean() / m),
-            "recall_per_layer": [round(float(x) / k, 4) for x in per_layer],
-            "precision_per_layer": [round(float(x) / m, 4) for x in per_layer],
-        }
-    return out
-
-
-def baselines(train: list[RequestSeq], pop: np.ndarray) -> tuple[dict[str, Scorer], list[str]]:
-    """The baseline scorers ({name: scorer}) and notes on any left out."""
-    out = {"last-token": last_token_scorer(pop), "popularity": popularity_scorer(pop)}
-    notes = []
-    eam = eam_scorer(train, pop) if train else None
-    if eam is not None:
-        out["eam-match"] = eam
-    else:
-        notes.append(
-            "eam-match left out: " + ("no training traces given" if not train else "no moeflow.routing.eam")
-        )
-    return out, notes
-
-
-def compare(
-    scorers: dict[str, Scorer], seqs: list[RequestSeq], k: int, sizes: Sequence[int] | None = None
-) -> dict[str, dict[str, dict]]:
-    """``evaluate`` for each scorer and each predicted-set size (default k and 2k): {name: {"top{m}": ...}}."""
-    sizes = sizes or (k, 2 * k)
-    return {name: {f"top{m}": evaluate(fn, seqs, k, m) for m in sizes} for name, fn in scorers.items()}

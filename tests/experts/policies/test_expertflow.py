@@ -158,7 +158,7 @@ def test_previous_token_routing_is_passed_after_a_complete_step() -> None:
     step(pol, [9], pos=2)
     calls = pol.predictor.calls  # type: ignore[attr-defined]
     assert calls == [((5, 6), False), ((9,), True)]
-    assert pol._requests[0].prev is not None and pol._requests[0].prev[:, [2, 3]].all()
+    assert pol.forecast.requests[0].prev is not None and pol.forecast.requests[0].prev[:, [2, 3]].all()
 
 
 def test_wrong_shape_predictor_is_refused() -> None:

@@ -25,7 +25,6 @@ Per step (``L`` layers, ``E`` experts, ``T`` tokens, ``B`` sequences):
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -33,21 +32,11 @@ import numpy as np
 
 from moeflow.errors import MoeflowError
 from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
+from moeflow.experts.policies.forecast import Forecaster
 from moeflow.experts.policies.options import apply_options
 
 DEMOTED = 1e9
 """Added to a demoted key's expected distance: demoted keys go first."""
-
-
-@dataclass
-class _Request:
-    """Per-request predictor state."""
-
-    h: np.ndarray | None  # [H] GRU state (None: no predictor)
-    next_pos: int = 0
-    routing: np.ndarray | None = None  # [L, E] multi-hot of the request's latest token (being filled)
-    seen: int = 0  # layers of ``routing`` filled
-    prev: np.ndarray | None = None  # [L, E] complete routing of the previous token, if known
 
 
 @dataclass(frozen=True)
@@ -93,8 +82,8 @@ class ExpertFlowPolicy(CachePolicy):
         shape = (num_layers, num_experts)
         self.freq = np.full(shape, top_k / max(num_experts, 1))  # [L, E] per-token share
         self.accuracy = np.full(num_layers, 0.5)  # [L]
-        self._requests: OrderedDict[int, _Request] = OrderedDict()
-        self._segments: list[tuple[_Request, int, int]] = []
+        self.forecast = Forecaster(num_layers, num_experts, self.max_requests)
+        self.forecast.predictor = self.predictor  # kept across a re-bind
         self._probs: np.ndarray | None = None  # [T, L, E]
         self._demand = np.zeros(shape)  # [L, E] trusted demand of this step
         self._next = np.zeros(shape)  # [L, E] next-step demand estimate
@@ -131,40 +120,17 @@ class ExpertFlowPolicy(CachePolicy):
                 f"the model has {self.num_layers} × {self.num_experts} (top-{self.top_k}): train one on its traces"
             )
         self.predictor, self.source = pred, source
+        self.forecast.predictor = pred
 
     def end_request(self, request_id: int) -> None:
-        self._requests.pop(request_id, None)
+        self.forecast.end(request_id)
 
     # ---------------------------------------------------------------------------------- hooks
     def begin_step(self, info: StepInfo) -> None:
         if not self._ready:
             self.setup(PolicyContext())
-        probs, self._segments, start = [], [], 0
-        for rid, toks, pos in zip(info.request_ids, info.token_ids, info.positions):
-            req = self._request(rid, pos)
-            probs.append(self._predict(req, np.asarray(toks, np.int64)))
-            self._segments.append((req, start, start + len(toks)))
-            req.next_pos, start = pos + len(toks), start + len(toks)
-            req.routing, req.seen = np.zeros((self.num_layers, self.num_experts), np.float32), 0
-        self._probs = np.concatenate(probs) if probs else None
+        self._probs = self.forecast.begin_step(info, self.freq)
         self._plan_step(len(info.request_ids))
-
-    def _request(self, rid: int, pos: int) -> _Request:
-        req = self._requests.pop(rid, None)
-        if req is None or pos != req.next_pos:  # new request (or one restarted): fresh context
-            h = self.predictor.init_state() if self.predictor is not None else None  # type: ignore[attr-defined]
-            req = _Request(h, pos)
-        self._requests[rid] = req
-        while len(self._requests) > self.max_requests:
-            self._requests.popitem(last=False)
-        return req
-
-    def _predict(self, req: _Request, tokens: np.ndarray) -> np.ndarray:
-        """[T, L, E] per-token probabilities of the request's new tokens."""
-        if self.predictor is None or len(tokens) == 0:
-            return np.broadcast_to(self.freq, (len(tokens), *self.freq.shape)).astype(np.float32)
-        probs, req.h = self.predictor.predict(tokens, req.h, req.prev)  # type: ignore[attr-defined]
-        return probs
 
     def _plan_step(self, batch: int) -> None:
         """Demand of this step and of the next, mixed with frequency by each layer's accuracy."""
@@ -176,7 +142,7 @@ class ExpertFlowPolicy(CachePolicy):
         else:
             p = np.clip(self._probs, 0.0, 1 - 1e-6)
             pred = 1 - np.exp(np.log1p(-p).sum(axis=0))  # [L, E]
-            ends = p[[e - 1 for _, s, e in self._segments if e > s]]  # [B, L, E] each request's last token
+            ends = p[self.forecast.last_rows()]  # [B, L, E] each request's last token
         ftok = 1 - (1 - f) ** max(len(self._probs) if self._probs is not None else 1, 1)
         a = self.accuracy[:, None]
         self._demand = a * pred + (1 - a) * ftok
@@ -209,10 +175,7 @@ class ExpertFlowPolicy(CachePolicy):
         valid = (ex >= 0).all(axis=1)
         hits = (top[:, :, None] == ex[:, None, :]).any(axis=1).sum(axis=1)[valid]
         self.accuracy[layer] = self.decay * self.accuracy[layer] + (1 - self.decay) * hits.mean() / self.top_k
-        for req, s, e in self._segments:
-            if e > s and req.routing is not None and (ex[e - 1] >= 0).all():
-                req.routing[layer, ex[e - 1]] = 1.0
-                req.seen += 1
+        self.forecast.record(layer, ex)
 
     def on_timing(self, layer_s: float, copy_s: float) -> None:
         if not self.auto_budget or copy_s <= 0 or self.num_layers == 0:
@@ -232,9 +195,7 @@ class ExpertFlowPolicy(CachePolicy):
         self._demoted.discard(key)
 
     def end_step(self) -> None:
-        for req, _, _ in self._segments:
-            req.prev = req.routing if req.seen == self.num_layers else None
-        self._segments = []
+        self.forecast.end_step()
 
     # ------------------------------------------------------------------------------- planning
     def distances(self) -> np.ndarray:

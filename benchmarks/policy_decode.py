@@ -53,6 +53,10 @@ class TimedLLM(LLM):
         super().__init__(*args, **kwargs)
         self.decode = dict.fromkeys(("wall_s", "tokens", "hits", "misses", "bytes", "stall_s"), 0.0)
 
+    def decode_since(self, before: dict) -> dict:
+        """Decode totals accumulated since ``before`` (a copy of ``self.decode``)."""
+        return {k: self.decode[k] - before[k] for k in before}
+
     def step(self, seqs, cache, mask, gen):  # type: ignore[override]
         live = sum(not s.finished for s in seqs)
         p, s = self.policy.stats, self.store.stats
@@ -90,7 +94,7 @@ def run(llm: TimedLLM, reqs: list, batch: int, bw: float) -> dict:
     p, s = llm.policy.stats, llm.store.stats
     moved, stall = s.bytes_to_device - b0, s.stall_s - st0
     hits, misses = p.hits - h0, p.misses - m0
-    d = {k: llm.decode[k] - d0[k] for k in d0}
+    d = llm.decode_since(d0)
     dec_tokens = max(d["tokens"], 1)
     return {
         "tokens": tokens,

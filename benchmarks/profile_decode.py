@@ -43,7 +43,7 @@ def profile(llm: TimedLLM, reqs: list, policy: str, slots: int, top: int) -> dic
     for r, p, n in reqs:
         llm.generate([p], SamplingParams(max_tokens=n, ignore_eos=True), request_ids=[r])
     prof.disable()
-    d = {k: llm.decode[k] - d0[k] for k in d0}
+    d = llm.decode_since(d0)
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
     return {"policy": policy, "decode_ms_per_token": 1e3 * d["wall_s"] / d["tokens"],

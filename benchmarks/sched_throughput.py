@@ -35,7 +35,7 @@ def measure(
     outs = llm.generate([p for _, p, _ in reqs], params, request_ids=[r for r, _, _ in reqs])
     sync()
     wall = time.perf_counter() - t0
-    d = {k: llm.decode[k] - d0[k] for k in d0}
+    d = llm.decode_since(d0)
     distinct = np.mean([np.mean(x) for x in llm.runtime.distinct if x])
     row = {"policy": policy, "batch": batch, "schedule": schedule,
            "tokens_per_s": sum(len(o.token_ids) for o in outs) / wall,

@@ -108,12 +108,8 @@ class CachePolicy:
 
     def bind(self, num_slots: int, num_layers: int, num_experts: int, top_k: int) -> None:
         """Size the policy for a model; forgets all residency."""
-        self.num_slots, self.num_layers, self.num_experts, self.top_k = (
-            num_slots,
-            num_layers,
-            num_experts,
-            top_k,
-        )
+        self.num_slots, self.num_layers = num_slots, num_layers
+        self.num_experts, self.top_k = num_experts, top_k
         self.slot_of = {}
         self.key_in = [None] * num_slots
         self.slot_layer = np.full(num_slots, -1, np.int64)  # [S] layer of the key in each slot (-1: empty)
@@ -184,6 +180,11 @@ class CachePolicy:
         """Mark resident ``key`` as the most recently used (``slot_used`` orders every access)."""
         self._ticks += 1
         self.slot_used[self.slot_of[key]] = self._ticks
+
+    def last_use(self, key: Key) -> int:
+        """Order of ``key``'s last use while resident (-1: not resident, or prefetched and not requested since)."""
+        slot = self.slot_of.get(key)
+        return -1 if slot is None else int(self.slot_used[slot])
 
     def resident(self, key: Key) -> bool:
         return key in self.slot_of

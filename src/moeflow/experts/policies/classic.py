@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,21 +16,11 @@ class LRUPolicy(CachePolicy):
 
     def __post_init__(self) -> None:
         self.name = "lru"
-        self._last: OrderedDict[Key, int] = OrderedDict()
-
-    def on_access(self, key: Key) -> None:
-        self._last[key] = self.clock
-        self._last.move_to_end(key)
 
     def victim(self, candidates: Sequence[Key], layer: int) -> Key:
-        cand = set(candidates)
-        for key in self._last:  # oldest first
-            if key in cand:
-                return key
-        return candidates[0]  # never-requested (prefetched) keys
+        return min(candidates, key=self.last_use)
 
     def on_admit(self, key: Key) -> None:
-        self.on_access(key)
         self.touch(key)  # a prefetched expert counts as just used
 
     def select_victim(

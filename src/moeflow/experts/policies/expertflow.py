@@ -94,7 +94,6 @@ class ExpertFlowPolicy(CachePolicy):
         self._prefetched = 0  # prefetch loads issued in this step
         self._demoted: set[Key] = set()
         self._in_use: set[Key] = set()
-        self._last: dict[Key, int] = {}
 
     def setup(self, context: PolicyContext) -> None:
         self._ready = True
@@ -190,7 +189,6 @@ class ExpertFlowPolicy(CachePolicy):
         return super().request(layer, experts)
 
     def on_access(self, key: Key) -> None:
-        self._last[key] = self.clock
         self._pending.discard(key)
         self._demoted.discard(key)
 
@@ -213,7 +211,7 @@ class ExpertFlowPolicy(CachePolicy):
         return float(self.distances()[key]) + (DEMOTED if key in self._demoted else 0.0)
 
     def victim(self, candidates: Sequence[Key], layer: int) -> Key:
-        return max(candidates, key=lambda k: (self._distance(k), -self._last.get(k, -1)))
+        return max(candidates, key=lambda k: (self._distance(k), -self.last_use(k)))
 
     def select_victim(
         self, protect: set[Key], layer: int, may_evict: Callable[[Key], bool] | None

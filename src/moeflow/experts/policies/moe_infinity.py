@@ -83,7 +83,6 @@ class MoEInfinityPolicy(CachePolicy):
         self._layer = -1
         self._pred: np.ndarray | None = None  # [L, E] predicted ratios, summed over the step's requests
         self._keep: np.ndarray | None = None  # [L, E] keep-scores at the current layer
-        self._last: dict[Key, int] = {}
         self._needed: set[Key] = set()
         self._needed_clock = -1
 
@@ -201,13 +200,12 @@ class MoEInfinityPolicy(CachePolicy):
         return 0.0 if self._keep is None else float(self._keep[key])
 
     def on_access(self, key: Key) -> None:
-        self._last[key] = self.clock
         if self.clock != self._needed_clock:
             self._needed, self._needed_clock = set(), self.clock
         self._needed.add(key)
 
     def victim(self, candidates: Sequence[Key], layer: int) -> Key:
-        return min(candidates, key=lambda k: (self.keep_score(k), self._last.get(k, -1)))
+        return min(candidates, key=lambda k: (self.keep_score(k), self.last_use(k)))
 
     def _slot_keep(self, protect: set[Key]) -> np.ndarray:
         """[S] keep-score of each slot's key; inf for empty slots and ``protect``-ed keys (not evictable)."""

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from moeflow.cli.sim import expert_bytes, load_trace
-from moeflow.experts.cache import POLICIES, make_policy
+from moeflow.experts.cache import POLICIES
+from moeflow.experts.policies import make_policy
 from moeflow.routing.eam import EAMCollection
 from moeflow.sim import TimingModel, simulate
 from moeflow.sim.plot import plot_hit_ratio

@@ -16,8 +16,9 @@ from transformers import DynamicCache
 from moeflow.batching import plan_batches
 from moeflow.config import EngineConfig
 from moeflow.errors import RequestError
-from moeflow.experts.cache import CachePolicy, PolicyContext, StepInfo, make_policy
+from moeflow.experts.cache import CachePolicy, PolicyContext, StepInfo
 from moeflow.experts.layer import Runtime, attach
+from moeflow.experts.policies import make_policy
 from moeflow.experts.store import ExpertStore
 from moeflow.inputs import StepInputs, decode_inputs, prefill_inputs
 from moeflow.memory import MemoryPlan, plan_memory

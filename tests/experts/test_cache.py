@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moeflow.errors import MoeflowError
-from moeflow.experts.cache import make_policy
+from moeflow.experts.policies import make_policy
 from moeflow.experts.policies.classic import LFUPolicy, LRUPolicy
 
 

@@ -180,7 +180,8 @@ def test_cli_eamc_build(tmp_path, capsys) -> None:
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_every_registered_policy_replays_without_special_casing() -> None:
-    from moeflow.experts.cache import POLICIES, make_policy
+    from moeflow.experts.cache import POLICIES
+    from moeflow.experts.policies import make_policy
 
     make_policy("lru")  # loads the plug-in policies
     rng = np.random.default_rng(3)

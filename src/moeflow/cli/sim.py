@@ -111,7 +111,7 @@ def expert_bytes(args: argparse.Namespace) -> int | None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from moeflow.experts.cache import make_policy
+    from moeflow.experts.policies import make_policy
     from moeflow.routing.eam import EAMCollection
     from moeflow.sim.simulator import simulate
     from moeflow.sim.timing import TimingModel

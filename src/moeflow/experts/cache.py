@@ -15,47 +15,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-Key = tuple[int, int]
-"""(MoE layer index, expert id)."""
+from moeflow.experts.plan import Boundary, Key, Load, Plan, StepInfo, StepRouting
 
-
-@dataclass(frozen=True)
-class Load:
-    """Copy expert ``key`` into device ``slot`` (whatever held ``evicted`` is dropped)."""
-
-    key: Key
-    slot: int
-    evicted: Key | None = None
-    prefetch: bool = False
-    priority: float = 0.0
-    """Larger first. Demand loads (misses of the layer about to run) always go before prefetches."""
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a layer needs done before it can compute."""
-
-    layer: int
-    slots: tuple[int, ...]
-    """Slot of each requested expert, in request order."""
-    loads: tuple[Load, ...]
-    """Demand loads (misses) the store must complete before the layer computes."""
-    hits: int
-    misses: int
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What is known about a forward step before its first MoE layer runs."""
-
-    step: int
-    request_ids: tuple[int, ...]
-    """One per sequence in the batch."""
-    token_ids: tuple[tuple[int, ...], ...]
-    """The new input tokens of each sequence in this step (the whole prompt at prefill)."""
-    positions: tuple[int, ...]
-    """Position of each sequence's first new token."""
-    prefill: bool
+__all__ = [
+    "Boundary",
+    "CachePolicy",
+    "Key",
+    "Load",
+    "Plan",
+    "PolicyContext",
+    "PolicyStats",
+    "StepInfo",
+    "StepRouting",
+]
 
 
 @dataclass
@@ -120,6 +92,8 @@ class CachePolicy:
         self.stats = PolicyStats()
         self._unused_prefetch = set()
         self.clock = 0
+        self._reserved: list[int] = []  # slots held empty for the coming static step's read-through fills
+        self._miss_avg: float | None = None  # misses per static decode step (running average)
 
     # ----------------------------------------------------------------- hooks (override as needed)
     def setup(self, context: PolicyContext) -> None:
@@ -245,11 +219,7 @@ class CachePolicy:
         """The store dropped prefetch ``load`` before copying it: its slot holds nothing usable now."""
         if self.slot_of.get(load.key) != load.slot:
             return  # already replaced
-        del self.slot_of[load.key]
-        self.key_in[load.slot] = None
-        self.slot_layer[load.slot] = self.slot_expert[load.slot] = -1
-        self._free.append(load.slot)
-        self._unused_prefetch.discard(load.key)
+        self._free.append(self._vacate(load.key, evicted=False))
         self.stats.prefetches -= 1
         self.stats.prefetch_dropped += 1
 
@@ -277,37 +247,88 @@ class CachePolicy:
                 if prefetch:
                     return None
                 raise RuntimeError("no evictable slot: more experts needed at once than slots")
-            slot = self.slot_of.pop(evicted)
-            self.stats.evictions += 1
-            if evicted in self._unused_prefetch:
-                self._unused_prefetch.discard(evicted)
-                self.stats.prefetch_wasted += 1
+            slot = self._vacate(evicted)
+        self._occupy(key, slot)
+        return Load(key, slot, evicted, prefetch, priority)
+
+    def _occupy(self, key: Key, slot: int) -> None:
         self.slot_of[key] = slot
         self.key_in[slot] = key
         self.slot_layer[slot], self.slot_expert[slot], self.slot_used[slot] = key[0], key[1], -1
-        return Load(key, slot, evicted, prefetch, priority)
+
+    def _vacate(self, key: Key, evicted: bool = True) -> int:
+        """Forget resident ``key`` (an eviction, unless ``evicted`` is False: a dropped prefetch); returns its slot."""
+        slot = self.slot_of.pop(key)
+        self.key_in[slot] = None
+        self.slot_layer[slot] = self.slot_expert[slot] = -1
+        if evicted:
+            self.stats.evictions += 1
+            if key in self._unused_prefetch:
+                self.stats.prefetch_wasted += 1
+        self._unused_prefetch.discard(key)
+        return slot
+
+    # ------------------------------------------------------------ static decode: decisions between steps
+    def settle_step(self, routing: StepRouting) -> None:
+        """A static decode step ran (``routing`` read back from the device): learn its routing layer by layer as
+        ``request`` would (``observe``, ``on_access``, recency), count hits and misses as the device served them,
+        and place the missed experts the kernel wrote into reserved slots. Unclaimed reserved slots become free."""
+        reserved = set(self._reserved)
+        hits = misses = 0
+        for layer in range(self.num_layers):
+            self.observe(layer, routing.experts[layer], None)
+            self.clock += 1
+            for e in np.flatnonzero(routing.served[layer]).tolist():
+                key = (layer, e)
+                if routing.served[layer, e] == 1:
+                    hits += 1
+                    if key in self._unused_prefetch:
+                        self._unused_prefetch.discard(key)
+                        self.stats.prefetch_hits += 1
+                else:
+                    misses += 1
+                    slot = int(routing.filled[layer, e])
+                    if slot in reserved and key not in self.slot_of:
+                        reserved.discard(slot)
+                        self._occupy(key, slot)
+                if key in self.slot_of:
+                    self.touch(key)
+                self.on_access(key)
+        self.stats.hits += hits
+        self.stats.misses += misses
+        self._miss_avg = misses if self._miss_avg is None else 0.8 * self._miss_avg + 0.2 * misses
+        self._free.extend(sorted(reserved, reverse=True))
+        self._reserved = []
+
+    def plan_boundary(self, batch: int) -> Boundary:
+        """Between static decode steps, after ``begin_step`` of the coming one: its prefetches (``prefetch(-1)``)
+        and the slots reserved for read-through fills (``fill_budget``; free slots first, then victims)."""
+        loads = tuple(self.prefetch(-1))
+        protect = {load.key for load in loads}
+        evicted = [load.evicted for load in loads if load.evicted is not None]
+        n = self.fill_budget(batch)
+        slots = [self._free.pop() for _ in range(min(n, len(self._free)))]
+        for key in self.select_victims(n - len(slots), protect, 0) if n > len(slots) else []:
+            slots.append(self._vacate(key))
+            evicted.append(key)
+        self._reserved = slots
+        return Boundary(loads, tuple(slots), tuple(evicted))
+
+    def fill_budget(self, batch: int) -> int:
+        """Slots to reserve for the coming step's misses: 1.5x the recent misses per step (before any: every
+        routed expert of the step), at most half the pool."""
+        want = (
+            self.num_layers * self.top_k * batch
+            if self._miss_avg is None
+            else 1.5 * self._miss_avg + self.top_k
+        )
+        return int(min(want, self.num_slots // 2))
 
 
 POLICIES: dict[str, Callable[[], CachePolicy]] = {}
-"""Name → factory, filled by the policy modules (``moeflow.experts.policies``) with :func:`register_policy`."""
+"""Name → factory, filled by the policy modules (``moeflow.experts.policies``) with :func:`register_policy`;
+``moeflow.experts.policies.make_policy`` builds one by name."""
 
 
 def register_policy(name: str, factory: Callable[[], CachePolicy]) -> None:
     POLICIES[name] = factory
-
-
-def make_policy(spec: str | CachePolicy) -> CachePolicy:
-    """A policy instance from a name in :data:`POLICIES` or an instance (returned as is)."""
-    if isinstance(spec, CachePolicy):
-        return spec
-    _load_plugins()
-    if spec not in POLICIES:
-        from moeflow.errors import MoeflowError
-
-        raise MoeflowError(f"unknown cache policy {spec!r}; choose one of: {', '.join(sorted(POLICIES))}")
-    return POLICIES[spec]()
-
-
-def _load_plugins() -> None:
-    """Import the policy modules, which register themselves (kept out of this module's import time)."""
-    import moeflow.experts.policies  # noqa: F401

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from moeflow.experts.cache import CachePolicy, Key, PolicyContext, StepInfo, make_policy
+from moeflow.experts.cache import CachePolicy, Key, PolicyContext, StepInfo
+from moeflow.experts.policies import make_policy
 from moeflow.routing.trace import Trace
 from moeflow.sim.timing import TimingModel
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from moeflow.errors import MoeflowError
-from moeflow.experts.cache import PolicyContext, make_policy
+from moeflow.experts.cache import PolicyContext
+from moeflow.experts.policies import make_policy
 from moeflow.experts.policies.belady import BeladyPolicy
 from moeflow.routing.trace import Trace
 from moeflow.sim import simulate

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from moeflow.errors import MoeflowError
-from moeflow.experts.cache import PolicyContext, StepInfo, make_policy
+from moeflow.experts.cache import PolicyContext, StepInfo
+from moeflow.experts.policies import make_policy
 from moeflow.experts.policies.expertflow import ExpertFlowPolicy
 from moeflow.routing.trace import Trace
 from moeflow.sim import simulate

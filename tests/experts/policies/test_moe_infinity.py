@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from moeflow.errors import MoeflowError
-from moeflow.experts.cache import PolicyContext, StepInfo, make_policy
+from moeflow.experts.cache import PolicyContext, StepInfo
+from moeflow.experts.policies import make_policy
 from moeflow.experts.policies.moe_infinity import EAMC_FILE, MoEInfinityPolicy
 from moeflow.routing.eam import EAMCollection, eam_from_experts
 from moeflow.routing.trace import Trace

@@ -1,8 +1,19 @@
 """Cache policies; importing this package registers them by name: LRU and LFU (``classic``), MoE-Infinity,
-ExpertFlow and the offline optimum (Belady)."""
+ExpertFlow and the offline optimum (Belady). :func:`make_policy` builds one by name."""
 
 from __future__ import annotations
 
+from moeflow.errors import MoeflowError
+from moeflow.experts.cache import POLICIES, CachePolicy
 from moeflow.experts.policies import belady, classic, expertflow, moe_infinity
 
-__all__ = ["belady", "classic", "expertflow", "moe_infinity"]
+__all__ = ["belady", "classic", "expertflow", "make_policy", "moe_infinity"]
+
+
+def make_policy(spec: str | CachePolicy) -> CachePolicy:
+    """A policy instance from a registered name or an instance (returned as is)."""
+    if isinstance(spec, CachePolicy):
+        return spec
+    if spec not in POLICIES:
+        raise MoeflowError(f"unknown cache policy {spec!r}; choose one of: {', '.join(sorted(POLICIES))}")
+    return POLICIES[spec]()

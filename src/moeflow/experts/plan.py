@@ -1,0 +1,77 @@
+"""Typed, frozen messages between the cache policies (which decide) and the store and kernels (which execute).
+
+Legend: L MoE layers, E experts per layer, T tokens of a step, K top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+Key = tuple[int, int]
+"""(MoE layer index, expert id)."""
+
+
+@dataclass(frozen=True)
+class Load:
+    """Copy expert ``key`` into device ``slot`` (whatever held ``evicted`` is dropped)."""
+
+    key: Key
+    slot: int
+    evicted: Key | None = None
+    prefetch: bool = False
+    priority: float = 0.0
+    """Larger first. Demand loads (misses of the layer about to run) always go before prefetches."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a layer needs done before it can compute."""
+
+    layer: int
+    slots: tuple[int, ...]
+    """Slot of each requested expert, in request order."""
+    loads: tuple[Load, ...]
+    """Demand loads (misses) the store must complete before the layer computes."""
+    hits: int
+    misses: int
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What is known about a forward step before its first MoE layer runs."""
+
+    step: int
+    request_ids: tuple[int, ...]
+    """One per sequence in the batch."""
+    token_ids: tuple[tuple[int, ...], ...]
+    """The new input tokens of each sequence in this step (the whole prompt at prefill)."""
+    positions: tuple[int, ...]
+    """Position of each sequence's first new token."""
+    prefill: bool
+
+
+@dataclass(frozen=True)
+class StepRouting:
+    """What a static decode step did, read back from the device after it (see ``CachePolicy.settle_step``)."""
+
+    experts: np.ndarray
+    """[L, T, K] expert ids chosen by the routers for the step's live tokens."""
+    served: np.ndarray
+    """[L, E] int8: 0 the expert was not used, 1 read from its device slot (hit), 2 read from host memory (miss)."""
+    filled: np.ndarray
+    """[L, E] int32: the reserved slot a missed expert was written into while it was read (-1: none)."""
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """What the store does between two static decode steps, in this order: evictions take effect (the slot table
+    stops pointing at them), ``loads`` are copied on a side stream, ``fill_slots`` wait empty for read-through fills."""
+
+    loads: tuple[Load, ...]
+    """Prefetches for the coming step (their slots' old keys are evicted)."""
+    fill_slots: tuple[int, ...]
+    """Empty slots a missed expert may be written into by the experts kernel as it reads it."""
+    evicted: tuple[Key, ...]
+    """Keys no longer resident, reserved slots' previous keys included."""

@@ -84,6 +84,12 @@ class EngineConfig:
     "loop" (eager, per expert), "batched" (gather + bmm), "grouped" (torch grouped_mm; at most 1024 slots), or
     "triton" (a kernel reading weights from slots by index, CUDA only; slower than gather + bmm so far)."""
 
+    decode: str = "auto"
+    """How decode steps run: "graph" (a static KV cache and slot-table experts, each step one replay of a captured
+    CUDA graph; misses read from pinned host memory inside the kernel), "static" (the same step run eagerly, on any
+    device), "eager" (one host sync per MoE layer; demand loads before each layer), or "auto" ("graph" on a GPU
+    whose host pool holds every expert, else "eager")."""
+
     schedule: str = "auto"
     """Which prompts share a batch when there are more than the batch size: "fifo" (arrival order), "expert"
     (ExpertFlow's token scheduling: group requests whose predicted routing paths share experts), or "auto"
@@ -107,5 +113,7 @@ class EngineConfig:
             raise MoeflowError(
                 f"unknown expert backend {self.expert_backend!r}: use one of {', '.join(backends)}"
             )
+        if self.decode not in ("auto", "graph", "static", "eager"):
+            raise MoeflowError(f"unknown decode mode {self.decode!r}: use auto, graph, static or eager")
         if self.schedule not in ("auto", "fifo", "expert"):
             raise MoeflowError(f"unknown schedule {self.schedule!r}: use auto, fifo or expert")

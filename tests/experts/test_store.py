@@ -13,6 +13,7 @@ import torch
 
 from moeflow import LLM
 from moeflow.experts.cache import Load
+from moeflow.experts.layer import StepContext
 from moeflow.experts.store import ExpertStore
 
 
@@ -43,7 +44,7 @@ def test_stale_prefetch_is_dropped_and_its_slot_freed(llm: LLM) -> None:
     later = policy.admit((1, 2), priority=1.0)
     assert early is not None and later is not None
     gate = hold_reader(store)
-    rt.step = 5
+    rt.ctx = StepContext(step=5)
     rt.store.prefetch([early, later], step=5, layer=-1)  # issued before layer 0: due at layers 0 and 1
     rt.drop_stale(1)  # layer 1 is about to run: the layer-0 copy is stale
     assert not policy.resident((0, 1)) and policy.resident((1, 2))

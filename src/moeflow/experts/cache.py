@@ -312,17 +312,16 @@ class CachePolicy:
             slots.append(self._vacate(key))
             evicted.append(key)
         self._reserved = slots
-        return Boundary(loads, tuple(slots), tuple(evicted))
+        resident = np.where(self.slot_layer >= 0, self.slot_layer * self.num_experts + self.slot_expert, -1)
+        return Boundary(loads, tuple(slots), tuple(evicted), resident)
 
     def fill_budget(self, batch: int) -> int:
-        """Slots to reserve for the coming step's misses: 1.5x the recent misses per step (before any: every
-        routed expert of the step), at most half the pool."""
-        want = (
-            self.num_layers * self.top_k * batch
-            if self._miss_avg is None
-            else 1.5 * self._miss_avg + self.top_k
-        )
-        return int(min(want, self.num_slots // 2))
+        """Slots to reserve for the coming step's misses: 1.5x the recent misses per step (before any step: the
+        free slots only), at most every routed expert of the step and half the pool."""
+        cap = min(self.num_layers * self.top_k * batch, self.num_slots // 2)
+        if self._miss_avg is None:
+            return min(len(self._free), cap)
+        return int(min(np.ceil(1.5 * self._miss_avg), cap))
 
 
 POLICIES: dict[str, Callable[[], CachePolicy]] = {}

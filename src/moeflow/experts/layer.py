@@ -3,7 +3,8 @@
 Each MoE layer's experts module gets an :class:`OffloadedExperts` (attribute ``moeflow``) holding its layer index and
 the engine's :class:`Runtime` (store, policy, recorder, replay): injected per model, no globals. One call:
 router output -> (replay) -> drop stale prefetches -> observe/record -> policy plan -> store loads -> grouped
-compute over slots -> prefetch.
+compute over slots -> prefetch (the eager step); or, in a static decode step (``StepContext.static``), the
+slot-table experts with no host work at all.
 Legend: T tokens, K top-k, E experts, H hidden.
 """
 
@@ -17,8 +18,42 @@ from torch import nn
 
 from moeflow.experts.cache import CachePolicy
 from moeflow.experts.compute import run_experts
+from moeflow.experts.slot_experts import SlotTensors, slot_experts_forward
 from moeflow.experts.store import ExpertStore
 from moeflow.routing.trace import TraceRecorder, TraceReplay
+
+
+@dataclass(frozen=True)
+class StaticBuffers:
+    """Device buffers of a static decode step (addresses fixed, so a captured graph can replay them)."""
+
+    tensors: SlotTensors
+    live: torch.Tensor
+    """[B] bool: rows whose sequence is still running."""
+    route_ids: torch.Tensor
+    """[L, B, K] the routers' choices, written by each MoE layer (read back after the step)."""
+    route_w: torch.Tensor | None = None
+    """[L, B, K] float32 gate weights, written when recording a trace."""
+    replay_ids: torch.Tensor | None = None
+    """[L, B, K] replayed routing (uploaded before each step) used instead of the routers'."""
+    replay_w: torch.Tensor | None = None
+    blocks: dict | None = None
+    """Kernel tile options (benchmarks)."""
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What the MoE layers need to know about the current forward step; set once per step by the engine."""
+
+    step: int = 0
+    """Index of the forward step (dates prefetches, so the store can drop stale ones)."""
+    prefill: bool = False
+    keep: torch.Tensor | None = None
+    """[T] bool: real (unpadded, unfinished) tokens; None = all (decided on the host: no device sync)."""
+    replay_rows: np.ndarray | None = None
+    """Trace rows of the step's real tokens (replay only)."""
+    static: StaticBuffers | None = None
+    """Set for a static decode step: experts through the slot table, no host work inside the step."""
 
 
 @dataclass
@@ -30,21 +65,13 @@ class Runtime:
     backend: str
     recorder: TraceRecorder | None = None
     replay: TraceReplay | None = None
-    keep: torch.Tensor | None = None
-    """[T] bool: real (unpadded, unfinished) tokens of the current step; None = all (decided on the host, so
-    no layer needs a device sync to know)."""
-    replay_rows: np.ndarray | None = None
-    """Trace rows of the current step's real tokens (replay only)."""
-    prefill: bool = False
-    """The current step is a prefill."""
-    step: int = 0
-    """Index of the current forward step (dates prefetches, so the store can drop stale ones)."""
+    ctx: StepContext = field(default_factory=StepContext)
     distinct: list[list[int]] = field(default_factory=list)
-    """Per layer, distinct experts touched in each decode step so far (for scheduling benchmarks)."""
+    """Per layer, distinct experts touched in each eager decode step so far (read by scheduling benchmarks)."""
 
     def prefetch_after(self, layer: int) -> None:
         """Start the policy's prefetches once ``layer`` is routed (-1: before the step's first layer)."""
-        self.store.prefetch(self.policy.prefetch(layer), self.step, layer)
+        self.store.prefetch(self.policy.prefetch(layer), self.ctx.step, layer)
 
     def report_timing(self, wall_s: float, stall_before: float) -> None:
         """A decode step took ``wall_s`` (the store's stall counter read ``stall_before`` at its start): the policy
@@ -54,7 +81,7 @@ class Runtime:
 
     def drop_stale(self, layer: int) -> None:
         """``layer`` is about to run: queued prefetches for layers already passed are dropped, slots freed."""
-        for load in self.store.drop_stale(self.step, layer):
+        for load in self.store.drop_stale(self.ctx.step, layer):
             self.policy.cancel(load)
 
 
@@ -65,10 +92,17 @@ class OffloadedExperts:
     def __call__(
         self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        ctx = self.rt.ctx
+        if ctx.static is not None:
+            return self._static(ctx.static, hidden, top_k_index, top_k_weights)
         rt, full = self.rt, hidden
-        if rt.keep is not None:
-            hidden, top_k_index, top_k_weights = hidden[rt.keep], top_k_index[rt.keep], top_k_weights[rt.keep]
-        if rt.replay is not None and rt.replay_rows is not None:
+        if ctx.keep is not None:
+            hidden, top_k_index, top_k_weights = (
+                hidden[ctx.keep],
+                top_k_index[ctx.keep],
+                top_k_weights[ctx.keep],
+            )
+        if rt.replay is not None and ctx.replay_rows is not None:
             top_k_index, top_k_weights = self._replayed(hidden.device, top_k_weights.dtype)
         if hidden.shape[0] == 0:
             return torch.zeros_like(full)
@@ -78,18 +112,30 @@ class OffloadedExperts:
         if rt.recorder is not None:
             rt.recorder.record(self.layer, experts, top_k_weights.float().cpu().numpy())
         needed = np.unique(experts).tolist()
-        if not rt.prefill:
+        if not ctx.prefill:
             rt.distinct[self.layer].append(len(needed))
         result = self._compute(hidden, top_k_index, top_k_weights, needed)
         rt.prefetch_after(self.layer)
-        if rt.keep is not None:  # padded / finished rows contribute nothing
+        if ctx.keep is not None:  # padded / finished rows contribute nothing
             out = torch.zeros_like(full)  # [T, H]
-            out[rt.keep] = result
+            out[ctx.keep] = result
             return out
         return result
 
+    def _static(
+        self, buf: StaticBuffers, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Slot-table experts: device ops only (replayable in a graph); routing left in ``buf`` for the host."""
+        if buf.replay_ids is not None and buf.replay_w is not None:
+            index, weights = buf.replay_ids[self.layer], buf.replay_w[self.layer].to(weights.dtype)
+        buf.route_ids[self.layer].copy_(index)
+        if buf.route_w is not None:
+            buf.route_w[self.layer].copy_(weights)
+        return slot_experts_forward(self.module, buf.tensors, self.layer, hidden, index, weights, buf.live,
+                                    buf.blocks)  # fmt: skip
+
     def _replayed(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        experts, weights = self.rt.replay.route(self.rt.replay_rows, self.layer)  # [T, K] each
+        experts, weights = self.rt.replay.route(self.rt.ctx.replay_rows, self.layer)  # [T, K] each
         return torch.as_tensor(experts, device=device), torch.as_tensor(weights, device=device, dtype=dtype)
 
     def _compute(

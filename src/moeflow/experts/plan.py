@@ -75,3 +75,5 @@ class Boundary:
     """Empty slots a missed expert may be written into by the experts kernel as it reads it."""
     evicted: tuple[Key, ...]
     """Keys no longer resident, reserved slots' previous keys included."""
+    resident: np.ndarray
+    """[S] int64: the key in each slot after this boundary, as layer * E + expert (-1: empty or reserved)."""

@@ -30,6 +30,8 @@ from moeflow.model.loader import LoadedModel
 class StoreStats:
     bytes_to_device: int = 0
     """Bytes copied host -> device slots (demand + prefetch)."""
+    bytes_zero_copy: int = 0
+    """Of ``bytes_to_device``: experts the static step's kernel read straight from host memory (misses)."""
     bytes_from_disk: int = 0
     """Bytes read from the checkpoint into the host pool."""
     demand_loads: int = 0
@@ -227,6 +229,43 @@ class ExpertStore:
         ev.record(torch.cuda.current_stream(self.device))
         for slot in slots:
             self._released[slot] = ev
+
+    # ------------------------------------------------------------ static decode (see experts/slot_table.py)
+    def host_row_of(self, key: Key) -> torch.Tensor:
+        """The host-pool row holding ``key`` (read from disk when absent)."""
+        return self._host_get(key)
+
+    def landed(self, slot: int) -> bool:
+        """The last copy into ``slot`` (and what was queued after it on its stream) has finished."""
+        ev = self._ready[slot]
+        return ev is None or ev.query()
+
+    def wait_landed(self, slot: int) -> None:
+        """Make the compute stream wait for the last copy into ``slot``."""
+        ev = self._ready[slot]
+        if ev is not None and not ev.query():
+            torch.cuda.current_stream(self.device).wait_event(ev)
+
+    def copy_published(self, loads: list[Load], table: torch.Tensor, keys: list[int]) -> None:
+        """Copy prefetch ``loads`` on the copy stream, then set ``table[keys]`` to their slots on that stream (the
+        experts become visible to the kernel only once their bytes have landed)."""
+        slots = [load.slot for load in loads]
+        self.stats.prefetch_loads += len(loads)
+        if not self.cuda:
+            for load in loads:
+                self._copy(load, None)
+            table[torch.tensor(keys)] = torch.tensor(slots, dtype=table.dtype)
+            return
+        with self._on(self.copy_stream):
+            for load in loads:
+                self._copy(load, self.copy_stream)
+            index = torch.tensor(keys, dtype=torch.long, pin_memory=True).to(self.device, non_blocking=True)
+            value = torch.tensor(slots, dtype=table.dtype, pin_memory=True).to(self.device, non_blocking=True)
+            table[index] = value
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        for slot in slots:
+            self._ready[slot] = done
 
     def _probe(self, repeats: int = 3) -> float:
         """Seconds per expert copy host -> slot 0 (before any slot is in use)."""

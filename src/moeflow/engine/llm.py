@@ -4,6 +4,7 @@ hooks before the step -> forward (MoE layers plan, load and compute on slots) ->
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,18 +16,30 @@ from transformers import DynamicCache
 
 from moeflow.batching import plan_batches
 from moeflow.config import EngineConfig
+from moeflow.engine.static import Bucket, StaticDecoder
 from moeflow.errors import RequestError
 from moeflow.experts.cache import CachePolicy, PolicyContext, StepInfo
-from moeflow.experts.layer import Runtime, attach
+from moeflow.experts.layer import Runtime, StaticBuffers, StepContext, attach
 from moeflow.experts.policies import make_policy
 from moeflow.experts.store import ExpertStore
-from moeflow.inputs import StepInputs, decode_inputs, prefill_inputs
+from moeflow.inputs import decode_inputs, prefill_inputs
 from moeflow.memory import MemoryPlan, plan_memory
 from moeflow.metrics import Stats
 from moeflow.model.loader import LoadedModel, load_dense, open_model
 from moeflow.routing.trace import Trace, TraceRecorder, TraceReplay
 from moeflow.sampling import SamplingParams, sample
 from moeflow.sequence import RequestOutput, Sequence, StreamDelta
+
+
+@dataclass
+class Batch:
+    """The running state of one batch: its cache (eager) or bucket (static), and the eager attention mask."""
+
+    cache: DynamicCache | None = None
+    bucket: Bucket | None = None
+    mask: torch.Tensor | None = None
+    decoding: bool = False
+    """The prefill has run."""
 
 
 @dataclass(frozen=True)
@@ -94,11 +107,32 @@ class LLM:
             replay = TraceReplay(replay, len(lm.layers), lm.num_experts, lm.top_k)
         self.runtime = Runtime(store, policy, cfg.expert_backend, recorder, replay)
         attach(lm.layers, self.runtime)
+        self._cache_kw = (
+            "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
+        )
+        self.static = self._static_decoder(cfg.decode)
         self.tokenizer = _load_tokenizer(self.model_dir)
         eos = lm.config.eos_token_id if getattr(lm.config, "eos_token_id", None) is not None else []
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self._next_id = 0
         self._step = 0
+
+    def _static_decoder(self, mode: str) -> StaticDecoder | None:
+        """The static decode path for ``EngineConfig.decode`` (None: eager decode)."""
+        cuda = self.device.type == "cuda"
+        if mode == "eager":
+            return None
+        if mode == "graph" and not cuda:
+            raise RequestError("decode='graph' needs a CUDA device; use decode='static' or 'eager' on a CPU")
+        try:
+            decoder = StaticDecoder(self.loaded, self.runtime, graphs=cuda and mode != "static")
+        except NotImplementedError as err:
+            if mode == "auto":
+                return None
+            raise RequestError(f"decode={mode!r} is not available for this model: {err}") from None
+        if mode == "auto" and not (cuda and decoder.table.zero_copy):
+            return None  # the graph needs every expert in pinned host memory; else decode eagerly
+        return decoder
 
     def _policy(self, spec: Any, num_slots: int, options: dict) -> CachePolicy:
         lm = self.loaded
@@ -208,40 +242,40 @@ class LLM:
         params = seqs[0].params
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         before = self._counters()
-        cache = DynamicCache()
-        t0 = time.perf_counter()
-        mask, t_first = None, 0.0
+        batch = Batch()
+        if self.static is not None:
+            width = max(len(s.prompt_ids) for s in seqs)
+            batch.bucket = self.static.bucket(len(seqs), width + max(s.params.max_tokens for s in seqs))
+        else:
+            batch.cache = DynamicCache()
+        t0, t_first = time.perf_counter(), 0.0
         while not all(s.finished for s in seqs):
-            mask = self.step(seqs, cache, mask, gen)
+            self.step(seqs, batch, gen)
             t_first = t_first or time.perf_counter()
             yield False
         self._last_outputs = self._outputs(seqs, before, t0, t_first, time.perf_counter())
         yield True
 
     @torch.inference_mode()
-    def step(
-        self,
-        seqs: list[Sequence],
-        cache: DynamicCache,
-        mask: torch.Tensor | None,
-        gen: torch.Generator | None,
-    ) -> torch.Tensor:
-        x = prefill_inputs(seqs, self.device) if mask is None else decode_inputs(seqs, mask, self.device)
-        live = [s for s in seqs if not s.finished]
+    def step(self, seqs: list[Sequence], batch: Batch, gen: torch.Generator | None) -> None:
+        """One forward step of ``seqs`` (the prefill first, then one token each), sampled and settled."""
         t0, stall0 = time.perf_counter(), self.runtime.store.stats.stall_s
-        self._begin_step(live, x)
-        logits = self.loaded.model(
-            input_ids=x.ids,
-            attention_mask=x.mask,
-            position_ids=x.positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1, :]  # [B, V]
-        self._end_step()
-        tokens = sample(logits, seqs[0].params, gen).tolist()
-        if not x.prefill:
+        live = [i for i, s in enumerate(seqs) if not s.finished]
+        static = self.static is not None and batch.bucket is not None and batch.decoding
+        if static:
+            self._begin_step([seqs[i] for i in live], [[seqs[i].output_ids[-1]] for i in live],
+                             [[seqs[i].position] for i in live], False, None, batch.bucket.bufs)  # fmt: skip
+            logits = self.static.decode(batch.bucket, seqs, live)
+        else:
+            logits = self._eager_forward(seqs, batch)
+        tokens = sample(logits, seqs[0].params, gen)
+        if static:
+            self.runtime.policy.settle_step(self.static.settle(batch.bucket, live))
+            self._end_step()
+        tokens = tokens.tolist()
+        if batch.decoding:
             self.runtime.report_timing(time.perf_counter() - t0, stall0)
+        batch.decoding = True
         replay = self.runtime.replay
         for seq, token in zip(seqs, tokens):
             if replay is not None:  # follow the recorded text where the trace has it
@@ -251,26 +285,57 @@ class LLM:
                 seq.append(token, self._decode([*seq.output_ids, token]), self.eos_ids)
                 if seq.finished:
                     self.runtime.policy.end_request(seq.request_id)
-        return x.mask
 
-    def _begin_step(self, live: list[Sequence], x: StepInputs) -> None:
+    def _eager_forward(self, seqs: list[Sequence], batch: Batch) -> torch.Tensor:  # [B, V]
+        """The prefill (any path) or an eager decode step: the MoE layers plan, load and compute layer by layer."""
+        if batch.decoding:
+            assert batch.mask is not None
+            x = decode_inputs(seqs, batch.mask, self.device)
+        else:
+            x = prefill_inputs(seqs, self.device)
+        live = [s for s in seqs if not s.finished]
+        self._begin_step(live, x.new_tokens, x.new_positions, x.prefill, x.keep, None)
+        self.runtime.prefetch_after(-1)  # what the step's first layers will need, from the token ids alone
+        if batch.bucket is not None:
+            assert self.static is not None
+            logits = self.static.prefill(batch.bucket, x.ids, x.mask, x.positions)
+        else:
+            logits = self.loaded.model(
+                input_ids=x.ids,
+                attention_mask=x.mask,
+                position_ids=x.positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kw: batch.cache},
+            ).logits[:, -1, :]
+        self._end_step()
+        batch.mask = x.mask
+        return logits
+
+    def _begin_step(
+        self,
+        live: list[Sequence],
+        tokens: list[list[int]],
+        positions: list[list[int]],
+        prefill: bool,
+        keep: torch.Tensor | None,
+        static: StaticBuffers | None,
+    ) -> None:
         rt = self.runtime
-        rt.keep, rt.prefill, rt.step = x.keep, x.prefill, self._step
         ids = [s.request_id for s in live]
+        rows = rt.replay.rows(ids, positions) if rt.replay is not None else None
+        rt.ctx = StepContext(self._step, prefill, keep, rows, static)
         rt.policy.begin_step(
             StepInfo(
                 self._step,
                 tuple(ids),
-                tuple(tuple(t) for t in x.new_tokens),
-                tuple(p[0] for p in x.new_positions),
-                x.prefill,
+                tuple(tuple(t) for t in tokens),
+                tuple(p[0] for p in positions),
+                prefill,
             )
         )
-        rt.prefetch_after(-1)  # what the step's first layers will need, from the token ids alone
         if rt.recorder is not None:
-            rt.recorder.begin_step(self._step, ids, x.new_positions, x.new_tokens, x.prefill)
-        if rt.replay is not None:
-            rt.replay_rows = rt.replay.rows(ids, x.new_positions)
+            rt.recorder.begin_step(self._step, ids, positions, tokens, prefill)
 
     def _end_step(self) -> None:
         self.runtime.policy.end_step()

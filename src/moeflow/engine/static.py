@@ -1,0 +1,192 @@
+"""The static decode path: prefill into a static KV cache, then decode steps in which the device never waits for
+the host: on a GPU each step is one replay of a captured CUDA graph (embedding, every layer with its slot-table
+experts, final norm, logits); elsewhere the same step runs eagerly.
+
+Between steps the host settles the last step (its routing and what the device served, read back in one sync with
+the sampled tokens) and plans the next (``CachePolicy.plan_boundary``), and the slot table executes the plan.
+A bucket holds the static state of one batch shape (rows x max_len): KV cache, input buffers, captured graph.
+Legend: B rows, L MoE layers, K top-k, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moeflow.engine.kv import StaticKV
+from moeflow.experts.layer import Runtime, StaticBuffers
+from moeflow.experts.plan import StepRouting
+from moeflow.experts.slot_experts import Projections
+from moeflow.experts.slot_table import SlotTable
+from moeflow.model.loader import LoadedModel
+from moeflow.sequence import Sequence
+
+MIN_LEN = 256
+"""Smallest KV length of a bucket (lengths are rounded up to a power of two, so few graphs are captured)."""
+
+
+@dataclass
+class Bucket:
+    """Static state of one batch shape; its tensors keep their addresses for the graph."""
+
+    kv: StaticKV
+    bufs: StaticBuffers
+    ids: torch.Tensor  # [B, 1] input token of each row
+    pos: torch.Tensor  # [B, 1] its position
+    logits: torch.Tensor  # [B, V]
+    staging: torch.Tensor  # [3, B] host copy of ids, positions and live rows
+    graph: torch.cuda.CUDAGraph | None = None
+
+
+class StaticDecoder:
+    """Owns the buckets, the slot table and the captured graphs of one engine."""
+
+    def __init__(self, loaded: LoadedModel, runtime: Runtime, graphs: bool, blocks: dict | None = None):
+        self.lm, self.rt, self.graphs, self.blocks = loaded, runtime, graphs, blocks
+        params = inspect.signature(loaded.model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        Projections.of(loaded.layers[0].module, loaded.layout)  # refuses layouts the kernel cannot run
+        self._buckets: dict[tuple[int, int], Bucket] = {}
+        self._table: SlotTable | None = None
+        self._pool = torch.cuda.graph_pool_handle() if graphs else None
+
+    @property
+    def table(self) -> SlotTable:
+        store = self.rt.store
+        if self._table is None or self._table.store is not store:  # a new slot pool (reconfigure): start over
+            self._table = SlotTable(store, store.num_slots // 2 + 1)
+            self._buckets.clear()
+        return self._table
+
+    def bucket(self, rows: int, length: int) -> Bucket:
+        max_len = max(MIN_LEN, 1 << (length - 1).bit_length())
+        key = (rows, max_len)
+        table = self.table
+        if key not in self._buckets:
+            self._buckets[key] = self._new_bucket(rows, max_len, table)
+        return self._buckets[key]
+
+    def _new_bucket(self, rows: int, max_len: int, table: SlotTable) -> Bucket:
+        lm, dev = self.lm, self.lm.device
+        shape = (len(lm.layers), rows, lm.top_k)
+        rt = self.rt
+        bufs = StaticBuffers(
+            tensors=table.tensors,
+            live=torch.ones(rows, dtype=torch.bool, device=dev),
+            route_ids=torch.zeros(shape, dtype=torch.long, device=dev),
+            route_w=torch.zeros(shape, dtype=torch.float32, device=dev) if rt.recorder is not None else None,
+            replay_ids=torch.zeros(shape, dtype=torch.long, device=dev) if rt.replay is not None else None,
+            replay_w=torch.zeros(shape, dtype=torch.float32, device=dev) if rt.replay is not None else None,
+            blocks=self.blocks,
+        )
+        vocab = lm.model.get_output_embeddings().weight.shape[0]
+        staging = torch.zeros(3, rows, dtype=torch.long, pin_memory=dev.type == "cuda")
+        return Bucket(
+            StaticKV(lm.model, rows, max_len, dev),
+            bufs,
+            torch.zeros(rows, 1, dtype=torch.long, device=dev),
+            torch.zeros(rows, 1, dtype=torch.long, device=dev),
+            torch.zeros(rows, vocab, dtype=lm.dtype, device=dev),
+            staging,
+        )
+
+    # ------------------------------------------------------------------------------------ steps
+    def prefill(
+        self, bucket: Bucket, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:  # [B, V]
+        """Run the (left-padded) prompts eagerly into the bucket's cache; the MoE layers take the eager path."""
+        bucket.kv.reset(mask)
+        out = self.lm.model(
+            input_ids=ids,
+            attention_mask=bucket.kv.prefill_masks(ids.shape[1]),
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_kw: bucket.kv.cache},
+        )
+        return out.logits[:, -1, :]
+
+    def decode(self, bucket: Bucket, seqs: list[Sequence], live: list[int]) -> torch.Tensor:  # [B, V]
+        """One decode step for every row (finished rows compute but count for nothing); returns the logits."""
+        st = bucket.staging
+        st[0] = torch.tensor([s.output_ids[-1] for s in seqs])
+        st[1] = torch.tensor([s.position for s in seqs])
+        st[2] = 0
+        st[2, live] = 1
+        dev = bucket.ids.device
+        staged = st.to(dev, non_blocking=True)
+        bucket.ids.copy_(staged[0, :, None])
+        bucket.pos.copy_(staged[1, :, None])
+        bucket.bufs.live.copy_(staged[2].bool())
+        if self.rt.replay is not None:
+            self._upload_replay(bucket, live)
+        self.table.apply(self.rt.policy.plan_boundary(len(live)))
+        if not self.graphs:
+            self._forward(bucket)
+        else:
+            if bucket.graph is None:
+                bucket.graph = self._capture(bucket)
+            bucket.graph.replay()
+        return bucket.logits
+
+    def settle(self, bucket: Bucket, live: list[int]) -> StepRouting:
+        """After the step (its tokens sampled): what it routed and served, for the policy and the statistics."""
+        experts = bucket.bufs.route_ids[:, live].cpu().numpy()  # [L, T, K]
+        served, filled = self.table.read_back()
+        routing = StepRouting(experts, served, filled)
+        store = self.rt.store
+        missed = int((served == 2).sum())
+        store.stats.bytes_to_device += missed * self.lm.expert_bytes
+        store.stats.bytes_zero_copy += missed * self.lm.expert_bytes
+        rec = self.rt.recorder
+        if rec is not None and bucket.bufs.route_w is not None:
+            weights = bucket.bufs.route_w[:, live].cpu().numpy()
+            for layer in range(len(self.lm.layers)):
+                rec.record(layer, experts[layer], weights[layer])
+        return routing
+
+    def _upload_replay(self, bucket: Bucket, live: list[int]) -> None:
+        rt, bufs = self.rt, bucket.bufs
+        assert rt.replay is not None and bufs.replay_ids is not None and bufs.replay_w is not None
+        rows = rt.ctx.replay_rows
+        ids = np.zeros(bufs.replay_ids.shape, np.int64)
+        weights = np.zeros(bufs.replay_w.shape, np.float32)
+        for layer in range(ids.shape[0]):
+            ids[layer, live], weights[layer, live] = rt.replay.route(rows, layer)
+        bufs.replay_ids.copy_(torch.from_numpy(ids))
+        bufs.replay_w.copy_(torch.from_numpy(weights))
+
+    def _forward(self, bucket: Bucket) -> None:
+        """The step itself: device work only (this is what the graph captures)."""
+        t = bucket.bufs.tensors
+        t.fill_count.zero_()
+        t.served.zero_()
+        t.filled.fill_(-1)
+        out = self.lm.model(
+            input_ids=bucket.ids,
+            attention_mask=bucket.kv.decode_masks(),
+            position_ids=bucket.pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_kw: bucket.kv.cache},
+        )
+        bucket.logits.copy_(out.logits[:, -1, :])
+
+    def _capture(self, bucket: Bucket) -> torch.cuda.CUDAGraph:
+        """Warm up (kernels compiled, allocator settled) and capture one step; the cache is left as it was."""
+        lengths = [layer.cumulative_length.clone() for layer in bucket.kv.cache.layers]
+        side = torch.cuda.Stream(bucket.ids.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(bucket)
+        torch.cuda.current_stream().wait_stream(side)
+        for layer, n in zip(bucket.kv.cache.layers, lengths):
+            layer.cumulative_length.copy_(n)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._forward(bucket)
+        return graph

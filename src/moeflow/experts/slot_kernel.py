@@ -1,0 +1,134 @@
+"""The slot-table experts kernel (Triton, CUDA only): one projection of a MoE layer for every routed pair.
+
+Program ``(e, n-block)`` serves expert ``e`` of the layer for all the tokens routed to it: it reads the expert's
+weights once, from its device slot when ``table[e] >= 0``, else straight from pinned host memory (zero-copy over
+UVA: the host pool is addressed as an element offset from the slot pool's base pointer), and, for a missed expert
+with a reserved fill slot, writes what it read into that slot (a read-through fill: the bytes cross the link once).
+The caller groups the pairs by expert (``order``, ``counts``, ``starts``) with device ops, so nothing here needs
+the host. Legend: P pairs (T tokens x K), N output features, D input features, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _slot_linear(
+    x_ptr,  # [R, D] inputs: tokens (first projection) or pairs (second)
+    stride_x,
+    y_ptr,  # [P, N] outputs, by pair
+    stride_y,
+    order_ptr,  # [P] pair ids sorted by expert
+    counts_ptr,  # [E] pairs per expert
+    starts_ptr,  # [E] first index of each expert's pairs in order
+    slot_ptr,  # [E] device slot of each expert, -1 when not resident
+    claim_ptr,  # [E] reserved slot to fill with a missed expert, -1 for none
+    pool_ptr,  # slot pool base; expert row r of the pool starts at pool_ptr + r * row_stride
+    host_delta,  # element offset from pool_ptr to the host pool's first row
+    host_row0,  # host row of expert 0 of this layer
+    row_stride,
+    w_off,  # offset of this weight inside an expert row; element (n, d) at w_off + n * swn + d * swd
+    swn,
+    swd,
+    b_off,  # offset of the bias [N] inside an expert row (HAS_BIAS)
+    N,
+    D,
+    K,
+    PAIR_ROWS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FILL: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    e = tl.program_id(0)
+    nb = tl.program_id(1)
+    cnt = tl.load(counts_ptr + e)
+    if cnt > 0:
+        start = tl.load(starts_ptr + e)
+        slot = tl.load(slot_ptr + e).to(tl.int64)
+        claim = tl.load(claim_ptr + e).to(tl.int64)
+        host_row = host_delta + (host_row0 + e).to(tl.int64) * row_stride
+        row_base = tl.where(slot >= 0, slot * row_stride, host_row)
+        fill = claim >= 0
+        fill_base = pool_ptr + tl.maximum(claim, 0) * row_stride
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        for m0 in range(0, cnt, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < cnt
+            pair = tl.load(order_ptr + start + offs_m, mask=m_ok, other=0)
+            if PAIR_ROWS:
+                rows = pair
+            else:
+                rows = pair // K
+            first = m0 == 0
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                d_ok = offs_d < D
+                xt = tl.load(
+                    x_ptr + rows[:, None] * stride_x + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
+                w_idx = w_off + offs_d[:, None] * swd + offs_n[None, :] * swn  # [BLOCK_D, BLOCK_N]
+                w_ok = d_ok[:, None] & n_ok[None, :]
+                wt = tl.load(pool_ptr + row_base + w_idx, mask=w_ok, other=0.0)
+                if FILL:
+                    tl.store(fill_base + w_idx, wt, mask=w_ok & fill & first)
+                if IEEE:
+                    acc = tl.dot(xt, wt, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xt, wt, acc)
+            if HAS_BIAS:
+                b = tl.load(pool_ptr + row_base + b_off + offs_n, mask=n_ok, other=0.0)
+                if FILL:
+                    tl.store(fill_base + b_off + offs_n, b, mask=n_ok & fill & first)
+                acc += b[None, :].to(tl.float32)
+            tl.store(
+                y_ptr + pair[:, None] * stride_y + offs_n[None, :],
+                acc.to(y_ptr.dtype.element_ty),
+                mask=m_ok[:, None] & n_ok[None, :],
+            )
+
+
+BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3}
+"""Tile sizes and launch options (benchmarks/decode_floor.py times alternatives on the H200)."""
+
+
+def slot_linear(
+    x: torch.Tensor,  # [R, D]
+    y: torch.Tensor,  # [P, N], written for the pairs of experts in use
+    groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # order [P], counts [E], starts [E] (int32)
+    slot: torch.Tensor,  # [E] int32
+    claim: torch.Tensor,  # [E] int32
+    pool: torch.Tensor,  # [S, row] slot pool
+    host: torch.Tensor,  # [L*E, row] pinned host pool
+    host_row0: int,
+    weight: tuple[int, int, int],  # (offset, stride along N, stride along D) inside an expert row
+    bias_off: int | None,
+    k: int,
+    pair_rows: bool,
+    fill: bool,
+    blocks: dict | None = None,
+) -> None:
+    order, counts, starts = groups
+    n, d = y.shape[1], x.shape[1]
+    opts = {**BLOCKS, **(blocks or {})}
+    num_experts = counts.shape[0]
+    itemsize = pool.element_size()
+    delta = host.data_ptr() - pool.data_ptr()
+    assert delta % itemsize == 0, "host and slot pools must be element-aligned"
+    grid = (num_experts, triton.cdiv(n, opts["BLOCK_N"]))
+    _slot_linear[grid](
+        x, x.stride(0), y, y.stride(0), order, counts, starts, slot, claim, pool,
+        delta // itemsize, host_row0, pool.stride(0), weight[0], weight[1], weight[2],
+        bias_off if bias_off is not None else 0, n, d, k,
+        PAIR_ROWS=pair_rows, HAS_BIAS=bias_off is not None, FILL=fill, IEEE=x.dtype == torch.float32,
+        **opts,
+    )  # fmt: skip

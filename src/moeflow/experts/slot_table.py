@@ -1,0 +1,90 @@
+"""The device-side residency table of the static decode path, and the execution of a step boundary.
+
+``table[l, e]`` is the slot holding expert ``e`` of layer ``l`` (-1: read it from host memory). It is a function of
+the policy's residency (``Boundary.resident``) minus the slots whose copies have not landed: between steps the whole
+table is uploaded on the compute stream (one small copy, before the next step), so an eviction takes effect at a
+step boundary and no kernel reads a slot that is being overwritten. Prefetch copies then run on the store's copy
+stream, each group followed by a device write of its table entries, so an expert becomes visible once its bytes
+have landed, possibly in the middle of the next step. The buffer after the table holds the reserved fill slots.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moeflow.experts.plan import Boundary, Load
+from moeflow.experts.slot_experts import SlotTensors
+from moeflow.experts.store import ExpertStore
+
+COPY_GROUP = 8
+"""Prefetch copies per table write (a write is a small launch; a group becomes visible together)."""
+
+
+class SlotTable:
+    """The slot table of one store, with the small device buffers the static step reads and writes."""
+
+    def __init__(self, store: ExpertStore, fill_cap: int):
+        lm = store.loaded
+        self.store, self.num_layers, self.num_experts = store, len(lm.layers), lm.num_experts
+        n = self.num_layers * self.num_experts
+        dev = store.device
+        self.zero_copy = store.cuda and _host_is_ordered(store, self.num_layers, self.num_experts)
+        self._buf = torch.full((n + fill_cap,), -1, dtype=torch.int32, device=dev)
+        self._staging = torch.full_like(self._buf, -1, device="cpu").pin_memory() if store.cuda else None
+        self.tensors = SlotTensors(
+            pool=store.slots,
+            host=store.host if self.zero_copy else None,
+            host_row=lambda layer, e: store.host_row_of((layer, e)),
+            table=self._buf[:n].view(self.num_layers, self.num_experts),
+            fills=self._buf[n:],
+            fill_count=torch.zeros(1, dtype=torch.int32, device=dev),
+            served=torch.zeros(self.num_layers, self.num_experts, dtype=torch.int8, device=dev),
+            filled=torch.full((self.num_layers, self.num_experts), -1, dtype=torch.int32, device=dev),
+            layout=lm.layout,
+        )
+
+    def apply(self, boundary: Boundary) -> None:
+        """Between steps: upload the table (evictions take effect) and the fill slots, then start the copies."""
+        store = self.store
+        loading = np.zeros(store.num_slots, bool)
+        loading[[load.slot for load in boundary.loads]] = True
+        changing = [load.slot for load in boundary.loads] + list(boundary.fill_slots)
+        ok = (boundary.resident >= 0) & ~loading
+        for slot in np.flatnonzero(ok).tolist():
+            if not store.landed(slot):
+                ok[slot] = False  # a copy still in flight: its own table write will publish it
+        host = np.full(self._buf.shape[0], -1, np.int32)
+        n = self.num_layers * self.num_experts
+        host[boundary.resident[ok]] = np.flatnonzero(ok)
+        host[n : n + len(boundary.fill_slots)] = boundary.fill_slots
+        if self._staging is None:
+            self._buf.copy_(torch.from_numpy(host))
+        else:
+            for (
+                slot
+            ) in changing:  # a pending table write for a slot's old key must not land after this upload
+                store.wait_landed(slot)
+            self._staging.copy_(torch.from_numpy(host))
+            self._buf.copy_(self._staging, non_blocking=True)
+        self._copy(boundary.loads)
+
+    def _copy(self, loads: tuple[Load, ...]) -> None:
+        ordered = sorted(loads, key=lambda ld: -ld.priority)
+        for start in range(0, len(ordered), COPY_GROUP):
+            group = ordered[start : start + COPY_GROUP]
+            keys = [ld.key[0] * self.num_experts + ld.key[1] for ld in group]
+            self.store.copy_published(group, self._buf[: self.num_layers * self.num_experts], keys)
+
+    def read_back(self) -> tuple[np.ndarray, np.ndarray]:
+        """(served [L, E], filled [L, E]) of the last step (waits for it)."""
+        t = self.tensors
+        return t.served.cpu().numpy(), t.filled.cpu().numpy()
+
+
+def _host_is_ordered(store: ExpertStore, num_layers: int, num_experts: int) -> bool:
+    """Every expert sits in the host pool at row l*E+e (the preload order), so the kernel can address it."""
+    if store.host_capacity < num_layers * num_experts:
+        return False
+    return all(store.host_row.get((layer, e)) == layer * num_experts + e
+               for layer in range(num_layers) for e in range(num_experts))  # fmt: skip

@@ -57,13 +57,14 @@ class TimedLLM(LLM):
         """Decode totals accumulated since ``before`` (a copy of ``self.decode``)."""
         return {k: self.decode[k] - before[k] for k in before}
 
-    def step(self, seqs, cache, mask, gen):  # type: ignore[override]
+    def step(self, seqs, batch, gen):  # type: ignore[override]
         live = sum(not s.finished for s in seqs)
+        decoding = batch.decoding
         p, s = self.policy.stats, self.store.stats
         before = (p.hits, p.misses, s.bytes_to_device, s.stall_s)
         t0 = time.perf_counter()
-        out = super().step(seqs, cache, mask, gen)  # ends with a host sync (sampling)
-        if mask is not None:
+        super().step(seqs, batch, gen)  # ends with a host sync (sampling)
+        if decoding:
             d = self.decode
             d["wall_s"] += time.perf_counter() - t0
             d["tokens"] += live
@@ -73,7 +74,6 @@ class TimedLLM(LLM):
                 (p.hits, p.misses, s.bytes_to_device, s.stall_s),
             ):
                 d[key] += a - b
-        return out
 
 
 def run(llm: TimedLLM, reqs: list, batch: int, bw: float) -> dict:

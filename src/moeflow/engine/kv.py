@@ -3,7 +3,8 @@
 One transformers ``StaticLayer`` per decoder layer, ``rows`` sequences x ``max_len`` positions, allocated at the
 first prefill and reused by every batch of the same shape (a captured graph keeps its addresses). All rows write
 position ``p`` of the cache at step ``p`` (prompts are left-padded), so a row's keys are valid where its prompt was
-not padding. Masks are boolean and 4-D (transformers uses a 4-D mask as given): causal, padding, and each layer
+not padding. Masks are 4-D (transformers uses a 4-D mask as given; boolean for sdpa, additive floats for eager
+attention): causal, padding, and each layer
 type's sliding window, computed on the device from the cache's own write position so a graph can replay them.
 Legend: B rows, S prompt width, M max_len.
 """
@@ -25,6 +26,8 @@ class StaticKV:
         self.rows, self.max_len, self.device = rows, max_len, device
         self.cache = Cache(layers=[StaticLayer(max_len) for _ in range(config.num_hidden_layers)])
         self.windows = _mask_windows(model)
+        self.additive = None if config._attn_implementation == "sdpa" else model.dtype
+        """Eager attention adds its mask to the scores: a float mask of this dtype (0 or its minimum); sdpa: bool."""
         """Mask name -> sliding window (None: full causal); the name "" means one mask for every layer."""
         self.key_ok = torch.zeros(rows, max_len, dtype=torch.bool, device=device)
         """[B, M] positions holding a real key (not left padding), decode positions included."""
@@ -65,7 +68,12 @@ class StaticKV:
             allowed = (allowed[None] & self.key_ok[:, None, :]) | (j == qi)[
                 None
             ]  # a query always sees itself
-            out[name] = allowed[:, None]  # [B, 1, Q, M]
+            mask = allowed[:, None]  # [B, 1, Q, M]
+            if self.additive is not None:
+                mask = torch.zeros(mask.shape, dtype=self.additive, device=self.device).masked_fill(
+                    ~mask, torch.finfo(self.additive).min
+                )
+            out[name] = mask
         return out.get("", out)
 
 

@@ -57,7 +57,7 @@ class StaticDecoder:
     def table(self) -> SlotTable:
         store = self.rt.store
         if self._table is None or self._table.store is not store:  # a new slot pool (reconfigure): start over
-            self._table = SlotTable(store, store.num_slots // 2 + 1)
+            self._table = SlotTable(store, store.num_slots // 2 + 1)  # fill_budget's cap
             self._buckets.clear()
         return self._table
 
@@ -162,7 +162,7 @@ class StaticDecoder:
     def _forward(self, bucket: Bucket) -> None:
         """The step itself: device work only (this is what the graph captures)."""
         t = bucket.bufs.tensors
-        t.fill_count.zero_()
+        t.taken.zero_()
         t.served.zero_()
         t.filled.fill_(-1)
         out = self.lm.model(

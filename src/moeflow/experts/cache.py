@@ -92,7 +92,7 @@ class CachePolicy:
         self.stats = PolicyStats()
         self._unused_prefetch = set()
         self.clock = 0
-        self._reserved: list[int] = []  # slots held empty for the coming static step's read-through fills
+        self._offered: list[int] = []  # candidate slots of the coming static step's read-through fills
         self._miss_avg: float | None = None  # misses per static decode step (running average)
 
     # ----------------------------------------------------------------- hooks (override as needed)
@@ -272,8 +272,8 @@ class CachePolicy:
     def settle_step(self, routing: StepRouting) -> None:
         """A static decode step ran (``routing`` read back from the device): learn its routing layer by layer as
         ``request`` would (``observe``, ``on_access``, recency), count hits and misses as the device served them,
-        and place the missed experts the kernel wrote into reserved slots. Unclaimed reserved slots become free."""
-        reserved = set(self._reserved)
+        and place the missed experts the kernel wrote into candidate slots (evicting what those held)."""
+        offered = set(self._offered)
         hits = misses = 0
         for layer in range(self.num_layers):
             self.observe(layer, routing.experts[layer], None)
@@ -288,40 +288,45 @@ class CachePolicy:
                 else:
                     misses += 1
                     slot = int(routing.filled[layer, e])
-                    if slot in reserved and key not in self.slot_of:
-                        reserved.discard(slot)
-                        self._occupy(key, slot)
+                    if slot in offered:
+                        offered.discard(slot)
+                        self._fill(key, slot)
                 if key in self.slot_of:
                     self.touch(key)
                 self.on_access(key)
         self.stats.hits += hits
         self.stats.misses += misses
         self._miss_avg = misses if self._miss_avg is None else 0.8 * self._miss_avg + 0.2 * misses
-        self._free.extend(sorted(reserved, reverse=True))
-        self._reserved = []
+        self._offered = []
+
+    def _fill(self, key: Key, slot: int) -> None:
+        held = self.key_in[slot]
+        if held is not None:
+            self._vacate(held)
+        else:
+            self._free.remove(slot)
+        if key in self.slot_of:  # resident already (a prefetch still landing): the fill is the copy kept
+            self._free.append(self._vacate(key, evicted=False))
+        self._occupy(key, slot)
 
     def plan_boundary(self, batch: int) -> Boundary:
         """Between static decode steps, after ``begin_step`` of the coming one: its prefetches (``prefetch(-1)``)
-        and the slots reserved for read-through fills (``fill_budget``; free slots first, then victims)."""
+        and the candidate slots for read-through fills (``fill_budget`` of them: free slots, then victims in the
+        policy's eviction order; nothing is evicted until the device claims it)."""
         loads = tuple(self.prefetch(-1))
-        protect = {load.key for load in loads}
-        evicted = [load.evicted for load in loads if load.evicted is not None]
         n = self.fill_budget(batch)
-        slots = [self._free.pop() for _ in range(min(n, len(self._free)))]
-        for key in self.select_victims(n - len(slots), protect, 0) if n > len(slots) else []:
-            slots.append(self._vacate(key))
-            evicted.append(key)
-        self._reserved = slots
+        free = self._free[::-1][:n]
+        protect = {load.key for load in loads}
+        victims = self.select_victims(n - len(free), protect, 0) if n > len(free) else []
+        self._offered = free + [self.slot_of[key] for key in victims]
         resident = np.where(self.slot_layer >= 0, self.slot_layer * self.num_experts + self.slot_expert, -1)
-        return Boundary(loads, tuple(slots), tuple(evicted), resident)
+        return Boundary(loads, tuple(self._offered), resident)
 
     def fill_budget(self, batch: int) -> int:
-        """Slots to reserve for the coming step's misses: 1.5x the recent misses per step (before any step: the
-        free slots only), at most every routed expert of the step and half the pool."""
-        cap = min(self.num_layers * self.top_k * batch, self.num_slots // 2)
-        if self._miss_avg is None:
-            return min(len(self._free), cap)
-        return int(min(np.ceil(1.5 * self._miss_avg), cap))
+        """Candidate slots to offer for the coming step's misses: twice the recent misses per step plus one
+        token's routing per layer (unclaimed candidates cost nothing), at most half the pool."""
+        guess = self.num_layers * self.top_k * batch if self._miss_avg is None else 2 * self._miss_avg
+        return int(min(guess + self.num_layers * self.top_k, self.num_slots // 2))
 
 
 POLICIES: dict[str, Callable[[], CachePolicy]] = {}

@@ -61,19 +61,20 @@ class StepRouting:
     served: np.ndarray
     """[L, E] int8: 0 the expert was not used, 1 read from its device slot (hit), 2 read from host memory (miss)."""
     filled: np.ndarray
-    """[L, E] int32: the reserved slot a missed expert was written into while it was read (-1: none)."""
+    """[L, E] int32: the candidate slot a missed expert was written into while it was read (-1: none)."""
 
 
 @dataclass(frozen=True)
 class Boundary:
-    """What the store does between two static decode steps, in this order: evictions take effect (the slot table
-    stops pointing at them), ``loads`` are copied on a side stream, ``fill_slots`` wait empty for read-through fills."""
+    """What the store does between two static decode steps: the slot table is rebuilt from ``resident`` (evictions
+    take effect), ``loads`` are copied on a side stream, and ``candidates`` are offered for read-through fills."""
 
     loads: tuple[Load, ...]
     """Prefetches for the coming step (their slots' old keys are evicted)."""
-    fill_slots: tuple[int, ...]
-    """Empty slots a missed expert may be written into by the experts kernel as it reads it."""
-    evicted: tuple[Key, ...]
-    """Keys no longer resident, reserved slots' previous keys included."""
+    candidates: tuple[int, ...]
+    """Slots a missed expert may be written into as the kernel reads it, in order of preference: free slots, then
+    victims. A victim stays resident unless claimed, and the device claims it for a miss of layer ``l`` only when
+    its key cannot be needed again in the step (its layer ran and did not use it, or it is layer ``l``'s and
+    unrouted), so a fill never destroys an expert the step still reads."""
     resident: np.ndarray
-    """[S] int64: the key in each slot after this boundary, as layer * E + expert (-1: empty or reserved)."""
+    """[S] int64: the key in each slot after this boundary, as layer * E + expert (-1: empty)."""

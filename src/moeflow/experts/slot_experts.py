@@ -2,8 +2,8 @@
 
 For each layer: the routed (token, expert) pairs are grouped by expert with device ops (nothing waits for the
 host, so the step can be captured in a CUDA graph); each used expert is read from its slot when ``table[l, e] >= 0``
-and from the host pool otherwise; a missed expert claims one of the slots reserved for the step (in expert order,
-layer by layer) and is written into it as it is read (read-through fill). What happened is left on the device for
+and from the host pool otherwise; a missed expert claims one of the candidate slots the policy offered for the step
+(see ``_claim``) and is written into it as it is read (read-through fill). What happened is left on the device for
 the host to read after the step: ``served[l, e]`` (1 hit, 2 miss) and ``filled[l, e]`` (the slot filled, or -1).
 
 On CUDA the projections run in the Triton kernel of :mod:`moeflow.experts.slot_kernel`; elsewhere a torch
@@ -36,10 +36,11 @@ class SlotTensors:
     host_row: HostRow
     table: torch.Tensor
     """[L, E] int32: slot of each expert, -1 when not resident."""
-    fills: torch.Tensor
-    """[F] int32: slots reserved for this step's read-through fills, -1 padded."""
-    fill_count: torch.Tensor
-    """[1] int32: fills claimed so far in the step."""
+    cand: torch.Tensor
+    """[3, C] int32: candidate slots for this step's read-through fills, in order, with the layer and expert of
+    the key each holds (layer -1: a free slot; slot -1: padding)."""
+    taken: torch.Tensor
+    """[C + 1] bool: candidates claimed so far in the step (the last entry absorbs unclaimed writes)."""
     served: torch.Tensor
     """[L, E] int8: 0 unused, 1 read from a slot, 2 read from host memory."""
     filled: torch.Tensor
@@ -73,7 +74,7 @@ class Projections:
 def group_pairs(
     src: SlotTensors, layer: int, ids: torch.Tensor, live: torch.Tensor | None
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Group the layer's pairs by expert and claim fill slots for its misses, all on the device.
+    """Group the layer's pairs by expert and claim candidate slots for its misses, all on the device.
 
     Returns ((order [P], counts [E], starts [E]) int32, the layer's slot row [E], claims [E])."""
     t, k = ids.shape
@@ -87,14 +88,30 @@ def group_pairs(
     starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts
     slot = src.table[layer]  # [E]
     used = counts[:num_experts] > 0
-    miss = used & (slot < 0)
-    rank = torch.cumsum(miss, 0, dtype=torch.int32) - 1 + src.fill_count  # [E] order of each miss in the step
-    cap = src.fills.shape[0]
-    claim = torch.where(miss & (rank < cap), src.fills[rank.clamp(0, cap - 1).long()], -1).to(torch.int32)
-    src.fill_count.add_(miss.sum(dtype=torch.int32))
+    claim = _claim(src, layer, used & (slot < 0), counts)
     src.filled[layer] = claim
     src.served[layer] = torch.where(used, torch.where(slot >= 0, 1, 2), 0).to(torch.int8)
     return (order, counts[:num_experts], starts[:num_experts]), slot, claim
+
+
+def _claim(src: SlotTensors, layer: int, miss: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[E] the candidate slot each missed expert of ``layer`` is written into (-1: none), in expert order: the
+    first candidates not taken yet whose key the step cannot read again: free, of a layer already run that did
+    not use it this step, or of this layer and not routed to."""
+    c_slot, c_layer, c_expert = src.cand[0], src.cand[1], src.cand[2]
+    cap = c_slot.shape[0]
+    lay, e = c_layer.clamp(min=0).long(), c_expert.clamp(min=0).long()
+    unused = src.served[lay, e] == 0  # layers before this one have written served for the step
+    done = (c_layer < 0) | ((c_layer < layer) & unused) | ((c_layer == layer) & (counts[e] == 0))
+    ok = done & (c_slot >= 0) & ~src.taken[:cap]
+    ok_rank = torch.cumsum(ok, 0, dtype=torch.int32) - 1  # [C]
+    by_rank = torch.full((cap + 1,), cap, dtype=torch.long, device=miss.device)
+    by_rank.scatter_(0, torch.where(ok, ok_rank, cap).long(), torch.arange(cap, device=miss.device))
+    miss_rank = (torch.cumsum(miss, 0, dtype=torch.int32) - 1).clamp(0, cap).long()  # [E]
+    pick = by_rank[miss_rank]  # [E] candidate index, cap when there is none
+    got = miss & (pick < cap)
+    src.taken.scatter_(0, torch.where(got, pick, cap), torch.ones_like(got))
+    return torch.where(got, c_slot[pick.clamp(max=cap - 1)], -1).to(torch.int32)
 
 
 def slot_experts_forward(

@@ -5,7 +5,8 @@ the policy's residency (``Boundary.resident``) minus the slots whose copies have
 table is uploaded on the compute stream (one small copy, before the next step), so an eviction takes effect at a
 step boundary and no kernel reads a slot that is being overwritten. Prefetch copies then run on the store's copy
 stream, each group followed by a device write of its table entries, so an expert becomes visible once its bytes
-have landed, possibly in the middle of the next step. The buffer after the table holds the reserved fill slots.
+have landed, possibly in the middle of the next step. The buffer after the table holds the fill candidates (their
+slots, and the layer and expert each holds), uploaded with it in one copy.
 """
 
 from __future__ import annotations
@@ -30,40 +31,46 @@ class SlotTable:
         n = self.num_layers * self.num_experts
         dev = store.device
         self.zero_copy = store.cuda and _host_is_ordered(store, self.num_layers, self.num_experts)
-        self._buf = torch.full((n + fill_cap,), -1, dtype=torch.int32, device=dev)
+        self._buf = torch.full(
+            (n + 3 * fill_cap,), -1, dtype=torch.int32, device=dev
+        )  # table, then candidates
         self._staging = torch.full_like(self._buf, -1, device="cpu").pin_memory() if store.cuda else None
         self.tensors = SlotTensors(
             pool=store.slots,
             host=store.host if self.zero_copy else None,
             host_row=lambda layer, e: store.host_row_of((layer, e)),
             table=self._buf[:n].view(self.num_layers, self.num_experts),
-            fills=self._buf[n:],
-            fill_count=torch.zeros(1, dtype=torch.int32, device=dev),
+            cand=self._buf[n:].view(3, fill_cap),
+            taken=torch.zeros(fill_cap + 1, dtype=torch.bool, device=dev),
             served=torch.zeros(self.num_layers, self.num_experts, dtype=torch.int8, device=dev),
             filled=torch.full((self.num_layers, self.num_experts), -1, dtype=torch.int32, device=dev),
             layout=lm.layout,
         )
 
     def apply(self, boundary: Boundary) -> None:
-        """Between steps: upload the table (evictions take effect) and the fill slots, then start the copies."""
-        store = self.store
+        """Between steps: upload the table (evictions take effect) and the fill candidates, start the copies."""
+        store, num_experts = self.store, self.num_experts
         loading = np.zeros(store.num_slots, bool)
         loading[[load.slot for load in boundary.loads]] = True
-        changing = [load.slot for load in boundary.loads] + list(boundary.fill_slots)
-        ok = (boundary.resident >= 0) & ~loading
-        for slot in np.flatnonzero(ok).tolist():
-            if not store.landed(slot):
-                ok[slot] = False  # a copy still in flight: its own table write will publish it
+        landed = np.array([store.landed(s) for s in range(store.num_slots)]) if store.cuda else ~loading
+        ok = (boundary.resident >= 0) & ~loading & landed  # a copy in flight publishes its own entry
         host = np.full(self._buf.shape[0], -1, np.int32)
-        n = self.num_layers * self.num_experts
+        n = self.num_layers * num_experts
         host[boundary.resident[ok]] = np.flatnonzero(ok)
-        host[n : n + len(boundary.fill_slots)] = boundary.fill_slots
+        cand = np.asarray([s for s in boundary.candidates if landed[s] and not loading[s]], np.int64)
+        cap = (host.shape[0] - n) // 3
+        cand = cand[:cap]
+        keys = boundary.resident[cand]
+        c = host[n:].reshape(3, cap)
+        c[0, : len(cand)] = cand
+        c[1, : len(cand)] = np.where(keys >= 0, keys // num_experts, -1)
+        c[2, : len(cand)] = np.where(keys >= 0, keys % num_experts, -1)
         if self._staging is None:
             self._buf.copy_(torch.from_numpy(host))
         else:
             for (
                 slot
-            ) in changing:  # a pending table write for a slot's old key must not land after this upload
+            ) in cand.tolist():  # a pending table write for a slot's old key must not land after this upload
                 store.wait_landed(slot)
             self._staging.copy_(torch.from_numpy(host))
             self._buf.copy_(self._staging, non_blocking=True)

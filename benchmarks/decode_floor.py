@@ -1,0 +1,182 @@
+"""Decode time per token against its floors, per policy, cache fraction and batch size (one GPU command).
+
+For each configuration: the measured decode ms/token (prefill excluded) with routing replayed from ``--trace``,
+and two floors computed in the same run from the measured host->device bandwidth and the all-resident step time:
+the policy's own floor (its bytes moved per token / bandwidth + resident time) and Belady's floor (the bytes the
+offline optimum would move for the same steps, batched as the engine batched them, / bandwidth + resident time).
+A kernel stage first times tile options of the slot-table experts kernel on one layer (from slots, from host).
+
+    python benchmarks/decode_floor.py --model /dev/shm/olmoe --trace benchmarks/traces/demo-eval.npz \
+        --out benchmarks/results/decode-floor-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import h2d_bandwidth
+from benchmarks.policy_decode import TimedLLM, requests_of, run
+from moeflow.routing.trace import Trace
+
+VARIANTS = [
+    {"BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_N": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_N": 64, "BLOCK_D": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 2, "num_stages": 4},
+]
+
+
+def kernel_stage(llm: TimedLLM, batches: list[int]) -> tuple[dict, list[dict]]:
+    """Time one MoE layer's slot-table experts for each tile option, every expert read from slots or from host;
+    returns the fastest option (from host, the first batch size) and all rows."""
+    import triton.testing
+
+    from moeflow.experts.slot_experts import slot_experts_forward
+
+    t, lm = llm.static.table.tensors, llm.loaded
+    module, e, k = lm.layers[0].module, lm.num_experts, lm.top_k
+    rows, best = [], (float("inf"), VARIANTS[0])
+    saved = t.table.clone()
+    for source in ("slots", "host"):
+        t.table[0] = torch.arange(e, dtype=torch.int32, device="cuda") % t.pool.shape[0] if source == "slots" else -1
+        t.fills.fill_(-1)
+        for batch in batches:
+            g = torch.Generator(device="cuda").manual_seed(batch)
+            x = torch.randn(batch, lm.config.hidden_size, device="cuda", generator=g).to(lm.dtype)
+            ids = torch.stack([torch.randperm(e, device="cuda", generator=g)[:k] for _ in range(batch)])
+            w = torch.rand(batch, k, device="cuda", generator=g).to(lm.dtype)
+            distinct = len(set(ids.flatten().tolist()))
+            for v in VARIANTS:
+                ms = triton.testing.do_bench(
+                    lambda v=v, x=x, ids=ids, w=w: slot_experts_forward(module, t, 0, x, ids, w, None, v),
+                    warmup=25, rep=100, return_mode="median",
+                )  # fmt: skip
+                rows.append({"source": source, "batch": batch, **v, "ms": ms,
+                             "GBps": distinct * lm.expert_bytes / ms / 1e6})  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+                if source == "host" and batch == batches[0] and ms < best[0]:
+                    best = (ms, v)
+    t.table.copy_(saved)
+    return best[1], rows
+
+
+def belady_misses(steps: list[list[set[int]]], slots: int, counted: list[bool]) -> int:
+    """Misses of the offline optimum in the steps flagged ``counted`` (the decode steps); a step's accesses are
+    taken layer by layer; the cache starts empty."""
+    seq = [(i, key) for i, step in enumerate(steps) for layer in step for key in sorted(layer)]
+    nxt = [0] * len(seq)
+    last: dict[int, int] = {}
+    for pos in range(len(seq) - 1, -1, -1):
+        nxt[pos] = last.get(seq[pos][1], 1 << 60)
+        last[seq[pos][1]] = pos
+    cache: dict[int, int] = {}  # key -> its next use
+    heap: list[tuple[int, int]] = []  # (-next use, key), stale entries skipped
+    misses = 0
+    for pos, (i, key) in enumerate(seq):
+        if key not in cache:
+            misses += counted[i]
+            while len(cache) >= slots:
+                nu, victim = heapq.heappop(heap)
+                if cache.get(victim) == -nu:
+                    del cache[victim]
+        cache[key] = nxt[pos]
+        heapq.heappush(heap, (-nxt[pos], key))
+    return misses
+
+
+def engine_steps(trace: Trace, reqs: list, batch: int, num_experts: int, layers: int) -> tuple[list, list]:
+    """The steps the engine runs for ``reqs`` at ``batch`` (as ``policy_decode.run`` batches them): per step and
+    layer, the keys (layer * E + expert) used; and which steps decode."""
+    index = {(int(r), int(p)): i for i, (r, p) in enumerate(zip(trace.request, trace.position))}
+    lmap = np.arange(layers) % trace.num_layers
+    steps, decode = [], []
+    for start in range(0, len(reqs), batch):
+        chunk = reqs[start : start + batch]
+        for step in range(min(n for _, _, n in chunk)):
+            rows = []
+            for rid, prompt, _ in chunk:
+                positions = range(len(prompt)) if step == 0 else [len(prompt) + step - 1]
+                rows += [index[(rid, p)] for p in positions]
+            ex = trace.experts[np.asarray(rows)][:, lmap]  # [T, L, K]
+            steps.append([{int(lay * num_experts + e) for e in np.unique(ex[:, lay])} for lay in range(layers)])
+            decode.append(step > 0)
+    return steps, decode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--trace", required=True)
+    ap.add_argument("--geometry", default="olmoe")
+    ap.add_argument("--policies", default="lru,expertflow,moe-infinity")
+    ap.add_argument("--fractions", default="0.1,0.25,0.5")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--max-prompt", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--decode", default="graph")
+    ap.add_argument("--no-kernel-stage", action="store_true")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    import transformers
+
+    trace = Trace.load(args.trace)
+    reqs = requests_of(trace, args.requests, args.max_prompt, args.max_tokens)
+    llm = TimedLLM(args.model, device="cuda", replay=trace, progress=False, decode=args.decode)
+    info = llm.info
+    total = info.num_layers * info.num_experts
+    batches = [int(b) for b in args.batches.split(",")]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result: dict = {
+        "command": " ".join(sys.argv), "device": torch.cuda.get_device_name(), "commit": commit,
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "geometry": args.geometry, "trace": args.trace, "decode": args.decode, "expert_bytes": info.expert_bytes,
+        "requests": len(reqs), "h2d_GBps": 0.0, "resident_ms": {}, "kernel": [], "runs": [],
+    }  # fmt: skip
+    bw = h2d_bandwidth()
+    result["h2d_GBps"] = bw / 1e9
+    out = Path(args.out)
+    if not args.no_kernel_stage and llm.static is not None:
+        best, result["kernel"] = kernel_stage(llm, batches)
+        llm.static.blocks = best
+        result["blocks"] = best
+    for batch in batches:  # the resident step: every expert in a slot (timed on a second, warm run)
+        llm.reconfigure(policy="lru", num_slots=total)
+        run(llm, reqs[:2], batch, bw)
+        row = run(llm, reqs, batch, bw)
+        result["resident_ms"][str(batch)] = row["decode_ms_per_token"]
+        print("resident", batch, row["decode_ms_per_token"], flush=True)
+        out.write_text(json.dumps(result, indent=2))
+    for frac in [float(f) for f in args.fractions.split(",")]:
+        slots = max(info.top_k, int(total * frac))
+        for batch in batches:
+            steps, decode = engine_steps(trace, reqs, batch, info.num_experts, info.num_layers)
+            bel_bytes = belady_misses(steps, slots, decode) * info.expert_bytes
+            resident = result["resident_ms"][str(batch)]
+            for policy in args.policies.split(","):
+                llm.reconfigure(policy=policy, num_slots=slots)
+                row = run(llm, reqs, batch, bw)
+                tokens = max(row["decode_tokens"], 1)
+                bytes_tok = row["decode_MB_per_token"] * 1e6
+                result["runs"].append({
+                    "geometry": args.geometry, "cache_fraction": frac, "policy": policy, "batch": batch,
+                    "ms_per_token": row["decode_ms_per_token"], "own_floor_ms": 1e3 * bytes_tok / bw + resident,
+                    "belady_floor_ms": 1e3 * bel_bytes / tokens / bw + resident, "hit_ratio": row["decode_hit_ratio"],
+                    "bytes_per_token": bytes_tok, "belady_bytes_per_token": bel_bytes / tokens, "slots": slots,
+                })  # fmt: skip
+                print(json.dumps(result["runs"][-1]), flush=True)
+                out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

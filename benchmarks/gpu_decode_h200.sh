@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Device calls for the static / CUDA-graph decode (each fits one 600 s call):
+#   bash benchmarks/gpu_decode_h200.sh tests   # GPU tests (graph path, kernel, eager path) + OLMoE synth + smoke
+#   bash benchmarks/gpu_decode_h200.sh floor   # benchmarks/decode_floor.py: OLMoE geometry, demo routing replayed,
+#                                              # LRU / ExpertFlow / MoE-Infinity at 10/25/50%, batch 1 and 8
+set -uo pipefail
+export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+M=/dev/shm/olmoe
+T=benchmarks/traces
+STAGE=${1:-tests}
+mkdir -p "$OUT"
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
+synth() {
+  if [ ! -f $M/config.json ]; then
+    rm -rf $M; timeout 200 python3 -m moeflow synth --like olmoe --out $M > "$OUT/synth.log" 2>&1; echo "synth rc $?" >> "$OUT/synth.log"
+  fi
+  mkdir -p $M/moeflow && cp models/demo/moeflow/eamc.npz models/demo/moeflow/predictor.pt $M/moeflow/
+}
+if [ "$STAGE" = tests ]; then
+  synth &
+  timeout 330 python3 -m pytest -q -p no:cacheprovider -rf tests/engine/test_static_gpu.py tests/test_engine_gpu.py 2>&1 | tee "$OUT/gpu-tests.log" | grep -v Warning | tail -40
+  wait; tail -2 "$OUT/synth.log"
+  timeout 150 python3 benchmarks/decode_floor.py --model $M --trace $T/demo-eval.npz --fractions 0.25 --batches 1,8 \
+    --policies lru --requests 4 --max-tokens 16 --out "$OUT/decode-floor-smoke.json" 2>&1 | grep -v Warn | cut -c1-220 | tail -30
+elif [ "$STAGE" = floor ]; then
+  synth
+  timeout 480 python3 benchmarks/decode_floor.py --model $M --trace $T/demo-eval.npz --out "$OUT/decode-floor-h200.json" \
+    2>&1 | grep -v Warn | cut -c1-240 | tail -40
+fi

@@ -48,8 +48,10 @@ def kernel_stage(llm: TimedLLM, batches: list[int]) -> tuple[dict, list[dict]]:
     rows, best = [], (float("inf"), VARIANTS[0])
     saved = t.table.clone()
     for source in ("slots", "host"):
-        t.table[0] = torch.arange(e, dtype=torch.int32, device="cuda") % t.pool.shape[0] if source == "slots" else -1
-        t.fills.fill_(-1)
+        t.table[0] = (
+            torch.arange(e, dtype=torch.int32, device="cuda") % t.pool.shape[0] if source == "slots" else -1
+        )
+        t.cand.fill_(-1)  # no fills: time the reads alone
         for batch in batches:
             g = torch.Generator(device="cuda").manual_seed(batch)
             x = torch.randn(batch, lm.config.hidden_size, device="cuda", generator=g).to(lm.dtype)
@@ -108,7 +110,9 @@ def engine_steps(trace: Trace, reqs: list, batch: int, num_experts: int, layers:
                 positions = range(len(prompt)) if step == 0 else [len(prompt) + step - 1]
                 rows += [index[(rid, p)] for p in positions]
             ex = trace.experts[np.asarray(rows)][:, lmap]  # [T, L, K]
-            steps.append([{int(lay * num_experts + e) for e in np.unique(ex[:, lay])} for lay in range(layers)])
+            steps.append(
+                [{int(lay * num_experts + e) for e in np.unique(ex[:, lay])} for lay in range(layers)]
+            )
             decode.append(step > 0)
     return steps, decode
 

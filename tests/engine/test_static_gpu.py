@@ -88,14 +88,14 @@ def test_slot_kernel_matches_reference_and_fills(checkpoints: dict[str, Path], d
         t.table[1, :3] = torch.tensor([0, 1, 2], dtype=torch.int32)  # experts 0-2 resident in slots 0-2
         for s, e in enumerate(range(3)):
             t.pool[s].copy_(host_pool[1 * 8 + e])
-        t.fills.fill_(-1)
-        t.fills[:2] = torch.tensor([4, 5], dtype=torch.int32)
+        t.cand.fill_(-1)
+        t.cand[:, :2] = torch.tensor([[4, 5], [-1, -1], [-1, -1]], dtype=torch.int32)  # two free slots
         hidden = torch.randn(batch, 32, generator=gen, device="cuda").to(dtype)
         ids = torch.stack([torch.randperm(8, generator=gen, device="cuda")[:2] for _ in range(batch)])
         w = torch.rand(batch, 2, generator=gen, device="cuda").to(dtype)
         outs = []
         for reference in (False, True):
-            t.fill_count.zero_()
+            t.taken.zero_()
             t.pool[4:].zero_()
             src = t if not reference else dataclasses.replace(t, host=None)
             y = slot_experts_forward(module, src, 1, hidden, ids, w, None)

@@ -338,6 +338,9 @@ class LLM:
             rt.recorder.begin_step(self._step, ids, positions, tokens, prefill)
 
     def _end_step(self) -> None:
+        self.runtime.ctx = StepContext(
+            step=self._step + 1
+        )  # a forward outside the engine's steps runs eagerly
         self.runtime.policy.end_step()
         if self.runtime.recorder is not None:
             self.runtime.recorder.end_step()

@@ -50,6 +50,16 @@ def main() -> None:
             row["logits_maxdiff_moeflow_eager"] = float(
                 (llms["eager"].loaded.model(x).logits[0, -1].float() - base).abs().max()
             )
+            full = (
+                llms["eager"]
+                .loaded.model(x, logits_to_keep=1, attention_mask=torch.ones_like(x))
+                .logits[0, -1]
+            )
+            row["moeflow_keep1_top3"] = full.float().topk(3).indices.tolist()
+            row["ref_top3"] = base.topk(3).indices.tolist()
+            row["ref_keep1_top3"] = (
+                refs["batched_mm"](x, logits_to_keep=1).logits[0, -1].float().topk(3).indices.tolist()
+            )
         want = {impl: m.generate(x, max_new_tokens=args.tokens, do_sample=False, eos_token_id=None,
                                  pad_token_id=0)[0, len(ids):].tolist() for impl, m in refs.items()}  # fmt: skip
         for impl in refs:
@@ -57,6 +67,8 @@ def main() -> None:
         for mode, llm in llms.items():
             got = llm.generate([ids], SamplingParams(max_tokens=args.tokens, ignore_eos=True))[0].token_ids
             row[f"first_diff_{mode}"] = {impl: first_diff(got, w) for impl, w in want.items()}
+            row[f"tokens_{mode}"] = got[:6]
+        row["tokens_ref"] = want["batched_mm"][:6]
         rows.append(row)
         print(json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=2))

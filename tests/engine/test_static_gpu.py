@@ -107,4 +107,4 @@ def test_slot_kernel_matches_reference_and_fills(checkpoints: dict[str, Path], d
         assert torch.equal(pool, pool_ref)
         for e, slot in enumerate(filled.tolist()):
             if slot >= 0:
-                assert torch.equal(t.pool[slot], host_pool[8 + e].to(t.pool.dtype))
+                assert torch.equal(t.pool[slot], host_pool[8 + e].to(t.pool.device, t.pool.dtype))

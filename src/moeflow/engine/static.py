@@ -58,7 +58,8 @@ class StaticDecoder:
         store = self.rt.store
         if self._table is None or self._table.store is not store:  # a new slot pool (reconfigure): start over
             self._table = SlotTable(store, store.num_slots // 2 + 1)  # fill_budget's cap
-            self._buckets.clear()
+            self._buckets.clear()  # their graphs go, and with them their memory pool: start a new one
+            self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         return self._table
 
     def bucket(self, rows: int, length: int) -> Bucket:

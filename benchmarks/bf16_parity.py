@@ -71,7 +71,15 @@ def main() -> None:
         row["tokens_ref"] = want["batched_mm"][:6]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=2))
+    import subprocess
+    import sys
+
+    import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    meta = {"command": " ".join(sys.argv), "commit": commit, "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "transformers": transformers.__version__}  # fmt: skip
+    Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -109,6 +109,11 @@ class CachePolicy:
         """After ``layer`` was routed: loads to start now for layers ahead (bookkeeping done via ``admit``)."""
         return []
 
+    def prefetch_next_step(self) -> list[Load]:
+        """Between static decode steps: loads for the coming step, planned before it starts (default: what
+        ``prefetch(-1)`` plans before a step's first layer)."""
+        return self.prefetch(-1)
+
     def end_step(self) -> None:
         """The forward step finished."""
 
@@ -310,10 +315,10 @@ class CachePolicy:
         self._occupy(key, slot)
 
     def plan_boundary(self, batch: int) -> Boundary:
-        """Between static decode steps, after ``begin_step`` of the coming one: its prefetches (``prefetch(-1)``)
+        """Between static decode steps, after ``begin_step`` of the coming one: its prefetches (``prefetch_next_step``)
         and the candidate slots for read-through fills (``fill_budget`` of them: free slots, then victims in the
         policy's eviction order; nothing is evicted until the device claims it)."""
-        loads = tuple(self.prefetch(-1))
+        loads = tuple(self.prefetch_next_step())
         n = self.fill_budget(batch)
         free = self._free[::-1][:n]
         protect = {load.key for load in loads}

@@ -53,9 +53,10 @@ def _slot_linear(
         slot = tl.load(slot_ptr + e).to(tl.int64)
         claim = tl.load(claim_ptr + e).to(tl.int64)
         host_row = host_delta + (host_row0 + e).to(tl.int64) * row_stride
-        row_base = tl.where(slot >= 0, slot * row_stride, host_row)
+        # rows start 16-element aligned (the wrapper checks): say so, or the loads are not vectorised
+        row_base = tl.multiple_of(tl.where(slot >= 0, slot * row_stride, host_row), 16)
         fill = claim >= 0
-        fill_base = pool_ptr + tl.maximum(claim, 0) * row_stride
+        fill_base = pool_ptr + tl.multiple_of(tl.maximum(claim, 0) * row_stride, 16)
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         for m0 in range(0, cnt, BLOCK_M):
@@ -123,7 +124,8 @@ def slot_linear(
     num_experts = counts.shape[0]
     itemsize = pool.element_size()
     delta = host.data_ptr() - pool.data_ptr()
-    assert delta % itemsize == 0, "host and slot pools must be element-aligned"
+    aligned = delta % (16 * itemsize) == 0 and pool.stride(0) % 16 == 0 and weight[0] % 16 == 0
+    assert aligned and (bias_off is None or bias_off % 16 == 0), "expert rows must start 16-element aligned"
     grid = (num_experts, triton.cdiv(n, opts["BLOCK_N"]))
     _slot_linear[grid](
         x, x.stride(0), y, y.stride(0), order, counts, starts, slot, claim, pool,

@@ -239,10 +239,12 @@ class ExpertFlowPolicy(CachePolicy):
         idx = np.flatnonzero(ok)
         return [self.key_in[s] for s in idx[np.lexsort((self.slot_used[idx], -dist[idx]))[:n]]]
 
-    def horizon(self, layer: int) -> list[int]:
-        """Layers after ``layer`` whose predictions are trusted (see ``trust``)."""
+    def horizon(self, layer: int, lookahead: int | None = None) -> list[int]:
+        """Layers after ``layer`` (at most ``lookahead``, default ``max_lookahead``) whose predictions are trusted
+        (see ``trust``)."""
         out = []
-        for nxt in range(layer + 1, min(self.num_layers, layer + 1 + self.max_lookahead)):
+        ahead = self.max_lookahead if lookahead is None else lookahead
+        for nxt in range(layer + 1, min(self.num_layers, layer + 1 + ahead)):
             if self.accuracy[nxt] ** (nxt - layer) < self.trust:
                 break
             out.append(nxt)
@@ -254,11 +256,15 @@ class ExpertFlowPolicy(CachePolicy):
         total = max(float(need.sum()), 1e-9)
         return {ly: max(1, int(self.num_slots * n / total)) for ly, n in zip(layers, need)}
 
-    def prefetch(self, layer: int) -> list[Load]:
+    def prefetch_next_step(self) -> list[Load]:
+        """Static decode plans the coming step at once (nothing runs between its layers): every trusted layer."""
+        return self.prefetch(-1, self.num_layers)
+
+    def prefetch(self, layer: int, lookahead: int | None = None) -> list[Load]:
         """Loads for the trusted layers after ``layer``, nearest layer first, then likeliest expert first."""
         if self._probs is None:
             return []
-        layers = self.horizon(layer)
+        layers = self.horizon(layer, lookahead)
         quota = self.quotas(layers)
         cap = self._call_budget(layer)
         loads: list[Load] = []

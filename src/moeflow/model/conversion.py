@@ -36,6 +36,8 @@ class Source:
     parts: dict[str, list[str]] = field(default_factory=dict)
     """Source pattern (the converter's, or the disk key for a plain renaming) -> disk keys, in transformers' order."""
     converter: WeightConverter | None = None
+    layer_name: str = ""
+    """The name transformers gives the converter's output (its first target): ops look shapes up by it."""
 
     def describe(self) -> str:
         keys = [k for ks in self.parts.values() for k in ks]
@@ -44,16 +46,16 @@ class Source:
         return f"{self.name} <- {shown} [{ops}]"
 
 
-class _OneExpertShapes:
-    """Stands in for the model in operations that look up the target's shape (``Transpose(check_dims=True)``)
-    while they build one expert: the target is [1, ...]."""
+class _TargetShapes:
+    """Stands in for the model in operations that look a target's shape up (``Split``, ``Transpose(check_dims=True)``):
+    shapes are taken at open, before the expert parameters leave the model; ``one_expert``: targets are [1, ...]."""
 
-    def __init__(self, model: nn.Module):
-        self._model = model
+    def __init__(self, shapes: dict[str, tuple[int, ...]], one_expert: bool):
+        self._shapes, self._one = shapes, one_expert
 
     def get_parameter(self, name: str) -> torch.Tensor:
-        shape = self._model.get_parameter(name).shape
-        return torch.empty((1, *shape[1:]), device="meta")
+        shape = self._shapes[name]
+        return torch.empty((1, *shape[1:]) if self._one else shape, device="meta")
 
 
 class WeightMap:
@@ -67,6 +69,7 @@ class WeightMap:
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         prefix = getattr(model, "base_model_prefix", "")
         targets = model.state_dict()
+        self._shapes = {name: tuple(t.shape) for name, t in targets.items()}
         self.sources: dict[str, Source] = {}
         for key in sorted(ckpt.shard_of, key=dot_natural_key):
             name, pattern = rename_source_key(key, renamings, converters, prefix, targets)
@@ -78,7 +81,7 @@ class WeightMap:
                 next((c for c in converters if pattern in c.source_patterns), None) if pattern else None
             )
             for target in self._targets(name, converter):
-                source = self.sources.setdefault(target, Source(target, converter=converter))
+                source = self.sources.setdefault(target, Source(target, converter=converter, layer_name=name))
                 source.parts.setdefault(pattern or key, []).append(key)
 
     @staticmethod
@@ -93,7 +96,9 @@ class WeightMap:
         return name in self.sources
 
     # ------------------------------------------------------------------ building tensors
-    def _run(self, source: Source, inputs: dict[str, list[torch.Tensor]], model: Any) -> torch.Tensor:
+    def _run(
+        self, source: Source, inputs: dict[str, list[torch.Tensor]], model: _TargetShapes
+    ) -> torch.Tensor:
         conv = source.converter
         if conv is None:
             return next(iter(inputs.values()))[0]
@@ -103,7 +108,7 @@ class WeightMap:
                 out,
                 source_patterns=conv.source_patterns,
                 target_patterns=conv.target_patterns,
-                full_layer_name=source.name,
+                full_layer_name=source.layer_name,
                 model=model,
                 config=self.model.config,
                 missing_keys=None,
@@ -119,7 +124,7 @@ class WeightMap:
         source = self.sources[name]
         read = self._meta if meta else self.ckpt.tensor
         inputs = {p: [read(k) for k in keys] for p, keys in source.parts.items()}
-        return self._run(source, inputs, self.model)
+        return self._run(source, inputs, _TargetShapes(self._shapes, one_expert=False))
 
     def expert(self, name: str, num_experts: int, e: int, meta: bool = False) -> torch.Tensor:
         """Expert ``e``'s slice of the 3-D model parameter ``name`` ([E, ...] -> [...]), reading only that expert."""
@@ -140,7 +145,7 @@ class WeightMap:
                 )
         if source.converter is None:
             return next(iter(inputs.values()))[0][0]
-        return self._run(source, inputs, _OneExpertShapes(self.model))[0]
+        return self._run(source, inputs, _TargetShapes(self._shapes, one_expert=True))[0]
 
     def expert_keys(self, name: str, num_experts: int, e: int) -> list[tuple[str, bool]]:
         """(disk key, fused) pairs read for expert ``e`` of ``name`` (for byte accounting)."""

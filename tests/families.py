@@ -83,12 +83,16 @@ RECIPE: dict = dict(
     shared_expert_intermediate_size=24, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
     kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8,
     full_attention_interval=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0,
-    enable_moe_block=True, unpadded_vocab_size=VOCAB, eos_token_id=0, pad_token_id=0, bos_token_id=0,
+    enable_moe_block=True, top_k_experts=2, unpadded_vocab_size=VOCAB, eos_token_id=0, pad_token_id=0, bos_token_id=0,
 )  # fmt: skip
 """One tiny config for every family discovered in transformers (keys a family does not know are ignored)."""
 
 OVERRIDES: dict[str, dict] = {
     "zaya": dict(num_experts_per_tok=1),  # its router supports top-1 only
+    "beam": dict(mlp_layer_types=["dense", "sparse", "sparse"]),  # its default: the first 3 layers dense
+    "bailing_hybrid": dict(layer_group_size=2),  # one full-attention layer in 3
+    "kimi_linear": dict(layer_types=["linear_attention", "full_attention", "linear_attention"]),
+    "mimo_v2_flash": dict(num_key_value_heads=2),  # its partial rotary needs grouped heads here
 }
 """Per-family changes to :data:`RECIPE`, only where a family's config needs them."""
 

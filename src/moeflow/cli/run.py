@@ -109,24 +109,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from moeflow.model.describe import describe
     from moeflow.model.loader import open_model
 
     lm = open_model(
         args.model, torch.device("cpu") if args.device == "cpu" else torch.device("meta"), args.dtype
     )
     total = len(lm.layers) * lm.num_experts
-    info = {
-        "architecture": type(lm.model).__name__,
-        "model_type": lm.config.model_type,
-        "moe_layers": len(lm.layers),
-        "moe_layer_ids": [layer.layer_id for layer in lm.layers],
-        "experts_per_layer": lm.num_experts,
-        "top_k": lm.top_k,
-        "dtype": str(lm.dtype).removeprefix("torch."),
-        "bytes_per_expert": lm.expert_bytes,
-        "expert_bytes_total": lm.expert_bytes * total,
-        "dense_bytes": lm.dense_bytes,
-    }
+    info = describe(lm)
     if args.device_memory:
         budget = parse_size(args.device_memory)
         free = budget - lm.dense_bytes - max(budget // 20, 64 * 2**20)

@@ -35,10 +35,22 @@ class SlotExperts:
 
 
 def _eager(module: nn.Module) -> ExpertsFn:
+    """The family's own loop: the module's ``forward`` (transformers' dispatcher) run on the proxy, whose config
+    names the "eager" implementation, so the dispatcher calls the family's original code (no ``__wrapped__``)."""
+
+    class EagerConfig:
+        _experts_implementation = "eager"
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(module.config, name)
+
     forward = type(module).forward
-    return getattr(
-        forward, "__wrapped__", forward
-    )  # the family's own loop, under transformers' dispatch wrapper
+
+    def run(proxy: Any, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        proxy.config = EagerConfig()
+        return forward(proxy, hidden, index, weights)
+
+    return run
 
 
 SMALL_LAYER_PAIRS = 128

@@ -1,62 +1,104 @@
-"""Per-family facts: how each supported architecture names its expert tensors on disk.
+"""Which architectures moeflow runs: those whose experts module goes through transformers' experts interface.
 
-transformers keeps each MoE layer's experts as 3-D parameters (``gate_up_proj`` [E, ...], ``down_proj`` [E, ...],
-optional biases); checkpoints store them either the same way ("fused", e.g. gpt-oss) or one tensor per expert
-(Mixtral's ``w1/w3/w2``, the Qwen/OLMoE/DeepSeek ``gate_proj/up_proj/down_proj``). One row per family says how to
-assemble one expert's slice of each parameter from per-expert tensors, and how dense names differ on disk.
+transformers marks an experts module with ``@use_experts_implementation``: its ``forward`` then dispatches through
+an :class:`~transformers.integrations.moe.ExpertsInterface`, which is where moeflow registers itself. This module
+detects that (on a class, so the installed transformers can be surveyed without building models, and on a built
+model, to find its MoE layers), finds each MoE layer's top-k, and explains the refusal of any other family.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+import inspect
+from pathlib import Path
+
+from torch import nn
+from transformers.integrations.moe import ExpertsInterface
 
 from moeflow.errors import UnsupportedModelError
 
-
-@dataclass(frozen=True)
-class Family:
-    """How one architecture family stores its experts."""
-
-    name: str
-    expert_parts: dict[str, tuple[str, ...]]
-    """Model parameter of the experts module -> per-expert checkpoint suffixes, concatenated on dim 0, relative to
-    ``<experts path>.<e>.``. Empty: the family stores fused 3-D tensors only."""
-    renames: tuple[tuple[str, str], ...] = ()
-    """(substring in the model's parameter name, substring on disk) for names that differ (e.g. Mixtral's MoE block)."""
+TOP_K_ATTRIBUTES = ("top_k", "num_experts_per_tok", "topk", "moe_topk")
+"""Attribute names under which a MoE block or its router keeps the number of experts per token."""
 
 
-_GATE_UP_DOWN = {"gate_up_proj": ("gate_proj.weight", "up_proj.weight"), "down_proj": ("down_proj.weight",)}
-
-FAMILIES: dict[str, Family] = {
-    "mixtral": Family(
-        "mixtral",
-        {"gate_up_proj": ("w1.weight", "w3.weight"), "down_proj": ("w2.weight",)},
-        renames=((".mlp.", ".block_sparse_moe."),),
-    ),
-    "qwen2_moe": Family("qwen2_moe", _GATE_UP_DOWN),
-    "qwen3_moe": Family("qwen3_moe", _GATE_UP_DOWN),
-    "olmoe": Family("olmoe", _GATE_UP_DOWN),
-    "deepseek_v2": Family("deepseek_v2", _GATE_UP_DOWN),
-    "deepseek_v3": Family("deepseek_v3", _GATE_UP_DOWN),
-    "gpt_oss": Family("gpt_oss", {}),
-}
+def uses_experts_interface(cls: type) -> bool:
+    """The class's own ``forward`` is transformers' dispatching wrapper (it closes over an ExpertsInterface)."""
+    forward = cls.__dict__.get("forward")
+    if not inspect.isfunction(forward) or not forward.__closure__:
+        return False
+    return any(_holds_interface(cell) for cell in forward.__closure__)
 
 
-def family_for(model_type: str) -> Family:
-    """The family row for a config's ``model_type``; a clear error for anything else."""
+def _holds_interface(cell: object) -> bool:
     try:
-        return FAMILIES[model_type]
-    except KeyError:
-        raise UnsupportedModelError(
-            f"model type {model_type!r} is not supported; moeflow runs {', '.join(sorted(FAMILIES))}. "
-            "For a dense model use transformers directly; for another MoE family, open an issue with its config.json"
-        ) from None
+        return isinstance(cell.cell_contents, ExpertsInterface)  # type: ignore[attr-defined]
+    except ValueError:  # an empty cell
+        return False
 
 
-def disk_names(family: Family, model_name: str) -> list[str]:
-    """Candidate on-disk names of a model parameter, the model's own name first."""
-    names = [model_name]
-    for model_part, disk_part in family.renames:
-        if model_part in model_name:
-            names.append(model_name.replace(model_part, disk_part))
-    return names
+def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every experts module of ``model`` that dispatches through the experts interface."""
+    return [
+        (p, m) for p, m in model.named_modules() if any(uses_experts_interface(c) for c in type(m).__mro__)
+    ]
+
+
+def top_k_of(model: nn.Module, experts_path: str) -> int:
+    """Experts per token of the MoE block holding ``experts_path``: the block's or its router's attribute."""
+    block_path = experts_path.rpartition(".")[0]
+    block = model.get_submodule(block_path) if block_path else model
+    for module in (block, *block.children()):
+        for attr in TOP_K_ATTRIBUTES:
+            value = getattr(module, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for attr in TOP_K_ATTRIBUTES:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise UnsupportedModelError(f"cannot tell how many experts per token {block_path} routes to")
+
+
+def refusal(model_type: str, model: nn.Module) -> UnsupportedModelError:
+    """The error for a model with no experts-interface module: what its experts are, and why moeflow cannot run them."""
+    names = sorted({type(m).__name__ for p, m in model.named_modules() if p.rsplit(".", 1)[-1] == "experts"})
+    moe_like = names or sorted(
+        {type(m).__name__ for _, m in model.named_modules() if "MoE" in type(m).__name__}
+    )
+    if isinstance(model, nn.Module) and any(
+        isinstance(m, nn.ModuleList | nn.ModuleDict)
+        for p, m in model.named_modules()
+        if p.endswith("experts")
+    ):
+        why = (
+            "its experts are a list of separate MLP modules (as in Switch/NLLB-MoE), not 3-D fused parameters"
+        )
+    elif moe_like:
+        why = f"its experts ({', '.join(moe_like)}) use their own layout, outside transformers' experts interface"
+    else:
+        why = "it has no MoE layers (a dense model: use transformers directly)"
+    return UnsupportedModelError(
+        f"model type {model_type!r} is not supported: {why}. moeflow runs every family whose experts module uses "
+        "transformers' experts interface (@use_experts_implementation); see `moeflow info` and the README's list"
+    )
+
+
+def interface_model_types() -> list[str]:
+    """Model types of the installed transformers with a causal-LM class whose modeling module defines an experts
+    class that uses the experts interface (the modeling source is read first; only candidates are imported)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    root = Path(transformers.__file__).parent / "models"
+    found = []
+    for model_type in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        module = model_type_to_module_name(model_type)
+        path = root / module / f"modeling_{module}.py"
+        if not path.is_file() or "use_experts_implementation" not in path.read_text():
+            continue
+        modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+        if any(inspect.isclass(c) and uses_experts_interface(c) for c in vars(modeling).values()):
+            found.append(model_type)
+    return found

@@ -1,14 +1,16 @@
 """Build a transformers model with dense weights on the compute device and experts left on disk.
 
 The model class comes from ``transformers`` (``AutoModelForCausalLM.from_config`` on the meta device, with
-``experts_implementation="moeflow"``); dense tensors are read from the checkpoint straight onto the device; each MoE
-layer's expert parameters are dropped from the module and described by an :class:`ExpertLayout` so the store can read
-one expert at a time (one flat buffer per expert: every parameter slice of that expert, back to back).
+``experts_implementation="moeflow"``). Its MoE layers are the modules that dispatch through transformers' experts
+interface (:mod:`moeflow.model.families`); which checkpoint tensors make each parameter comes from transformers'
+own conversion mapping (:mod:`moeflow.model.conversion`). Dense tensors are read straight onto the device; each
+MoE layer's 3-D expert parameters are dropped from the module and described by an :class:`ExpertLayout`, so the
+store can read one expert at a time (one flat buffer per expert: every parameter slice of it, back to back).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from moeflow.errors import CheckpointError, UnsupportedModelError
 from moeflow.experts.dispatch import IMPLEMENTATION
 from moeflow.model.checkpoint import Checkpoint
-from moeflow.model.families import Family, disk_names, family_for
+from moeflow.model.conversion import WeightMap
+from moeflow.model.families import experts_modules, refusal, top_k_of
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,8 @@ class ExpertLayout:
 
 @dataclass
 class MoELayer:
-    """One MoE layer of the model: its experts module and where each expert's tensors are on disk."""
+    """One MoE layer of the model: its experts module (transformers computes the router, shared experts and
+    biases around it, from the dense part)."""
 
     index: int
     """MoE layer index (0..L-1)."""
@@ -62,8 +66,7 @@ class MoELayer:
     """Transformer layer index."""
     path: str
     module: nn.Module
-    sources: dict[str, list[tuple[str, bool]]] = field(default_factory=dict)
-    """param -> [(disk name pattern with {e}, fused)]: fused tensors are sliced at dim 0, per-expert ones concatenated."""
+    top_k: int
 
 
 @dataclass
@@ -71,7 +74,7 @@ class LoadedModel:
     model: nn.Module
     config: PretrainedConfig
     checkpoint: Checkpoint
-    family: Family
+    weights: WeightMap
     layers: list[MoELayer]
     layout: ExpertLayout
     num_experts: int
@@ -86,19 +89,13 @@ class LoadedModel:
 
     def read_expert(self, layer: int, expert: int, out: torch.Tensor) -> int:
         """Read expert ``expert`` of MoE layer ``layer`` from disk into flat ``out`` [numel]; returns bytes read."""
-        spec, nbytes = self.layers[layer], 0
+        path, nbytes = self.layers[layer].path, 0
         for p in self.layout.params:
-            parts = []
-            for pattern, fused in spec.sources[p.name]:
-                if fused:
-                    parts.append(self.checkpoint.slice0(pattern, expert))
-                    nbytes += parts[-1].numel() * parts[-1].element_size()
-                else:
-                    name = pattern.format(e=expert)
-                    parts.append(self.checkpoint.tensor(name))
-                    nbytes += self.checkpoint.nbytes(name)
-            value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            name = f"{path}.{p.name}"
+            value = self.weights.expert(name, self.num_experts, expert)
             out[p.offset : p.offset + p.numel].copy_(value.reshape(-1))
+            for key, fused in self.weights.expert_keys(name, self.num_experts, expert):
+                nbytes += self.checkpoint.nbytes(key) // (self.num_experts if fused else 1)
         return nbytes
 
 
@@ -116,76 +113,72 @@ def open_model(path: str, device: torch.device, dtype: str = "auto") -> LoadedMo
     """Open the checkpoint and build the model on the meta device; nothing is read from disk but headers."""
     ckpt = Checkpoint(path)
     model_type = ckpt.config_dict.get("model_type", "?")
-    family = family_for(model_type)
     config = AutoConfig.from_pretrained(ckpt.path)
     torch_dtype = resolve_dtype(dtype, config, device)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=torch_dtype, experts_implementation=IMPLEMENTATION
-        )
+        try:
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=torch_dtype, experts_implementation=IMPLEMENTATION
+            )
+        except ValueError as exc:  # no causal-LM class, or experts that take no experts_implementation
+            if "experts_implementation" not in str(exc) and "Unrecognized configuration" not in str(exc):
+                raise
+            raise UnsupportedModelError(
+                f"model type {model_type!r} cannot be built for offloading: {exc}"
+            ) from None
     model.eval()
-    layers = _find_moe_layers(model, ckpt, family)
+    found = experts_modules(model)
+    if not found:
+        raise refusal(model_type, model)
+    weights = WeightMap(model, ckpt)
+    layers = [MoELayer(i, _layer_id(p, i), p, m, top_k_of(model, p)) for i, (p, m) in enumerate(found)]
     layout = _layout(layers[0].module)
+    num_experts = _num_experts(layers[0].module)
     for layer in layers:
+        _check_experts(weights, layer, layout, num_experts)
         for p in layout.params:  # drop the 3-D expert parameters: experts live in the store
             del layer.module._parameters[p.name]
-    module = layers[0].module
-    num_experts = int(getattr(module, "num_experts", 0) or 0)
-    top_k = int(getattr(config, "num_experts_per_tok", 0) or getattr(config, "top_k", 0) or 0)
-    if not num_experts or not top_k:
-        raise UnsupportedModelError(
-            f"cannot tell the expert count or top-k of {model_type} from {path}/config.json"
-        )
     dense_bytes = sum(p.numel() for p in model.parameters()) * torch_dtype.itemsize
+    top_k = max(layer.top_k for layer in layers)
     return LoadedModel(
-        model, config, ckpt, family, layers, layout, num_experts, top_k, torch_dtype, device, dense_bytes
+        model, config, ckpt, weights, layers, layout, num_experts, top_k, torch_dtype, device, dense_bytes
     )
 
 
 def load_dense(loaded: LoadedModel, progress: bool = True) -> None:
     """Read the dense weights onto the device and rebuild construction-time buffers there."""
-    loaded.dense_bytes = _load_dense(
-        loaded.model, loaded.checkpoint, loaded.family, loaded.device, loaded.dtype, progress
-    )
+    loaded.dense_bytes = _load_dense(loaded.model, loaded.weights, loaded.device, loaded.dtype, progress)
     _materialise_buffers(loaded.model, loaded.device)
     loaded.model.tie_weights()
 
 
-def _find_moe_layers(model: nn.Module, ckpt: Checkpoint, family: Family) -> list[MoELayer]:
-    found = []
-    for path, module in model.named_modules():
-        params = dict(module.named_parameters(recurse=False))
-        if "down_proj" in params and params["down_proj"].dim() == 3:
-            layer_id = next((int(p) for p in path.split(".") if p.isdigit()), len(found))
-            found.append(MoELayer(len(found), layer_id, path, module))
-    if not found:
-        raise UnsupportedModelError(
-            "this model has no MoE layers with 3-D expert weights; nothing to offload"
-        )
-    for layer in found:
-        for name, param in layer.module.named_parameters(recurse=False):
-            layer.sources[name] = _expert_sources(ckpt, family, layer, name, param.shape[0])
-    return found
+def _layer_id(path: str, index: int) -> int:
+    return next((int(p) for p in path.split(".") if p.isdigit()), index)
 
 
-def _expert_sources(
-    ckpt: Checkpoint, family: Family, layer: MoELayer, name: str, e: int
-) -> list[tuple[str, bool]]:
-    for disk in disk_names(family, f"{layer.path}.{name}"):
-        if disk in ckpt:
-            if ckpt.shape(disk)[0] != e:
-                raise CheckpointError(f"{disk} holds {ckpt.shape(disk)[0]} experts but config.json says {e}")
-            return [(disk, True)]
-    parts = family.expert_parts.get(name)
-    if parts:
-        for base in disk_names(family, layer.path):
-            patterns = [f"{base}.{{e}}.{suffix}" for suffix in parts]
-            if all(p.format(e=i) in ckpt for p in patterns for i in range(e)):
-                return [(p, False) for p in patterns]
-    raise CheckpointError(
-        f"the checkpoint lacks the experts of {layer.path} ({name}) for {e} experts: the config does not match the "
-        "weights, or a shard is missing from the index"
-    )
+def _num_experts(module: nn.Module) -> int:
+    sizes = {p.shape[0] for p in module.parameters(recurse=False)}
+    n = int(getattr(module, "num_experts", 0) or 0) or (sizes.pop() if len(sizes) == 1 else 0)
+    if not n:
+        raise UnsupportedModelError(f"cannot tell the expert count of {type(module).__name__}")
+    return n
+
+
+def _check_experts(weights: WeightMap, layer: MoELayer, layout: ExpertLayout, num_experts: int) -> None:
+    """Every expert parameter of ``layer`` has a source that builds one expert of the right shape (meta dry run)."""
+    for p in layout.params:
+        name = f"{layer.path}.{p.name}"
+        if name not in weights:
+            raise CheckpointError(
+                f"the checkpoint lacks the experts of {layer.path} ({p.name}): the config does not match the "
+                "weights, or a shard is missing from the index"
+            )
+        shape = tuple(weights.expert(name, num_experts, 0, meta=True).shape)
+        if shape != p.shape:
+            raise CheckpointError(
+                f"{weights.sources[name].describe()} builds experts of shape {shape} but the config implies "
+                f"{p.shape}: config.json does not match the weights"
+            )
 
 
 def _layout(module: nn.Module) -> ExpertLayout:
@@ -197,35 +190,27 @@ def _layout(module: nn.Module) -> ExpertLayout:
 
 
 def _load_dense(
-    model: nn.Module,
-    ckpt: Checkpoint,
-    family: Family,
-    device: torch.device,
-    dtype: torch.dtype,
-    progress: bool,
+    model: nn.Module, weights: WeightMap, device: torch.device, dtype: torch.dtype, progress: bool
 ) -> int:
     """Parameters (and persistent buffers found on disk, e.g. DeepSeek-V3's score bias) onto ``device``."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     total = 0
     tensors = [(n, t, True) for n, t in model.named_parameters()]
-    tensors += [
-        (n, t, False) for n, t in model.named_buffers() if any(d in ckpt for d in disk_names(family, n))
-    ]
+    tensors += [(n, t, False) for n, t in model.named_buffers() if n in weights]
     for name, param, is_param in tqdm(
         tensors, desc="dense weights", unit="tensor", disable=not progress, leave=False
     ):
-        disk = next((n for n in disk_names(family, name) if n in ckpt), None)
-        if disk is None:
+        if name not in weights:
             if tied and name.endswith("lm_head.weight"):
                 continue
             raise CheckpointError(
                 f"the checkpoint has no tensor for {name}: config.json does not match the weights"
             )
-        value = ckpt.tensor(disk)
+        value = weights.dense(name)
         if tuple(value.shape) != tuple(param.shape):
             raise CheckpointError(
-                f"{disk} has shape {tuple(value.shape)} but the config implies {tuple(param.shape)}: "
-                "config.json does not match the weights"
+                f"{weights.sources[name].describe()} has shape {tuple(value.shape)} but the config implies "
+                f"{tuple(param.shape)}: config.json does not match the weights"
             )
         target = value.to(
             device=device, dtype=dtype if is_param and param.dtype.is_floating_point else param.dtype

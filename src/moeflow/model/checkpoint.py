@@ -21,6 +21,60 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
+# config.json fields that, when present, must be positive integers (a wrong type fails deep inside transformers)
+POSITIVE_INT_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "moe_intermediate_size", "num_experts", "num_local_experts", "n_routed_experts",
+    "num_experts_per_tok", "max_position_embeddings", "head_dim",
+)  # fmt: skip
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """``config.json`` as a dict, refusing text that is not JSON, JSON that is not an object, a missing
+    ``model_type`` and size fields that are not positive integers."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({exc}); re-download or re-save the checkpoint"
+        ) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not an object of model settings")
+    if not isinstance(config.get("model_type"), str):
+        raise CheckpointError(f'{path} has no "model_type" string: it is not a Hugging Face model config')
+    for key in POSITIVE_INT_FIELDS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CheckpointError(f"{path}: {key} is {value!r}, expected a positive integer")
+    return config
+
+
+def check_tokenizer_files(model_dir: Path) -> None:
+    """Parse the tokenizer files that exist (``tokenizer.json`` fully, with ``tokenizers``), so a corrupt one is
+    reported by name instead of failing inside transformers at load time."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = model_dir / name
+        if path.is_file():
+            try:
+                if not isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise CheckpointError(f"{path} is corrupt ({exc}); re-download it or delete it") from None
+    path = model_dir / "tokenizer.json"
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            text = path.read_text(encoding="utf-8")
+            doc = json.loads(text)
+            if not isinstance(doc, dict) or "model" not in doc or "added_tokens" not in doc:
+                raise ValueError("not a tokenizers file: no model or added_tokens")
+            Tokenizer.from_str(text)
+        except Exception as exc:  # tokenizers raises plain Exception for a bad file
+            msg = " ".join(str(exc).split())[:200]
+            raise CheckpointError(f"{path} is corrupt ({msg}); re-download it") from None
+
+
 class Checkpoint:
     """Name -> shard map of a checkpoint directory, validated at open."""
 
@@ -35,7 +89,8 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.path} has no config.json: is this a Hugging Face checkpoint directory?"
             )
-        self.config_dict: dict[str, Any] = json.loads(cfg.read_text())
+        self.config_dict: dict[str, Any] = read_config(cfg)
+        check_tokenizer_files(self.path)
         self.shard_of: dict[str, str] = self._index()
         self._handles: dict[str, Any] = {}
         self._dtypes: dict[str, str] = {}

@@ -43,12 +43,13 @@ class CacheSize:
         return n
 
 
-def parse_cache_size(text: str | int | float) -> CacheSize:
-    """Parse ``text`` (see the module docstring); raises ConfigError naming the accepted forms."""
+def parse_cache_size(text: str | int | float, share_only: bool = False) -> CacheSize:
+    """Parse ``text`` (see the module docstring); with ``share_only`` a bare integer is a share too (the older
+    ``--cache-fraction`` flag). Raises ConfigError naming the accepted forms."""
     raw = str(text).strip()
     if isinstance(text, bool):
         raise ConfigError(f"cache size {text!r}: write {SYNTAX}")
-    if isinstance(text, int) or re.fullmatch(r"[0-9]+", raw):
+    if not share_only and (isinstance(text, int) or re.fullmatch(r"[0-9]+", raw)):
         n = int(raw)
         if n < 1:
             raise ConfigError(f"cache size {raw}: at least one slot is needed; write {SYNTAX}")

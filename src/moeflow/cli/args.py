@@ -79,6 +79,14 @@ def cache_size(text: str) -> CacheSize:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def cache_share(text: str) -> CacheSize:
+    """An argparse type: a share of all experts only (0.25 or 25%), for the older ``--cache-fraction``."""
+    try:
+        return parse_cache_size(text, share_only=True)
+    except MoeflowError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cache_sizes(text: str) -> list[CacheSize]:
     """An argparse type: one cache size or several separated by commas."""
     parts = [t for t in text.split(",") if t.strip()]

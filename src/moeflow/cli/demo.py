@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moeflow.cli.args import int_at_least, size
+from moeflow.cli.args import RecordFlag, cache_share, int_at_least, size
 from moeflow.cli.run import add_cache_size_arg, engine_from_args, stream_one
 from moeflow.errors import MoeflowError
 
@@ -76,7 +76,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
     p.add_argument("--device-memory", type=size, help="device budget instead of --cache-size, e.g. 2GiB")
     p.add_argument("--policy", default="lru", help="cache policy: lru, lfu, moe-infinity, expertflow, belady")
-    add_cache_size_arg(p, default="25%", aliases=("--num-slots", "--cache-fraction"))
+    add_cache_size_arg(p, default="25%")
+    p.add_argument(
+        "--cache-fraction", type=cache_share, action=RecordFlag, dest="cache_size", help=argparse.SUPPRESS
+    )
     p.add_argument("--max-tokens", type=int_at_least(1), default=48, help="tokens to generate per prompt")
     p.add_argument(
         "--no-check", action="store_true", help="skip the comparison with the un-offloaded transformers model"

@@ -4,7 +4,6 @@ collection for MoE-Infinity from recorded traces)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shlex
 import sys
@@ -95,8 +94,10 @@ def load_trace(path: str) -> Any:
 
 def require_matplotlib() -> None:
     """Fail before any work when a plot is asked for and matplotlib is missing."""
-    if importlib.util.find_spec("matplotlib") is None:
-        raise MoeflowError("--plot needs matplotlib: pip install 'moeflow[plot]', or drop --plot")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MoeflowError("--plot needs matplotlib: pip install 'moeflow[plot]', or drop --plot") from None
 
 
 def model_geometry(args: argparse.Namespace, trace: Any) -> int | None:

@@ -70,7 +70,7 @@ def test_generate_json_lines(checkpoints: dict[str, Path], capsys: pytest.Captur
 def test_demo_says_whether_tokens_equal_the_reference(
     checkpoints: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, err = run(
+    code, _, err = run(
         ["demo", "--model", str(checkpoints["olmoe"]), "--device", "cpu", "--max-tokens", "6"], capsys
     )
     assert code == 0, err

@@ -14,7 +14,8 @@ from moeflow.routing.importer import import_jsonl
 from moeflow.routing.stats import default_cache_sizes, lru_stack_ranks, trace_stats
 from moeflow.routing.trace import Trace
 
-MIXTRAL = Path("/work/shared/traces/mixtral-8x7b-instruct-gsm8k.jsonl")
+# shared/ sits beside the repository root (../shared); the test skips where it is absent
+MIXTRAL = Path(__file__).resolve().parents[3] / "shared" / "traces" / "mixtral-8x7b-instruct-gsm8k.jsonl"
 
 
 def make_trace(experts: np.ndarray, num_experts: int, request=None, position=None) -> Trace:

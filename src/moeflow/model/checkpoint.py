@@ -1,12 +1,15 @@
-"""A Hugging Face checkpoint directory on disk: its config, its safetensors shards (memory-mapped), validation.
+"""A Hugging Face checkpoint directory on disk: its config, its safetensors shards, validation.
 
-Tensors are read lazily through ``safe_open`` handles kept open for the engine's life; one expert's slice of a fused
-3-D tensor is read with ``get_slice`` so a whole layer's experts are never materialised.
+Tensors are read with ``pread`` at the offsets the shard headers give, into fresh buffers, through file descriptors
+kept open for the engine's life; one expert's slice of a fused 3-D tensor is one read, so a whole layer's experts are
+never materialised. Reading (rather than memory-mapping) keeps the page cache out of the process's RSS: a mapped
+checkpoint's touched pages count as resident, so the memory budgets could not bound the process on a CPU.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -18,6 +21,10 @@ from safetensors import safe_open
 from moeflow.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 SINGLE = "model.safetensors"
 
 
@@ -90,6 +97,9 @@ class Checkpoint:
                 f"{self.path} has no config.json: is this a Hugging Face checkpoint directory?"
             )
         self.config_dict: dict[str, Any] = read_config(cfg)
+        self._data_start: dict[str, int] = {}  # shard -> byte offset of its data (after the header)
+        self._begin: dict[str, int] = {}  # tensor -> byte offset inside its shard's data
+        self._fds: dict[str, int] = {}
         check_tokenizer_files(self.path)
         self.shard_of: dict[str, str] = self._index()
         self._handles: dict[str, Any] = {}
@@ -131,6 +141,7 @@ class Checkpoint:
             if len(raw) < 8:
                 raise CheckpointError(f"shard {path} is truncated (empty or cut off); download it again")
             (n,) = struct.unpack("<Q", raw)
+            self._data_start[shard] = 8 + n
             if n > size - 8:
                 raise CheckpointError(
                     f"shard {path} is truncated or not a safetensors file; download it again"
@@ -151,6 +162,7 @@ class Checkpoint:
         for name, v in self._header(shard).items():
             self._dtypes[name] = v["dtype"]
             self._shapes[name] = v["shape"]
+            self._begin[name] = v["data_offsets"][0]
 
     # ------------------------------------------------------------------ reading
     def __contains__(self, name: str) -> bool:
@@ -182,10 +194,42 @@ class Checkpoint:
             self._handles[shard] = safe_open(str(self.path / shard), framework="pt", device="cpu")
         return self._handles[shard]
 
+    def _read(self, name: str, first: int, count: int, shape: list[int]) -> torch.Tensor | None:
+        """Elements [first, first + count) of ``name`` read from disk into a new tensor of ``shape``; None for a
+        dtype without a torch equivalent (the caller falls back to safetensors)."""
+        dtype = TORCH_DTYPES.get(self._dtypes[name])
+        if dtype is None:
+            return None
+        shard = self.shard_of[name]
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.path / shard, os.O_RDONLY)
+        out = torch.empty(count * dtype.itemsize, dtype=torch.uint8)
+        view, done = memoryview(out.numpy()), 0
+        offset = self._data_start[shard] + self._begin[name] + first * dtype.itemsize
+        while done < len(view):
+            n = os.preadv(self._fds[shard], [view[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(
+                    f"shard {self.path / shard} ended early while reading {name}; download it again"
+                )
+            done += n
+        return out.view(dtype).reshape(shape)
+
     def tensor(self, name: str) -> torch.Tensor:
         """The whole tensor ``name`` (CPU, checkpoint dtype)."""
-        return self._handle(self.shard_of[name]).get_tensor(name)
+        shape = self._shapes[name]
+        value = self._read(name, 0, math.prod(shape), shape)
+        return value if value is not None else self._handle(self.shard_of[name]).get_tensor(name)
 
     def slice0(self, name: str, index: int) -> torch.Tensor:
         """``tensor(name)[index]`` reading only that slice from disk."""
-        return self._handle(self.shard_of[name]).get_slice(name)[index]
+        shape = self._shapes[name]
+        if not 0 <= index < shape[0]:
+            raise IndexError(f"{name} has {shape[0]} rows, asked for row {index}")
+        row = math.prod(shape[1:])
+        value = self._read(name, index * row, row, shape[1:])
+        return value if value is not None else self._handle(self.shard_of[name]).get_slice(name)[index]
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)

@@ -1,4 +1,4 @@
-"""``python -m moeflow`` runs the console script."""
+"""``python -m moeflow``: the console script."""
 
 import sys
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from moeflow.errors import MoeflowError
+from moeflow.errors import ConfigError, MoeflowError
+from moeflow.validate import check_backend, check_device, check_dtype, check_int
 
 _UNITS = {
     "": 1,
@@ -28,9 +30,15 @@ _UNITS = {
 
 def parse_size(value: int | float | str | None) -> int | None:
     """Parse "12GiB", "512MB", "1.5G" or a plain number of bytes; None stays None."""
-    if value is None or isinstance(value, int):
-        return value
-    if isinstance(value, float):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise MoeflowError(
+            f"cannot parse memory size {value!r}: write it like '12GiB', '512MB' or a byte count"
+        )
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value < 0:
+            raise MoeflowError(f"memory size {value!r} must be a finite number of bytes >= 0")
         return int(value)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
     if not m or m.group(2).upper() not in _UNITS:
@@ -73,8 +81,8 @@ class EngineConfig:
     """Cache policy name ("lru", "lfu", or any registered name) or a CachePolicy instance."""
 
     dtype: str = "auto"
-    """Compute dtype: "auto" (the checkpoint's torch_dtype; float32 on CPU when it is float16), "bfloat16",
-    "float16" or "float32"."""
+    """Compute dtype: "auto", "bfloat16", "float16" or "float32". "auto" keeps the checkpoint's dtype on a CPU (a bf16
+    checkpoint stays bf16 in RAM), and on a GPU too, except that a float32 checkpoint computes in bfloat16."""
 
     num_slots: int | None = None
     """Force the number of device expert slots (overrides the size computed from device_memory)."""
@@ -108,12 +116,23 @@ class EngineConfig:
         self.device_memory = parse_size(self.device_memory)
         self.host_memory = parse_size(self.host_memory)
         self.kv_reserve = parse_size(self.kv_reserve)
-        backends = ("auto", "loop", "batched", "grouped", "triton")
-        if self.expert_backend not in backends:
-            raise MoeflowError(
-                f"unknown expert backend {self.expert_backend!r}: use one of {', '.join(backends)}"
-            )
+        self._validate()
+
+    def _validate(self) -> None:
+        """Range and name checks of every field (sizes are parsed before): one-line ConfigErrors."""
+        check_device(self.device)
+        check_dtype(self.dtype)
+        check_backend(self.expert_backend, self.device)
         if self.decode not in ("auto", "graph", "static", "eager"):
-            raise MoeflowError(f"unknown decode mode {self.decode!r}: use auto, graph, static or eager")
+            raise ConfigError(f"unknown decode mode {self.decode!r}: use auto, graph, static or eager")
         if self.schedule not in ("auto", "fifo", "expert"):
-            raise MoeflowError(f"unknown schedule {self.schedule!r}: use auto, fifo or expert")
+            raise ConfigError(f"unknown schedule {self.schedule!r}: use auto, fifo or expert")
+        if self.num_slots is not None:
+            check_int("num_slots", self.num_slots, 1)
+        check_int("max_wait", self.max_wait, 0)
+        if isinstance(self.policy, str) and not self.policy.strip():
+            raise ConfigError("policy must name a cache policy, e.g. lru")
+        if not isinstance(self.progress, bool):
+            raise ConfigError(f"progress must be True or False, got {self.progress!r}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra must be a dict of plug-in options, got {type(self.extra).__name__}")

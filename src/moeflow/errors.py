@@ -1,4 +1,4 @@
-"""Errors moeflow raises for bad input: each names the problem and the fix."""
+"""Errors and warnings moeflow raises for bad input: each names the problem and the fix."""
 
 from __future__ import annotations
 
@@ -25,3 +25,15 @@ class RequestError(MoeflowError):
 
 class TraceError(MoeflowError):
     """A routing trace file is malformed or does not fit the model it is used with."""
+
+
+class ConfigError(MoeflowError):
+    """An engine setting is out of range or names something that does not exist (device, dtype, backend)."""
+
+
+class MoeflowWarning(UserWarning):
+    """Base class of moeflow's warnings: the run goes on, but probably not as the user meant."""
+
+
+class BudgetWarning(MoeflowWarning):
+    """A memory budget is larger than what the machine has."""

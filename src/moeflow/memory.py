@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from moeflow.config import EngineConfig, format_size
-from moeflow.errors import BudgetError
+from moeflow.errors import BudgetError, BudgetWarning
 from moeflow.model.loader import LoadedModel
 
 MIN_KV_RESERVE = 64 * 2**20
@@ -22,9 +25,44 @@ def available_ram() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
+    return total_ram()
 
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+def total_ram() -> int:
+    """Physical memory of the machine, or the cgroup limit of this container when that is smaller (bytes)."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            ram = min(ram, int(text))
+    return ram
+
+
+def warn_if_beyond_machine(cfg: EngineConfig, cuda: bool, device: torch.device) -> None:
+    """A BudgetWarning when a budget is larger than the memory the machine has (the run may be killed)."""
+    ram = total_ram()
+    asked = {"device_memory": cfg.device_memory, "host_memory": cfg.host_memory}
+    if cuda and cfg.device_memory is not None:
+        gpu = torch.cuda.mem_get_info(device)[1]
+        if cfg.device_memory > gpu:
+            warnings.warn(
+                f"device_memory {format_size(cfg.device_memory)} is more than the GPU's {format_size(gpu)}",
+                BudgetWarning,
+                stacklevel=3,
+            )
+        asked.pop("device_memory")
+    on_ram = {k: v for k, v in asked.items() if v is not None}
+    if on_ram and sum(on_ram.values()) > ram:
+        named = " + ".join(f"{k} {format_size(v)}" for k, v in on_ram.items())
+        warnings.warn(
+            f"{named} is more than this machine's {format_size(ram)} of RAM: expect swapping or the process "
+            "to be killed; lower the budget",
+            BudgetWarning,
+            stacklevel=3,
+        )
 
 
 @dataclass(frozen=True)
@@ -50,8 +88,14 @@ def plan_memory(loaded: LoadedModel, cfg: EngineConfig) -> MemoryPlan:
     per = loaded.expert_bytes
     dense = loaded.dense_bytes
     cuda = loaded.device.type == "cuda"
+    warn_if_beyond_machine(cfg, cuda, loaded.device)
     if cfg.num_slots is not None:
         slots, reserve = cfg.num_slots, cfg.kv_reserve or 0
+        if slots < loaded.top_k:
+            raise BudgetError(
+                f"{slots} expert slot{'s' if slots != 1 else ''} cannot hold one token's {loaded.top_k} routed "
+                f"experts: give at least {loaded.top_k} slots"
+            )
     else:
         budget = cfg.device_memory
         if budget is None:
@@ -64,10 +108,15 @@ def plan_memory(loaded: LoadedModel, cfg: EngineConfig) -> MemoryPlan:
         slots = min(total, (budget - dense - reserve) // per) if budget > dense + reserve else 0
     need = dense + reserve + loaded.top_k * per
     if slots < loaded.top_k:
+        fix = (
+            f"raise --device-memory to at least {format_size(need)}"
+            if cfg.device_memory is not None
+            else "free device memory or pass a larger device_memory (--device-memory)"
+        )
         raise BudgetError(
             f"device budget too small: dense weights {format_size(dense)} + KV reserve {format_size(reserve)} + "
             f"one token's {loaded.top_k} routed experts ({format_size(loaded.top_k * per)}) need "
-            f"{format_size(need)}; raise --device-memory to at least {format_size(need)}"
+            f"{format_size(need)}; {fix}"
         )
     slots = min(slots, total)
     host = cfg.host_memory

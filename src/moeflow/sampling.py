@@ -1,4 +1,4 @@
-"""Sampling parameters and the token sampler (greedy, temperature, top-k, top-p)."""
+"""Sampling parameters (validated at construction) and the token sampler (greedy, temperature, top-k, top-p)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moeflow.errors import RequestError
+from moeflow.validate import check_float, check_int
 
 
 @dataclass(frozen=True)
@@ -29,16 +30,20 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        if self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise RequestError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        check_int("max_tokens", self.max_tokens, 1, error=RequestError)
+        check_float("temperature", self.temperature, 0, error=RequestError)
+        check_int("top_k", self.top_k, 0, error=RequestError)
+        check_float("top_p", self.top_p, 0, 1, lo_open=True, error=RequestError)
+        if not isinstance(self.stop, tuple) or any(not isinstance(s, str) for s in self.stop):
+            raise RequestError(f"stop must be a string or a list of strings, got {self.stop!r}")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must be non-empty")
+        if not isinstance(self.ignore_eos, bool):
+            raise RequestError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        if self.seed is not None:
+            check_int("seed", self.seed, -(2**63), 2**64 - 1, error=RequestError)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

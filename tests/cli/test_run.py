@@ -1,4 +1,4 @@
-"""The console script: generate --json, info, and errors printed for users."""
+"""The console script: info, and errors printed for users (generate --json: tests/cli/test_output.py)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,6 @@ from pathlib import Path
 import pytest
 
 from moeflow.cli import main
-
-
-def test_generate_json(checkpoints: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(
-        ["generate", "--model", str(checkpoints["qwen2_moe"]), "--device", "cpu", "--num-slots", "2",
-         "--prompt", "def fib(n):", "--max-tokens", "4", "--json"]
-    )  # fmt: skip
-    assert code == 0
-    out = json.loads(capsys.readouterr().out)
-    assert len(out["token_ids"]) <= 4 and isinstance(out["text"], str)
-    assert out["stats"]["misses"] > 0 and 0 <= out["stats"]["hit_ratio"] <= 1
 
 
 def test_info_json(checkpoints: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

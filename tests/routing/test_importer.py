@@ -12,7 +12,8 @@ from moeflow.errors import TraceError
 from moeflow.routing.importer import import_jsonl, import_jsonl_with_report
 from moeflow.routing.trace import Trace
 
-MIXTRAL = Path("/work/shared/traces/mixtral-8x7b-instruct-gsm8k.jsonl")
+# shared/ sits beside the repository root (../shared); the test skips where it is absent
+MIXTRAL = Path(__file__).resolve().parents[3] / "shared" / "traces" / "mixtral-8x7b-instruct-gsm8k.jsonl"
 
 
 def _row(req: int, tok: int, layer: int, experts: list[int], probs: list[float]) -> dict:

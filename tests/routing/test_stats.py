@@ -14,7 +14,8 @@ from moeflow.routing.importer import import_jsonl
 from moeflow.routing.stats import default_cache_sizes, lru_stack_ranks, trace_stats
 from moeflow.routing.trace import Trace
 
-MIXTRAL = Path("/work/shared/traces/mixtral-8x7b-instruct-gsm8k.jsonl")
+# shared/ sits beside the repository root (../shared); the test skips where it is absent
+MIXTRAL = Path(__file__).resolve().parents[3] / "shared" / "traces" / "mixtral-8x7b-instruct-gsm8k.jsonl"
 
 
 def make_trace(experts: np.ndarray, num_experts: int, request=None, position=None) -> Trace:
@@ -174,7 +175,8 @@ def test_trace_stats_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
     path = tmp_path / "t.npz"
     random_trace(40, 3, 8, 2, seed=4).save(path)
-    assert main(["trace-stats", str(path), "--cache-sizes", "2,4"]) == 0
+    # sizes count slots over all layers, as in simulate: 6 and 12 slots over 3 layers = 2 and 4 per layer
+    assert main(["trace-stats", str(path), "--cache-sizes", "6,12"]) == 0
     table = capsys.readouterr().out.splitlines()
     header = next(line for line in table if line.startswith("layer"))
     assert header.split() == ["layer", "entropy", "top-use", "rep-1st", "rep-any", "next-l", "lru@2", "lru@4"]
@@ -183,5 +185,7 @@ def test_trace_stats_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["trace-stats", str(path), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["cache_sizes"] == [2, 4, 6] and len(stats["layers"]) == 3
-    assert main(["trace-stats", str(path), "--cache-sizes", "1"]) == 2
+    assert main(["trace-stats", str(path), "--cache-size", "25%", "0.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cache_sizes"] == [2, 4]  # a quarter and a half of 8 per layer
+    assert main(["trace-stats", str(path), "--cache-sizes", "3"]) == 2  # 1 per layer, below top-2
     assert "outside" in capsys.readouterr().err

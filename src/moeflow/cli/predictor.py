@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moeflow.cli.args import int_at_least, number
 from moeflow.errors import MoeflowError
 
 
@@ -22,17 +23,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model", default=None, help="checkpoint directory (default output: MODEL/moeflow/predictor.pt)"
     )
     t.add_argument("--out", default=None, help="predictor file to write (.pt)")
-    t.add_argument("--epochs", type=int, default=150, help="most epochs (early stopping usually ends sooner)")
-    t.add_argument("--patience", type=int, default=6, help="epochs without validation gain before stopping")
-    t.add_argument("--hidden", type=int, default=128, help="GRU width (default 128)")
-    t.add_argument("--emb-dim", type=int, default=64, help="token embedding width (default 64)")
     t.add_argument(
-        "--max-vocab", type=int, default=8192, help="token ids with their own embedding (default 8192)"
+        "--epochs", type=int_at_least(1), default=150, help="most epochs (early stopping usually ends sooner)"
+    )
+    t.add_argument(
+        "--patience", type=int_at_least(1), default=6, help="epochs without validation gain before stopping"
+    )
+    t.add_argument("--hidden", type=int_at_least(1), default=128, help="GRU width")
+    t.add_argument("--emb-dim", type=int_at_least(1), default=64, help="token embedding width")
+    t.add_argument(
+        "--max-vocab", type=int_at_least(1), default=8192, help="token ids with their own embedding"
     )
     t.add_argument("--no-prev-routing", action="store_true", help="do not feed the previous token's routing")
-    t.add_argument("--val-frac", type=float, default=0.15, help="share of requests held out for validation")
-    t.add_argument("--device", default="cpu", help="torch device for training (default cpu)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--val-frac",
+        type=number(0, 1, lo_open=True),
+        default=0.15,
+        help="share of requests held out for validation",
+    )
+    t.add_argument("--device", default="cpu", help="torch device for training")
+    t.add_argument("--seed", type=int, default=0, help="seed of the split and the initial weights")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="per-layer recall/precision of a predictor and the baselines")
@@ -44,7 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--train-traces", nargs="*", default=None, help="traces the EAM-match baseline learns from"
     )
-    e.add_argument("--top", type=int, nargs="*", default=None, help="predicted set sizes (default: k and 2k)")
+    e.add_argument(
+        "--top", type=int_at_least(1), nargs="*", default=None, help="predicted set sizes (default: k and 2k)"
+    )
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.set_defaults(func=cmd_eval)
 

@@ -1,66 +1,96 @@
-"""``moeflow generate``, ``moeflow info`` and ``moeflow demo``."""
+"""``moeflow generate`` and ``moeflow info``, and the engine and sampling flags other commands share."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
+from typing import Any
 
-import torch
+from moeflow.cli.args import RecordFlag, cache_size, int_at_least, number, parse_options, size
+from moeflow.config import EngineConfig, format_size
+from moeflow.validate import BACKENDS, DTYPES
 
-from moeflow.config import EngineConfig, format_size, parse_size
 
-DEMO_MODEL = Path(__file__).resolve().parents[3] / "models" / "demo"
-DEMO_PROMPTS = ("def fibonacci(n):", "The history of the city")
+def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """Where the model is and where it computes."""
+    p.add_argument(
+        "--model", required=required, help="checkpoint directory (Hugging Face format, safetensors)"
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (auto: the checkpoint's)")
+
+
+def add_cache_size_arg(
+    p: argparse.ArgumentParser, default: str | None = None, aliases: tuple[str, ...] = ("--num-slots",)
+) -> None:
+    """``--cache-size``, and hidden older spellings of the same flag (``--num-slots``, ``--cache-fraction``)."""
+    kw: dict[str, Any] = dict(type=cache_size, action=RecordFlag, dest="cache_size")
+    p.add_argument(
+        "--cache-size", default=cache_size(default) if default else None, **kw,
+        help="device expert slots, all MoE layers together: a share of all experts (0.25 or 25%%) or a slot "
+        "count (64); default: what --device-memory allows",
+    )  # fmt: skip
+    for alias in aliases:
+        p.add_argument(alias, help=argparse.SUPPRESS, **kw)
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that runs the engine."""
-    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face format, safetensors)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--device-memory", help="device budget, e.g. 12GiB (default: what is free)")
-    p.add_argument(
-        "--host-memory", help="host RAM for the expert pool, e.g. 64GiB (default: all experts if they fit)"
-    )
-    p.add_argument("--num-slots", type=int, help="force the number of device expert slots")
-    p.add_argument("--policy", default="lru", help="cache policy: lru, lfu, moe-infinity, expertflow, ...")
-    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
-    p.add_argument("--expert-backend", default="auto", help="auto, loop, batched, grouped or triton")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences decoded together")
+    add_model_args(p)
+    p.add_argument("--device-memory", type=size, help="device budget, e.g. 12GiB (default: what is free)")
+    p.add_argument("--host-memory", type=size, help="host RAM for the expert pool, e.g. 64GiB (default: all experts if they fit)")  # fmt: skip
+    add_cache_size_arg(p)
+    p.add_argument("--policy", default="lru", help="cache policy: lru, lfu, moe-infinity, expertflow, belady")
+    p.add_argument("--expert-backend", default="auto", choices=BACKENDS, help="expert compute over the slots")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="sequences decoded together")
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="policy option (repeatable)"
     )
 
 
-def engine_from_args(args: argparse.Namespace, **kwargs: object):
+def slots_from_args(args: argparse.Namespace) -> int | None:
+    """``--cache-size`` resolved against the model's expert count (None: let the budget decide)."""
+    if args.cache_size is None:
+        return None
+    import torch
+
+    from moeflow.model.loader import open_model
+
+    lm = open_model(args.model, torch.device("meta"))
+    flag = getattr(args, "cache_size_flag", None) or "--cache-size"
+    return args.cache_size.slots(len(lm.layers) * lm.num_experts, lm.top_k, flag)
+
+
+def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
     from moeflow.engine import LLM
 
-    extra = dict(kv.split("=", 1) for kv in args.option)
     cfg = EngineConfig(
         device=args.device,
         device_memory=args.device_memory,
         host_memory=args.host_memory,
-        num_slots=args.num_slots,
+        num_slots=slots_from_args(args),
         policy=args.policy,
         dtype=args.dtype,
         expert_backend=args.expert_backend,
         progress=sys.stderr.isatty(),
-        extra=extra,
+        extra=parse_options(args.option),
     )
     return LLM(args.model, config=cfg, batch_size=args.batch_size, **kwargs)
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 64) -> None:
+    p.add_argument(
+        "--max-tokens", type=int_at_least(1), default=max_tokens, help="tokens to generate at most"
+    )
+    p.add_argument("--temperature", type=number(0), default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int_at_least(0), default=0, help="keep the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=number(0, 1, lo_open=True), default=1.0, help="nucleus sampling mass")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="sampler seed (default: unseeded)")
 
 
-def sampling_from_args(args: argparse.Namespace):
+def sampling_from_args(args: argparse.Namespace) -> Any:
     from moeflow.sampling import SamplingParams
 
     return SamplingParams(
@@ -73,94 +103,76 @@ def sampling_from_args(args: argparse.Namespace):
     )
 
 
+def stream_one(llm: Any, prompt: str, params: Any) -> Any:
+    """Print ``prompt`` and its continuation as it is generated, then a stats line on stderr; the output."""
+    print(prompt, end="", flush=True)
+    last = None
+    for delta in llm.stream(prompt, params):
+        print(delta.text, end="", flush=True)
+        last = delta.output or last
+    print(flush=True)
+    if last is not None:
+        s = last.stats
+        print(
+            f"[{len(last.token_ids)} tokens, {s.tokens_per_s:.1f} tok/s, TTFT {s.ttft_s * 1e3:.0f} ms, "
+            f"hit ratio {s.hit_ratio:.2f}, {format_size(s.bytes_to_device)} to device, "
+            f"stalled {s.stall_s * 1e3:.0f} ms]",
+            file=sys.stderr,
+            flush=True,
+        )
+    return last
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    llm = engine_from_args(args)
+    from moeflow.errors import RequestError
+
     prompts = list(args.prompt)
     if args.prompts:
         from moeflow.cli.prompts import read_prompts
 
         prompts += read_prompts(args.prompts)
     if not prompts:
-        from moeflow.errors import RequestError
-
         raise RequestError("give --prompt TEXT or --prompts FILE")
+    if any(not p for p in prompts):
+        raise RequestError("empty prompt: give at least one character of text")
     params = sampling_from_args(args)
+    llm = engine_from_args(args)
     if args.json:
-        outs = llm.generate(prompts, params)
-        objs = [o.to_dict() for o in outs]
-        print(json.dumps(objs[0] if len(objs) == 1 else objs))
+        for prompt, out in zip(prompts, llm.generate(prompts, params)):
+            print(json.dumps({"prompt": prompt, **out.to_dict()}), flush=True)
         return 0
     for prompt in prompts:
-        print(prompt, end="", flush=True)
-        last = None
-        for delta in llm.stream(prompt, params):
-            print(delta.text, end="", flush=True)
-            last = delta.output
-        print()
-        if last is not None:
-            s = last.stats
-            print(
-                f"[{len(last.token_ids)} tokens, {s.tokens_per_s:.1f} tok/s, TTFT {s.ttft_s * 1e3:.0f} ms, "
-                f"hit ratio {s.hit_ratio:.2f}, {format_size(s.bytes_to_device)} to device, "
-                f"stalled {s.stall_s * 1e3:.0f} ms]",
-                file=sys.stderr,
-            )
+        stream_one(llm, prompt, params)
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
     from moeflow.model.describe import describe
     from moeflow.model.loader import open_model
+    from moeflow.validate import check_device
 
-    lm = open_model(
-        args.model, torch.device("cpu") if args.device == "cpu" else torch.device("meta"), args.dtype
-    )
+    name = check_device(args.device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    lm = open_model(args.model, torch.device(name), args.dtype)  # built on meta: nothing but headers is read
     total = len(lm.layers) * lm.num_experts
-    info = describe(lm)
-    if args.device_memory:
-        budget = parse_size(args.device_memory)
-        free = budget - lm.dense_bytes - max(budget // 20, 64 * 2**20)
+    info = {**describe(lm), "device": name}
+    if args.device_memory is not None:
+        budget = args.device_memory
+        reserve = max(budget // 20, 64 * 2**20) if name.startswith("cuda") else 0
         info["device_memory"] = budget
-        info["expert_slots_fit"] = max(0, min(total, free // lm.expert_bytes))
+        info["expert_slots_fit"] = max(0, min(total, (budget - lm.dense_bytes - reserve) // lm.expert_bytes))
     if args.json:
         print(json.dumps(info))
         return 0
+    sized = ("bytes_per_expert", "expert_bytes_total", "dense_bytes", "device_memory")
     for key, value in info.items():
-        shown = (
-            format_size(value)
-            if key.endswith("bytes") or key.endswith("_total") or key == "device_memory"
-            else value
-        )
-        if key == "bytes_per_expert":
-            shown = format_size(value)
-        print(f"{key:>20}: {shown}")
+        print(f"{key:>20}: {format_size(value) if key in sized else value}")
     if "expert_slots_fit" in info:
         print(f"{'':>20}  ({info['expert_slots_fit']} of {total} experts fit beside the dense weights)")
     return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    model = Path(args.model) if args.model else DEMO_MODEL
-    if not (model / "config.json").is_file():
-        from moeflow.errors import MoeflowError
-
-        raise MoeflowError(f"the demo model is missing at {model}; pass --model DIR")
-    ns = argparse.Namespace(
-        model=str(model), device=args.device, device_memory=args.device_memory, host_memory=None, num_slots=None,
-        policy=args.policy, dtype="auto", expert_backend="auto", batch_size=8, option=[], prompt=list(DEMO_PROMPTS),
-        prompts=None, json=False, max_tokens=args.max_tokens, temperature=0.0, top_k=0, top_p=1.0, stop=[], seed=None,
-    )  # fmt: skip
-    if ns.device_memory is None and args.cache_fraction:
-        from moeflow.model.loader import open_model
-
-        lm = open_model(str(model), torch.device("cpu"), "auto")
-        slots = max(lm.top_k, int(len(lm.layers) * lm.num_experts * args.cache_fraction))
-        ns.num_slots = slots
-        print(
-            f"demo: {model.name}, {slots} of {len(lm.layers) * lm.num_experts} experts on the device",
-            file=sys.stderr,
-        )
-    return cmd_generate(ns)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -169,22 +181,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_sampling_args(p)
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     p.add_argument("--prompts", help="prompt file: one per line (\\n for line breaks) or .jsonl")
-    p.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")
+    p.add_argument(
+        "--json", action="store_true",
+        help="print JSON Lines: one object per prompt with prompt, text, token_ids, finish_reason and stats",
+    )  # fmt: skip
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="architecture, experts and what fits in a budget")
-    p.add_argument("--model", required=True)
-    p.add_argument("--device-memory", help="show how many experts fit in this device budget")
-    p.add_argument("--device", default="meta", help=argparse.SUPPRESS)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--json", action="store_true")
+    add_model_args(p)
+    p.add_argument("--device-memory", type=size, help="show how many experts fit in this device budget")
+    p.add_argument("--json", action="store_true", help="print the facts as one JSON object")
     p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("demo", help="run the bundled demo model with a quarter of its experts cached")
-    p.add_argument("--model", help="another checkpoint instead of the bundled one")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--device-memory")
-    p.add_argument("--policy", default="lru")
-    p.add_argument("--cache-fraction", type=float, default=0.25, help="share of experts given device slots")
-    p.add_argument("--max-tokens", type=int, default=48)
-    p.set_defaults(func=cmd_demo)

@@ -10,9 +10,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moeflow.config import format_size, parse_size
-from moeflow.errors import MoeflowError
+from tqdm.auto import tqdm
+
+from moeflow.cli.args import cache_sizes, int_at_least, number, parse_options, size
+from moeflow.config import format_size
+from moeflow.errors import MoeflowError, TraceError
 from moeflow.sim.timing import DEFAULT_BANDWIDTH, DEFAULT_COMPUTE_PER_LAYER
+from moeflow.validate import DTYPES
 
 DEFAULT_POLICIES = "lru,lfu,moe-infinity,belady"
 
@@ -20,9 +24,15 @@ DEFAULT_POLICIES = "lru,lfu,moe-infinity,belady"
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("simulate", help="replay a routing trace through cache policies")
     p.add_argument("--trace", required=True, help="trace file (.npz, or a .jsonl routing log)")
-    p.add_argument("--cache-size", nargs="+", required=True, help="device slots: N, or P%% of all experts")
-    p.add_argument("--policy", default=DEFAULT_POLICIES, help=f"comma-separated (default {DEFAULT_POLICIES})")
-    p.add_argument("--batch-size", type=int, nargs="+", default=[1], help="sequences decoded together")
+    p.add_argument(
+        "--cache-size", type=cache_sizes, nargs="+", required=True,
+        help="device slots over all MoE layers: shares of all experts (0.25 or 25%%) or slot counts (64); several "
+        "sizes separated by spaces or commas",
+    )  # fmt: skip
+    p.add_argument("--policy", default=DEFAULT_POLICIES, help="comma-separated cache policies")
+    p.add_argument(
+        "--batch-size", type=int_at_least(1), nargs="+", default=[1], help="sequences decoded together"
+    )
     group = p.add_mutually_exclusive_group()
     group.add_argument(
         "--eamc", help="EAM collection file for moe-infinity (built with `moeflow eamc build`)"
@@ -33,18 +43,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="policy option (repeatable)"
     )
-    p.add_argument("--expert-bytes", default=None, help="bytes per expert, e.g. 336MiB (or give --model-dir)")
+    p.add_argument(
+        "--expert-bytes", type=size, default=None, help="bytes per expert, e.g. 336MiB (or give --model-dir)"
+    )
     p.add_argument("--model-dir", default=None, help="checkpoint whose geometry gives the bytes per expert")
-    p.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH / 1e9, help="host->device GB/s (52)")
+    p.add_argument(
+        "--dtype", default="auto", choices=DTYPES,
+        help="dtype of the experts copied with --model-dir (auto: what the engine moves to a GPU)",
+    )  # fmt: skip
+    p.add_argument(
+        "--bandwidth", type=number(0, lo_open=True), default=DEFAULT_BANDWIDTH / 1e9, help="host->device GB/s"
+    )
     p.add_argument(
         "--compute-per-layer-ms",
-        type=float,
+        type=number(0),
         default=DEFAULT_COMPUTE_PER_LAYER * 1e3,
         help="compute per layer (ms)",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--out", default=None, help="also write the JSON results to this file")
-    p.add_argument("--plot", default=None, metavar="PNG", help="draw hit ratio against cache size")
+    p.add_argument(
+        "--plot", default=None, metavar="PNG", help="draw hit ratio against cache size (needs matplotlib)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_simulate)
 
     e = subparsers.add_parser("eamc", help="EAM collections (MoE-Infinity)")
@@ -54,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--out", required=True, help="collection file to write (.npz), e.g. MODEL/moeflow/eamc.npz"
     )
-    b.add_argument("--capacity", type=int, default=1000, help="entries kept (default 1000)")
+    b.add_argument("--capacity", type=int_at_least(1), default=1000, help="entries kept")
     b.set_defaults(func=cmd_eamc_build)
 
 
@@ -71,43 +92,35 @@ def load_trace(path: str) -> Any:
     return Trace.load(path)
 
 
-def parse_cache_size(text: str, num_experts_total: int) -> int:
-    """Slots from "N" or "P%" (of ``num_experts_total``), at least one."""
+def require_matplotlib() -> None:
+    """Fail before any work when a plot is asked for and matplotlib is missing."""
     try:
-        if text.endswith("%"):
-            return max(1, round(float(text[:-1]) / 100 * num_experts_total))
-        n = int(text)
-    except ValueError:
-        raise MoeflowError(f"--cache-size {text!r}: write a slot count like 64 or a share like 25%") from None
-    if n < 1:
-        raise MoeflowError(f"--cache-size {text!r}: at least one slot is needed")
-    return n
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MoeflowError("--plot needs matplotlib: pip install 'moeflow[plot]', or drop --plot") from None
 
 
-def parse_options(items: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; values parsed as JSON when they are (numbers, true/false), else kept as text."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise MoeflowError(f"--option {item!r}: write it as key=value")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def expert_bytes(args: argparse.Namespace) -> int | None:
+def model_geometry(args: argparse.Namespace, trace: Any) -> int | None:
+    """Bytes per expert (from --expert-bytes or --model-dir), checking the model's shape against the trace's."""
     if args.expert_bytes is not None:
-        return parse_size(args.expert_bytes)
+        return int(args.expert_bytes)
     if args.model_dir is None:
         return None
     import torch
 
     from moeflow.model.loader import open_model
 
-    return int(open_model(args.model_dir, torch.device("cpu")).expert_bytes)
+    lm = open_model(
+        args.model_dir, torch.device("cuda"), args.dtype
+    )  # built on meta; cuda only picks the dtype
+    got = (len(lm.layers), lm.num_experts, lm.top_k)
+    want = (trace.num_layers, trace.num_experts, trace.top_k)
+    if got != want:
+        raise TraceError(
+            f"--model-dir {args.model_dir} has {got[0]} MoE layers x {got[1]} experts, top-{got[2]}, but the trace "
+            f"has {want[0]} x {want[1]}, top-{want[2]}: give the model the trace was recorded with"
+        )
+    return int(lm.expert_bytes)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -116,9 +129,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from moeflow.sim.simulator import simulate
     from moeflow.sim.timing import TimingModel
 
+    if args.plot:
+        require_matplotlib()
     trace = load_trace(args.trace)
     total = trace.num_layers * trace.num_experts
-    sizes = [parse_cache_size(s, total) for s in args.cache_size]
+    sizes = [c.slots(total, trace.top_k, "--cache-size") for group in args.cache_size for c in group]
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
     for name in policies:
         make_policy(name)  # unknown names fail before any work
@@ -127,18 +142,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         options["eamc"] = args.eamc
     elif args.eamc_from:
         options["eamc"] = EAMCollection.from_traces([load_trace(t) for t in args.eamc_from])
-    nbytes = expert_bytes(args)
+    nbytes = model_geometry(args, trace)
     timing = None
     if nbytes is not None:
         timing = TimingModel(nbytes, args.bandwidth * 1e9, args.compute_per_layer_ms * 1e-3)
+    runs = [(b, n, name) for b in args.batch_size for n in sizes for name in policies]
     results = []
-    for batch in args.batch_size:
-        for size in sizes:
-            for name in policies:
-                res = simulate(
-                    trace, name, size, batch, timing=timing, options=dict(options), model_dir=args.model_dir
-                )
-                results.append(res.to_dict())
+    bar = tqdm(runs, desc="simulate", unit="run", disable=args.quiet or not sys.stderr.isatty(), leave=False)
+    for batch, slots, name in bar:
+        bar.set_postfix_str(f"{name} @ {slots} slots, batch {batch}")
+        res = simulate(
+            trace, name, slots, batch, timing=timing, options=dict(options), model_dir=args.model_dir
+        )
+        results.append(res.to_dict())
     doc = {
         "command": "moeflow " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "trace": args.trace,
@@ -189,8 +205,6 @@ def format_table(doc: dict) -> str:
 def cmd_eamc_build(args: argparse.Namespace) -> int:
     from moeflow.routing.eam import EAMCollection
 
-    if args.capacity < 1:
-        raise MoeflowError("--capacity must be at least 1")
     traces = [load_trace(t) for t in args.traces]
     shapes = {(t.num_layers, t.num_experts) for t in traces}
     if len(shapes) > 1:

@@ -8,19 +8,10 @@ import json
 import sys
 from typing import Any
 
-from moeflow.errors import MoeflowError
+from tqdm.auto import tqdm
 
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers like 2,4,8, got {text!r}"
-        ) from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one cache size")
-    return values
+from moeflow.cli.args import cache_sizes, int_at_least, size
+from moeflow.cli.sim import require_matplotlib
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,17 +19,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--prompts", required=True, help="prompt file: one per line (\\n = line break) or .jsonl")
     p.add_argument("--out", required=True, help="trace file to write (.npz)")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
-    p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default)")
-    p.add_argument("--device-memory", default=None, help="device budget, e.g. 12GiB (default: what fits)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences decoded together (default 8)")
+    p.add_argument("--max-tokens", type=int_at_least(1), default=64, help="tokens to generate per prompt")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
+    p.add_argument(
+        "--device-memory", type=size, default=None, help="device budget, e.g. 12GiB (default: what fits)"
+    )
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="sequences decoded together")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_trace)
 
     p = subparsers.add_parser("trace-stats", help="routing statistics of a trace, next to random routing")
     p.add_argument("trace", help="trace file (.npz)")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--plot", metavar="PNG", help="also write a heat-map and the curves to this PNG")
-    p.add_argument("--cache-sizes", type=_int_list, default=None, help="LRU cache sizes, e.g. 2,4,8")
+    p.add_argument(
+        "--cache-size", "--cache-sizes", dest="cache_size", type=cache_sizes, nargs="+", default=None,
+        help="LRU cache sizes over all MoE layers, as in simulate: shares (0.25, 25%%) or slot counts (64), "
+        "split evenly over the layers (default: k, 2k, E/4, E/2, 3E/4 per layer)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_trace_stats)
 
     p = subparsers.add_parser("trace-import", help="convert a JSON-lines routing log into a trace")
@@ -48,7 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model", default=None, help="model name stored in the trace (default: the log's file name)"
     )
     p.add_argument(
-        "--num-experts", type=int, default=None, help="experts per layer (default: largest id + 1)"
+        "--num-experts",
+        type=int_at_least(1),
+        default=None,
+        help="experts per layer (default: largest id + 1)",
     )
     p.set_defaults(func=cmd_trace_import)
 
@@ -60,10 +61,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="directory to write the checkpoint into")
     p.add_argument(
-        "--layers", type=int, default=None, help="keep only the first N layers (tests, small disks)"
+        "--layers", type=int_at_least(1), default=None, help="keep only the first N layers (default: all)"
     )
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="weight dtype"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(func=cmd_synth)
 
 
@@ -78,8 +81,28 @@ def cmd_trace(args: argparse.Namespace) -> int:
         device_memory=args.device_memory,
         record_trace=True,
         batch_size=args.batch_size,
+        progress=not args.quiet and sys.stderr.isatty(),
     )
-    llm.generate(prompts, SamplingParams(max_tokens=args.max_tokens, temperature=0.0))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    chunks = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    bar = tqdm(total=len(prompts), desc="trace", unit="prompt", disable=args.quiet or not sys.stderr.isatty())
+    try:
+        for chunk in chunks:
+            llm.generate(chunk, params)
+            bar.update(len(chunk))
+    except KeyboardInterrupt:
+        bar.close()
+        if llm.runtime.recorder.steps == 0:
+            print("moeflow: interrupted before a step was recorded; no trace written", file=sys.stderr)
+            return 130
+        trace = llm.trace()
+        trace.save(args.out)  # atomic: a second Ctrl-C leaves the old file or none, never half of one
+        print(
+            f"moeflow: interrupted; wrote the partial trace {args.out} ({trace.num_tokens} tokens)",
+            file=sys.stderr,
+        )
+        return 130
+    bar.close()
     trace = llm.trace()
     trace.save(args.out)
     print(
@@ -87,6 +110,16 @@ def cmd_trace(args: argparse.Namespace) -> int:
         f"{trace.num_layers} MoE layers, {trace.num_experts} experts, top-{trace.top_k}"
     )
     return 0
+
+
+def per_layer_sizes(sizes: list[list[Any]] | None, trace: Any) -> list[int] | None:
+    """``--cache-size`` values (all layers together, as everywhere) as per-layer LRU sizes for ``trace_stats``."""
+    if sizes is None:
+        return None
+    total = trace.num_layers * trace.num_experts
+    return [
+        max(1, round(c.slots(total, 1, "--cache-size") / trace.num_layers)) for group in sizes for c in group
+    ]
 
 
 def cmd_trace_import(args: argparse.Namespace) -> int:
@@ -140,8 +173,10 @@ def cmd_trace_stats(args: argparse.Namespace) -> int:
     from moeflow.routing.stats import trace_stats
     from moeflow.routing.trace import Trace
 
+    if args.plot:
+        require_matplotlib()
     trace = Trace.load(args.trace)
-    stats = trace_stats(trace, args.cache_sizes)
+    stats = trace_stats(trace, per_layer_sizes(args.cache_size, trace))
     if args.json:
         json.dump(stats, sys.stdout, indent=1)
         print()
@@ -158,8 +193,6 @@ def cmd_trace_stats(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from moeflow.model.synth import synthesize
 
-    if args.layers is not None and args.layers < 1:
-        raise MoeflowError(f"--layers must be at least 1, got {args.layers}")
     out = synthesize(args.like, args.out, num_layers=args.layers, dtype=args.dtype, seed=args.seed)
     print(f"wrote {out} (random weights, no tokenizer: drive it with token ids or replayed traces)")
     return 0

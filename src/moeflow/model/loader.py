@@ -100,12 +100,18 @@ class LoadedModel:
 
 
 def resolve_dtype(requested: str, config: PretrainedConfig, device: torch.device) -> torch.dtype:
+    """The compute dtype: ``requested``, or for "auto" the checkpoint's own dtype (so a bf16 checkpoint stays bf16
+    in RAM on a CPU), except that a float32 checkpoint computes in bfloat16 on an accelerator."""
     if requested != "auto":
-        return getattr(torch, requested)
-    if device.type == "cpu":
-        return torch.float32
+        from moeflow.validate import check_dtype
+
+        return getattr(torch, check_dtype(requested))
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if device.type == "cpu":
+        return dtype
     return torch.bfloat16 if dtype == torch.float32 else dtype
 
 

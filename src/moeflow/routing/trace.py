@@ -197,6 +197,11 @@ class TraceRecorder:
         self._cur["experts"][:, layer] = experts
         self._cur["weights"][:, layer] = weights
 
+    @property
+    def steps(self) -> int:
+        """Completed steps recorded so far (a step interrupted half-way is not among them)."""
+        return len(self._rows)
+
     def end_step(self) -> None:
         if self._cur is not None:
             self._rows.append(self._cur)

@@ -83,7 +83,7 @@ def test_batch_matches_single_prompts(checkpoints: dict[str, Path]) -> None:
     assert batched == [greedy_ref(ref, p, 6) for p in prompts]
 
 
-def test_text_prompts_stop_strings_and_stream(checkpoints: dict[str, Path]) -> None:
+def test_text_prompts_and_stream(checkpoints: dict[str, Path]) -> None:
     llm = LLM(checkpoints["olmoe"], device="cpu", num_slots=4, progress=False)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     full = llm.generate("def fib(n):", params)[0]
@@ -91,21 +91,16 @@ def test_text_prompts_stop_strings_and_stream(checkpoints: dict[str, Path]) -> N
     streamed = list(llm.stream("def fib(n):", params))
     assert "".join(d.text for d in streamed) == full.text
     assert streamed[-1].finished and streamed[-1].output is not None
-    if len(full.text) > 3:
-        stop = full.text[2:4]
-        cut = llm.generate("def fib(n):", SamplingParams(max_tokens=12, ignore_eos=True, stop=(stop,)))[0]
-        assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+    # stop strings (asserted unconditionally) live in tests/test_engine_behaviour.py
 
 
-def test_sampling_is_seeded_and_topk1_is_greedy(checkpoints: dict[str, Path]) -> None:
+def test_topk1_is_greedy(checkpoints: dict[str, Path]) -> None:
     llm = LLM(checkpoints["mixtral"], device="cpu", progress=False)
     greedy = llm.generate(PROMPT, SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids
     top1 = llm.generate(
         PROMPT, SamplingParams(max_tokens=6, temperature=1.0, top_k=1, ignore_eos=True, seed=1)
     )
-    assert top1[0].token_ids == greedy
-    hot = SamplingParams(max_tokens=6, temperature=5.0, top_p=0.95, ignore_eos=True, seed=7)
-    assert llm.generate(PROMPT, hot)[0].token_ids == llm.generate(PROMPT, hot)[0].token_ids
+    assert top1[0].token_ids == greedy  # top-p's support is checked in tests/test_engine_behaviour.py
 
 
 def test_sharded_checkpoint(sharded_olmoe: Path) -> None:

@@ -28,7 +28,7 @@ HOST_EXPERTS = 3
 
 _CACHE = (
     "moeflow's engine passes a plain DynamicCache(), which has no linear-attention/mamba/indexer layers; "
-    "DynamicCache(config=model.config) makes it pass (engine.py)"
+    "DynamicCache(config=model.config) makes it pass (engine/llm.py)"
 )
 XFAIL: dict[str, str] = {
     "minimax": "MiniMax needs its own cache class (MiniMaxCache), and moeflow's engine always passes a DynamicCache",
@@ -61,8 +61,6 @@ def expected_to_pass() -> list[str]:
 
 def _param(model_type: str) -> object:
     reason = XFAIL.get(model_type)
-    if reason is None and model_type not in XFAIL and needs_model_cache(model_type):
-        reason = _CACHE
     if reason is None:
         return model_type
     return pytest.param(model_type, marks=pytest.mark.xfail(reason=reason, run=model_type != "gemma4"))

@@ -44,9 +44,6 @@ def test_context_length_is_refused_with_the_numbers() -> None:
         check_request([400], 4, config)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="needs validate.check_request called in engine.LLM._admit (the lead's file)"
-)
 def test_llm_refuses_bad_token_ids_and_long_prompts(checkpoints: dict[str, Path]) -> None:
     llm = LLM(checkpoints["olmoe"], device="cpu", num_slots=2, progress=False)
     with pytest.raises(RequestError, match="outside the vocabulary"):

@@ -29,6 +29,7 @@ from moeflow.model.loader import LoadedModel, load_dense, open_model
 from moeflow.routing.trace import Trace, TraceRecorder, TraceReplay
 from moeflow.sampling import SamplingParams, sample
 from moeflow.sequence import RequestOutput, Sequence, StreamDelta
+from moeflow.validate import check_batch_size, check_request, prompt_token_ids
 
 
 @dataclass
@@ -77,7 +78,7 @@ class LLM:
         **options: Any,
     ):
         cfg = config or EngineConfig(**options)
-        self.config, self.batch_size, self.model_dir = cfg, batch_size, str(model)
+        self.config, self.batch_size, self.model_dir = cfg, check_batch_size(batch_size), str(model)
         self.device = resolve_device(cfg.device)
         self.loaded: LoadedModel = open_model(self.model_dir, self.device, cfg.dtype)
         self.memory: MemoryPlan = plan_memory(self.loaded, cfg)  # budget errors before any weight is read
@@ -227,9 +228,10 @@ class LLM:
                     )
                 ids, text = self.tokenizer(prompt)["input_ids"], prompt
             else:
-                ids, text = [int(t) for t in prompt], ""
+                ids, text = prompt_token_ids(prompt, self.loaded.config.vocab_size), ""
             if not ids:
                 raise RequestError("empty prompt: give at least one token of text")
+            check_request(ids, params.max_tokens, self.loaded.config)
             seqs.append(Sequence(self._next_id, text, list(ids), params))
             if self.runtime.recorder is not None:
                 self.runtime.recorder.prompts[self._next_id] = text
@@ -247,7 +249,7 @@ class LLM:
             width = max(len(s.prompt_ids) for s in seqs)
             batch.bucket = self.static.bucket(len(seqs), width + max(s.params.max_tokens for s in seqs))
         else:
-            batch.cache = DynamicCache()
+            batch.cache = DynamicCache(config=self.loaded.config)  # hybrid families get their layer kinds
         t0, t_first = time.perf_counter(), 0.0
         while not all(s.finished for s in seqs):
             self.step(seqs, batch, gen)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from moeflow.engine.kv import StaticKV
 from moeflow.experts.layer import Runtime, StaticBuffers
@@ -23,6 +24,9 @@ from moeflow.experts.slot_experts import Projections
 from moeflow.experts.slot_table import SlotTable
 from moeflow.model.loader import LoadedModel
 from moeflow.sequence import Sequence
+
+PLAIN_LAYERS = {"DynamicLayer", "DynamicSlidingWindowLayer"}
+"""Cache layers of transformers whose state is keys and values (sliding windows are applied by the masks)."""
 
 MIN_LEN = 256
 """Smallest KV length of a bucket (lengths are rounded up to a power of two, so few graphs are captured)."""
@@ -49,6 +53,11 @@ class StaticDecoder:
         params = inspect.signature(loaded.model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         Projections.of(loaded.layers[0].module, loaded.layout)  # refuses layouts the kernel cannot run
+        kinds = {type(layer).__name__ for layer in DynamicCache(config=loaded.config).layers}
+        if kinds - PLAIN_LAYERS:  # linear attention, mamba, indexers: state the static KV pool does not hold
+            raise NotImplementedError(
+                f"the static KV cache holds attention keys only, not {sorted(kinds - PLAIN_LAYERS)}"
+            )
         self._buckets: dict[tuple[int, int], Bucket] = {}
         self._table: SlotTable | None = None
         self._pool = torch.cuda.graph_pool_handle() if graphs else None

@@ -18,6 +18,19 @@ from benchmarks.policy_decode import TimedLLM, requests_of, run
 from moeflow.routing.trace import Trace
 
 
+def event_ms(fn, reps: int = 20) -> float:
+    """Median device time of ``fn`` (already a graph replay, or anything else) by CUDA events."""
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
 def graph_ms(fn, reps: int = 20) -> float:
     """Median device time of ``fn`` captured in a CUDA graph."""
     side = torch.cuda.Stream()
@@ -29,15 +42,7 @@ def graph_ms(fn, reps: int = 20) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    return event_ms(g.replay, reps)
 
 
 def main() -> None:
@@ -59,7 +64,7 @@ def main() -> None:
         run(llm, reqs[:batch], batch, 55e9)
         row = run(llm, reqs[:batch], batch, 55e9)
         bucket = next(b for (rows, _), b in llm.static._buckets.items() if rows == batch)
-        replay = graph_ms(lambda b=bucket: b.graph.replay(), 10) if bucket.graph else float("nan")
+        replay = event_ms(bucket.graph.replay, 10) if bucket.graph else float("nan")
         out["steps"].append(
             {"batch": batch, "step_ms": row["decode_ms_per_token"] * batch, "replay_ms": replay}
         )

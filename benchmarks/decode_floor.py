@@ -33,18 +33,23 @@ VARIANTS = [
     {"BLOCK_N": 64, "BLOCK_D": 128, "num_warps": 4, "num_stages": 4},
     {"BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 2, "num_stages": 4},
+    {"BLOCK_N": 16, "BLOCK_D": 128, "num_warps": 2, "num_stages": 4},
+    {"BLOCK_N": 16, "BLOCK_D": 256, "num_warps": 4, "num_stages": 3},
 ]
 
 
 def kernel_stage(llm: TimedLLM, batches: list[int]) -> tuple[dict, list[dict]]:
-    """Time one MoE layer's slot-table experts for each tile option, every expert read from slots or from host;
-    returns the fastest option (from host, the first batch size) and all rows."""
-    import triton.testing
-
-    from moeflow.experts.slot_experts import slot_experts_forward
+    """Time one layer's first projection in the slot-table kernel for each tile option, inside a CUDA graph, every
+    expert read from slots or from host; returns the fastest option from slots at the first batch size (reads from
+    host are bound by the link whatever the tiles) and all rows."""
+    from benchmarks.profile_static import graph_ms
+    from moeflow.experts.slot_experts import group_pairs
+    from moeflow.experts.slot_kernel import slot_linear
 
     t, lm = llm.static.table.tensors, llm.loaded
-    module, e, k = lm.layers[0].module, lm.num_experts, lm.top_k
+    e, k = lm.num_experts, lm.top_k
+    param = next(p for p in lm.layout.params if p.name == "gate_up_proj")
+    n, d = param.shape
     rows, best = [], (float("inf"), VARIANTS[0])
     saved = t.table.clone()
     for source in ("slots", "host"):
@@ -53,20 +58,17 @@ def kernel_stage(llm: TimedLLM, batches: list[int]) -> tuple[dict, list[dict]]:
         )
         t.cand.fill_(-1)  # no fills: time the reads alone
         for batch in batches:
-            g = torch.Generator(device="cuda").manual_seed(batch)
-            x = torch.randn(batch, lm.config.hidden_size, device="cuda", generator=g).to(lm.dtype)
-            ids = torch.stack([torch.randperm(e, device="cuda", generator=g)[:k] for _ in range(batch)])
-            w = torch.rand(batch, k, device="cuda", generator=g).to(lm.dtype)
-            distinct = len(set(ids.flatten().tolist()))
+            x = torch.randn(batch, d, device="cuda").to(lm.dtype)
+            ids = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(batch)])
+            groups, slot, claim = group_pairs(t, 0, ids, None)
+            y = torch.empty(batch * k, n, device="cuda", dtype=lm.dtype)
+            nbytes = len(set(ids.flatten().tolist())) * n * d * lm.dtype.itemsize
             for v in VARIANTS:
-                ms = triton.testing.do_bench(
-                    lambda v=v, x=x, ids=ids, w=w: slot_experts_forward(module, t, 0, x, ids, w, None, v),
-                    warmup=25, rep=100, return_mode="median",
-                )  # fmt: skip
-                rows.append({"source": source, "batch": batch, **v, "ms": ms,
-                             "GBps": distinct * lm.expert_bytes / ms / 1e6})  # fmt: skip
+                ms = graph_ms(lambda v=v, x=x, y=y, g=groups, s=slot, c=claim: slot_linear(
+                    x, y, g, s, c, t.pool, t.host, 0, (param.offset, d, 1), None, k, False, False, v))  # fmt: skip
+                rows.append({"source": source, "batch": batch, **v, "ms": ms, "GBps": nbytes / ms / 1e6})
                 print(json.dumps(rows[-1]), flush=True)
-                if source == "host" and batch == batches[0] and ms < best[0]:
+                if source == "slots" and batch == batches[0] and ms < best[0]:
                     best = (ms, v)
     t.table.copy_(saved)
     return best[1], rows

@@ -41,6 +41,8 @@ class SlotTensors:
     the key each holds (layer -1: a free slot; slot -1: padding)."""
     taken: torch.Tensor
     """[C + 1] bool: candidates claimed so far in the step (the last entry absorbs unclaimed writes)."""
+    scratch: torch.Tensor
+    """[C] int32 scratch of the fused route kernel."""
     served: torch.Tensor
     """[L, E] int8: 0 unused, 1 read from a slot, 2 read from host memory."""
     filled: torch.Tensor
@@ -72,11 +74,19 @@ class Projections:
 
 
 def group_pairs(
-    src: SlotTensors, layer: int, ids: torch.Tensor, live: torch.Tensor | None
+    src: SlotTensors, layer: int, ids: torch.Tensor, live: torch.Tensor | None, fused: bool | None = None
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Group the layer's pairs by expert and claim candidate slots for its misses, all on the device.
 
     Returns ((order [P], counts [E], starts [E]) int32, the layer's slot row [E], claims [E])."""
+    if (
+        ids.is_cuda if fused is None else fused
+    ):  # one Triton launch (route_kernel.py) instead of the ops below
+        from moeflow.experts.route_kernel import route
+
+        groups, claim = route(ids, live, src.table[layer], src.cand, src.taken, src.served, src.filled,
+                              src.scratch, layer)  # fmt: skip
+        return groups, src.table[layer], claim
     t, k = ids.shape
     num_experts = src.table.shape[1]
     flat = ids.reshape(-1).to(torch.int32)  # [P]
@@ -106,7 +116,10 @@ def _claim(src: SlotTensors, layer: int, miss: torch.Tensor, counts: torch.Tenso
     ok = done & (c_slot >= 0) & ~src.taken[:cap]
     ok_rank = torch.cumsum(ok, 0, dtype=torch.int32) - 1  # [C]
     by_rank = torch.full((cap + 1,), cap, dtype=torch.long, device=miss.device)
-    by_rank.scatter_(0, torch.where(ok, ok_rank, cap).long(), torch.arange(cap, device=miss.device))
+    index = torch.arange(cap, device=miss.device)
+    by_rank.scatter_(
+        0, torch.where(ok, ok_rank, cap).long(), torch.where(ok, index, cap)
+    )  # [cap] stays "none"
     miss_rank = (torch.cumsum(miss, 0, dtype=torch.int32) - 1).clamp(0, cap).long()  # [E]
     pick = by_rank[miss_rank]  # [E] candidate index, cap when there is none
     got = miss & (pick < cap)

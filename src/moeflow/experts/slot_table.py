@@ -42,6 +42,7 @@ class SlotTable:
             table=self._buf[:n].view(self.num_layers, self.num_experts),
             cand=self._buf[n:].view(3, fill_cap),
             taken=torch.zeros(fill_cap + 1, dtype=torch.bool, device=dev),
+            scratch=torch.zeros(fill_cap, dtype=torch.int32, device=dev),
             served=torch.zeros(self.num_layers, self.num_experts, dtype=torch.int8, device=dev),
             filled=torch.full((self.num_layers, self.num_experts), -1, dtype=torch.int32, device=dev),
             layout=lm.layout,
@@ -52,7 +53,8 @@ class SlotTable:
         store, num_experts = self.store, self.num_experts
         loading = np.zeros(store.num_slots, bool)
         loading[[load.slot for load in boundary.loads]] = True
-        landed = np.array([store.landed(s) for s in range(store.num_slots)]) if store.cuda else ~loading
+        landed = ~loading
+        landed[list(store.in_flight())] = False
         ok = (boundary.resident >= 0) & ~loading & landed  # a copy in flight publishes its own entry
         host = np.full(self._buf.shape[0], -1, np.int32)
         n = self.num_layers * num_experts

@@ -84,6 +84,7 @@ class ExpertStore:
         self._ready: list[torch.cuda.Event | None] = [None] * num_slots
         self._released: list[torch.cuda.Event | None] = [None] * num_slots
         self._host_busy: dict[int, torch.cuda.Event] = {}
+        self._in_flight: set[int] = set()  # slots with a copy that may not have landed
         total = len(loaded.layers) * loaded.num_experts
         if share_host is None and host_capacity >= total:
             keys = [(layer, e) for layer in range(len(loaded.layers)) for e in range(loaded.num_experts)]
@@ -143,6 +144,7 @@ class ExpertStore:
                 ready = torch.cuda.Event()
                 ready.record(stream)
                 self._ready[load.slot] = ready
+                self._in_flight.add(load.slot)
                 self._host_busy[self.host_row[load.key]] = ready  # the pinned row is read until `ready`
         self.stats.bytes_to_device += self.loaded.expert_bytes
 
@@ -240,6 +242,11 @@ class ExpertStore:
         ev = self._ready[slot]
         return ev is None or ev.query()
 
+    def in_flight(self) -> set[int]:
+        """Slots whose last copy has not landed yet (only the slots copied into since the last call are asked)."""
+        self._in_flight = {slot for slot in self._in_flight if not self.landed(slot)}
+        return set(self._in_flight)
+
     def wait_landed(self, slot: int) -> None:
         """Make the compute stream wait for the last copy into ``slot``."""
         ev = self._ready[slot]
@@ -266,6 +273,7 @@ class ExpertStore:
             done.record(self.copy_stream)
         for slot in slots:
             self._ready[slot] = done
+        self._in_flight.update(slots)
 
     def _probe(self, repeats: int = 3) -> float:
         """Seconds per expert copy host -> slot 0 (before any slot is in use)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -142,7 +143,10 @@ def main() -> None:
     info = llm.info
     total = info.num_layers * info.num_experts
     batches = [int(b) for b in args.batches.split(",")]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = (
+        os.environ.get("MOEFLOW_COMMIT")
+        or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    )  # the device copy's git metadata can be stale: pass MOEFLOW_COMMIT
     result: dict = {
         "command": " ".join(sys.argv), "device": torch.cuda.get_device_name(), "commit": commit,
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),

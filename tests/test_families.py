@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
 from moeflow import LLM, SamplingParams
 from moeflow.model.families import interface_model_types
@@ -26,10 +26,6 @@ PROMPT = [5, 17, 42, 7, 99, 3, 250, 11, 64, 8]
 NEW_TOKENS = 6
 HOST_EXPERTS = 3
 
-_CACHE = (
-    "moeflow's engine passes a plain DynamicCache(), which has no linear-attention/mamba/indexer layers; "
-    "DynamicCache(config=model.config) makes it pass (engine/llm.py)"
-)
 XFAIL: dict[str, str] = {
     "minimax": "MiniMax needs its own cache class (MiniMaxCache), and moeflow's engine always passes a DynamicCache",
     "dots3_note": "its per_layer_config names 42 layers; the 2-layer tiny config cannot be built",
@@ -41,22 +37,12 @@ XFAIL: dict[str, str] = {
     "qwen4_exp": "the tiny config lacks its n-gram embedding sizes (transformers cannot build it)",
     "qwen4_exp_text": "the tiny config lacks its n-gram embedding sizes (transformers cannot build it)",
 }
-PLAIN_CACHE_LAYERS = {"DynamicLayer", "DynamicSlidingWindowLayer"}
 
 FOUND = interface_model_types()
 
 
-def needs_model_cache(model_type: str) -> bool:
-    """transformers would build this family's cache with other layers than a plain DynamicCache() holds."""
-    try:
-        layers = DynamicCache(config=tiny_config(model_type)).layers
-    except (KeyError, ValueError, TypeError):
-        return True
-    return any(type(layer).__name__ not in PLAIN_CACHE_LAYERS for layer in layers)
-
-
 def expected_to_pass() -> list[str]:
-    return [t for t in FOUND if t not in XFAIL and not needs_model_cache(t)]
+    return [t for t in FOUND if t not in XFAIL]
 
 
 def _param(model_type: str) -> object:

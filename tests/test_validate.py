@@ -113,14 +113,21 @@ def test_auto_dtype_keeps_the_checkpoint_dtype_on_cpu(tmp_path: Path) -> None:
     assert resolve_dtype("auto", SimpleNamespace(dtype="float32"), torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", SimpleNamespace(dtype="float32"), torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype("float32", cfg, torch.device("cpu")) == torch.float32
+    # a small checkpoint computes in float32 on a CPU (faster there); a large one keeps its bf16
+    assert resolve_dtype("auto", cfg, torch.device("cpu"), weight_bytes=28 * 2**20) == torch.float32
+    assert resolve_dtype("auto", cfg, torch.device("cpu"), weight_bytes=8 * 2**30) == torch.bfloat16
+    assert resolve_dtype("auto", cfg, torch.device("cuda"), weight_bytes=28 * 2**20) == torch.bfloat16
     with pytest.raises(ConfigError):
         resolve_dtype("int8", cfg, torch.device("cpu"))
 
 
-def test_bf16_checkpoint_moves_its_own_bytes_on_cpu(tmp_path: Path) -> None:
+def test_bf16_checkpoint_moves_its_own_bytes_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoModelForCausalLM
 
+    from moeflow.model import loader
     from tests.families import build_checkpoint
+
+    monkeypatch.setattr(loader, "SMALL_ON_CPU", 0)  # as for a checkpoint too large to widen to float32
 
     path = build_checkpoint("olmoe", tmp_path / "f32")
     bf16 = tmp_path / "bf16"

@@ -1,4 +1,4 @@
-"""The fused route kernel (Triton) equals the torch ops it replaces, on random routing, candidates and live rows:
+"""The fused route kernel (Triton) equals the NumPy rule it implements (``claims.route_layer``), on random routing, candidates and live rows:
 run in Triton's interpreter on the CPU (skipped where Triton is not installed)."""
 
 from __future__ import annotations

@@ -45,6 +45,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-backend", default="auto", choices=BACKENDS, help="expert compute over the slots")
     p.add_argument("--batch-size", type=int_at_least(1), default=8, help="sequences decoded together")
     p.add_argument(
+        "--decode", default="auto", choices=("auto", "graph", "static", "eager"),
+        help="decode steps: graph (one captured CUDA graph per step, misses read from pinned host memory), "
+        "static (the same step, not captured), eager (host work per layer); auto: graph on a GPU whose host "
+        "pool holds every expert, else eager",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-cuda-graphs", dest="decode", action="store_const", const="eager",
+        help="decode eagerly (same as --decode eager; for debugging)",
+    )  # fmt: skip
+    p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="policy option (repeatable)"
     )
 
@@ -73,6 +83,7 @@ def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
         policy=args.policy,
         dtype=args.dtype,
         expert_backend=args.expert_backend,
+        decode=getattr(args, "decode", "auto"),
         progress=sys.stderr.isatty(),
         extra=parse_options(args.option),
     )

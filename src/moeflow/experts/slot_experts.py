@@ -3,7 +3,7 @@
 For each layer: the routed (token, expert) pairs are grouped by expert with device ops (nothing waits for the
 host, so the step can be captured in a CUDA graph); each used expert is read from its slot when ``table[l, e] >= 0``
 and from the host pool otherwise; a missed expert claims one of the candidate slots the policy offered for the step
-(see ``_claim``) and is written into it as it is read (read-through fill). What happened is left on the device for
+(see ``claims.py``) and is written into it as it is read (read-through fill). What happened is left on the device for
 the host to read after the step: ``served[l, e]`` (1 hit, 2 miss) and ``filled[l, e]`` (the slot filled, or -1).
 
 On CUDA the projections run in the Triton kernel of :mod:`moeflow.experts.slot_kernel`; elsewhere a torch
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moeflow.experts.claims import route_layer
 from moeflow.model.loader import ExpertLayout
 
 HostRow = Callable[[int, int], torch.Tensor]
@@ -76,55 +77,21 @@ class Projections:
 def group_pairs(
     src: SlotTensors, layer: int, ids: torch.Tensor, live: torch.Tensor | None, fused: bool | None = None
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Group the layer's pairs by expert and claim candidate slots for its misses, all on the device.
+    """Group the layer's pairs by expert and claim candidate slots for its misses (``claims.route_layer``'s rule):
+    on a GPU in one kernel with no host sync; elsewhere in NumPy on the host.
 
     Returns ((order [P], counts [E], starts [E]) int32, the layer's slot row [E], claims [E])."""
-    if (
-        ids.is_cuda if fused is None else fused
-    ):  # one Triton launch (route_kernel.py) instead of the ops below
+    if ids.is_cuda if fused is None else fused:  # on the device: one Triton launch (route_kernel.py)
         from moeflow.experts.route_kernel import route
 
         groups, claim = route(ids, live, src.table[layer], src.cand, src.taken, src.served, src.filled,
                               src.scratch, layer)  # fmt: skip
         return groups, src.table[layer], claim
-    t, k = ids.shape
-    num_experts = src.table.shape[1]
-    flat = ids.reshape(-1).to(torch.int32)  # [P]
-    if live is not None:  # pairs of finished rows go to a bucket past the last expert
-        flat = torch.where(live[:, None].expand(t, k).reshape(-1), flat, num_experts)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
-    counts.scatter_add_(0, flat.long(), torch.ones_like(flat))
-    order = torch.argsort(flat, stable=True).to(torch.int32)
-    starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts
-    slot = src.table[layer]  # [E]
-    used = counts[:num_experts] > 0
-    claim = _claim(src, layer, used & (slot < 0), counts)
-    src.filled[layer] = claim
-    src.served[layer] = torch.where(used, torch.where(slot >= 0, 1, 2), 0).to(torch.int8)
-    return (order, counts[:num_experts], starts[:num_experts]), slot, claim
-
-
-def _claim(src: SlotTensors, layer: int, miss: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """[E] the candidate slot each missed expert of ``layer`` is written into (-1: none), in expert order: the
-    first candidates not taken yet whose key the step cannot read again: free, of a layer already run that did
-    not use it this step, or of this layer and not routed to."""
-    c_slot, c_layer, c_expert = src.cand[0], src.cand[1], src.cand[2]
-    cap = c_slot.shape[0]
-    lay, e = c_layer.clamp(min=0).long(), c_expert.clamp(min=0).long()
-    unused = src.served[lay, e] == 0  # layers before this one have written served for the step
-    done = (c_layer < 0) | ((c_layer < layer) & unused) | ((c_layer == layer) & (counts[e] == 0))
-    ok = done & (c_slot >= 0) & ~src.taken[:cap]
-    ok_rank = torch.cumsum(ok, 0, dtype=torch.int32) - 1  # [C]
-    by_rank = torch.full((cap + 1,), cap, dtype=torch.long, device=miss.device)
-    index = torch.arange(cap, device=miss.device)
-    by_rank.scatter_(
-        0, torch.where(ok, ok_rank, cap).long(), torch.where(ok, index, cap)
-    )  # [cap] stays "none"
-    miss_rank = (torch.cumsum(miss, 0, dtype=torch.int32) - 1).clamp(0, cap).long()  # [E]
-    pick = by_rank[miss_rank]  # [E] candidate index, cap when there is none
-    got = miss & (pick < cap)
-    src.taken.scatter_(0, torch.where(got, pick, cap), torch.ones_like(got))
-    return torch.where(got, c_slot[pick.clamp(max=cap - 1)], -1).to(torch.int32)
+    live_np = live.numpy() if live is not None else None
+    order, counts, starts, claim = route_layer(ids.numpy(), live_np, src.table[layer].numpy(), src.cand.numpy(),
+                                               src.taken.numpy(), src.served.numpy(), src.filled.numpy(), layer)  # fmt: skip
+    groups = tuple(torch.from_numpy(a) for a in (order, counts, starts))
+    return groups, src.table[layer], torch.from_numpy(claim)
 
 
 def slot_experts_forward(

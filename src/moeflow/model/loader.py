@@ -99,9 +99,17 @@ class LoadedModel:
         return nbytes
 
 
-def resolve_dtype(requested: str, config: PretrainedConfig, device: torch.device) -> torch.dtype:
+SMALL_ON_CPU = 2**30
+"""On a CPU, "auto" computes a checkpoint whose float32 copy fits in this many bytes in float32: CPUs without bf16
+matrix units ran the demo model 3-6x slower in bf16, and a small model's float32 copy costs little RAM."""
+
+
+def resolve_dtype(
+    requested: str, config: PretrainedConfig, device: torch.device, weight_bytes: int | None = None
+) -> torch.dtype:
     """The compute dtype: ``requested``, or for "auto" the checkpoint's own dtype (so a bf16 checkpoint stays bf16
-    in RAM on a CPU), except that a float32 checkpoint computes in bfloat16 on an accelerator."""
+    in RAM on a CPU), except that a float32 checkpoint computes in bfloat16 on an accelerator and a small
+    checkpoint (``weight_bytes`` in float32 within ``SMALL_ON_CPU``) computes in float32 on a CPU."""
     if requested != "auto":
         from moeflow.validate import check_dtype
 
@@ -111,7 +119,8 @@ def resolve_dtype(requested: str, config: PretrainedConfig, device: torch.device
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if device.type == "cpu":
-        return dtype
+        small = weight_bytes is not None and weight_bytes * 4 // dtype.itemsize <= SMALL_ON_CPU
+        return torch.float32 if small else dtype
     return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
@@ -120,7 +129,8 @@ def open_model(path: str, device: torch.device, dtype: str = "auto") -> LoadedMo
     ckpt = Checkpoint(path)
     model_type = ckpt.config_dict.get("model_type", "?")
     config = AutoConfig.from_pretrained(ckpt.path)
-    torch_dtype = resolve_dtype(dtype, config, device)
+    weight_bytes = sum(ckpt.nbytes(name) for name in ckpt.shard_of)
+    torch_dtype = resolve_dtype(dtype, config, device, weight_bytes)
     with torch.device("meta"):
         try:
             model = AutoModelForCausalLM.from_config(

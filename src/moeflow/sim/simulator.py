@@ -139,9 +139,18 @@ def simulate(
     timing: TimingModel | None = None,
     options: dict | None = None,
     model_dir: str | None = None,
+    execution: str = "eager",
+    batching: str = "continuous",
 ) -> SimResult:
     """Replay ``trace`` through ``policy`` (a registered name, a factory or a fresh instance) with
-    ``cache_size`` device slots. ``options`` go to ``PolicyContext.options`` (``batch_size`` is added)."""
+    ``cache_size`` device slots. ``options`` go to ``PolicyContext.options`` (``batch_size`` is added).
+    ``execution``: "eager" (demand loads per layer) or "static" (decode steps as the static decode path runs them,
+    see ``sim/static.py``; prefill stays eager). ``batching``: "continuous" (the module docstring's) or "recorded"
+    (the trace's own steps: the engine's batching when the engine recorded it)."""
+    from moeflow.sim.static import recorded_schedule, run_static_step
+
+    if execution not in ("eager", "static") or batching not in ("continuous", "recorded"):
+        raise ValueError(f"unknown execution {execution!r} or batching {batching!r}")
     pol = policy() if callable(policy) and not isinstance(policy, CachePolicy) else make_policy(policy)
     num_layers, num_experts = trace.num_layers, trace.num_experts
     if cache_size < 1:
@@ -154,12 +163,15 @@ def simulate(
     if timing is not None:
         pol.on_timing(timing.compute_per_layer, timing.expert_bytes / timing.bandwidth)
     end_request = getattr(pol, "end_request", None)
-    steps = schedule(trace, batch_size)
+    steps = recorded_schedule(trace) if batching == "recorded" else schedule(trace, batch_size)
     demand = np.zeros(len(steps), np.int64)  # [S]
     prefetch = np.zeros(len(steps), np.int64)  # [S]
     for s, st in enumerate(steps):
         m0, p0 = pol.stats.misses, pol.stats.prefetches
-        _run_step(pol, st, trace.experts[st.rows], trace.weights[st.rows])
+        if execution == "static" and not st.info.prefill:
+            run_static_step(pol, st.info, trace.experts[st.rows])
+        else:
+            _run_step(pol, st, trace.experts[st.rows], trace.weights[st.rows])
         if end_request is not None:
             for rid in st.ended:
                 end_request(rid)

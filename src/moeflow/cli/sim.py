@@ -60,6 +60,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_COMPUTE_PER_LAYER * 1e3,
         help="compute per layer (ms)",
     )
+    p.add_argument(
+        "--execution", default="eager", choices=("eager", "static"),
+        help="how decode steps run: eager (demand loads per layer) or static (the graph decode's boundaries, "
+        "zero-copy misses and read-through fills)",
+    )  # fmt: skip
+    p.add_argument(
+        "--batching", default="continuous", choices=("continuous", "recorded"),
+        help="continuous (requests join as others finish) or recorded (the trace's own steps, as the engine ran them)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--out", default=None, help="also write the JSON results to this file")
     p.add_argument(
@@ -152,8 +161,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for batch, slots, name in bar:
         bar.set_postfix_str(f"{name} @ {slots} slots, batch {batch}")
         res = simulate(
-            trace, name, slots, batch, timing=timing, options=dict(options), model_dir=args.model_dir
-        )
+            trace, name, slots, batch, timing=timing, options=dict(options), model_dir=args.model_dir,
+            execution=args.execution, batching=args.batching,
+        )  # fmt: skip
         results.append(res.to_dict())
     doc = {
         "command": "moeflow " + " ".join(shlex.quote(a) for a in sys.argv[1:]),

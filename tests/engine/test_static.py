@@ -105,3 +105,16 @@ def test_graph_mode_needs_cuda(checkpoints: dict[str, Path]) -> None:
         pytest.skip("CUDA present")
     with pytest.raises(RequestError, match="needs a CUDA device"):
         LLM(checkpoints["olmoe"], device="cpu", decode="graph", progress=False)
+
+
+def test_static_kv_cache_is_held_to_the_kv_reserve(checkpoints: dict[str, Path]) -> None:
+    from moeflow.errors import BudgetError
+
+    path = checkpoints["olmoe"]
+    roomy = LLM(path, device="cpu", num_slots=4, kv_reserve="64MiB", decode="static", progress=False)
+    roomy.generate(PROMPT, SamplingParams(max_tokens=3, ignore_eos=True))
+    used = roomy.static._buckets[next(iter(roomy.static._buckets))].kv.bytes()
+    assert 0 < used <= 64 * 2**20
+    tight = LLM(path, device="cpu", num_slots=4, kv_reserve=used - 1, decode="static", progress=False)
+    with pytest.raises(BudgetError, match="more than the KV reserve"):
+        tight.generate(PROMPT, SamplingParams(max_tokens=3, ignore_eos=True))

@@ -126,7 +126,10 @@ class LLM:
         if mode == "graph" and not cuda:
             raise RequestError("decode='graph' needs a CUDA device; use decode='static' or 'eager' on a CPU")
         try:
-            decoder = StaticDecoder(self.loaded, self.runtime, graphs=cuda and mode != "static")
+            cfg = self.config  # a CPU budget reserves nothing for activations (they are ordinary RAM) unless asked
+            budgeted = (cfg.device_memory is not None and cuda) or cfg.kv_reserve is not None
+            decoder = StaticDecoder(self.loaded, self.runtime, graphs=cuda and mode != "static",
+                                    kv_budget=self.memory.kv_reserve if budgeted else None)  # fmt: skip
         except NotImplementedError as err:
             if mode == "auto":
                 return None

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from moeflow.config import format_size
 from moeflow.engine.kv import StaticKV
+from moeflow.errors import BudgetError
 from moeflow.experts.layer import Runtime, StaticBuffers
 from moeflow.experts.plan import StepRouting
 from moeflow.experts.slot_experts import Projections
@@ -48,8 +50,17 @@ class Bucket:
 class StaticDecoder:
     """Owns the buckets, the slot table and the captured graphs of one engine."""
 
-    def __init__(self, loaded: LoadedModel, runtime: Runtime, graphs: bool, blocks: dict | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        runtime: Runtime,
+        graphs: bool,
+        blocks: dict | None = None,
+        kv_budget: int | None = None,
+    ):
         self.lm, self.rt, self.graphs, self.blocks = loaded, runtime, graphs, blocks
+        self.kv_budget = kv_budget
+        """Bytes the static KV caches may take (the memory plan's KV reserve when a device budget was given)."""
         params = inspect.signature(loaded.model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         Projections.of(loaded.layers[0].module, loaded.layout)  # refuses layouts the kernel cannot run
@@ -109,6 +120,7 @@ class StaticDecoder:
     ) -> torch.Tensor:  # [B, V]
         """Run the (left-padded) prompts eagerly into the bucket's cache; the MoE layers take the eager path."""
         bucket.kv.reset(mask)
+        fresh = not bucket.kv.bytes()
         out = self.lm.model(
             input_ids=ids,
             attention_mask=bucket.kv.prefill_masks(ids.shape[1]),
@@ -117,7 +129,20 @@ class StaticDecoder:
             logits_to_keep=1,
             **{self.cache_kw: bucket.kv.cache},
         )
+        if fresh:
+            self._check_kv()
         return out.logits[:, -1, :]
+
+    def _check_kv(self) -> None:
+        """The static caches allocated so far must fit the KV reserve of the device budget."""
+        used = sum(b.kv.bytes() for b in self._buckets.values())
+        if self.kv_budget is not None and used > self.kv_budget:
+            rows, length = max((b.kv.rows, b.kv.max_len) for b in self._buckets.values())
+            raise BudgetError(
+                f"the static KV cache ({len(self._buckets)} batch shape(s), up to {rows} rows x {length} positions) "
+                f"takes {format_size(used)}, more than the KV reserve of {format_size(self.kv_budget)}: raise "
+                "--device-memory or pass a larger kv_reserve, lower --batch-size, or decode eagerly (--decode eager)"
+            )
 
     def decode(self, bucket: Bucket, seqs: list[Sequence], live: list[int]) -> torch.Tensor:  # [B, V]
         """One decode step for every row (finished rows compute but count for nothing); returns the logits."""

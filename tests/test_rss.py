@@ -68,7 +68,7 @@ def test_steady_rss_stays_near_the_device_budget(measured: tuple[dict, dict, int
     "978 MB); what uses the ~100 MB beyond the budget (activations, logits, load-time temporaries) is not yet traced",
 )
 def test_steady_rss_stays_under_the_device_budget(measured: tuple[dict, dict, int, int]) -> None:
-    base, run, budget, disk = measured
+    base, run, budget, _ = measured
     assert run["RssAnon"] <= (budget + base["RssAnon"]) * 1.1
 
 

@@ -26,3 +26,19 @@ def h2d_bandwidth(nbytes: int = 1 << 30) -> float:
         sync()
         best = min(best, time.perf_counter() - t0)
     return nbytes / best
+
+
+def event_ms(fn, reps: int = 20, warmup: int = 0) -> float:
+    """Median milliseconds of ``fn`` (anything queued on the current stream) over ``reps`` CUDA-event-timed runs."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]

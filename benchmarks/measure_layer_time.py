@@ -11,26 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
 
+from benchmarks.common import event_ms
+
 
 def timed(fn, iters: int = 50, warmup: int = 10) -> float:
     """Median seconds of ``fn`` over ``iters`` CUDA-event-timed runs."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(out)
+    return event_ms(fn, iters, warmup) / 1e3
 
 
 def main() -> int:

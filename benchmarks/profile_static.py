@@ -13,22 +13,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import event_ms
 from benchmarks.decode_floor import VARIANTS
 from benchmarks.policy_decode import TimedLLM, requests_of, run
 from moeflow.routing.trace import Trace
-
-
-def event_ms(fn, reps: int = 20) -> float:
-    """Median device time of ``fn`` (already a graph replay, or anything else) by CUDA events."""
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def graph_ms(fn, reps: int = 20) -> float:

@@ -126,7 +126,8 @@ class LLM:
         if mode == "graph" and not cuda:
             raise RequestError("decode='graph' needs a CUDA device; use decode='static' or 'eager' on a CPU")
         try:
-            cfg = self.config  # a CPU budget reserves nothing for activations (they are ordinary RAM) unless asked
+            # a CPU budget reserves nothing for activations (they are ordinary RAM) unless asked
+            cfg = self.config
             budgeted = (cfg.device_memory is not None and cuda) or cfg.kv_reserve is not None
             decoder = StaticDecoder(self.loaded, self.runtime, graphs=cuda and mode != "static",
                                     kv_budget=self.memory.kv_reserve if budgeted else None)  # fmt: skip

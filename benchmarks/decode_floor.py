@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import h2d_bandwidth
+from benchmarks.common import graph_ms, h2d_bandwidth
 from benchmarks.policy_decode import TimedLLM, requests_of, run
 from moeflow.routing.trace import Trace
 
@@ -43,7 +43,6 @@ def kernel_stage(llm: TimedLLM, batches: list[int]) -> tuple[dict, list[dict]]:
     """Time one layer's first projection in the slot-table kernel for each tile option, inside a CUDA graph, every
     expert read from slots or from host; returns the fastest option from slots at the first batch size (reads from
     host are bound by the link whatever the tiles) and all rows."""
-    from benchmarks.profile_static import graph_ms
     from moeflow.experts.slot_experts import group_pairs
     from moeflow.experts.slot_kernel import slot_linear
 

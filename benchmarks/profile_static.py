@@ -13,24 +13,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import event_ms
+from benchmarks.common import event_ms, graph_ms
 from benchmarks.decode_floor import VARIANTS
 from benchmarks.policy_decode import TimedLLM, requests_of, run
 from moeflow.routing.trace import Trace
-
-
-def graph_ms(fn, reps: int = 20) -> float:
-    """Median device time of ``fn`` captured in a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return event_ms(g.replay, reps)
 
 
 def main() -> None:

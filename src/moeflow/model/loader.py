@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from moeflow.errors import CheckpointError, UnsupportedModelError
-from moeflow.experts.dispatch import IMPLEMENTATION
 from moeflow.model.checkpoint import Checkpoint
 from moeflow.model.conversion import WeightMap
+from moeflow.model.dispatch import IMPLEMENTATION
 from moeflow.model.families import experts_modules, refusal, top_k_of
 
 

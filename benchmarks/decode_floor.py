@@ -98,14 +98,17 @@ def belady_misses(steps: list[list[set[int]]], slots: int, counted: list[bool]) 
     return misses
 
 
-def engine_steps(trace: Trace, reqs: list, batch: int, num_experts: int, layers: int) -> tuple[list, list]:
-    """The steps the engine runs for ``reqs`` at ``batch`` (as ``policy_decode.run`` batches them): per step and
-    layer, the keys (layer * E + expert) used; and which steps decode."""
+def engine_steps(
+    trace: Trace, reqs: list, batches: list[list[int]], num_experts: int, layers: int
+) -> tuple[list, list]:
+    """The steps the engine runs for ``reqs`` batched as ``batches`` (indices into ``reqs``; every request of a
+    batch generates the batch's fewest tokens, as ``policy_decode.run`` asks): per step and layer, the keys
+    (layer * E + expert) used; and which steps decode."""
     index = {(int(r), int(p)): i for i, (r, p) in enumerate(zip(trace.request, trace.position))}
     lmap = np.arange(layers) % trace.num_layers
     steps, decode = [], []
-    for start in range(0, len(reqs), batch):
-        chunk = reqs[start : start + batch]
+    for members in batches:
+        chunk = [reqs[i] for i in members]
         for step in range(min(n for _, _, n in chunk)):
             rows = []
             for rid, prompt, _ in chunk:
@@ -176,7 +179,8 @@ def main() -> None:
     for frac in [float(f) for f in args.fractions.split(",")]:
         slots = max(info.top_k, int(total * frac))
         for batch in batches:
-            steps, decode = engine_steps(trace, reqs, batch, info.num_experts, info.num_layers)
+            chunks = [list(range(i, min(i + batch, len(reqs)))) for i in range(0, len(reqs), batch)]
+            steps, decode = engine_steps(trace, reqs, chunks, info.num_experts, info.num_layers)
             bel_bytes = belady_misses(steps, slots, decode) * info.expert_bytes
             resident = result["resident_ms"][str(batch)]
             for policy in args.policies.split(","):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import sync
+from benchmarks.decode_floor import engine_steps
 from benchmarks.policy_decode import TimedLLM, requests_of
 from moeflow import SamplingParams
 from moeflow.routing.trace import Trace
@@ -36,7 +37,10 @@ def measure(
     sync()
     wall = time.perf_counter() - t0
     d = llm.decode_since(d0)
-    distinct = np.mean([np.mean(x) for x in llm.runtime.distinct if x])
+    n = llm.info
+    steps, decode = engine_steps(llm.runtime.replay.trace, [(r, p, params.max_tokens) for r, p, _ in reqs], order,
+                                 n.num_experts, n.num_layers)  # fmt: skip
+    distinct = np.mean([len(layer) for step, dec in zip(steps, decode) if dec for layer in step])
     row = {"policy": policy, "batch": batch, "schedule": schedule,
            "tokens_per_s": sum(len(o.token_ids) for o in outs) / wall,
            "decode_tokens_per_s": d["tokens"] / d["wall_s"] if d["wall_s"] else 0.0,

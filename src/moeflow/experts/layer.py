@@ -66,8 +66,6 @@ class Runtime:
     recorder: TraceRecorder | None = None
     replay: TraceReplay | None = None
     ctx: StepContext = field(default_factory=StepContext)
-    distinct: list[list[int]] = field(default_factory=list)
-    """Per layer, distinct experts touched in each eager decode step so far (read by scheduling benchmarks)."""
 
     def prefetch_after(self, layer: int) -> None:
         """Start the policy's prefetches once ``layer`` is routed (-1: before the step's first layer)."""
@@ -77,7 +75,7 @@ class Runtime:
         """A decode step took ``wall_s`` (the store's stall counter read ``stall_before`` at its start): the policy
         learns the compute time per layer and the time of one expert copy."""
         compute = max(wall_s - (self.store.stats.stall_s - stall_before), 0.0)
-        self.policy.on_timing(compute / max(len(self.distinct), 1), self.store.copy_s)
+        self.policy.on_timing(compute / max(len(self.store.loaded.layers), 1), self.store.copy_s)
 
     def drop_stale(self, layer: int) -> None:
         """``layer`` is about to run: queued prefetches for layers already passed are dropped, slots freed."""
@@ -112,8 +110,6 @@ class OffloadedExperts:
         if rt.recorder is not None:
             rt.recorder.record(self.layer, experts, top_k_weights.float().cpu().numpy())
         needed = np.unique(experts).tolist()
-        if not ctx.prefill:
-            rt.distinct[self.layer].append(len(needed))
         result = self._compute(hidden, top_k_index, top_k_weights, needed)
         rt.prefetch_after(self.layer)
         if ctx.keep is not None:  # padded / finished rows contribute nothing
@@ -166,6 +162,5 @@ class OffloadedExperts:
 
 def attach(layers: list, runtime: Runtime) -> None:
     """Give each MoE layer's experts module its handler."""
-    runtime.distinct = [[] for _ in layers]
     for spec in layers:
         spec.module.moeflow = OffloadedExperts(spec.index, spec.module, runtime)

@@ -18,6 +18,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from moeflow import LLM, SamplingParams
+from moeflow.errors import RequestError
 from moeflow.model.families import interface_model_types
 from moeflow.model.loader import open_model
 from tests.families import save_random, tiny_config
@@ -80,6 +81,17 @@ def test_family_matches_transformers(model_type: str, tmp_path: Path) -> None:
     result = llm.generate([PROMPT], SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))[0]
     assert result.token_ids == want_tokens
     assert result.stats.misses > 0
+    try:  # the static decode step (the one a GPU captures in a graph), run eagerly
+        static = LLM(
+            path, device="cpu", dtype="float32", num_slots=probe.top_k, decode="static", progress=False
+        )
+    except RequestError as err:  # refused on purpose: state the static cache or the kernel cannot hold
+        assert "not available for this model" in str(err) and (
+            "cache holds" in str(err) or "slot-table" in str(err)
+        )
+        return
+    again = static.generate([PROMPT], SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))[0]
+    assert again.token_ids == want_tokens
 
 
 # ---------------------------------------------------------------------------------------------------- README list

@@ -45,6 +45,7 @@ class Bucket:
     logits: torch.Tensor  # [B, V]
     staging: torch.Tensor  # [3, B] host copy of ids, positions and live rows
     graph: torch.cuda.CUDAGraph | None = None
+    route_host: torch.Tensor | None = None  # pinned host copy of the step's routing
 
 
 class StaticDecoder:
@@ -169,16 +170,23 @@ class StaticDecoder:
 
     def settle(self, bucket: Bucket, live: list[int]) -> StepRouting:
         """After the step (its tokens sampled): what it routed and served, for the policy and the statistics."""
-        experts = bucket.bufs.route_ids[:, live].cpu().numpy()  # [L, T, K]
-        served, filled = self.table.read_back()
-        routing = StepRouting(experts, served, filled)
+        bufs = bucket.bufs
+        route = bufs.route_ids
+        if bucket.route_host is None:
+            bucket.route_host = torch.empty_like(route, device="cpu", pin_memory=route.is_cuda)
+        bucket.route_host.copy_(route, non_blocking=route.is_cuda)
+        served, filled = self.table.copy_back()
+        if route.is_cuda:
+            torch.cuda.current_stream(route.device).synchronize()  # the one wait for all the step's results
+        experts = bucket.route_host[:, live].numpy()  # [L, T, K] (fancy indexing copies)
+        routing = StepRouting(experts, served.copy(), filled.copy())
         store = self.rt.store
         missed = int((served == 2).sum())
         store.stats.bytes_to_device += missed * self.lm.expert_bytes
         store.stats.bytes_zero_copy += missed * self.lm.expert_bytes
         rec = self.rt.recorder
-        if rec is not None and bucket.bufs.route_w is not None:
-            weights = bucket.bufs.route_w[:, live].cpu().numpy()
+        if rec is not None and bufs.route_w is not None:
+            weights = bufs.route_w[:, live].cpu().numpy()
             for layer in range(len(self.lm.layers)):
                 rec.record(layer, experts[layer], weights[layer])
         return routing

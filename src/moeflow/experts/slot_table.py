@@ -35,6 +35,10 @@ class SlotTable:
             (n + 3 * fill_cap,), -1, dtype=torch.int32, device=dev
         )  # table, then candidates
         self._staging = torch.full_like(self._buf, -1, device="cpu").pin_memory() if store.cuda else None
+        self._host_served: torch.Tensor | None = (
+            None  # pinned mirrors the step's results are copied back into
+        )
+        self._host_filled: torch.Tensor | None = None
         self.tensors = SlotTensors(
             pool=store.slots,
             host=store.host if self.zero_copy else None,
@@ -85,10 +89,18 @@ class SlotTable:
             keys = [ld.key[0] * self.num_experts + ld.key[1] for ld in group]
             self.store.copy_published(group, self._buf[: self.num_layers * self.num_experts], keys)
 
-    def read_back(self) -> tuple[np.ndarray, np.ndarray]:
-        """(served [L, E], filled [L, E]) of the last step (waits for it)."""
+    def copy_back(self) -> tuple[np.ndarray, np.ndarray]:
+        """(served [L, E], filled [L, E]) of the last step: on a GPU copied without waiting into pinned buffers,
+        valid once the caller has synchronised the stream (one wait for everything the step returns)."""
         t = self.tensors
-        return t.served.cpu().numpy(), t.filled.cpu().numpy()
+        if self._staging is None:
+            return t.served.numpy().copy(), t.filled.numpy().copy()
+        if self._host_served is None:
+            self._host_served = torch.empty_like(t.served, device="cpu").pin_memory()
+            self._host_filled = torch.empty_like(t.filled, device="cpu").pin_memory()
+        self._host_served.copy_(t.served, non_blocking=True)
+        self._host_filled.copy_(t.filled, non_blocking=True)
+        return self._host_served.numpy(), self._host_filled.numpy()
 
 
 def _host_is_ordered(store: ExpertStore, num_layers: int, num_experts: int) -> bool:

@@ -93,6 +93,30 @@ OVERRIDES: dict[str, dict] = {
     "bailing_hybrid": dict(layer_group_size=2),  # one full-attention layer in 3
     "kimi_linear": dict(layer_types=["linear_attention", "full_attention", "linear_attention"]),
     "mimo_v2_flash": dict(num_key_value_heads=2),  # its partial rotary needs grouped heads here
+    # mamba heads that divide 2 x hidden, and one attention layer (its cache needs one to report a length)
+    "granitemoehybrid": dict(
+        mamba_n_heads=4,
+        mamba_d_state=16,
+        mamba_chunk_size=16,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+    ),
+    "lfm2_moe": dict(
+        layer_types=["conv", "full_attention", "conv"], num_dense_layers=1
+    ),  # no default pattern
+    # indexer and n-gram embedding sizes have no defaults that fit a 32-wide model
+    **{
+        name: dict(
+            indexer_n_heads=2,
+            indexer_kv_heads=1,
+            indexer_head_dim=8,
+            indexer_budget=16,
+            indexer_compress_ratio=2,
+            hc_lowrank=8,
+            ngram_vocab_size_base=1000,
+            split_ngram_parts=4,
+        )
+        for name in ("qwen4_exp", "qwen4_exp_text")
+    },
 }
 """Per-family changes to :data:`RECIPE`, only where a family's config needs them."""
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from moeflow.batching import plan_batches
 from moeflow.config import EngineConfig
@@ -36,7 +35,8 @@ from moeflow.validate import check_batch_size, check_request, prompt_token_ids
 class Batch:
     """The running state of one batch: its cache (eager) or bucket (static), and the eager attention mask."""
 
-    cache: DynamicCache | None = None
+    cache: Any = None
+    """The eager path's KV cache, as the model built it at the prefill."""
     bucket: Bucket | None = None
     mask: torch.Tensor | None = None
     decoding: bool = False
@@ -252,8 +252,6 @@ class LLM:
         if self.static is not None:
             width = max(len(s.prompt_ids) for s in seqs)
             batch.bucket = self.static.bucket(len(seqs), width + max(s.params.max_tokens for s in seqs))
-        else:
-            batch.cache = DynamicCache(config=self.loaded.config)  # hybrid families get their layer kinds
         t0, t_first = time.perf_counter(), 0.0
         while not all(s.finished for s in seqs):
             self.step(seqs, batch, gen)
@@ -306,14 +304,18 @@ class LLM:
             assert self.static is not None
             logits = self.static.prefill(batch.bucket, x.ids, x.mask, x.positions)
         else:
-            logits = self.loaded.model(
+            # the prefill lets the model build its own cache (hybrid families, MiniMax's own class); decode reuses it
+            cache = {self._cache_kw: batch.cache} if batch.cache is not None else {}
+            out = self.loaded.model(
                 input_ids=x.ids,
                 attention_mask=x.mask,
                 position_ids=x.positions,
                 use_cache=True,
                 logits_to_keep=1,
-                **{self._cache_kw: batch.cache},
-            ).logits[:, -1, :]
+                **cache,
+            )
+            batch.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            logits = out.logits[:, -1, :]
         self._end_step()
         batch.mask = x.mask
         return logits

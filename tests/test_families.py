@@ -31,8 +31,6 @@ XFAIL: dict[str, str] = {
     "dots3_note": "multimodal: its vision and audio towers check widths the shared tiny tower does not meet (e.g. "
     "adapter_input_size against the audio hidden size); its text model dots3_note_text passes",
     "gemma4": "multimodal wrapper (vision and audio towers); its text model gemma4_text is the MoE",
-    "gemma4_text": "its scaled embedding keeps a construction-time buffer beside parameters, which moeflow's meta "
-    "build cannot rebuild yet (loader._materialise_buffers)",
 }
 
 FOUND = interface_model_types()

@@ -249,7 +249,8 @@ def _materialise_buffers(model: nn.Module, device: torch.device) -> None:
         if any(b.is_meta for b in module.buffers(recurse=False)):
             config: Any = getattr(module, "config", None)
             if config is None or any(True for _ in module.parameters(recurse=False)):
-                raise UnsupportedModelError(f"cannot rebuild buffers of {path} ({type(module).__name__})")
+                _initialise_buffers(model, module, path, device)
+                continue
             with torch.device(device):
                 fresh = type(module)(config)
             parent_path, _, leaf = path.rpartition(".")
@@ -259,3 +260,23 @@ def _materialise_buffers(model: nn.Module, device: torch.device) -> None:
             module_path, _, leaf = name.rpartition(".")
             owner = model.get_submodule(module_path)
             owner._buffers[leaf] = b.to(device)
+
+
+def _initialise_buffers(model: nn.Module, module: nn.Module, path: str, device: torch.device) -> None:
+    """A module with loaded parameters and construction-time buffers (e.g. Gemma's embedding scale): allocate the
+    buffers on ``device`` and let the model's own ``_init_weights`` fill them, its parameters hidden behind meta
+    stand-ins so that what was loaded stays untouched."""
+    init = getattr(model, "_init_weights", None)
+    if init is None:
+        raise UnsupportedModelError(f"cannot rebuild buffers of {path} ({type(module).__name__})")
+    loaded = dict(module._parameters)
+    for name, p in loaded.items():
+        if p is not None:
+            module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+    for name, b in module._buffers.items():
+        if b is not None and b.is_meta:
+            module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
+    try:
+        init(module)
+    finally:
+        module._parameters.update(loaded)

@@ -75,3 +75,12 @@ def test_config_that_does_not_match_weights(checkpoints: dict[str, Path], tmp_pa
 def test_budget_too_small_names_the_minimum(checkpoints: dict[str, Path]) -> None:
     with pytest.raises(BudgetError, match="raise --device-memory to at least"):
         LLM(checkpoints["olmoe"], device="cpu", device_memory="10KB", progress=False)
+
+
+def test_moe_family_outside_the_experts_interface_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """JetMoe's experts use their own layout (not transformers' experts interface): refused, naming why."""
+    from tests.families import save_random, tiny_config
+
+    path = save_random(tiny_config("jetmoe"), tmp_path / "jetmoe")
+    with pytest.raises(UnsupportedModelError, match="'jetmoe' is not supported: its experts .* own layout"):
+        LLM(path, device="cpu", progress=False)

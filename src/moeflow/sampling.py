@@ -26,6 +26,9 @@ class SamplingParams:
     """Keep generating past the end-of-sequence token."""
     seed: int | None = None
     """Seed of the sampler (random draws are per batch)."""
+    repetition_penalty: float = 1.0
+    """Scores of tokens already in the sequence (prompt and output) are divided by this when positive and
+    multiplied when negative, as transformers' ``repetition_penalty`` does (1 = off)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -44,10 +47,19 @@ class SamplingParams:
             raise RequestError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         if self.seed is not None:
             check_int("seed", self.seed, -(2**63), 2**64 - 1, error=RequestError)
+        check_float("repetition_penalty", self.repetition_penalty, 0, lo_open=True, error=RequestError)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row of ``logits`` [B, V] -> [B]."""
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    history: list[list[int]] | None = None,
+) -> torch.Tensor:
+    """Next token per row of ``logits`` [B, V] -> [B]; ``history`` (each row's tokens so far) feeds the repetition
+    penalty."""
+    if params.repetition_penalty != 1 and history is not None:
+        logits = penalise(logits, history, params.repetition_penalty)
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature
@@ -62,3 +74,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def penalise(logits: torch.Tensor, history: list[list[int]], penalty: float) -> torch.Tensor:
+    """``logits`` [B, V] with each row's seen tokens penalised (transformers' repetition-penalty rule)."""
+    width = max(len(h) for h in history)
+    ids = torch.tensor(
+        [h + h[:1] * (width - len(h)) for h in history], device=logits.device
+    )  # pad with a seen id
+    seen = torch.gather(logits, 1, ids)
+    return logits.scatter(1, ids, torch.where(seen < 0, seen * penalty, seen / penalty))

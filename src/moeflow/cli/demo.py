@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moeflow.cli.args import RecordFlag, cache_share, int_at_least, size
+from moeflow.cli.args import RecordFlag, cache_share, int_at_least, number, size
 from moeflow.cli.run import add_cache_size_arg, engine_from_args, stream_one
 from moeflow.errors import MoeflowError
 
@@ -17,16 +17,18 @@ DEMO_PROMPTS = ("def fibonacci(n):", "The history of the city")
 
 
 def reference_tokens(
-    model_dir: str, dtype: Any, prompts: list[list[int]], max_tokens: int, eos: set[int]
+    model_dir: str, dtype: Any, prompts: list[list[int]], max_tokens: int, eos: set[int], penalty: float = 1.0
 ) -> list:
-    """Greedy continuations of ``prompts`` by the transformers model with every expert in place (CPU)."""
+    """Greedy continuations of ``prompts`` (with transformers' ``repetition_penalty``) by the transformers model
+    with every expert in place (CPU)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     gen = GenerationConfig(
-        max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(eos) or None, pad_token_id=0
-    )
+        max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(eos) or None, pad_token_id=0,
+        repetition_penalty=penalty,
+    )  # fmt: skip
     with torch.inference_mode():
         return [
             model.generate(torch.tensor([ids]), generation_config=gen)[0, len(ids) :].tolist()
@@ -41,7 +43,7 @@ def verdict(got: list[list[int]], want: list[list[int]]) -> str:
         if g != w:
             at = next((j for j, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
             return f"check: prompt {i + 1} differs from the un-offloaded transformers model at token {at + 1}"
-    return f"check: all {n} greedy tokens equal the un-offloaded transformers model's (CPU, same dtype)"
+    return f"check: all {n} greedy tokens equal the un-offloaded transformers model's (CPU, same dtype and penalty)"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -59,12 +61,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     llm = engine_from_args(ns)
     total = llm.info.num_layers * llm.info.num_experts
     print(f"demo: {model.name}, {llm.store.num_slots} of {total} experts on the device", file=sys.stderr)
-    params = SamplingParams(max_tokens=args.max_tokens)
+    params = SamplingParams(max_tokens=args.max_tokens, repetition_penalty=args.repetition_penalty)
     outs = [stream_one(llm, p, params) for p in DEMO_PROMPTS]
     if args.no_check:
         return 0
     ids = [llm.tokenizer(p)["input_ids"] for p in DEMO_PROMPTS]
-    want = reference_tokens(str(model), llm.loaded.dtype, ids, args.max_tokens, llm.eos_ids)
+    want = reference_tokens(
+        str(model), llm.loaded.dtype, ids, args.max_tokens, llm.eos_ids, params.repetition_penalty
+    )
     line = verdict([o.token_ids for o in outs], want)
     print(line, file=sys.stderr)
     return 0 if line.startswith("check: all") else 1
@@ -81,6 +85,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--cache-fraction", type=cache_share, action=RecordFlag, dest="cache_size", help=argparse.SUPPRESS
     )
     p.add_argument("--max-tokens", type=int_at_least(1), default=48, help="tokens to generate per prompt")
+    p.add_argument(
+        "--repetition-penalty", type=number(0, lo_open=True), default=1.3,
+        help="greedy decoding with this repetition penalty (the check applies the same one in transformers)",
+    )  # fmt: skip
     p.add_argument(
         "--no-check", action="store_true", help="skip the comparison with the un-offloaded transformers model"
     )

@@ -99,6 +99,10 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 64) -> None:
     p.add_argument("--top-p", type=number(0, 1, lo_open=True), default=1.0, help="nucleus sampling mass")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, help="sampler seed (default: unseeded)")
+    p.add_argument(
+        "--repetition-penalty", type=number(0, lo_open=True), default=1.0,
+        help="divide the scores of tokens already in the text by this (1: off; as transformers does)",
+    )  # fmt: skip
 
 
 def sampling_from_args(args: argparse.Namespace) -> Any:
@@ -109,6 +113,7 @@ def sampling_from_args(args: argparse.Namespace) -> Any:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        repetition_penalty=getattr(args, "repetition_penalty", 1.0),
         stop=tuple(args.stop),
         seed=args.seed,
     )

@@ -272,7 +272,9 @@ class LLM:
             logits = self.static.decode(batch.bucket, seqs, live)
         else:
             logits = self._eager_forward(seqs, batch)
-        tokens = sample(logits, seqs[0].params, gen)
+        params = seqs[0].params
+        history = [s.prompt_ids + s.output_ids for s in seqs] if params.repetition_penalty != 1 else None
+        tokens = sample(logits, params, gen, history)
         if static:
             self.runtime.policy.settle_step(self.static.settle(batch.bucket, live))
             self._end_step()

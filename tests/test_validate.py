@@ -52,6 +52,16 @@ def test_llm_refuses_bad_token_ids_and_long_prompts(checkpoints: dict[str, Path]
         llm.generate([[1] * 250], SamplingParams(max_tokens=10))
 
 
+def test_truncate_prompt_keeps_its_last_tokens(checkpoints: dict[str, Path]) -> None:
+    llm = LLM(checkpoints["olmoe"], device="cpu", num_slots=2, progress=False)
+    long = list(range(1, 251))  # 250 tokens, context 256
+    cut = llm.generate([long], SamplingParams(max_tokens=10, ignore_eos=True, truncate_prompt=True))[0]
+    last = llm.generate([long[-246:]], SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    assert cut.token_ids == last.token_ids and len(cut.token_ids) == 10
+    with pytest.raises(RequestError, match="truncate_prompt=True"):
+        llm.generate([long], SamplingParams(max_tokens=10))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -26,6 +26,8 @@ class SamplingParams:
     """Keep generating past the end-of-sequence token."""
     seed: int | None = None
     """Seed of the sampler (random draws are per batch)."""
+    truncate_prompt: bool = False
+    """A prompt too long for the context with ``max_tokens`` keeps its last tokens (default: refused)."""
     repetition_penalty: float = 1.0
     """Scores of tokens already in the sequence (prompt and output) are divided by this when positive and
     multiplied when negative, as transformers' ``repetition_penalty`` does (1 = off)."""
@@ -47,6 +49,8 @@ class SamplingParams:
             raise RequestError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         if self.seed is not None:
             check_int("seed", self.seed, -(2**63), 2**64 - 1, error=RequestError)
+        if not isinstance(self.truncate_prompt, bool):
+            raise RequestError(f"truncate_prompt must be True or False, got {self.truncate_prompt!r}")
         check_float("repetition_penalty", self.repetition_penalty, 0, lo_open=True, error=RequestError)
 
 

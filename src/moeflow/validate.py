@@ -113,9 +113,10 @@ def check_context(prompt_tokens: int, max_tokens: int, context: int | None) -> N
     """Refuse a request whose prompt plus ``max_tokens`` does not fit the model's context."""
     if context is not None and prompt_tokens + max_tokens > context:
         hint = (
-            f"lower max_tokens to {context - prompt_tokens}"
+            f"lower max_tokens to {context - prompt_tokens}, or truncate the prompt (truncate_prompt=True, "
+            "--truncate-prompt)"
             if prompt_tokens < context
-            else "shorten the prompt"
+            else "shorten the prompt, or let it keep its last tokens (truncate_prompt=True, --truncate-prompt)"
         )
         raise RequestError(
             f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: {prompt_tokens + max_tokens} "
@@ -123,10 +124,15 @@ def check_context(prompt_tokens: int, max_tokens: int, context: int | None) -> N
         )
 
 
-def check_request(ids: list[int], max_tokens: int, config: Any) -> None:
-    """Everything about one admitted prompt that depends on the model: vocabulary and context length."""
+def check_request(ids: list[int], max_tokens: int, config: Any, truncate: bool = False) -> list[int]:
+    """Everything about one admitted prompt that depends on the model: vocabulary and context length. With
+    ``truncate``, a prompt too long for its ``max_tokens`` keeps its last tokens instead of being refused."""
     prompt_token_ids(ids, getattr(config, "vocab_size", None))
-    check_context(len(ids), max_tokens, context_length(config))
+    context = context_length(config)
+    if truncate and context is not None and max_tokens < context and len(ids) + max_tokens > context:
+        ids = ids[len(ids) + max_tokens - context :]
+    check_context(len(ids), max_tokens, context)
+    return ids
 
 
 def check_batch_size(batch_size: Any) -> int:

@@ -75,7 +75,10 @@ def test_demo_says_whether_tokens_equal_the_reference(
     )
     assert code == 0, err
     last = err.strip().splitlines()[-1]
-    assert last == "check: all 12 greedy tokens equal the un-offloaded transformers model's (CPU, same dtype and penalty)"
+    assert (
+        last
+        == "check: all 12 greedy tokens equal the un-offloaded transformers model's (CPU, same dtype and penalty)"
+    )
     assert "demo: olmoe, 4 of 16 experts on the device" in err  # 25% by default
     assert verdict([[1, 2, 3]], [[1, 2, 4]]).endswith(
         "prompt 1 differs from the un-offloaded transformers model at token 3"

@@ -100,6 +100,11 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 64) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, help="sampler seed (default: unseeded)")
     p.add_argument(
+        "--truncate-prompt",
+        action="store_true",
+        help="a prompt too long for the context with --max-tokens keeps its last tokens (default: refused)",
+    )
+    p.add_argument(
         "--repetition-penalty", type=number(0, lo_open=True), default=1.0,
         help="divide the scores of tokens already in the text by this (1: off; as transformers does)",
     )  # fmt: skip
@@ -114,6 +119,7 @@ def sampling_from_args(args: argparse.Namespace) -> Any:
         top_k=args.top_k,
         top_p=args.top_p,
         repetition_penalty=getattr(args, "repetition_penalty", 1.0),
+        truncate_prompt=getattr(args, "truncate_prompt", False),
         stop=tuple(args.stop),
         seed=args.seed,
     )

@@ -235,7 +235,7 @@ class LLM:
                 ids, text = prompt_token_ids(prompt, self.loaded.config.vocab_size), ""
             if not ids:
                 raise RequestError("empty prompt: give at least one token of text")
-            check_request(ids, params.max_tokens, self.loaded.config)
+            ids = check_request(ids, params.max_tokens, self.loaded.config, params.truncate_prompt)
             seqs.append(Sequence(self._next_id, text, list(ids), params))
             if self.runtime.recorder is not None:
                 self.runtime.recorder.prompts[self._next_id] = text

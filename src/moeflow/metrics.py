@@ -33,3 +33,23 @@ class Stats:
         d = asdict(self)
         d["hit_ratio"] = self.hit_ratio
         return d
+
+
+Counters = tuple[int, int, int, int, int, float]
+"""(hits, misses, prefetches, bytes to device, bytes from disk, stall seconds): a snapshot of the running totals."""
+
+
+def batch_stats(
+    before: Counters, after: Counters, generated: list[int], t0: float, t_first: float, t_end: float
+) -> Stats:
+    """One batch's statistics from two snapshots of the totals, its sequences' generated token counts and its
+    start, first-token and end times."""
+    delta = [a - b for a, b in zip(after, before)]
+    n_tokens, steps = sum(generated), max(generated)
+    return Stats(
+        hits=int(delta[0]), misses=int(delta[1]), prefetches=int(delta[2]), bytes_to_device=int(delta[3]),
+        bytes_from_disk=int(delta[4]), stall_s=float(delta[5]), ttft_s=t_first - t0,
+        tpot_s=(t_end - t_first) / (steps - 1) if steps > 1 else 0.0,
+        tokens_per_s=n_tokens / (t_end - t0) if t_end > t0 else 0.0, batch_size=len(generated),
+        generated_tokens=n_tokens,
+    )  # fmt: skip

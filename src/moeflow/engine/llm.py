@@ -15,7 +15,7 @@ import torch
 
 from moeflow.batching import plan_batches
 from moeflow.config import EngineConfig
-from moeflow.engine.static import Bucket, StaticDecoder
+from moeflow.engine.static import Bucket, choose_static
 from moeflow.errors import RequestError
 from moeflow.experts.cache import CachePolicy, PolicyContext, StepInfo
 from moeflow.experts.layer import Runtime, StaticBuffers, StepContext, attach
@@ -23,7 +23,7 @@ from moeflow.experts.policies import make_policy
 from moeflow.experts.store import ExpertStore
 from moeflow.inputs import decode_inputs, prefill_inputs
 from moeflow.memory import MemoryPlan, plan_memory
-from moeflow.metrics import Stats
+from moeflow.metrics import Counters, batch_stats
 from moeflow.model.loader import LoadedModel, load_dense, open_model
 from moeflow.routing.trace import Trace, TraceRecorder, TraceReplay
 from moeflow.sampling import SamplingParams, sample
@@ -111,33 +111,12 @@ class LLM:
         self._cache_kw = (
             "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
         )
-        self.static = self._static_decoder(cfg.decode)
+        self.static = choose_static(cfg, self.device, lm, self.runtime, self.memory)
         self.tokenizer = _load_tokenizer(self.model_dir)
         eos = lm.config.eos_token_id if getattr(lm.config, "eos_token_id", None) is not None else []
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self._next_id = 0
         self._step = 0
-
-    def _static_decoder(self, mode: str) -> StaticDecoder | None:
-        """The static decode path for ``EngineConfig.decode`` (None: eager decode)."""
-        cuda = self.device.type == "cuda"
-        if mode == "eager":
-            return None
-        if mode == "graph" and not cuda:
-            raise RequestError("decode='graph' needs a CUDA device; use decode='static' or 'eager' on a CPU")
-        try:
-            # a CPU budget reserves nothing for activations (they are ordinary RAM) unless asked
-            cfg = self.config
-            budgeted = (cfg.device_memory is not None and cuda) or cfg.kv_reserve is not None
-            decoder = StaticDecoder(self.loaded, self.runtime, graphs=cuda and mode != "static",
-                                    kv_budget=self.memory.kv_reserve if budgeted else None)  # fmt: skip
-        except NotImplementedError as err:
-            if mode == "auto":
-                return None
-            raise RequestError(f"decode={mode!r} is not available for this model: {err}") from None
-        if mode == "auto" and not (cuda and decoder.table.zero_copy):
-            return None  # the graph needs every expert in pinned host memory; else decode eagerly
-        return decoder
 
     def _policy(self, spec: Any, num_slots: int, options: dict) -> CachePolicy:
         lm = self.loaded
@@ -359,20 +338,14 @@ class LLM:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
-    def _counters(self) -> tuple[int, int, int, int, int, float]:
+    def _counters(self) -> Counters:
         p, s = self.runtime.policy.stats, self.runtime.store.stats
         return (p.hits, p.misses, p.prefetches, s.bytes_to_device, s.bytes_from_disk, s.stall_s)
 
-    def _outputs(self, seqs: list[Sequence], before: tuple, t0: float, t_first: float, t_end: float) -> list:
-        delta = [a - b for a, b in zip(self._counters(), before)]
-        n_tokens = sum(len(s.output_ids) for s in seqs)
-        steps = max(len(s.output_ids) for s in seqs)
-        stats = Stats(
-            hits=int(delta[0]), misses=int(delta[1]), prefetches=int(delta[2]), bytes_to_device=int(delta[3]),
-            bytes_from_disk=int(delta[4]), stall_s=float(delta[5]), ttft_s=t_first - t0,
-            tpot_s=(t_end - t_first) / (steps - 1) if steps > 1 else 0.0,
-            tokens_per_s=n_tokens / (t_end - t0) if t_end > t0 else 0.0, batch_size=len(seqs), generated_tokens=n_tokens,
-        )  # fmt: skip
+    def _outputs(
+        self, seqs: list[Sequence], before: Counters, t0: float, t_first: float, t_end: float
+    ) -> list:
+        stats = batch_stats(before, self._counters(), [len(s.output_ids) for s in seqs], t0, t_first, t_end)
         return [
             RequestOutput(s.request_id, s.prompt, s.text, s.output_ids, s.finish_reason, stats) for s in seqs
         ]

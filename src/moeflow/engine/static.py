@@ -17,13 +17,14 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from moeflow.config import format_size
+from moeflow.config import EngineConfig, format_size
 from moeflow.engine.kv import StaticKV
-from moeflow.errors import BudgetError
+from moeflow.errors import BudgetError, RequestError
 from moeflow.experts.layer import Runtime, StaticBuffers
 from moeflow.experts.plan import StepRouting
 from moeflow.experts.slot_experts import Projections
 from moeflow.experts.slot_table import SlotTable
+from moeflow.memory import MemoryPlan
 from moeflow.model.loader import LoadedModel
 from moeflow.sequence import Sequence
 
@@ -233,3 +234,34 @@ class StaticDecoder:
         with torch.cuda.graph(graph, pool=self._pool):
             self._forward(bucket)
         return graph
+
+
+def choose_static(
+    cfg: EngineConfig, device: torch.device, loaded: LoadedModel, runtime: Runtime, memory: MemoryPlan
+) -> StaticDecoder | None:
+    """The static decode path for ``cfg.decode`` (None: decode eagerly), or a one-line error for a mode that
+    cannot run here."""
+    mode, cuda = cfg.decode, device.type == "cuda"
+    if mode == "eager":
+        return None
+    if mode == "graph" and not cuda:
+        raise RequestError("decode='graph' needs a CUDA device; use decode='static' or 'eager' on a CPU")
+    # a CPU budget reserves nothing for activations (they are ordinary RAM) unless asked
+    budgeted = (cfg.device_memory is not None and cuda) or cfg.kv_reserve is not None
+    try:
+        decoder = StaticDecoder(loaded, runtime, graphs=cuda and mode != "static",
+                                kv_budget=memory.kv_reserve if budgeted else None)  # fmt: skip
+    except NotImplementedError as err:
+        if mode == "auto":
+            return None
+        raise RequestError(f"decode={mode!r} is not available for this model: {err}") from None
+    if decoder.graphs and not decoder.table.zero_copy:  # the kernel reads misses from the pinned host pool
+        if mode == "auto":
+            return None
+        total = len(loaded.layers) * loaded.num_experts
+        raise RequestError(
+            f"decode='graph' needs every expert in the pinned host pool ({total} experts, "
+            f"{format_size(total * loaded.expert_bytes)}) but the host budget holds {runtime.store.host_capacity}: "
+            "raise --host-memory, or use --decode static or eager"
+        )
+    return decoder if cuda or mode != "auto" else None

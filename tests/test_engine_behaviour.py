@@ -116,3 +116,18 @@ def test_reconfigure_swaps_policy_and_slots_keeping_outputs(checkpoints: dict[st
     assert llm.store.stats.bytes_from_disk == 0  # the host tier was kept: misses copy from RAM
     with pytest.raises(RequestError, match="cannot hold one token's 2 routed experts"):
         llm.reconfigure(num_slots=1)
+
+
+def test_long_prefill_shows_progress_over_the_layers(
+    checkpoints: dict[str, Path], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moeflow.engine import llm as engine
+
+    monkeypatch.setattr(engine, "LONG_PREFILL", 8)  # tiny models have a context of 256: lower the threshold
+    model = LLM(checkpoints["olmoe"], device="cpu", num_slots=4, progress=True)
+    capsys.readouterr()
+    model.generate([list(range(1, 11))], SamplingParams(max_tokens=2, ignore_eos=True))
+    err = capsys.readouterr().err
+    assert "prefill 10 tokens" in err and "2/2" in err
+    model.generate([list(range(1, 5))], SamplingParams(max_tokens=2, ignore_eos=True))
+    assert "prefill" not in capsys.readouterr().err  # a short prompt shows none

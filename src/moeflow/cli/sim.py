@@ -221,7 +221,7 @@ def cmd_eamc_build(args: argparse.Namespace) -> int:
         raise MoeflowError(
             f"the traces come from models of different shapes {sorted(shapes)}: build one per model"
         )
-    eamc = EAMCollection.from_traces(traces, args.capacity)
+    eamc = EAMCollection.from_traces(traces, args.capacity, progress=sys.stderr.isatty())
     eamc.save(args.out)
     n_req = sum(len(t.requests()) for t in traces)
     print(

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from moeflow.batching import plan_batches
 from moeflow.config import EngineConfig
@@ -29,6 +30,9 @@ from moeflow.routing.trace import Trace, TraceRecorder, TraceReplay
 from moeflow.sampling import SamplingParams, sample
 from moeflow.sequence import RequestOutput, Sequence, StreamDelta
 from moeflow.validate import check_batch_size, check_request, prompt_token_ids
+
+LONG_PREFILL = 1024
+"""Prefills of at least this many tokens show a progress bar over the MoE layers (with progress on)."""
 
 
 @dataclass
@@ -279,7 +283,10 @@ class LLM:
         else:
             x = prefill_inputs(seqs, self.device)
         live = [s for s in seqs if not s.finished]
-        self._begin_step(live, x.new_tokens, x.new_positions, x.prefill, x.keep, None)
+        tokens = sum(len(t) for t in x.new_tokens)
+        bar = tqdm(total=len(self.loaded.layers), desc=f"prefill {tokens} tokens", unit="layer", leave=False, mininterval=0,
+                   disable=not (self.config.progress and x.prefill and tokens >= LONG_PREFILL))  # fmt: skip
+        self._begin_step(live, x.new_tokens, x.new_positions, x.prefill, x.keep, None, lambda _: bar.update())
         self.runtime.prefetch_after(-1)  # what the step's first layers will need, from the token ids alone
         if batch.bucket is not None:
             assert self.static is not None
@@ -298,6 +305,7 @@ class LLM:
             batch.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
             logits = out.logits[:, -1, :]
         self._end_step()
+        bar.close()
         batch.mask = x.mask
         return logits
 
@@ -309,11 +317,12 @@ class LLM:
         prefill: bool,
         keep: torch.Tensor | None,
         static: StaticBuffers | None,
+        on_layer: Callable[[int], None] | None = None,
     ) -> None:
         rt = self.runtime
         ids = [s.request_id for s in live]
         rows = rt.replay.rows(ids, positions) if rt.replay is not None else None
-        rt.ctx = StepContext(self._step, prefill, keep, rows, static)
+        rt.ctx = StepContext(self._step, prefill, keep, rows, static, on_layer)
         rt.policy.begin_step(
             StepInfo(
                 self._step,

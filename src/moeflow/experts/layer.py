@@ -10,6 +10,7 @@ Legend: T tokens, K top-k, E experts, H hidden.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +55,8 @@ class StepContext:
     """Trace rows of the step's real tokens (replay only)."""
     static: StaticBuffers | None = None
     """Set for a static decode step: experts through the slot table, no host work inside the step."""
+    on_layer: Callable[[int], None] | None = None
+    """Called after each eager MoE layer with its index (a long prefill's progress bar)."""
 
 
 @dataclass
@@ -112,6 +115,8 @@ class OffloadedExperts:
         needed = np.unique(experts).tolist()
         result = self._compute(hidden, top_k_index, top_k_weights, needed)
         rt.prefetch_after(self.layer)
+        if ctx.on_layer is not None:
+            ctx.on_layer(self.layer)
         if ctx.keep is not None:  # padded / finished rows contribute nothing
             out = torch.zeros_like(full)  # [T, H]
             out[ctx.keep] = result

@@ -140,13 +140,19 @@ class EAMCollection:
             self.add(eam)
 
     @classmethod
-    def from_traces(cls, traces: Iterable[object], capacity: int = DEFAULT_CAPACITY) -> EAMCollection:
-        """A collection of every request of ``traces`` (all of one model shape), admitted in order."""
+    def from_traces(
+        cls, traces: Iterable[object], capacity: int = DEFAULT_CAPACITY, progress: bool = False
+    ) -> EAMCollection:
+        """A collection of every request of ``traces`` (all of one model shape), admitted in order (``progress``: a
+        bar over the requests, on stderr)."""
+        from tqdm.auto import tqdm
+
         out: EAMCollection | None = None
         for trace in traces:
             if out is None:
                 out = cls(trace.num_layers, trace.num_experts, capacity)  # type: ignore[attr-defined]
-            out.extend(eams_from_trace(trace).values())
+            eams = eams_from_trace(trace).values()
+            out.extend(tqdm(eams, desc="eamc build", unit="request", disable=not progress, leave=False))
         if out is None:
             raise ValueError("no traces given")
         return out

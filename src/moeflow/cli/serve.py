@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from moeflow.cli.args import int_at_least
@@ -31,9 +32,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(
             f"moeflow: serving {app.state.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr
         )
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler it found: make that
+        # one return, so that the policy below still saves what it learned and the exit status is 0
+        previous = signal.signal(signal.SIGTERM, lambda *_: None)
+        try:
+            uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     finally:
         llm.close()  # the policy saves what it learned
+        print("moeflow: server stopped", file=sys.stderr)
     return 0
 
 

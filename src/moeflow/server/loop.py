@@ -127,11 +127,15 @@ class EngineLoop:
                 job = self._waiting.popleft()
             if job.cancelled.is_set() or not self._prepare(job):
                 continue
-            if job.stream:
-                self._run_stream(job)
-            else:
-                self._run_batch([job, *self._batch_mates(job)])
-            self.running = 0
+            try:
+                if job.stream:
+                    self._run_stream(job)
+                else:
+                    self._run_batch([job, *self._batch_mates(job)])
+            except Exception as err:  # never lose the engine thread: the request gets the error
+                job.sink.put(err)
+            finally:
+                self.running = 0
 
     def _prepare(self, job: Job) -> bool:
         """Tokenise the prompt and build its sampling parameters (once); a bad request gets its error (False)."""

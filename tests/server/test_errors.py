@@ -56,7 +56,8 @@ def test_prompt_longer_than_the_context(llm, serve):
         ({**OK, "prompt": ""}, 400, "empty prompt"),
         ({**OK, "prompt": ["a", "b"]}, 400, "one prompt"),
         ({**OK, "prompt": [10**9]}, 400, "vocab"),
-        ({"max_tokens": 2}, 400, "prompt"),
+        ({"max_tokens": 2}, 400, "prompt: field required"),
+        ({**OK, "prompt": 5}, 400, "prompt must be text, a list of token ids"),
         ({**OK, "model": "gpt-4"}, 404, "gpt-4"),
     ],
 )

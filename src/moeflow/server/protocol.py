@@ -101,6 +101,13 @@ class CompletionRequest(_Request):
     )
     max_tokens: int | None = Field(16, ge=1)
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_type(cls, prompt: Any) -> Any:
+        if not isinstance(prompt, str | list):
+            raise ValueError("prompt must be text, a list of token ids, or a list of one text")
+        return prompt
+
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, prompt: str | list[int] | list[str]) -> str | list[int]:

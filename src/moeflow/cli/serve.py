@@ -63,5 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="answer 401 unless requests send 'Authorization: Bearer KEY' (default: $MOEFLOW_API_KEY; none)",
     )  # fmt: skip
     p.add_argument("--served-model-name", help="the model's name in the API (default: the directory's name)")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument(
+        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+        help="uvicorn's log level (access lines at info)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_serve)

@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-batch", type=int_at_least(1), dest="batch_size", default=argparse.SUPPRESS,
         help="requests run together at most (same as --batch-size)",
     )  # fmt: skip
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: loopback only)")
     p.add_argument("--port", type=int_at_least(0), default=8000, help="port to listen on")
     p.add_argument(
         "--max-queue", type=int_at_least(1), default=64,
@@ -60,9 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--api-key",
-        help="answer 401 unless requests send 'Authorization: Bearer KEY' (default: $MOEFLOW_API_KEY; none)",
+        help="answer 401 unless requests send 'Authorization: Bearer KEY' (unset: $MOEFLOW_API_KEY if set, else no key)",
     )  # fmt: skip
-    p.add_argument("--served-model-name", help="the model's name in the API (default: the directory's name)")
+    p.add_argument("--served-model-name", help="the model's name in the API (unset: the directory's name)")
     p.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
         help="uvicorn's log level (access lines at info)",

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "moeflow.cli.traces",
     "moeflow.cli.sim",
     "moeflow.cli.predictor",
+    "moeflow.cli.serve",
 )
 
 

@@ -1,0 +1,268 @@
+"""The FastAPI app: OpenAI-compatible routes over an :class:`~moeflow.server.loop.EngineLoop`, built by
+``create_app`` (no module-level state: each app owns its engine thread, queue and metrics registry).
+
+Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (JSON, or server-sent events with
+``stream: true`` ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` and ``GET /metrics``. Every
+error is an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request
+(the engine's :class:`~moeflow.errors.RequestError`, failed validation, malformed JSON), 401 for a missing or
+wrong API key, 404 for an unknown model, 429 with ``Retry-After`` when the queue is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from moeflow.errors import MoeflowError, RequestError
+from moeflow.server import protocol as P
+from moeflow.server.loop import EngineLoop, Finished, Job, QueueFull, Sink, Stopped
+from moeflow.server.metrics import ServerMetrics
+
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+class APIError(Exception):
+    """An error answered as an OpenAI-style body with ``status``."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.headers = status, message, kind, code, headers
+
+
+def api_error(err: BaseException) -> APIError:
+    """The HTTP answer for an exception the engine thread or the queue raised."""
+    if isinstance(err, APIError):
+        return err
+    if isinstance(err, RequestError):
+        return APIError(400, str(err))
+    if isinstance(err, QueueFull):
+        return APIError(
+            429, f"server busy: {err}; retry later", "rate_limit_error", headers={"Retry-After": "1"}
+        )
+    if isinstance(err, Stopped):
+        return APIError(503, str(err), "server_error")
+    if isinstance(err, MoeflowError):
+        return APIError(500, str(err), "server_error")
+    return APIError(500, f"internal error: {type(err).__name__}: {err}", "server_error")
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(P.error_body(err.message, err.kind, err.code), err.status, headers=err.headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        if e.get("type") == "json_invalid":
+            return f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}"
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "invalid request: " + "; ".join(parts)
+
+
+class StatusCounter:
+    """ASGI middleware counting answered requests by route and status (streams count when their headers go)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        endpoint = path if path in ROUTES else "other"
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def _sse(body: dict[str, Any] | str) -> str:
+    return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
+
+
+def create_app(
+    llm: Any, *, model_name: str | None = None, api_key: str | None = None, max_queue: int = 64,
+    max_batch: int | None = None,
+) -> FastAPI:  # fmt: skip
+    """An app serving ``llm`` (a :class:`moeflow.LLM`) under ``model_name`` (default: its directory's name).
+    The engine thread starts and stops with the app's lifespan; closing ``llm`` is the caller's job."""
+    name = model_name or Path(llm.model_dir).name
+    engine = EngineLoop(llm, max_queue=max_queue, max_batch=max_batch or llm.batch_size)
+    metrics = ServerMetrics(llm, engine)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="moeflow", lifespan=lifespan)
+    app.state.engine, app.state.metrics, app.state.model_name = engine, metrics, name
+    app.add_middleware(StatusCounter, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(APIError(400, _validation_message(exc)))
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(exc.status_code, str(exc.detail), kind))
+
+    async def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error",
+                           "invalid_api_key")  # fmt: skip
+
+    def check_model(req: P._Request) -> None:
+        if req.model is not None and req.model != name:
+            raise APIError(404, f"model {req.model!r} does not exist: this server serves {name!r}",
+                           "not_found_error", "model_not_found")  # fmt: skip
+
+    async def run(job: Job) -> tuple[Any, float]:
+        """Queue ``job`` and wait for its first event (raising its error as an ``APIError``)."""
+        try:
+            engine.submit(job)
+        except (QueueFull, Stopped) as err:
+            raise api_error(err) from None
+        first = await job.sink.get()
+        if isinstance(first, BaseException):
+            raise api_error(first)
+        return first, time.perf_counter() - job.submitted
+
+    async def answer(job: Job, body: Any, streamer: Any) -> Any:
+        try:
+            first, waited = await run(job)
+        except BaseException:
+            job.cancelled.set()
+            raise
+        if job.stream:
+            return StreamingResponse(streamer(job, first, waited), media_type="text/event-stream")
+        assert isinstance(first, Finished)
+        out = first.output
+        metrics.finished(
+            first.prompt_tokens, out, waited - (out.stats.tpot_s * max(0, len(out.token_ids) - 1))
+        )
+        return body(out.text, out.finish_reason, P.usage(first.prompt_tokens, len(out.token_ids)))
+
+    async def events(job: Job, first: Any, ttft: float) -> AsyncIterator[tuple[str, Any]]:
+        """(``"text"``, str) per new piece of text, then (``"end"``, Finished) or (``"error"``, APIError)."""
+        item: Any = first
+        try:
+            while True:
+                if isinstance(item, BaseException):
+                    yield "error", api_error(item)
+                    return
+                if isinstance(item, Finished):
+                    metrics.finished(item.prompt_tokens, item.output, ttft)
+                    yield "end", item
+                    return
+                if item.text:
+                    yield "text", item.text
+                item = await job.sink.get()
+        finally:
+            job.cancelled.set()  # a no-op when finished; ends the sequence when the client went away
+
+    router = APIRouter(dependencies=[Depends(check_key)])
+
+    @router.post("/v1/completions")
+    async def completions(req: P.CompletionRequest) -> Any:
+        check_model(req)
+        rid, created = P.new_id("cmpl"), int(time.time())
+
+        def body(text: str, reason: str | None, use: dict | None) -> dict:
+            return P.completion_body(rid, name, text, reason, use, created)
+
+        async def streamer(job: Job, first: Any, ttft: float) -> AsyncIterator[str]:
+            async for kind, value in events(job, first, ttft):
+                if kind == "text":
+                    yield _sse(body(value, None, None))
+                elif kind == "end":
+                    yield _sse(body("", value.output.finish_reason, None))
+                    if req.include_usage:
+                        use = P.usage(value.prompt_tokens, len(value.output.token_ids))
+                        yield _sse({**body("", None, use), "choices": []})
+                else:
+                    yield _sse(P.error_body(value.message, value.kind, value.code))
+            yield _sse("[DONE]")
+
+        job = Job(
+            req.prompt, req.sampling(req.max_tokens), Sink(asyncio.get_running_loop()), stream=req.stream
+        )
+        return await answer(job, body, streamer)
+
+    @router.post("/v1/chat/completions")
+    async def chat(req: P.ChatRequest) -> Any:
+        check_model(req)
+        tok = llm.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise APIError(400, f"model {name!r} has no chat template (its tokenizer_config.json sets none): "
+                                "send a plain prompt to /v1/completions instead", code="no_chat_template")  # fmt: skip
+        rid, created = P.new_id("chatcmpl"), int(time.time())
+
+        def body(text: str, reason: str | None, use: dict) -> dict:
+            return P.chat_body(rid, name, text, reason, use)
+
+        async def streamer(job: Job, first: Any, ttft: float) -> AsyncIterator[str]:
+            yield _sse(P.chat_chunk(rid, name, created, {"role": "assistant", "content": ""}))
+            async for kind, value in events(job, first, ttft):
+                if kind == "text":
+                    yield _sse(P.chat_chunk(rid, name, created, {"content": value}))
+                elif kind == "end":
+                    yield _sse(P.chat_chunk(rid, name, created, {}, value.output.finish_reason))
+                    if req.include_usage:
+                        use = P.usage(value.prompt_tokens, len(value.output.token_ids))
+                        yield _sse({**P.chat_chunk(rid, name, created, {}), "choices": [], "usage": use})
+                else:
+                    yield _sse(P.error_body(value.message, value.kind, value.code))
+            yield _sse("[DONE]")
+
+        sampling = req.sampling(req.token_budget)
+        job = Job(req.dialogue(), sampling, Sink(asyncio.get_running_loop()), stream=req.stream, chat=True)
+        return await answer(job, body, streamer)
+
+    @router.get("/v1/models")
+    async def models() -> dict:
+        context = getattr(llm.loaded.config, "max_position_embeddings", None)
+        card = {"id": name, "object": "model", "created": 0, "owned_by": "moeflow", "max_model_len": context}
+        return {"object": "list", "data": [card]}
+
+    app.include_router(router)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": name, "waiting": engine.waiting, "running": engine.running}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

@@ -1,5 +1,5 @@
-"""The engine: ``LLM`` (llm.py: the API and the eager step), the static decode path (static.py: a static KV cache,
-slot-table experts, one captured CUDA graph per decode step) and its KV cache and masks (kv.py)."""
+"""The engine: ``LLM`` (llm.py: the API, the run loop and the eager step), what opens and closes every step
+(step.py), the static decode path (static.py: buckets, graph capture and replay) and its KV cache and masks (kv.py)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 from moeflow.batching import plan_batches
 from moeflow.config import EngineConfig
 from moeflow.engine.static import Bucket, choose_static
+from moeflow.engine.step import Steps
 from moeflow.errors import RequestError
-from moeflow.experts.cache import CachePolicy, PolicyContext, StepInfo
-from moeflow.experts.layer import Runtime, StaticBuffers, StepContext, attach
+from moeflow.experts.cache import CachePolicy, PolicyContext
+from moeflow.experts.layer import Runtime, attach
 from moeflow.experts.policies import make_policy
 from moeflow.experts.store import ExpertStore
 from moeflow.inputs import decode_inputs, prefill_inputs
@@ -120,7 +121,7 @@ class LLM:
         eos = lm.config.eos_token_id if getattr(lm.config, "eos_token_id", None) is not None else []
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self._next_id = 0
-        self._step = 0
+        self.steps = Steps(self.runtime)
 
     def _policy(self, spec: Any, num_slots: int, options: dict) -> CachePolicy:
         lm = self.loaded
@@ -250,7 +251,7 @@ class LLM:
         live = [i for i, s in enumerate(seqs) if not s.finished]
         static = self.static is not None and batch.bucket is not None and batch.decoding
         if static:
-            self._begin_step([seqs[i] for i in live], [[seqs[i].output_ids[-1]] for i in live],
+            self.steps.begin([seqs[i] for i in live], [[seqs[i].output_ids[-1]] for i in live],
                              [[seqs[i].position] for i in live], False, None, batch.bucket.bufs)  # fmt: skip
             logits = self.static.decode(batch.bucket, seqs, live)
         else:
@@ -260,20 +261,12 @@ class LLM:
         tokens = sample(logits, params, gen, history)
         if static:
             self.runtime.policy.settle_step(self.static.settle(batch.bucket, live))
-            self._end_step()
+            self.steps.end()
         tokens = tokens.tolist()
         if batch.decoding:
             self.runtime.report_timing(time.perf_counter() - t0, stall0)
         batch.decoding = True
-        replay = self.runtime.replay
-        for seq, token in zip(seqs, tokens):
-            if replay is not None:  # follow the recorded text where the trace has it
-                recorded = replay.token(seq.request_id, seq.position + 1)
-                token = token if recorded is None else recorded
-            if not seq.finished:
-                seq.append(token, self._decode([*seq.output_ids, token]), self.eos_ids)
-                if seq.finished:
-                    self.runtime.policy.end_request(seq.request_id)
+        self.steps.settle(seqs, tokens, self._decode, self.eos_ids)
 
     def _eager_forward(self, seqs: list[Sequence], batch: Batch) -> torch.Tensor:  # [B, V]
         """The prefill (any path) or an eager decode step: the MoE layers plan, load and compute layer by layer."""
@@ -286,7 +279,7 @@ class LLM:
         tokens = sum(len(t) for t in x.new_tokens)
         bar = tqdm(total=len(self.loaded.layers), desc=f"prefill {tokens} tokens", unit="layer", leave=False, mininterval=0,
                    disable=not (self.config.progress and x.prefill and tokens >= LONG_PREFILL))  # fmt: skip
-        self._begin_step(live, x.new_tokens, x.new_positions, x.prefill, x.keep, None, lambda _: bar.update())
+        self.steps.begin(live, x.new_tokens, x.new_positions, x.prefill, x.keep, None, lambda _: bar.update())
         self.runtime.prefetch_after(-1)  # what the step's first layers will need, from the token ids alone
         if batch.bucket is not None:
             assert self.static is not None
@@ -304,45 +297,10 @@ class LLM:
             )
             batch.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
             logits = out.logits[:, -1, :]
-        self._end_step()
+        self.steps.end()
         bar.close()
         batch.mask = x.mask
         return logits
-
-    def _begin_step(
-        self,
-        live: list[Sequence],
-        tokens: list[list[int]],
-        positions: list[list[int]],
-        prefill: bool,
-        keep: torch.Tensor | None,
-        static: StaticBuffers | None,
-        on_layer: Callable[[int], None] | None = None,
-    ) -> None:
-        rt = self.runtime
-        ids = [s.request_id for s in live]
-        rows = rt.replay.rows(ids, positions) if rt.replay is not None else None
-        rt.ctx = StepContext(self._step, prefill, keep, rows, static, on_layer)
-        rt.policy.begin_step(
-            StepInfo(
-                self._step,
-                tuple(ids),
-                tuple(tuple(t) for t in tokens),
-                tuple(p[0] for p in positions),
-                prefill,
-            )
-        )
-        if rt.recorder is not None:
-            rt.recorder.begin_step(self._step, ids, positions, tokens, prefill)
-
-    def _end_step(self) -> None:
-        self.runtime.ctx = StepContext(
-            step=self._step + 1
-        )  # a forward outside the engine's steps runs eagerly
-        self.runtime.policy.end_step()
-        if self.runtime.recorder is not None:
-            self.runtime.recorder.end_step()
-        self._step += 1
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moeflow.experts.plan import Boundary, Key, Load, Plan, StepInfo, StepRouting
+from moeflow.experts.accounting import PolicyStats
+from moeflow.experts.plan import Boundary, Key, Load, Plan, PolicyContext, StepInfo, StepRouting
 
 __all__ = [
     "Boundary",
@@ -28,38 +29,6 @@ __all__ = [
     "StepInfo",
     "StepRouting",
 ]
-
-
-@dataclass
-class PolicyContext:
-    """What a policy may use besides routing: given once, by the engine or the simulator, via ``setup``."""
-
-    model_dir: str | None = None
-    """The checkpoint directory (EAM collections and predictors are saved beside the model)."""
-    trace: object | None = None
-    """Simulator only: the whole ``Trace`` being replayed (the offline optimum needs the future)."""
-    options: dict = field(default_factory=dict)
-    """Free-form options (EngineConfig.extra, or simulator flags)."""
-
-
-@dataclass
-class PolicyStats:
-    hits: int = 0
-    misses: int = 0
-    prefetches: int = 0
-    """Prefetch loads planned (minus those the store dropped uncopied)."""
-    prefetch_hits: int = 0
-    """Requested experts that were resident because a prefetch brought them."""
-    prefetch_wasted: int = 0
-    """Prefetched experts evicted (or never used by the end) without serving a request."""
-    prefetch_dropped: int = 0
-    """Prefetches the store dropped before copying (their layer had passed): no bytes moved, slot freed."""
-    evictions: int = 0
-
-    @property
-    def hit_ratio(self) -> float:
-        n = self.hits + self.misses
-        return self.hits / n if n else 0.0
 
 
 @dataclass

@@ -5,7 +5,7 @@ Legend: L MoE layers, E experts per layer, T tokens of a step, K top-k.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -78,3 +78,15 @@ class Boundary:
     unrouted), so a fill never destroys an expert the step still reads."""
     resident: np.ndarray
     """[S] int64: the key in each slot after this boundary, as layer * E + expert (-1: empty)."""
+
+
+@dataclass
+class PolicyContext:
+    """What a policy may use besides routing: given once, by the engine or the simulator, via ``setup``."""
+
+    model_dir: str | None = None
+    """The checkpoint directory (EAM collections and predictors are saved beside the model)."""
+    trace: object | None = None
+    """Simulator only: the whole ``Trace`` being replayed (the offline optimum needs the future)."""
+    options: dict = field(default_factory=dict)
+    """Free-form options (EngineConfig.extra, or simulator flags)."""

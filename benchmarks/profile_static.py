@@ -29,7 +29,7 @@ def main() -> None:
     from moeflow.experts.slot_kernel import slot_linear
 
     trace = Trace.load(args.trace)
-    reqs = requests_of(trace, 4, 64, 16)
+    reqs = requests_of(trace, 8, 64, 16)  # 8 requests: the batch-8 bucket needs 8 rows
     llm = TimedLLM(args.model, device="cuda", replay=trace, progress=False, decode="graph")
     lm, out = llm.loaded, {"steps": [], "kernel": [], "profile": {}}
     total = llm.info.num_layers * llm.info.num_experts

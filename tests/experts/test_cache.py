@@ -68,3 +68,26 @@ def test_unknown_policy_name() -> None:
     with pytest.raises(MoeflowError, match="unknown cache policy"):
         make_policy("nonsense")
     assert make_policy("lfu").__class__ is LFUPolicy
+
+
+def test_lfu_vectorised_victims_are_least_frequent_then_least_recent() -> None:
+    """Every key LFU's all-slots choice evicts has the smallest (requests, last request) among the resident keys
+    it may evict (what the scalar rule ``victim`` picks, up to ties)."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    pol = make_policy("lfu")
+    pol.bind(24, 4, 16, 2)
+    for _ in range(300):
+        layer = int(rng.integers(4))
+        needed = sorted({int(e) for e in rng.choice(16, 3, replace=False)})
+        protect = {(layer, e) for e in needed}
+        candidates = [k for k in pol.slot_of if k not in protect]
+        short = sum(k not in pol.slot_of for k in protect) - len(pol._free)
+        if short > 0:
+            rank = {k: (pol._count[k], pol._last[k]) for k in candidates}
+            victims = pol.select_victims(short, protect, layer)
+            assert len(victims) == short
+            worst_kept = min((rank[k] for k in candidates if k not in victims), default=None)
+            assert worst_kept is None or all(rank[v] <= worst_kept for v in victims)
+        pol.request(layer, needed)

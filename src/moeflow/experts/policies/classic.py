@@ -43,19 +43,41 @@ class LRUPolicy(CachePolicy):
 
 @dataclass
 class LFUPolicy(CachePolicy):
-    """Evict the expert requested least often so far (ties: least recently)."""
+    """Evict the expert requested least often so far (ties: least recently; then the lowest slot)."""
 
     def __post_init__(self) -> None:
         self.name = "lfu"
-        self._count: dict[Key, int] = {}
-        self._last: dict[Key, int] = {}
+
+    def bind(self, num_slots: int, num_layers: int, num_experts: int, top_k: int) -> None:
+        super().bind(num_slots, num_layers, num_experts, top_k)
+        self._count = np.zeros((num_layers, num_experts), np.int64)  # [L, E] requests so far
+        self._last = np.full((num_layers, num_experts), -1, np.int64)  # [L, E] clock of the last request
 
     def on_access(self, key: Key) -> None:
-        self._count[key] = self._count.get(key, 0) + 1
+        self._count[key] += 1
         self._last[key] = self.clock
 
     def victim(self, candidates: Sequence[Key], layer: int) -> Key:
-        return min(candidates, key=lambda k: (self._count.get(k, 0), self._last.get(k, -1)))
+        return min(candidates, key=lambda k: (self._count[k], self._last[k]))
+
+    def select_victim(
+        self, protect: set[Key], layer: int, may_evict: Callable[[Key], bool] | None
+    ) -> Key | None:
+        if may_evict is not None:
+            return super().select_victim(protect, layer, may_evict)
+        chosen = self.select_victims(1, protect, layer)
+        return chosen[0] if chosen else None
+
+    def select_victims(self, n: int, protect: set[Key], layer: int) -> list[Key]:
+        """The ``n`` least-often requested resident keys (ties: least recently), over every slot at once."""
+        never = np.iinfo(np.int64).max
+        held = self.slot_layer >= 0  # [S]
+        lay, exp = np.maximum(self.slot_layer, 0), np.maximum(self.slot_expert, 0)
+        count = np.where(held, self._count[lay, exp], never)  # [S]
+        for key in protect & self.slot_of.keys():
+            count[self.slot_of[key]] = never
+        order = np.lexsort((self._last[lay, exp], count))[:n]  # by count, then by last request
+        return [self.key_in[s] for s in order if count[s] < never]
 
 
 register_policy("lru", LRUPolicy)

@@ -66,7 +66,11 @@ def sample(
         logits = penalise(logits, history, params.repetition_penalty)
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    # shift so the largest score is 0 before dividing (the same distribution, and no overflow to inf, then NaN), and
+    # divide by at least float32's smallest normal (a smaller temperature would round to 0 in float32)
+    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

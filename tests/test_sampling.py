@@ -1,4 +1,5 @@
-"""The repetition penalty follows transformers' rule: the scores, the sampler's choice, and whole greedy runs."""
+"""The sampler: the repetition penalty follows transformers' rule (scores, choices, whole greedy runs); tiny temperatures
+sample the argmax without NaN."""
 
 from __future__ import annotations
 
@@ -42,3 +43,13 @@ def test_greedy_with_penalty_equals_transformers(checkpoints: dict[str, Path]) -
 def test_penalty_must_be_positive(bad: float) -> None:
     with pytest.raises(RequestError, match="repetition_penalty"):
         SamplingParams(repetition_penalty=bad)
+
+
+def test_tiny_temperature_samples_the_argmax_without_nan() -> None:
+    """Found by the CLI fuzz test: a temperature like 6e-199 overflowed the scaled scores to inf (softmax: NaN)."""
+    from moeflow.sampling import sample
+
+    logits = torch.tensor([[1.0, 3.0, -2.0], [0.5, -1.0, 0.25]])
+    for temperature in (6.4e-199, 1e-30):
+        got = sample(logits, SamplingParams(temperature=temperature), torch.Generator().manual_seed(0))
+        assert got.tolist() == [1, 0]

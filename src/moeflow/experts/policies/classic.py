@@ -11,8 +11,32 @@ from moeflow.experts.cache import CachePolicy, Key, register_policy
 
 
 @dataclass
-class LRUPolicy(CachePolicy):
-    """Evict the expert whose last request is oldest."""
+class _RankedSlots(CachePolicy):
+    """A policy whose victims are the lowest-ranked resident keys, chosen over every slot at once in NumPy."""
+
+    def slot_ranks(self) -> tuple[np.ndarray, ...]:
+        """[S] int64 arrays that order the slots for eviction, most significant last (as ``np.lexsort`` takes)."""
+        raise NotImplementedError
+
+    def select_victim(
+        self, protect: set[Key], layer: int, may_evict: Callable[[Key], bool] | None
+    ) -> Key | None:
+        if may_evict is not None:
+            return super().select_victim(protect, layer, may_evict)
+        chosen = self.select_victims(1, protect, layer)
+        return chosen[0] if chosen else None
+
+    def select_victims(self, n: int, protect: set[Key], layer: int) -> list[Key]:
+        blocked = self.slot_layer < 0  # [S] empty slots hold nothing to evict
+        for key in protect & self.slot_of.keys():
+            blocked[self.slot_of[key]] = True
+        order = np.lexsort((*self.slot_ranks(), blocked))[:n]  # stable: ties go to the lowest slot
+        return [self.key_in[s] for s in order if not blocked[s]]
+
+
+@dataclass
+class LRUPolicy(_RankedSlots):
+    """Evict the expert whose last request (or admission) is oldest."""
 
     def __post_init__(self) -> None:
         self.name = "lru"
@@ -23,26 +47,12 @@ class LRUPolicy(CachePolicy):
     def on_admit(self, key: Key) -> None:
         self.touch(key)  # a prefetched expert counts as just used
 
-    def select_victim(
-        self, protect: set[Key], layer: int, may_evict: Callable[[Key], bool] | None
-    ) -> Key | None:
-        """``victim`` over every slot at once: the least recently requested (or admitted) resident key."""
-        if may_evict is not None:
-            return super().select_victim(protect, layer, may_evict)
-        chosen = self.select_victims(1, protect, layer)
-        return chosen[0] if chosen else None
-
-    def select_victims(self, n: int, protect: set[Key], layer: int) -> list[Key]:
-        never = np.iinfo(np.int64).max
-        used = np.where(self.slot_layer >= 0, self.slot_used, never)  # [S]
-        for key in protect & self.slot_of.keys():
-            used[self.slot_of[key]] = never
-        order = np.argsort(used, kind="stable")[:n]
-        return [self.key_in[s] for s in order if used[s] < never]
+    def slot_ranks(self) -> tuple[np.ndarray, ...]:
+        return (self.slot_used,)
 
 
 @dataclass
-class LFUPolicy(CachePolicy):
+class LFUPolicy(_RankedSlots):
     """Evict the expert requested least often so far (ties: least recently; then the lowest slot)."""
 
     def __post_init__(self) -> None:
@@ -60,24 +70,9 @@ class LFUPolicy(CachePolicy):
     def victim(self, candidates: Sequence[Key], layer: int) -> Key:
         return min(candidates, key=lambda k: (self._count[k], self._last[k]))
 
-    def select_victim(
-        self, protect: set[Key], layer: int, may_evict: Callable[[Key], bool] | None
-    ) -> Key | None:
-        if may_evict is not None:
-            return super().select_victim(protect, layer, may_evict)
-        chosen = self.select_victims(1, protect, layer)
-        return chosen[0] if chosen else None
-
-    def select_victims(self, n: int, protect: set[Key], layer: int) -> list[Key]:
-        """The ``n`` least-often requested resident keys (ties: least recently), over every slot at once."""
-        never = np.iinfo(np.int64).max
-        held = self.slot_layer >= 0  # [S]
+    def slot_ranks(self) -> tuple[np.ndarray, ...]:
         lay, exp = np.maximum(self.slot_layer, 0), np.maximum(self.slot_expert, 0)
-        count = np.where(held, self._count[lay, exp], never)  # [S]
-        for key in protect & self.slot_of.keys():
-            count[self.slot_of[key]] = never
-        order = np.lexsort((self._last[lay, exp], count))[:n]  # by count, then by last request
-        return [self.key_in[s] for s in order if count[s] < never]
+        return self._last[lay, exp], self._count[lay, exp]  # by count, then by last request
 
 
 register_policy("lru", LRUPolicy)

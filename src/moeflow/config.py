@@ -98,6 +98,11 @@ class EngineConfig:
     device), "eager" (one host sync per MoE layer; demand loads before each layer), or "auto" ("graph" on a GPU
     whose host pool holds every expert, else "eager")."""
 
+    compile: bool | None = None
+    """Compile the static decode step with ``torch.compile`` before it is captured: the dense layers' many small
+    kernels (norms, rotary, residuals, the experts' gating and combine) are fused. It costs a compilation per batch
+    shape (tens of seconds on a GPU). None: on for "graph" decode, off otherwise."""
+
     schedule: str = "auto"
     """Which prompts share a batch when there are more than the batch size: "fifo" (arrival order), "expert"
     (ExpertFlow's token scheduling: group requests whose predicted routing paths share experts), or "auto"
@@ -125,6 +130,8 @@ class EngineConfig:
         check_backend(self.expert_backend, self.device)
         if self.decode not in ("auto", "graph", "static", "eager"):
             raise ConfigError(f"unknown decode mode {self.decode!r}: use auto, graph, static or eager")
+        if self.compile not in (None, True, False):
+            raise ConfigError(f"compile must be True, False or None (auto), got {self.compile!r}")
         if self.schedule not in ("auto", "fifo", "expert"):
             raise ConfigError(f"unknown schedule {self.schedule!r}: use auto, fifo or expert")
         if self.num_slots is not None:

@@ -55,6 +55,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="decode eagerly (same as --decode eager; for debugging)",
     )  # fmt: skip
     p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile the static decode step before capturing it (default: on with CUDA graphs)",
+    )  # fmt: skip
+    p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="policy option (repeatable)"
     )
 
@@ -84,6 +88,7 @@ def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
         dtype=args.dtype,
         expert_backend=args.expert_backend,
         decode=getattr(args, "decode", "auto"),
+        compile=getattr(args, "compile", None),
         progress=sys.stderr.isatty(),
         extra=parse_options(args.option),
     )

@@ -11,6 +11,7 @@ Legend: B rows, L MoE layers, K top-k, V vocabulary.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,9 @@ from moeflow.sequence import Sequence
 
 PLAIN_LAYERS = {"DynamicLayer", "DynamicSlidingWindowLayer"}
 """Cache layers of transformers whose state is keys and values (sliding windows are applied by the masks)."""
+
+COMPILE_BACKEND = "inductor"
+"""``torch.compile``'s backend for the step (CPU tests use "aot_eager": the same tracing, no code generation)."""
 
 MIN_LEN = 256
 """Smallest KV length of a bucket (lengths are rounded up to a power of two, so few graphs are captured)."""
@@ -59,8 +63,15 @@ class StaticDecoder:
         graphs: bool,
         blocks: dict | None = None,
         kv_budget: int | None = None,
+        compiled: bool = False,
     ):
         self.lm, self.rt, self.graphs, self.blocks = loaded, runtime, graphs, blocks
+        self.compiled = compiled
+        self.step = (torch.compile(self._forward, dynamic=False, fullgraph=True, backend=COMPILE_BACKEND)
+                     if compiled else self._forward)  # fmt: skip
+        """The step itself: ``_forward``, or its compiled form (one graph through the experts' custom ops)."""
+        self.must_compile = False
+        """Raise if compiling fails (asked for explicitly) instead of warning and running ``_forward``."""
         self.kv_budget = kv_budget
         """Bytes the static KV caches may take (the memory plan's KV reserve when a device budget was given)."""
         params = inspect.signature(loaded.model.forward).parameters
@@ -162,7 +173,7 @@ class StaticDecoder:
             self._upload_replay(bucket, live)
         self.table.apply(self.rt.policy.plan_boundary(len(live)))
         if not self.graphs:
-            self._forward(bucket)
+            self._run(bucket)
         else:
             if bucket.graph is None:
                 bucket.graph = self._capture(bucket)
@@ -219,20 +230,34 @@ class StaticDecoder:
         )
         bucket.logits.copy_(out.logits[:, -1, :])
 
+    def _run(self, bucket: Bucket) -> None:
+        """One step through ``step``; a compilation that fails (it fails while tracing, before the step has run)
+        falls back to ``_forward`` with a warning, unless compiling was asked for explicitly."""
+        try:
+            self.step(bucket)
+        except Exception as err:
+            if self.step == self._forward or self.must_compile:
+                raise
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"torch.compile could not compile this model's decode step ({type(err).__name__}: "
+                          f"{first}); decoding uncompiled (--no-compile skips the attempt)", stacklevel=2)  # fmt: skip
+            self.step = self._forward
+            self.step(bucket)
+
     def _capture(self, bucket: Bucket) -> torch.cuda.CUDAGraph:
         """Warm up (kernels compiled, allocator settled) and capture one step; the cache is left as it was."""
         lengths = [layer.cumulative_length.clone() for layer in bucket.kv.cache.layers]
         side = torch.cuda.Stream(bucket.ids.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward(bucket)
+            for _ in range(2):  # the first call compiles the step (a compiled step: once per batch shape)
+                self._run(bucket)
         torch.cuda.current_stream().wait_stream(side)
         for layer, n in zip(bucket.kv.cache.layers, lengths):
             layer.cumulative_length.copy_(n)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._forward(bucket)
+            self.step(bucket)
         return graph
 
 
@@ -248,13 +273,21 @@ def choose_static(
         raise RequestError("decode='graph' needs a CUDA device; use decode='static' or 'eager' on a CPU")
     # a CPU budget reserves nothing for activations (they are ordinary RAM) unless asked
     budgeted = (cfg.device_memory is not None and cuda) or cfg.kv_reserve is not None
+    graphs = cuda and mode != "static"
+    compiled = graphs if cfg.compile is None else cfg.compile
     try:
-        decoder = StaticDecoder(loaded, runtime, graphs=cuda and mode != "static",
-                                kv_budget=memory.kv_reserve if budgeted else None)  # fmt: skip
+        decoder = StaticDecoder(loaded, runtime, graphs=graphs, kv_budget=memory.kv_reserve if budgeted else None,
+                                compiled=compiled)  # fmt: skip
     except NotImplementedError as err:
         if mode == "auto":
             return None
         raise RequestError(f"decode={mode!r} is not available for this model: {err}") from None
+    decoder.must_compile = cfg.compile is True
+    if compiled and mode == "static" and not decoder.table.zero_copy:
+        raise RequestError(
+            "compile=True needs every expert in the host pool (the compiled step reads misses from it by address): "
+            "raise --host-memory, or pass --no-compile"
+        )
     if decoder.graphs and not decoder.table.zero_copy:  # the kernel reads misses from the pinned host pool
         if mode == "auto":
             return None

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moeflow.experts import ops  # noqa: F401  (registers the moeflow:: ops)
 from moeflow.experts.claims import route_layer
+from moeflow.experts.ops import BLOCK_KEYS, project
 from moeflow.model.loader import ExpertLayout
 
 HostRow = Callable[[int, int], torch.Tensor]
@@ -78,20 +80,24 @@ def group_pairs(
     src: SlotTensors, layer: int, ids: torch.Tensor, live: torch.Tensor | None, fused: bool | None = None
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Group the layer's pairs by expert and claim candidate slots for its misses (``claims.route_layer``'s rule):
-    on a GPU in one kernel with no host sync; elsewhere in NumPy on the host.
+    the ``moeflow::route`` op (one Triton launch on a GPU, NumPy on the host); ``fused`` forces the kernel (True)
+    or NumPy (False) for tests.
 
     Returns ((order [P], counts [E], starts [E]) int32, the layer's slot row [E], claims [E])."""
-    if ids.is_cuda if fused is None else fused:  # on the device: one Triton launch (route_kernel.py)
+    args = (ids, live, src.table[layer], src.cand, src.taken, src.served, src.filled, src.scratch, layer)
+    if fused:  # the kernel itself (Triton's interpreter runs it on a CPU)
         from moeflow.experts.route_kernel import route
 
-        groups, claim = route(ids, live, src.table[layer], src.cand, src.taken, src.served, src.filled,
-                              src.scratch, layer)  # fmt: skip
+        groups, claim = route(*args)
         return groups, src.table[layer], claim
-    live_np = live.numpy() if live is not None else None
-    order, counts, starts, claim = route_layer(ids.numpy(), live_np, src.table[layer].numpy(), src.cand.numpy(),
-                                               src.taken.numpy(), src.served.numpy(), src.filled.numpy(), layer)  # fmt: skip
-    groups = tuple(torch.from_numpy(a) for a in (order, counts, starts))
-    return groups, src.table[layer], torch.from_numpy(claim)
+    if fused is False:
+        out = route_layer(
+            *(a.numpy() if isinstance(a, torch.Tensor) else a for a in args if a is not src.scratch)
+        )
+        order, counts, starts, claim = (torch.from_numpy(a) for a in out)
+    else:
+        order, counts, starts, claim = torch.ops.moeflow.route(*args)
+    return (order, counts, starts), src.table[layer], claim
 
 
 def slot_experts_forward(
@@ -109,10 +115,10 @@ def slot_experts_forward(
     hidden = hidden.contiguous()
     groups, slot, claim = group_pairs(src, layer, ids, live)
     proj = Projections.of(module, src.layout)
-    if hidden.is_cuda and src.host is not None:
-        down = _triton_layer(module, src, layer, proj, hidden, groups, slot, claim, k, blocks)
+    if src.host is not None:
+        down = _op_layer(module, src, layer, proj, hidden, groups, slot, claim, k, blocks)
     else:
-        down = _reference_layer(module, src, layer, proj, hidden, groups, slot, claim, k)
+        down = _host_row_layer(module, src, layer, proj, hidden, groups, slot, claim, k)
     if getattr(module, "has_post_expert_norm", False):
         down = module.post_expert_norm(down)
     if live is not None:
@@ -125,35 +131,37 @@ def _gate(module: nn.Module, proj: Projections, x: torch.Tensor) -> torch.Tensor
     return module._apply_gate(x) if proj.first == "gate_up_proj" else module.act_fn(x)
 
 
-def _param(src: SlotTensors, name: str | None) -> tuple[int, tuple[int, ...]]:
+def _weight(src: SlotTensors, proj: Projections, name: str) -> tuple[list[int], int, int]:
+    """([offset, stride along N, stride along D], N, D) of a weight inside an expert row."""
     p = next(p for p in src.layout.params if p.name == name)
-    return p.offset, p.shape
+    n, d = (p.shape[1], p.shape[0]) if proj.transposed else p.shape
+    return [p.offset, *((1, n) if proj.transposed else (d, 1))], n, d
 
 
-def _triton_layer(module, src, layer, proj, hidden, groups, slot, claim, k, blocks) -> torch.Tensor:
-    from moeflow.experts.slot_kernel import slot_linear
+def _bias(src: SlotTensors, name: str | None) -> int | None:
+    return next(p.offset for p in src.layout.params if p.name == name) if name else None
 
-    num_experts, p = src.table.shape[1], hidden.shape[0] * k
-    row0 = layer * num_experts
-    outs = []
-    x = hidden
+
+def _op_layer(module, src, layer, proj, hidden, groups, slot, claim, k, blocks) -> torch.Tensor:
+    """Both projections through the ``moeflow::slot_linear`` op (Triton on a GPU, torch on the host)."""
+    opts = [blocks.get(key, -1) for key in BLOCK_KEYS] if blocks else []
+    row0, x = layer * src.table.shape[1], hidden
     for name, bias, pair_rows in ((proj.first, proj.first_bias, False), ("down_proj", proj.down_bias, True)):
-        off, shape = _param(src, name)
-        n, d = (shape[1], shape[0]) if proj.transposed else shape
-        strides = (1, n) if proj.transposed else (d, 1)
-        b_off = _param(src, bias)[0] if bias else None
-        y = (torch.empty if not pair_rows else torch.zeros)(p, n, dtype=hidden.dtype, device=hidden.device)
-        slot_linear(x, y, groups, slot, claim, src.pool, src.host, row0, (off, *strides), b_off, k, pair_rows,
-                    fill=True, blocks=blocks)  # fmt: skip
-        outs.append(y)
-        x = _gate(module, proj, y).contiguous() if not pair_rows else x
-    return outs[1]
+        weight, n, _ = _weight(src, proj, name)
+        b_off = _bias(src, bias)
+        y = torch.ops.moeflow.slot_linear(x, *groups, slot, claim, src.pool, src.host, row0, weight,
+                                          -1 if b_off is None else b_off, n, k, pair_rows, True, opts)  # fmt: skip
+        x = _gate(module, proj, y).contiguous() if not pair_rows else y
+    return x
 
 
-def _reference_layer(module, src, layer, proj, hidden, groups, slot, claim, k) -> torch.Tensor:
-    """The same computation expert by expert in torch (host syncs: for CPUs and tests)."""
+def _host_row_layer(module, src, layer, proj, hidden, groups, slot, claim, k) -> torch.Tensor:
+    """The same computation expert by expert, reading misses through ``host_row`` (a host tier that may read the
+    checkpoint: host syncs, for CPUs and tests)."""
     order, counts, starts = (g.tolist() for g in groups)
     slots, claims = slot.tolist(), claim.tolist()
+    (first, n1, _), (down_w, n2, _) = _weight(src, proj, proj.first), _weight(src, proj, "down_proj")
+    b1, b2 = _bias(src, proj.first_bias), _bias(src, proj.down_bias)
     down = torch.zeros(hidden.shape[0] * k, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
     for e, cnt in enumerate(counts):
         if cnt == 0:
@@ -161,14 +169,9 @@ def _reference_layer(module, src, layer, proj, hidden, groups, slot, claim, k) -
         row = src.pool[slots[e]] if slots[e] >= 0 else src.host_row(layer, e).to(hidden.device)
         if claims[e] >= 0:
             src.pool[claims[e]].copy_(row)
-        w = {name: v[0] for name, v in src.layout.views(row[None]).items()}
         pairs = torch.tensor(order[starts[e] : starts[e] + cnt], device=hidden.device, dtype=torch.long)
-        x = _linear(hidden[pairs // k], w[proj.first], w.get(proj.first_bias or ""), proj.transposed)
-        x = _linear(_gate(module, proj, x), w["down_proj"], w.get(proj.down_bias or ""), proj.transposed)
-        down[pairs] = x
+        x = project(row, hidden, pairs, first, b1, n1, k, pair_rows=False)
+        down[pairs] = project(
+            row, _gate(module, proj, x), torch.arange(cnt), down_w, b2, n2, k, pair_rows=True
+        )
     return down
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    y = x @ w if transposed else x @ w.T
-    return y + b if b is not None else y

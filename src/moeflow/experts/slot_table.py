@@ -30,7 +30,8 @@ class SlotTable:
         self.store, self.num_layers, self.num_experts = store, len(lm.layers), lm.num_experts
         n = self.num_layers * self.num_experts
         dev = store.device
-        self.zero_copy = store.cuda and _host_is_ordered(store, self.num_layers, self.num_experts)
+        self.zero_copy = _host_is_ordered(store, self.num_layers, self.num_experts)
+        """The kernel reads misses from the host pool by address (pinned, zero-copy, on a GPU)."""
         self._buf = torch.full(
             (n + 3 * fill_cap,), -1, dtype=torch.int32, device=dev
         )  # table, then candidates

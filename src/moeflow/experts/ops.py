@@ -1,0 +1,131 @@
+"""The slot-table experts' two device operations as torch custom ops, so ``torch.compile`` can trace a whole decode
+step through them (one graph, no graph break per layer) while the kernels themselves stay opaque.
+
+- ``moeflow::route``: group a layer's (token, expert) pairs by expert and claim candidate slots for its misses
+  (``claims.route_layer``'s rule): the Triton kernel of ``route_kernel.py`` on CUDA, NumPy on the CPU.
+- ``moeflow::slot_linear``: one projection for every routed pair, reading each expert's weights from its slot or
+  from the host pool, writing a missed expert into its claimed slot as it is read (read-through fill): the Triton
+  kernel of ``slot_kernel.py`` on CUDA, a torch loop over the used experts on the CPU.
+
+The fill writes only slots whose keys the step never reads again (the claim rule), so no other operation of the step
+depends on it: the pool's mutation is deliberately not declared to the compiler (declaring it would make the
+compiler copy the whole pool). Legend: T tokens, K top-k, E experts, C candidates, P = T*K pairs, N out, D in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeflow.experts.claims import route_layer
+
+BLOCK_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages")
+"""The kernel options ``slot_linear`` takes as a list of ints (a custom op takes no dicts), in this order; -1 (or
+an empty list) keeps ``slot_kernel.BLOCKS``."""
+
+
+@torch.library.custom_op("moeflow::route", mutates_args=("taken", "served", "filled", "scratch"))
+def route(
+    ids: torch.Tensor,  # [T, K]
+    live: torch.Tensor | None,  # [T] bool (None: every row)
+    table_row: torch.Tensor,  # [E] int32
+    cand: torch.Tensor,  # [3, C] int32
+    taken: torch.Tensor,  # [C + 1] bool
+    served: torch.Tensor,  # [L, E] int8
+    filled: torch.Tensor,  # [L, E] int32
+    scratch: torch.Tensor,  # [C] int32
+    layer: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order [P], counts [E], starts [E], claim [E]), int32 (see ``claims.route_layer``)."""
+    if ids.is_cuda:
+        from moeflow.experts.route_kernel import route as kernel
+
+        (order, counts, starts), claim = kernel(
+            ids, live, table_row, cand, taken, served, filled, scratch, layer
+        )
+        return order, counts, starts, claim
+    live_np = live.numpy() if live is not None else None
+    out = route_layer(ids.numpy(), live_np, table_row.numpy(), cand.numpy(), taken.numpy(), served.numpy(),
+                      filled.numpy(), layer)  # fmt: skip
+    return tuple(torch.from_numpy(a) for a in out)  # type: ignore[return-value]
+
+
+@route.register_fake
+def _route_fake(
+    ids: torch.Tensor, live: torch.Tensor | None, table_row: torch.Tensor, *rest: object
+) -> tuple[torch.Tensor, ...]:
+    e = table_row.shape[0]
+    return (
+        ids.new_empty(ids.numel(), dtype=torch.int32),
+        *(ids.new_empty(e, dtype=torch.int32) for _ in range(3)),
+    )
+
+
+@torch.library.custom_op("moeflow::slot_linear", mutates_args=())
+def slot_linear(
+    x: torch.Tensor,  # [R, D] tokens (first projection) or pairs (second)
+    order: torch.Tensor,  # [P]
+    counts: torch.Tensor,  # [E]
+    starts: torch.Tensor,  # [E]
+    slot: torch.Tensor,  # [E] int32
+    claim: torch.Tensor,  # [E] int32
+    pool: torch.Tensor,  # [S, row]
+    host: torch.Tensor,  # [L*E, row]
+    host_row0: int,
+    weight: list[int],  # (offset, stride along N, stride along D) inside an expert row
+    bias_off: int,  # -1: no bias
+    n: int,
+    k: int,
+    pair_rows: bool,
+    fill: bool,
+    blocks: list[int],  # BLOCK_KEYS values (-1: default), or empty
+) -> torch.Tensor:  # [P, N]
+    """y[pair] = x[row of pair] @ W_e.T (+ b_e) for every pair routed to a used expert e (zeros elsewhere for the
+    second projection, undefined for the first)."""
+    p = order.shape[0]
+    make = torch.zeros if pair_rows else torch.empty
+    y = make(p, n, dtype=x.dtype, device=x.device)
+    bias = bias_off if bias_off >= 0 else None
+    if x.is_cuda:
+        from moeflow.experts.slot_kernel import slot_linear as kernel
+
+        opts = {key: v for key, v in zip(BLOCK_KEYS, blocks, strict=False) if v >= 0}
+        kernel(x, y, (order, counts, starts), slot, claim, pool, host, host_row0, tuple(weight), bias, k, pair_rows,
+               fill, opts)  # fmt: skip
+        return y
+    slots, claims = slot.tolist(), claim.tolist()
+    for e, (cnt, start) in enumerate(zip(counts.tolist(), starts.tolist(), strict=True)):
+        if cnt:
+            row = pool[slots[e]] if slots[e] >= 0 else host[host_row0 + e]
+            if fill and claims[e] >= 0:
+                pool[claims[e]].copy_(row)
+            y[order[start : start + cnt].long()] = project(row, x, order[start : start + cnt], weight, bias, n, k,
+                                                           pair_rows)  # fmt: skip
+    return y
+
+
+@slot_linear.register_fake
+def _slot_linear_fake(x: torch.Tensor, order: torch.Tensor, *rest: object) -> torch.Tensor:
+    n = rest[
+        9
+    ]  # the output width, after counts, starts, slot, claim, pool, host, host_row0, weight, bias_off
+    assert isinstance(n, int)
+    return x.new_empty(order.shape[0], n)
+
+
+def project(
+    row: torch.Tensor,  # [row] one expert's flat weights
+    x: torch.Tensor,  # [R, D]
+    pairs: torch.Tensor,  # [M] pair ids of this expert
+    weight: list[int] | tuple[int, ...],
+    bias: int | None,
+    n: int,
+    k: int,
+    pair_rows: bool,
+) -> torch.Tensor:  # [M, N]
+    """One expert's projection of its pairs' inputs (the torch reference of the kernel's inner loop)."""
+    off, swn, swd = weight
+    d = x.shape[1]
+    w = row.as_strided((n, d), (swn, swd), row.storage_offset() + off)  # [N, D]
+    rows = pairs.long() if pair_rows else pairs.long() // k
+    y = x[rows] @ w.T
+    return y + row[bias : bias + n] if bias is not None else y

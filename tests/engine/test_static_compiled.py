@@ -30,11 +30,15 @@ def test_compiled_step_matches_transformers(checkpoints: dict[str, Path], family
     path = checkpoints[family]
     ref = reference(path)
     want = [greedy_ref(ref, p, 6) for p in BATCH]
-    llm = LLM(path, device="cpu", num_slots=3, host_memory="1GiB", decode="static", compile=True, progress=False)
+    llm = LLM(
+        path, device="cpu", num_slots=3, host_memory="1GiB", decode="static", compile=True, progress=False
+    )
     assert llm.static is not None and llm.static.compiled and llm.static.table.zero_copy
     outs = llm.generate(BATCH, SamplingParams(max_tokens=6, ignore_eos=True))
     assert [o.token_ids for o in outs] == want
-    assert llm.static.step != llm.static._forward  # it ran compiled: a failure would have raised (compile=True)
+    assert (
+        llm.static.step != llm.static._forward
+    )  # it ran compiled: a failure would have raised (compile=True)
     s = llm.store.stats
     assert s.bytes_zero_copy > 0  # misses were read from the host pool inside the compiled step
 
@@ -53,8 +57,29 @@ def test_a_failing_compilation_falls_back_with_a_warning(
     monkeypatch.setattr(static, "COMPILE_BACKEND", broken)
     path = checkpoints["olmoe"]
     want = greedy_ref(reference(path), PROMPT[0], 4)
-    llm = LLM(path, device="cpu", num_slots=3, host_memory="1GiB", decode="static", compile=True, progress=False)
+    llm = LLM(
+        path, device="cpu", num_slots=3, host_memory="1GiB", decode="static", compile=True, progress=False
+    )
     llm.static.must_compile = False  # as when compiling was not asked for explicitly (graph decode's default)
     with pytest.warns(UserWarning, match="could not compile this model's decode step"):
         out = llm.generate(PROMPT, SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert out.token_ids == want and llm.static.step == llm.static._forward
+
+
+def test_one_compilation_serves_every_pool_size(checkpoints: dict[str, Path]) -> None:
+    from torch._dynamo.utils import counters
+
+    path = checkpoints["mixtral"]
+    want = greedy_ref(reference(path), PROMPT[0], 5)
+    llm = LLM(
+        path, device="cpu", num_slots=3, host_memory="1GiB", decode="static", compile=True, progress=False
+    )
+    graphs = []
+    for slots in (3, 6, 11):
+        llm.reconfigure(num_slots=slots)
+        out = llm.generate(PROMPT, SamplingParams(max_tokens=5, ignore_eos=True))[0]
+        assert out.token_ids == want, slots
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert (
+        graphs[0] >= 1 and graphs[1:] == graphs[:1] * 2
+    )  # the slot count changed, the compiled step did not

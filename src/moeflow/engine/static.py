@@ -35,6 +35,9 @@ PLAIN_LAYERS = {"DynamicLayer", "DynamicSlidingWindowLayer"}
 COMPILE_BACKEND = "inductor"
 """``torch.compile``'s backend for the step (CPU tests use "aot_eager": the same tracing, no code generation)."""
 
+RECOMPILE_LIMIT = 64
+"""Compilations of the step (one per batch shape) before torch.compile would quietly run it uncompiled."""
+
 MIN_LEN = 256
 """Smallest KV length of a bucket (lengths are rounded up to a power of two, so few graphs are captured)."""
 
@@ -91,6 +94,13 @@ class StaticDecoder:
         store = self.rt.store
         if self._table is None or self._table.store is not store:  # a new slot pool (reconfigure): start over
             self._table = SlotTable(store, store.num_slots // 2 + 1)  # fill_budget's cap
+            if (
+                self.compiled
+            ):  # one compiled step serves every pool size: the sizes only matter inside the ops
+                t = self._table.tensors
+                for tensor, dim in ((t.pool, 0), (t.cand, 1), (t.taken, 0), (t.scratch, 0)):
+                    if tensor.shape[dim] > 1:
+                        torch._dynamo.mark_dynamic(tensor, dim)
             self._buckets.clear()  # their graphs go, and with them their memory pool: start a new one
             self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         return self._table
@@ -234,7 +244,8 @@ class StaticDecoder:
         """One step through ``step``; a compilation that fails (it fails while tracing, before the step has run)
         falls back to ``_forward`` with a warning, unless compiling was asked for explicitly."""
         try:
-            self.step(bucket)
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                self.step(bucket)
         except Exception as err:
             if self.step == self._forward or self.must_compile:
                 raise

@@ -3,6 +3,8 @@
 #   bash benchmarks/gpu_decode_h200.sh tests   # GPU tests (graph path, kernel, eager path) + OLMoE synth + smoke
 #   bash benchmarks/gpu_decode_h200.sh floor   # benchmarks/decode_floor.py: OLMoE geometry, demo routing replayed,
 #                                              # LRU / ExpertFlow / MoE-Infinity at 10/25/50%, batch 1 and 8
+#   bash benchmarks/gpu_decode_h200.sh resident # GPU tests, then benchmarks/resident_step.py (compiled step or not,
+#                                              # replay vs host time, kernels per replay; TTFT vs transformers)
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -23,6 +25,13 @@ if [ "$STAGE" = tests ]; then
   wait; tail -2 "$OUT/synth.log"
   timeout 150 python3 benchmarks/decode_floor.py --model $M --trace $T/demo-eval.npz --fractions 0.25 --batches 1,8 \
     --policies lru --requests 4 --max-tokens 16 --out "$OUT/decode-floor-smoke.json" 2>&1 | grep -v Warn | cut -c1-220 | tail -30
+elif [ "$STAGE" = resident ]; then
+  synth &
+  timeout 320 python3 -m pytest -q -p no:cacheprovider -rf tests/engine/test_static_gpu.py tests/engine/test_static_memory_gpu.py \
+    tests/test_engine_gpu.py 2>&1 | tee "$OUT/gpu-tests.log" | grep -v Warning | tail -30
+  wait; tail -2 "$OUT/synth.log"
+  timeout 230 python3 benchmarks/resident_step.py --model $M --trace $T/demo-eval.npz --out "$OUT/resident-step-h200.json" \
+    2>&1 | grep -v Warn | cut -c1-300 | tail -30
 elif [ "$STAGE" = floor ]; then
   synth
   timeout 480 python3 benchmarks/decode_floor.py --model $M --trace $T/demo-eval.npz --out "$OUT/decode-floor-h200.json" \

@@ -48,9 +48,14 @@ def test_graph_decode_matches_transformers(checkpoints: dict[str, Path], family:
     path = checkpoints[family]
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda").eval()
     want = _greedy(ref, PROMPT, 10)[0]
-    for slots in (2, 5, None):
-        llm = LLM(path, device="cuda", dtype="float32", num_slots=slots, decode="graph", progress=False)
-        assert llm.static is not None and llm.static.table.zero_copy
+    for slots, compiled in (
+        (2, False),
+        (5, True),
+        (None, False),
+    ):  # compiling once per family keeps this short
+        llm = LLM(path, device="cuda", dtype="float32", num_slots=slots, decode="graph", compile=compiled,
+                  progress=False)  # fmt: skip
+        assert llm.static is not None and llm.static.table.zero_copy and llm.static.compiled == compiled
         out = llm.generate(PROMPT, SamplingParams(max_tokens=10, ignore_eos=True))[0]
         assert out.token_ids == want, (family, slots)
         assert llm.store.stats.bytes_zero_copy > 0 or slots is None
@@ -92,7 +97,7 @@ def test_slot_kernel_matches_reference_and_fills(checkpoints: dict[str, Path], d
 
     path = checkpoints["gpt_oss"]  # transposed weights and biases: the hardest layout
     llm = LLM(path, device="cuda", dtype="float32" if dtype == torch.float32 else "bfloat16", num_slots=6,
-              decode="graph", progress=False)  # fmt: skip
+              decode="graph", compile=False, progress=False)  # fmt: skip
     table = llm.static.table
     t = table.tensors
     module = llm.loaded.layers[1].module

@@ -13,7 +13,15 @@ from moeflow.config import EngineConfig, format_size
 from moeflow.errors import BudgetError, BudgetWarning
 from moeflow.model.loader import LoadedModel
 
-MIN_KV_RESERVE = 64 * 2**20
+MIN_KV_RESERVE = 256 * 2**20
+"""The least device memory a GPU budget keeps beside the weights: KV caches and activations, among them the eager
+experts' gather scratch (at most ``compute.GATHER_BYTES`` per layer)."""
+
+
+def default_kv_reserve(budget: int, cuda: bool) -> int:
+    """The KV and activation reserve of a device budget when none is given: 5%, at least ``MIN_KV_RESERVE`` (on a
+    CPU nothing: activations are ordinary RAM)."""
+    return max(budget // 20, MIN_KV_RESERVE) if cuda else 0
 
 
 def available_ram() -> int:
@@ -100,11 +108,7 @@ def plan_memory(loaded: LoadedModel, cfg: EngineConfig) -> MemoryPlan:
         budget = cfg.device_memory
         if budget is None:
             budget = torch.cuda.mem_get_info(loaded.device)[0] * 9 // 10 if cuda else dense + total * per
-        reserve = (
-            cfg.kv_reserve
-            if cfg.kv_reserve is not None
-            else (max(budget // 20, MIN_KV_RESERVE) if cuda else 0)
-        )
+        reserve = cfg.kv_reserve if cfg.kv_reserve is not None else default_kv_reserve(budget, cuda)
         slots = min(total, (budget - dense - reserve) // per) if budget > dense + reserve else 0
     need = dense + reserve + loaded.top_k * per
     if slots < loaded.top_k:

@@ -25,7 +25,7 @@ def geometry(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 @pytest.mark.parametrize("batch", [1, 8, 32])
 def test_graph_decode_peak_memory_within_the_budget(geometry: Path, batch: int) -> None:
-    probe = LLM(geometry, device="cuda", dtype="bfloat16", num_slots=2, decode="eager", progress=False)
+    probe = LLM(geometry, device="cuda", dtype="bfloat16", num_slots=8, decode="eager", progress=False)
     dense, per, total = (
         probe.info.dense_bytes,
         probe.info.expert_bytes,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from moeflow.errors import MoeflowError
+from moeflow.experts.cache import CachePolicy
+from moeflow.experts.plan import StepRouting
 from moeflow.experts.policies import make_policy
 from moeflow.experts.policies.classic import LFUPolicy, LRUPolicy
 
@@ -91,3 +94,66 @@ def test_lfu_vectorised_victims_are_least_frequent_then_least_recent() -> None:
             worst_kept = min((rank[k] for k in candidates if k not in victims), default=None)
             assert worst_kept is None or all(rank[v] <= worst_kept for v in victims)
         pol.request(layer, needed)
+
+
+def _settle_key_by_key(policy: CachePolicy, routing: StepRouting) -> None:
+    """``settle_step``'s meaning, one key at a time in layer then expert order: observe the layer, fill a missed
+    expert into the slot it claimed (if offered), count it, touch it if resident, tell the policy."""
+    offered = set(policy._offered)
+    for layer in range(policy.num_layers):
+        policy.observe(layer, routing.experts[layer], None)
+        policy.clock += 1
+        for e in np.flatnonzero(routing.served[layer]).tolist():
+            key = (layer, e)
+            if routing.served[layer, e] == 1:
+                policy.stats.hits += 1
+                if key in policy._unused_prefetch:
+                    policy._unused_prefetch.discard(key)
+                    policy.stats.prefetch_hits += 1
+            else:
+                policy.stats.misses += 1
+                slot = int(routing.filled[layer, e])
+                if slot in offered:
+                    offered.discard(slot)
+                    policy._fill(key, slot)
+            if key in policy.slot_of:
+                policy.touch(key)
+            policy.on_access(key)
+    policy._offered = []
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu"])
+def test_settle_step_equals_its_key_by_key_meaning(name: str) -> None:
+    """Random static steps (routing, hits where resident, misses filled into offered candidates): the vectorised
+    settle leaves the same residency, recency order, counters and victims as settling key by key."""
+
+    rng = np.random.default_rng(3)
+    layers, experts, top_k, slots = 4, 16, 3, 20
+    a, b = make_policy(name), make_policy(name)
+    for p in (a, b):
+        p.bind(slots, num_layers=layers, num_experts=experts, top_k=top_k)
+    for step in range(40):
+        batch = int(rng.integers(1, 4))
+        ids = np.stack([np.stack([rng.choice(experts, top_k, replace=False) for _ in range(batch)])
+                        for _ in range(layers)])  # fmt: skip
+        boundaries = [p.plan_boundary(batch) for p in (a, b)]
+        assert boundaries[0].candidates == boundaries[1].candidates
+        served = np.zeros((layers, experts), np.int8)
+        filled = np.full((layers, experts), -1, np.int32)
+        free = list(boundaries[0].candidates)
+        for layer in range(layers):
+            for e in np.unique(ids[layer]).tolist():
+                served[layer, e] = 1 if a.resident((layer, e)) else 2
+                if served[layer, e] == 2 and free and rng.random() < 0.8:
+                    filled[layer, e] = free.pop(0)
+        routing = StepRouting(ids, served, filled)
+        a.settle_step(routing)
+        _settle_key_by_key(b, routing)
+        assert a.slot_of == b.slot_of and np.array_equal(np.argsort(a.slot_used), np.argsort(b.slot_used)), (
+            step
+        )
+        assert (a.stats.hits, a.stats.misses, a.stats.evictions) == (
+            b.stats.hits,
+            b.stats.misses,
+            b.stats.evictions,
+        )

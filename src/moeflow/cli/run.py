@@ -176,6 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
+    from moeflow.memory import default_kv_reserve
     from moeflow.model.describe import describe
     from moeflow.model.loader import open_model
     from moeflow.validate import check_device
@@ -188,7 +189,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = {**describe(lm), "device": name}
     if args.device_memory is not None:
         budget = args.device_memory
-        reserve = max(budget // 20, 64 * 2**20) if name.startswith("cuda") else 0
+        reserve = default_kv_reserve(budget, name.startswith("cuda"))
         info["device_memory"] = budget
         info["expert_slots_fit"] = max(0, min(total, (budget - lm.dense_bytes - reserve) // lm.expert_bytes))
     if args.json:

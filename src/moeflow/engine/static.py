@@ -14,7 +14,6 @@ import inspect
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -54,6 +53,7 @@ class Bucket:
     staging: torch.Tensor  # [3, B] host copy of ids, positions and live rows
     graph: torch.cuda.CUDAGraph | None = None
     route_host: torch.Tensor | None = None  # pinned host copy of the step's routing
+    replay_host: tuple[torch.Tensor, torch.Tensor] | None = None  # pinned staging of replayed routing
 
 
 class StaticDecoder:
@@ -216,13 +216,17 @@ class StaticDecoder:
     def _upload_replay(self, bucket: Bucket, live: list[int]) -> None:
         rt, bufs = self.rt, bucket.bufs
         assert rt.replay is not None and bufs.replay_ids is not None and bufs.replay_w is not None
-        rows = rt.ctx.replay_rows
-        ids = np.zeros(bufs.replay_ids.shape, np.int64)
-        weights = np.zeros(bufs.replay_w.shape, np.float32)
-        for layer in range(ids.shape[0]):
-            ids[layer, live], weights[layer, live] = rt.replay.route(rows, layer)
-        bufs.replay_ids.copy_(torch.from_numpy(ids))
-        bufs.replay_w.copy_(torch.from_numpy(weights))
+        if bucket.replay_host is None:  # pinned on a GPU: the upload does not block the host
+            pin = bufs.replay_ids.is_cuda
+            bucket.replay_host = (torch.zeros(bufs.replay_ids.shape, dtype=torch.long, pin_memory=pin),
+                                  torch.zeros(bufs.replay_w.shape, dtype=torch.float32, pin_memory=pin))  # fmt: skip
+        ids, weights = bucket.replay_host
+        if bufs.replay_ids.is_cuda:
+            torch.cuda.current_stream(bufs.replay_ids.device).synchronize()  # the last upload has been read
+        experts, w = rt.replay.route_all(rt.ctx.replay_rows)  # [L, T, K] each
+        ids.numpy()[:, live], weights.numpy()[:, live] = experts, w
+        bufs.replay_ids.copy_(ids, non_blocking=True)
+        bufs.replay_w.copy_(weights, non_blocking=True)
 
     def _forward(self, bucket: Bucket) -> None:
         """The step itself: device work only (this is what the graph captures)."""

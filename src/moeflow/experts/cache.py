@@ -246,32 +246,55 @@ class CachePolicy:
     def settle_step(self, routing: StepRouting) -> None:
         """A static decode step ran (``routing`` read back from the device): learn its routing layer by layer as
         ``request`` would (``observe``, ``on_access``, recency), count hits and misses as the device served them,
-        and place the missed experts the kernel wrote into candidate slots (evicting what those held)."""
+        and place the missed experts the kernel wrote into candidate slots (evicting what those held).
+
+        A filled slot's old key was not used in the step (the claim rule), so the fills can go first and the
+        recency of every used key after, in one pass; policies without their own ``observe``/``on_access`` hooks
+        (LRU) skip the per-layer loop."""
+        served, num_experts = routing.served, self.num_experts
+        used = np.flatnonzero(served.reshape(-1))  # keys l*E+e in layer, then expert order
+        missed = used[served.reshape(-1)[used] == 2]
         offered = set(self._offered)
-        hits = misses = 0
-        for layer in range(self.num_layers):
-            self.observe(layer, routing.experts[layer], None)
-            self.clock += 1
-            for e in np.flatnonzero(routing.served[layer]).tolist():
-                key = (layer, e)
-                if routing.served[layer, e] == 1:
-                    hits += 1
-                    if key in self._unused_prefetch:
-                        self._unused_prefetch.discard(key)
-                        self.stats.prefetch_hits += 1
-                else:
-                    misses += 1
-                    slot = int(routing.filled[layer, e])
-                    if slot in offered:
-                        offered.discard(slot)
-                        self._fill(key, slot)
-                if key in self.slot_of:
-                    self.touch(key)
-                self.on_access(key)
-        self.stats.hits += hits
+        for k in missed.tolist():
+            slot = int(routing.filled.reshape(-1)[k])
+            if slot in offered:
+                offered.discard(slot)
+                self._fill((k // num_experts, k % num_experts), slot)
+        if self._unused_prefetch:
+            for k in used[served.reshape(-1)[used] == 1].tolist():
+                key = (k // num_experts, k % num_experts)
+                if key in self._unused_prefetch:
+                    self._unused_prefetch.discard(key)
+                    self.stats.prefetch_hits += 1
+        self._touch_keys(used)
+        hooks = (
+            type(self).observe is not CachePolicy.observe or type(self).on_access is not CachePolicy.on_access
+        )
+        if hooks:
+            for layer in range(self.num_layers):
+                self.observe(layer, routing.experts[layer], None)
+                self.clock += 1
+                for e in np.flatnonzero(served[layer]).tolist():
+                    self.on_access((layer, e))
+        else:
+            self.clock += self.num_layers
+        misses = len(missed)
+        self.stats.hits += len(used) - misses
         self.stats.misses += misses
         self._miss_avg = misses if self._miss_avg is None else 0.8 * self._miss_avg + 0.2 * misses
         self._offered = []
+
+    def _touch_keys(self, keys: np.ndarray) -> None:
+        """``touch`` every resident key of ``keys`` (l*E+e), in order."""
+        placed = self.slot_layer >= 0
+        slot_of = np.full(self.num_layers * self.num_experts, -1, np.int64)
+        slot_of[self.slot_layer[placed] * self.num_experts + self.slot_expert[placed]] = np.flatnonzero(
+            placed
+        )
+        slots = slot_of[keys]
+        slots = slots[slots >= 0]
+        self.slot_used[slots] = self._ticks + 1 + np.arange(len(slots))
+        self._ticks += len(slots)
 
     def _fill(self, key: Key, slot: int) -> None:
         held = self.key_in[slot]

@@ -55,7 +55,23 @@ def _eager(module: nn.Module) -> ExpertsFn:
 
 SMALL_LAYER_PAIRS = 128
 """Up to this many (token, expert) pairs a layer is memory bound on its weights: read them once per pair (Triton
-kernel, or gather + bmm). Beyond it (prefill), gathering weights per pair would copy too much: loop over experts."""
+kernel, or gather + bmm). Beyond it (prefill), gathering weights per pair would copy too much."""
+
+GATHER_BYTES = 128 * 2**20
+"""The most weight bytes gather + bmm may copy for one layer (it copies every pair's expert): beyond it "auto"
+computes without copies. The memory plan's KV reserve (at least ``memory.MIN_KV_RESERVE``) holds it."""
+
+GROUPED_MAX_SLOTS = 1024
+"""torch's grouped_mm takes at most this many groups (here: slots)."""
+
+
+def auto_backend(pairs: int, expert_bytes: int, slots: int, cuda: bool) -> str:
+    """The "auto" choice for a layer of ``pairs`` routed pairs: gather + bmm when decode-sized and its copies stay
+    within ``GATHER_BYTES``; else on a GPU grouped_mm over the slot pool (each expert read once, no copies, as
+    transformers' own default), or the per-expert loop (CPUs, or pools of more than ``GROUPED_MAX_SLOTS``)."""
+    if pairs <= SMALL_LAYER_PAIRS and pairs * expert_bytes <= GATHER_BYTES:
+        return "batched"
+    return "grouped" if cuda and slots <= GROUPED_MAX_SLOTS else "loop"
 
 
 def run_experts(
@@ -66,12 +82,14 @@ def run_experts(
     slot_index: torch.Tensor,  # [T, K] slot of each chosen expert
     weights: torch.Tensor,  # [T, K]
 ) -> torch.Tensor:  # [T, H]
-    """Combine the chosen experts' outputs for every token, computing on the slot pool. "auto": gather + bmm for
-    small (decode-sized) layers — on the H100 at decode batch 1, one OLMoE layer took 0.20 ms against 0.33 ms for
-    our first Triton kernel and 3.2 ms for the loop (BENCHMARKS.md) — and the per-expert loop for prefill."""
+    """Combine the chosen experts' outputs for every token, computing on the slot pool ("auto": ``auto_backend``;
+    on the H100 at decode batch 1, one OLMoE layer took 0.20 ms in gather + bmm against 0.33 ms for our first
+    Triton kernel and 3.2 ms for the loop: BENCHMARKS.md)."""
     proxy = SlotExperts(module, views)
     if backend == "auto":
-        backend = "batched" if slot_index.numel() <= SMALL_LAYER_PAIRS else "loop"
+        pool = next(iter(views.values()))
+        per = sum(v[0].numel() * v.element_size() for v in views.values())
+        backend = auto_backend(slot_index.numel(), per, pool.shape[0], pool.is_cuda)
     if backend == "loop":
         return _eager(module)(proxy, hidden, slot_index, weights)
     if backend == "batched":

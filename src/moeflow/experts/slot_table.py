@@ -64,7 +64,8 @@ class SlotTable:
         host = np.full(self._buf.shape[0], -1, np.int32)
         n = self.num_layers * num_experts
         host[boundary.resident[ok]] = np.flatnonzero(ok)
-        cand = np.asarray([s for s in boundary.candidates if landed[s] and not loading[s]], np.int64)
+        cand = np.asarray(boundary.candidates, np.int64)
+        cand = cand[landed[cand] & ~loading[cand]]
         cap = (host.shape[0] - n) // 3
         cand = cand[:cap]
         keys = boundary.resident[cand]
@@ -75,10 +76,8 @@ class SlotTable:
         if self._staging is None:
             self._buf.copy_(torch.from_numpy(host))
         else:
-            for (
-                slot
-            ) in cand.tolist():  # a pending table write for a slot's old key must not land after this upload
-                store.wait_landed(slot)
+            # every candidate's last copy, and the table write queued after it, has landed (``landed`` above): no
+            # pending write for a slot's old key can land after this upload
             self._staging.copy_(torch.from_numpy(host))
             self._buf.copy_(self._staging, non_blocking=True)
         self._copy(boundary.loads)

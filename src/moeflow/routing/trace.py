@@ -273,3 +273,9 @@ class TraceReplay:
         """(experts [T, K], weights [T, K]) for ``rows`` at model MoE layer ``layer``."""
         tl = self.layer_map[layer]
         return self.trace.experts[rows, tl], self.trace.weights[rows, tl]
+
+    def route_all(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(experts [L, T, K], weights [L, T, K]) for ``rows`` at every model MoE layer."""
+        lmap = np.asarray(self.layer_map)
+        ex, w = self.trace.experts[rows][:, lmap], self.trace.weights[rows][:, lmap]  # [T, L, K]
+        return ex.transpose(1, 0, 2), w.transpose(1, 0, 2)

@@ -184,8 +184,17 @@ def main() -> None:
             bel_bytes = belady_misses(steps, slots, decode) * info.expert_bytes
             resident = result["resident_ms"][str(batch)]
             for policy in args.policies.split(","):
-                warm(policy, slots, batch)
-                row = run(llm, reqs, batch, bw)
+                try:
+                    warm(policy, slots, batch)
+                    row = run(llm, reqs, batch, bw)
+                except (
+                    Exception
+                ) as err:  # a policy that cannot run here (e.g. no predictor for this geometry)
+                    result.setdefault("errors", []).append(
+                        f"{policy} {frac} {batch}: {type(err).__name__}: {err}"
+                    )
+                    print(result["errors"][-1], flush=True)
+                    continue
                 tokens = max(row["decode_tokens"], 1)
                 bytes_tok = row["decode_MB_per_token"] * 1e6
                 result["runs"].append({

@@ -32,6 +32,20 @@ elif [ "$STAGE" = resident ]; then
   wait; tail -2 "$OUT/synth.log"
   timeout 230 python3 benchmarks/resident_step.py --model $M --trace $T/demo-eval.npz --out "$OUT/resident-step-h200.json" \
     2>&1 | grep -v Warn | cut -c1-300 | tail -30
+elif [ "$STAGE" = memfloor ]; then  # peak-memory tests, the compiled resident step and TTFT, the full floor run
+  synth &
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -rf tests/engine/test_static_memory_gpu.py 2>&1 | tee "$OUT/gpu-memory-tests.log" | tail -5
+  wait; tail -2 "$OUT/synth.log"
+  timeout 140 python3 benchmarks/resident_step.py --model $M --trace $T/demo-eval.npz --modes compiled --out "$OUT/resident-step-h200.json" \
+    2>&1 | grep -v Warn | cut -c1-300 | tail -8
+  timeout 290 python3 benchmarks/decode_floor.py --model $M --trace $T/demo-eval.npz --no-kernel-stage --out "$OUT/decode-floor-h200.json" \
+    2>&1 | grep -v Warn | cut -c1-240 | tail -30
+elif [ "$STAGE" = mixtral ]; then  # Mixtral geometry (first 8 layers), the real Mixtral trace replayed, batch 1
+  X=/dev/shm/mixtral8
+  timeout 200 python3 -m moeflow synth --like mixtral --layers 8 --out $X > "$OUT/synth-mixtral.log" 2>&1; tail -1 "$OUT/synth-mixtral.log"
+  timeout 330 python3 benchmarks/decode_floor.py --model $X --trace .data/traces/mixtral.npz --geometry mixtral-8-layers \
+    --batches 1 --requests 2 --max-tokens 48 --max-prompt 1 --no-kernel-stage --out "$OUT/decode-floor-mixtral-h200.json" \
+    2>&1 | grep -v Warn | cut -c1-240 | tail -20
 elif [ "$STAGE" = floor ]; then
   synth
   timeout 480 python3 benchmarks/decode_floor.py --model $M --trace $T/demo-eval.npz --out "$OUT/decode-floor-h200.json" \

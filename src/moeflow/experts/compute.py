@@ -61,17 +61,40 @@ GATHER_BYTES = 128 * 2**20
 """The most weight bytes gather + bmm may copy for one layer (it copies every pair's expert): beyond it "auto"
 computes without copies. The memory plan's KV reserve (at least ``memory.MIN_KV_RESERVE``) holds it."""
 
-GROUPED_MAX_SLOTS = 1024
-"""torch's grouped_mm takes at most this many groups (here: slots)."""
+GROUPED_MAX_SLOTS = 1000
+"""Slots one grouped_mm call spans (torch's grouped_mm refused 1024 groups on the H200: "Can't process more than
+1024 groups"); a layer whose slots span more runs one call per window of slots."""
 
 
-def auto_backend(pairs: int, expert_bytes: int, slots: int, cuda: bool) -> str:
+def auto_backend(pairs: int, expert_bytes: int, cuda: bool) -> str:
     """The "auto" choice for a layer of ``pairs`` routed pairs: gather + bmm when decode-sized and its copies stay
     within ``GATHER_BYTES``; else on a GPU grouped_mm over the slot pool (each expert read once, no copies, as
-    transformers' own default), or the per-expert loop (CPUs, or pools of more than ``GROUPED_MAX_SLOTS``)."""
+    transformers' own default), on a CPU the per-expert loop."""
     if pairs <= SMALL_LAYER_PAIRS and pairs * expert_bytes <= GATHER_BYTES:
         return "batched"
-    return "grouped" if cuda and slots <= GROUPED_MAX_SLOTS else "loop"
+    return "grouped" if cuda else "loop"
+
+
+def _grouped(
+    module: nn.Module, views: dict[str, torch.Tensor], hidden: torch.Tensor, slot_index: torch.Tensor,
+    weights: torch.Tensor, slots: list[int] | None,
+) -> torch.Tensor:  # fmt: skip
+    """transformers' grouped_mm over windows of at most ``GROUPED_MAX_SLOTS`` slots (``slots``: those in use, to
+    span only their range); a pair outside the window is a sentinel id (the window's size), which grouped_mm skips."""
+    size = next(iter(views.values())).shape[0]
+    lo, hi = (min(slots), max(slots) + 1) if slots else (0, size)
+    total: torch.Tensor | None = None
+    for w0 in range(lo, hi, GROUPED_MAX_SLOTS):
+        w1 = min(w0 + GROUPED_MAX_SLOTS, hi)
+        proxy = SlotExperts(module, {name: v[w0:w1] for name, v in views.items()})
+        index = slot_index - w0
+        if (w0, w1) != (0, size):
+            index = torch.where((slot_index >= w0) & (slot_index < w1), index, w1 - w0)
+            proxy._is_expert_parallel = True  # transformers' flag for sentinel ids
+        part = hf_moe.grouped_mm_experts_forward(proxy, hidden, index, weights)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
 
 
 def run_experts(
@@ -81,21 +104,22 @@ def run_experts(
     hidden: torch.Tensor,  # [T, H]
     slot_index: torch.Tensor,  # [T, K] slot of each chosen expert
     weights: torch.Tensor,  # [T, K]
+    slots: list[int] | None = None,
 ) -> torch.Tensor:  # [T, H]
-    """Combine the chosen experts' outputs for every token, computing on the slot pool ("auto": ``auto_backend``;
+    """Combine the chosen experts' outputs for every token, computing on the slot pool (``slots``: the slots the
+    pairs use, when the caller knows them; "auto": ``auto_backend``;
     on the H100 at decode batch 1, one OLMoE layer took 0.20 ms in gather + bmm against 0.33 ms for our first
     Triton kernel and 3.2 ms for the loop: BENCHMARKS.md)."""
     proxy = SlotExperts(module, views)
     if backend == "auto":
-        pool = next(iter(views.values()))
         per = sum(v[0].numel() * v.element_size() for v in views.values())
-        backend = auto_backend(slot_index.numel(), per, pool.shape[0], pool.is_cuda)
+        backend = auto_backend(slot_index.numel(), per, next(iter(views.values())).is_cuda)
     if backend == "loop":
         return _eager(module)(proxy, hidden, slot_index, weights)
     if backend == "batched":
         return hf_moe.batched_mm_experts_forward(proxy, hidden, slot_index, weights)
     if backend == "grouped":
-        return hf_moe.grouped_mm_experts_forward(proxy, hidden, slot_index, weights)
+        return _grouped(module, views, hidden, slot_index, weights, slots)
     if backend == "triton":
         from moeflow.experts.triton_experts import triton_experts_forward
 

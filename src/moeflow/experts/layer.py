@@ -158,7 +158,8 @@ class OffloadedExperts:
                 outside = slot_index < 0
                 slot_index = slot_index.masked_fill(outside, plan.slots[0])
                 chunk_weights = weights.masked_fill(outside, 0)
-            part = run_experts(rt.backend, self.module, rt.store.views, hidden, slot_index, chunk_weights)
+            part = run_experts(rt.backend, self.module, rt.store.views, hidden, slot_index, chunk_weights,
+                               list(plan.slots))  # fmt: skip
             rt.store.release(list(plan.slots))
             total = part if total is None else total + part
         assert total is not None

@@ -168,6 +168,25 @@ def load_dense(loaded: LoadedModel, progress: bool = True) -> None:
     loaded.dense_bytes = _load_dense(loaded.model, loaded.weights, loaded.device, loaded.dtype, progress)
     _materialise_buffers(loaded.model, loaded.device)
     loaded.model.tie_weights()
+    head = loaded.model.get_output_embeddings()
+    if loaded.device.type == "cpu" and head is not None:
+        head.register_forward_pre_hook(_standard_strides)
+
+
+def _standard_strides(module: nn.Module, args: tuple) -> tuple | None:
+    """The output head's input with row-major strides. transformers slices the last position out of the hidden
+    states ([B, T, H] -> [B, 1, H], a view with strides (T*H, H, 1)); on the CPU torch's bf16 linear then copied
+    the whole head weight (a transient of the weight's size, or twice it as float32, measured on the test machine:
+    tests/test_rss.py), which a copy of the few input rows avoids."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        return None
+    standard = [1]
+    for size in reversed(x.shape[1:]):
+        standard.insert(0, standard[0] * size)
+    return (
+        None if list(x.stride()) == standard else (x.clone(memory_format=torch.contiguous_format), *args[1:])
+    )
 
 
 def _layer_id(path: str, index: int) -> int:

@@ -11,7 +11,13 @@ chunk ran gets its first token from that forward. Each forward is one of the eng
 replay see it as ``LLM.step`` does).
 
 Sampling is per sequence (its own settings; a seeded sequence its own generator), so a sequence's output does not
-depend on what runs beside it. Runs eagerly on any device; the static pool's graph decode is not wired in yet.
+depend on what runs beside it.
+
+Runs eagerly on any device; the static decode path is not wired in yet. How it takes over, without changing this
+API: the bucket's ``StaticKV`` becomes a row pool (one row per sequence, per-row lengths instead of one shared write
+position, rows' write slots computed on the device from a per-row position buffer, the ``rows.py`` rule); the
+decode forward runs over all rows of the bucket with the live-row mask it already has (free rows compute nothing
+in the MoE layers), so one captured graph replays whichever rows are occupied; prompt chunks stay eager.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ requests answered with the right 4xx and an OpenAI-style body while the server k
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -164,3 +165,22 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served: Served, llm: 
     assert err.value.status_code == 401 and err.value.body["type"] == "authentication_error"
     still_serving(served)
     assert httpx.get(f"{served.base}/health").json()["status"] == "ok"
+
+
+def generated_tokens(served: Served) -> float:
+    text = httpx.get(f"{served.base}/metrics").text
+    return float(re.search(r"^moeflow_generated_tokens_total (\S+)$", text, re.M).group(1))
+
+
+def test_client_gone_before_a_non_streamed_answer_frees_the_row(served: Served) -> None:
+    engine = served.app.state.engine
+    before = generated_tokens(served)
+    body = {"prompt": PROMPTS[1], "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(f"{served.base}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(10, read=0.5))  # fmt: skip
+    wait_idle(served)
+    assert engine.engine.kv.free == 4
+    time.sleep(0.5)
+    assert generated_tokens(served) == before  # the request was ended, not run to its 200 tokens and answered
+    still_serving(served)

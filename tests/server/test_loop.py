@@ -38,6 +38,7 @@ def test_metrics_move(llm, serve):
     assert metric(after, "moeflow_expert_hits_total") + metric(after, "moeflow_expert_misses_total") > 0
     assert 0 <= metric(after, "moeflow_expert_hit_ratio") <= 1
     assert metric(after, "moeflow_bytes_to_device_total") > 0
+    assert 0 < metric(after, "moeflow_expert_slots_in_use") <= metric(after, "moeflow_expert_slots")
     for name in (
         "moeflow_queue_length",
         "moeflow_running_batch_size",

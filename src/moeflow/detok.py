@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from moeflow.sequence import Sequence
+
 
 class IncrementalText:
     """``push`` a token, get the output's text so far; ``flush`` at the end adds what was held back."""
@@ -39,3 +41,13 @@ class IncrementalText:
             self.text += after[len(before) :]
             self.prefix = self.read = len(self.ids)
         return self.text
+
+
+def extend_text(tokenizer: Any, eos_ids: set[int], seq: Sequence, token: int) -> str:
+    """``seq``'s output text with ``token`` added (its ``detok`` made on first use); all of it, held-back tail
+    included, when ``token`` ends the sequence by its length or end-of-sequence."""
+    if seq.detok is None:
+        seq.detok = IncrementalText(tokenizer)
+    text = seq.detok.push(token)
+    eos = token in eos_ids and not seq.params.ignore_eos
+    return seq.detok.flush() if eos or len(seq.output_ids) + 1 >= seq.params.max_tokens else text

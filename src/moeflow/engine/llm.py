@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from moeflow.batching import plan_batches
 from moeflow.config import EngineConfig
-from moeflow.detok import IncrementalText
+from moeflow.detok import extend_text
 from moeflow.engine.static import Bucket, choose_static
 from moeflow.engine.step import Steps
 from moeflow.errors import RequestError
@@ -312,13 +312,7 @@ class LLM:
         return logits
 
     def _text(self, seq: Sequence, token: int) -> str:
-        """``seq``'s output text with ``token`` added, decoded incrementally (all of it once it finishes)."""
-        if seq.detok is None:
-            seq.detok = IncrementalText(self.tokenizer)
-        text = seq.detok.push(token)
-        eos = token in self.eos_ids and not seq.params.ignore_eos
-        done = eos or len(seq.output_ids) + 1 >= seq.params.max_tokens
-        return seq.detok.flush() if done else text
+        return extend_text(self.tokenizer, self.eos_ids, seq, token)
 
     def _counters(self) -> Counters:
         p, s = self.runtime.policy.stats, self.runtime.store.stats

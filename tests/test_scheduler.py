@@ -88,3 +88,40 @@ def test_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError):
         ExpertAwareScheduler(4, -1)
     assert ExpertAwareScheduler(4).order([]) == []
+
+
+def test_admit_prefers_requests_sharing_the_running_batch_experts() -> None:
+    from moeflow.scheduler import admit
+
+    running = [cluster_path(1), cluster_path(1)]
+    waiting = [cluster_path(0), cluster_path(2), cluster_path(1), cluster_path(3), cluster_path(1)]
+    assert admit(running, waiting, [0] * 5, 1, max_wait=5) == [2]  # shares cluster 1, though not the oldest
+    assert admit(running, waiting, [0] * 5, 2, max_wait=5) == [2, 4]
+    assert admit(running, waiting, [0] * 5, 5, max_wait=5) == [0, 1, 2, 3, 4]  # room for all: all
+    assert admit(running, waiting, [0] * 5, 1, max_wait=0) == [0]  # max_wait 0 is FIFO
+    assert admit(running, waiting, [0] * 5, 0, max_wait=5) == []
+
+
+@pytest.mark.parametrize("w", [0, 1, 3, 6])
+def test_admit_wait_bound(w: int) -> None:
+    """Simulated serving, one row freed per step, new similar requests arriving all the time: a dissimilar request
+    is admitted by the step after it has waited ``w`` steps, and no overdue request is passed over for a younger one."""
+    from moeflow.scheduler import admit
+
+    rng = np.random.default_rng(w)
+    running = [cluster_path(0)] * 3
+    queue: list[tuple[int, np.ndarray, int]] = [(0, cluster_path(3), 0)]  # (arrival, path, waited)
+    admitted_at: dict[int, int] = {}
+    for step in range(40):
+        queue += [(100 * (step + 1) + k, cluster_path(0), 0) for k in range(int(rng.integers(1, 3)))]
+        chosen = admit(running, [q[1] for q in queue], [q[2] for q in queue], 1, w)
+        overdue = [q[0] for q in queue if q[2] >= w]
+        for i in chosen:
+            if overdue:
+                assert queue[i][0] == min(overdue)
+            admitted_at[queue[i][0]] = step
+        queue = [(a, p, n + 1) for i, (a, p, n) in enumerate(queue) if i not in chosen]
+    assert admitted_at[0] <= w
+    assert (
+        admitted_at[0] == w or w == 0
+    )  # it was passed over while it could be, in favour of the similar ones

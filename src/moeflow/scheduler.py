@@ -107,3 +107,37 @@ def decode_distinct(routes: Sequence[np.ndarray], num_experts: int) -> tuple[np.
         hot[layer.ravel(), np.where(ex < 0, num_experts, ex).ravel()] = True
         total += hot[:, :num_experts].sum(axis=1)
     return total, steps
+
+
+def admit(
+    running: Sequence[np.ndarray],
+    waiting: Sequence[np.ndarray],
+    waited: Sequence[int],
+    free: int,
+    max_wait: int,
+) -> list[int]:
+    """Continuous batching's admission: which of ``waiting`` (paths [L, E], in arrival order, each having waited
+    ``waited`` engine steps) take the ``free`` rows beside the ``running`` batch. Every request fits: all of them.
+    Otherwise the overdue (``waited >= max_wait``) go first, oldest first; then, one at a time, the request adding
+    the fewest expected new experts to the batch so far (ties: the oldest). So no request that has waited
+    ``max_wait`` steps is passed over for a younger one, and ``max_wait = 0`` is FIFO. Returns ascending indices."""
+    n = len(waiting)
+    if free <= 0 or n == 0:
+        return []
+    if n <= free:
+        return list(range(n))
+    overdue = [i for i in range(n) if waited[i] >= max_wait]
+    chosen = overdue[:free]
+    if len(chosen) < free:
+        p = np.stack([np.clip(np.asarray(x, np.float64), 0.0, 1.0).reshape(-1) for x in waiting])  # [N, L*E]
+        miss = np.ones(p.shape[1])  # chance no batch member uses each expert
+        for x in [*running, *(waiting[i] for i in chosen)]:
+            miss *= 1.0 - np.clip(np.asarray(x, np.float64), 0.0, 1.0).reshape(-1)
+        free_idx = np.setdiff1d(np.arange(n), chosen)  # ascending: argmin's first minimum is the oldest
+        while len(chosen) < free:
+            j = int(np.argmin(p[free_idx] @ miss))
+            pick = int(free_idx[j])
+            chosen.append(pick)
+            miss *= 1.0 - p[pick]
+            free_idx = np.delete(free_idx, j)
+    return sorted(chosen)

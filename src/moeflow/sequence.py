@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from moeflow.metrics import Stats
 from moeflow.sampling import SamplingParams
@@ -20,6 +21,8 @@ class Sequence:
     """"length", "stop" (a stop string), "eos", or None while running."""
     emitted: int = 0
     """Characters of ``text`` already handed to a stream."""
+    detok: Any = None
+    """The engine's incremental detokeniser of ``output_ids`` (``moeflow.detok.IncrementalText``)."""
 
     @property
     def finished(self) -> bool:
@@ -31,12 +34,16 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids) - 1
 
     def append(self, token: int, text: str, eos_ids: set[int]) -> None:
-        """Add a sampled token whose decoded output so far is ``text``; settle finish conditions."""
+        """Add a sampled token whose decoded output so far is ``text`` (the previous text, extended); settle finish
+        conditions. Stop strings are searched only where they could newly end: the new tail, and the last
+        ``len(stop) - 1`` characters before it."""
+        longest = max((len(s) for s in self.params.stop), default=1)
+        start = max(0, len(self.text) - longest + 1)
         self.output_ids.append(token)
         self.text = text
         if token in eos_ids and not self.params.ignore_eos:
             self.finish_reason = "eos"
-        cut = min((i for i in (text.find(s) for s in self.params.stop) if i >= 0), default=-1)
+        cut = min((i for i in (text.find(s, start) for s in self.params.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.text = text[:cut]
             self.finish_reason = "stop"

@@ -23,3 +23,16 @@ def test_info_json(checkpoints: dict[str, Path], capsys: pytest.CaptureFixture[s
 def test_user_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_generate_closes_the_engine_so_the_policy_saves(
+    checkpoints: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], json_out: bool
+) -> None:
+    """``moeflow generate --policy moe-infinity`` closes its LLM: the collection it learned is saved."""
+    out = tmp_path / "eamc.npz"
+    args = ["generate", "--model", str(checkpoints["olmoe"]), "--device", "cpu", "--prompt", "def fib(n):",
+            "--max-tokens", "3", "--policy", "moe-infinity", "--option", f"eamc_save={out}"]  # fmt: skip
+    assert main(args + (["--json"] if json_out else [])) == 0
+    capsys.readouterr()
+    assert out.is_file()

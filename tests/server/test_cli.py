@@ -1,4 +1,5 @@
-"""``moeflow serve`` for real: a subprocess on a free loopback port, a completion over HTTP, SIGTERM ends it."""
+"""``moeflow serve`` for real: a subprocess on a free loopback port, a completion over HTTP, SIGTERM ends it after
+the stream in flight has run to its end."""
 
 from __future__ import annotations
 
@@ -58,7 +59,13 @@ def test_serve_subprocess(checkpoints: dict[str, Path]):
         assert httpx.post(f"{base}/v1/completions", json=body, timeout=30).status_code == 401
         r = httpx.post(f"{base}/v1/completions", json=body, headers=auth, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-        proc.send_signal(signal.SIGTERM)
+        stream = {**body, "max_tokens": 40, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=stream, headers=auth, timeout=60) as s:
+            lines = s.iter_lines()
+            assert next(lines).startswith("data: ")
+            proc.send_signal(signal.SIGTERM)  # in flight: the stream still runs to its end
+            events = [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and '"finish_reason": "length"' in events[-2]
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out
         assert f"serving olmoe on http://127.0.0.1:{port}/v1" in out

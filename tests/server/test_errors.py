@@ -80,38 +80,27 @@ def test_malformed_json_and_unknown_route(llm, serve):
     still_serving(client)
 
 
-def test_full_queue_is_429_with_retry_after(llm, serve, monkeypatch):
-    client = serve(llm, max_queue=1)
+def test_full_queue_is_429_with_retry_after(llm, serve):
+    client = serve(llm, max_queue=1, max_batch=1)
     engine = client.app.state.engine
-    entered, release = threading.Event(), threading.Event()
-    generate = llm.generate
-
-    def held(*args, **kwargs):
-        entered.set()
-        assert release.wait(30)
-        return generate(*args, **kwargs)
-
-    monkeypatch.setattr(llm, "generate", held)
+    long = {**OK, "max_tokens": 200, "ignore_eos": True, "stream": True}
     results: list[int] = []
-    first = threading.Thread(
-        target=lambda: results.append(client.post("/v1/completions", json=OK).status_code)
-    )
-    first.start()
-    assert entered.wait(30)  # the engine thread is busy with the first request
-    second = threading.Thread(
-        target=lambda: results.append(client.post("/v1/completions", json=OK).status_code)
-    )
-    second.start()
-    deadline = time.monotonic() + 30
-    while engine.waiting < 1:  # the second waits in the queue, which is now full
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    r = client.post("/v1/completions", json=OK)
-    assert r.status_code == 429
-    assert r.headers["retry-after"] == "1"
-    assert r.json()["error"]["type"] == "rate_limit_error"
-    release.set()
-    first.join(30)
-    second.join(30)
-    assert results == [200, 200]
+    with client.stream("POST", "/v1/completions", json=long) as stream:  # holds the only row
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        next(lines)
+        waiter = threading.Thread(
+            target=lambda: results.append(client.post("/v1/completions", json=OK).status_code)
+        )
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while engine.waiting < 1:  # the second waits in the queue, which is now full
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        r = client.post("/v1/completions", json=OK)
+        assert r.status_code == 429
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+    waiter.join(60)  # the stream's client went away: its row went to the waiting request
+    assert results == [200]
     still_serving(client)

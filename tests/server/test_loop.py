@@ -1,11 +1,10 @@
-"""The engine thread: waiting requests with equal settings run as one batch, /metrics moves, and a stream whose
-client went away ends between steps."""
+"""The engine thread: requests join a running batch between steps, /metrics moves, and a stream whose client went
+away frees its row at once."""
 
 from __future__ import annotations
 
 import asyncio
 import re
-import threading
 import time
 
 from moeflow.server.loop import EngineLoop, Finished, Job, Sink
@@ -39,6 +38,7 @@ def test_metrics_move(llm, serve):
     assert metric(after, "moeflow_expert_hits_total") + metric(after, "moeflow_expert_misses_total") > 0
     assert 0 <= metric(after, "moeflow_expert_hit_ratio") <= 1
     assert metric(after, "moeflow_bytes_to_device_total") > 0
+    assert 0 < metric(after, "moeflow_expert_slots_in_use") <= metric(after, "moeflow_expert_slots")
     for name in (
         "moeflow_queue_length",
         "moeflow_running_batch_size",
@@ -47,59 +47,53 @@ def test_metrics_move(llm, serve):
         assert re.search(rf"^{name} ", after, re.M), name
 
 
-def test_waiting_requests_with_equal_settings_batch(llm, serve, monkeypatch):
-    client = serve(llm)
-    engine = client.app.state.engine
-    entered, release = threading.Event(), threading.Event()
-    calls: list[int] = []
-    generate = llm.generate
+def test_a_request_joins_the_running_batch(llm):
+    """A short request submitted while a long stream runs finishes first (it joined the batch between two
+    steps instead of waiting for the batch to end), and both equal their prompts run alone."""
+    engine = EngineLoop(llm, max_queue=4, max_batch=4)
+    engine.start()
+    long_params = dict(max_tokens=60, temperature=0.0, ignore_eos=True)
 
-    def counted(prompts, params, *a, **kw):
-        calls.append(len(prompts))
-        if len(calls) == 1:
-            entered.set()
-            assert release.wait(30)
-        return generate(prompts, params, *a, **kw)
+    async def scenario() -> tuple[list[str], Finished, Finished]:
+        loop = asyncio.get_running_loop()
+        order: list[str] = []
+        long = Job("def fib(n):", long_params, Sink(loop), stream=True)
+        engine.submit(long)
+        assert not isinstance(await long.sink.get(), BaseException | Finished)  # it is decoding
+        short = Job("import os", dict(max_tokens=3, temperature=0.0, ignore_eos=True), Sink(loop))
+        engine.submit(short)
 
-    monkeypatch.setattr(llm, "generate", counted)
-    prompts = ["def fib(n):", "The quick", "import os", "The capital", "print("]
-    want = [generate([p], llm_params(3))[0].text for p in prompts]
-    texts: dict[int, str] = {}
+        async def wait(job: Job, tag: str) -> Finished:
+            while not isinstance(item := await asyncio.wait_for(job.sink.get(), 60), Finished):
+                assert not isinstance(item, BaseException), item
+            order.append(tag)
+            return item
 
-    def ask(i: int, body: dict) -> None:
-        texts[i] = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        a, b = await asyncio.gather(wait(long, "long"), wait(short, "short"))
+        return order, a, b
 
-    threads = [threading.Thread(target=ask, args=(0, {**OK, "prompt": prompts[0]}))]
-    threads[0].start()
-    assert entered.wait(30)
-    for i, p in enumerate(prompts[1:4], 1):  # equal settings: one batch
-        threads.append(threading.Thread(target=ask, args=(i, {**OK, "prompt": p})))
-    threads.append(threading.Thread(target=ask, args=(4, {**OK, "prompt": prompts[4], "max_tokens": 2})))
-    for t in threads[1:]:
-        t.start()
-    deadline = time.monotonic() + 30
-    while engine.waiting < 4:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    release.set()
-    for t in threads:
-        t.join(30)
-    assert sorted(calls) == [1, 1, 3]  # the held one, the three alike together, the one with other settings
-    assert [texts[i] for i in range(4)] == want[:4]
-    assert texts[4] == generate([prompts[4]], llm_params(2))[0].text
+    try:
+        order, long_done, short_done = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert order == ["short", "long"]
+    want = llm.generate(["def fib(n):", "import os"], [llm_params(60), llm_params(3)][0])
+    assert long_done.output.token_ids == want[0].token_ids
+    assert short_done.output.token_ids == llm.generate(["import os"], llm_params(3))[0].token_ids
 
 
 def llm_params(max_tokens: int):
     from moeflow import SamplingParams
 
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-def test_cancelled_stream_ends_between_steps(llm):
-    engine = EngineLoop(llm, max_queue=4, max_batch=4)
+def test_cancelled_stream_frees_its_row_at_once(llm):
+    engine = EngineLoop(llm, max_queue=4, max_batch=2)
     engine.start()
+    rows = engine.engine.kv
 
-    async def scenario() -> tuple[int, str]:
+    async def scenario() -> list:
         loop = asyncio.get_running_loop()
         long = Job(
             "def fib(n):", dict(max_tokens=200, temperature=0.0, ignore_eos=True), Sink(loop), stream=True
@@ -107,20 +101,21 @@ def test_cancelled_stream_ends_between_steps(llm):
         engine.submit(long)
         first = await long.sink.get()
         assert not isinstance(first, BaseException | Finished)
-        long.cancelled.set()  # the client went away
-        nxt = Job("import os", dict(max_tokens=2, temperature=0.0), Sink(loop))
-        engine.submit(nxt)
-        done = await asyncio.wait_for(nxt.sink.get(), 30)  # runs once the long stream has ended
-        assert isinstance(done, Finished)
+        assert rows.free == 1
+        engine.cancel(long)  # the client went away
+        deadline = time.monotonic() + 10
+        while rows.free < 2:  # the row is back within a step or two, not at the end of 200 tokens
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        assert engine.running == 0
         late = []
         while not long.sink._queue.empty():
             late.append(long.sink._queue.get_nowait())
-        assert not any(isinstance(item, Finished) for item in late), "the cancelled stream ran to its end"
-        assert len(late) < 100
-        return len(done.output.token_ids), done.output.text
+        return late
 
     try:
-        n, _ = asyncio.run(scenario())
-        assert n <= 2
+        late = asyncio.run(scenario())
     finally:
         engine.stop()
+    assert not any(isinstance(item, Finished) for item in late), "the cancelled stream ran to its end"
+    assert len(late) < 10

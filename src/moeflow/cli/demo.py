@@ -58,20 +58,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cache_size_flag=getattr(args, "cache_size_flag", None), policy=args.policy, expert_backend="auto",
         batch_size=8, option=[],
     )  # fmt: skip
-    llm = engine_from_args(ns)
-    total = llm.info.num_layers * llm.info.num_experts
-    print(f"demo: {model.name}, {llm.store.num_slots} of {total} experts on the device", file=sys.stderr)
-    params = SamplingParams(max_tokens=args.max_tokens, repetition_penalty=args.repetition_penalty)
-    outs = [stream_one(llm, p, params) for p in DEMO_PROMPTS]
-    if args.no_check:
-        return 0
-    ids = [llm.tokenizer(p)["input_ids"] for p in DEMO_PROMPTS]
-    want = reference_tokens(
-        str(model), llm.loaded.dtype, ids, args.max_tokens, llm.eos_ids, params.repetition_penalty
-    )
-    line = verdict([o.token_ids for o in outs], want)
-    print(line, file=sys.stderr)
-    return 0 if line.startswith("check: all") else 1
+    with engine_from_args(ns) as llm:
+        total = llm.info.num_layers * llm.info.num_experts
+        print(f"demo: {model.name}, {llm.store.num_slots} of {total} experts on the device", file=sys.stderr)
+        params = SamplingParams(max_tokens=args.max_tokens, repetition_penalty=args.repetition_penalty)
+        outs = [stream_one(llm, p, params) for p in DEMO_PROMPTS]
+        if args.no_check:
+            return 0
+        ids = [llm.tokenizer(p)["input_ids"] for p in DEMO_PROMPTS]
+        want = reference_tokens(
+            str(model), llm.loaded.dtype, ids, args.max_tokens, llm.eos_ids, params.repetition_penalty
+        )
+        line = verdict([o.token_ids for o in outs], want)
+        print(line, file=sys.stderr)
+        return 0 if line.startswith("check: all") else 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -163,13 +163,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if any(not p for p in prompts):
         raise RequestError("empty prompt: give at least one character of text")
     params = sampling_from_args(args)
-    llm = engine_from_args(args)
-    if args.json:
-        for prompt, out in zip(prompts, llm.generate(prompts, params)):
-            print(json.dumps({"prompt": prompt, **out.to_dict()}), flush=True)
-        return 0
-    for prompt in prompts:
-        stream_one(llm, prompt, params)
+    with engine_from_args(args) as llm:  # closing lets the policy save what it learned
+        if args.json:
+            for prompt, out in zip(prompts, llm.generate(prompts, params)):
+                print(json.dumps({"prompt": prompt, **out.to_dict()}), flush=True)
+            return 0
+        for prompt in prompts:
+            stream_one(llm, prompt, params)
     return 0
 
 

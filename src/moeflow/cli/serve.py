@@ -28,6 +28,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model_name=args.served_model_name,
             api_key=args.api_key or os.environ.get("MOEFLOW_API_KEY") or None,
             max_queue=args.max_queue,
+            max_batch=args.batch_size,
+            prefill_chunk=args.prefill_chunk,
         )
         print(
             f"moeflow: serving {app.state.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr
@@ -51,6 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-batch", type=int_at_least(1), dest="batch_size", default=argparse.SUPPRESS,
         help="requests run together at most (same as --batch-size)",
+    )  # fmt: skip
+    p.add_argument(
+        "--prefill-chunk", type=int_at_least(1), default=256,
+        help="prompt tokens prefilled per step at most, so a long prompt does not stall the streams decoding",
     )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: loopback only)")
     p.add_argument("--port", type=int_at_least(0), default=8000, help="port to listen on")

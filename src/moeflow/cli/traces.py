@@ -83,33 +83,38 @@ def cmd_trace(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet and sys.stderr.isatty(),
     )
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-    chunks = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    bar = tqdm(total=len(prompts), desc="trace", unit="prompt", disable=args.quiet or not sys.stderr.isatty())
     try:
-        for chunk in chunks:
-            llm.generate(chunk, params)
-            bar.update(len(chunk))
-    except KeyboardInterrupt:
-        bar.close()
-        if llm.runtime.recorder.steps == 0:
-            print("moeflow: interrupted before a step was recorded; no trace written", file=sys.stderr)
-            return 130
-        trace = llm.trace()
-        trace.save(args.out)  # atomic: a second Ctrl-C leaves the old file or none, never half of one
-        print(
-            f"moeflow: interrupted; wrote the partial trace {args.out} ({trace.num_tokens} tokens)",
-            file=sys.stderr,
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+        chunks = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+        bar = tqdm(
+            total=len(prompts), desc="trace", unit="prompt", disable=args.quiet or not sys.stderr.isatty()
         )
-        return 130
-    bar.close()
-    trace = llm.trace()
-    trace.save(args.out)
-    print(
-        f"wrote {args.out}: {trace.num_tokens} tokens ({int(trace.decode.sum())} decode) of {len(prompts)} prompts, "
-        f"{trace.num_layers} MoE layers, {trace.num_experts} experts, top-{trace.top_k}"
-    )
-    return 0
+        try:
+            for chunk in chunks:
+                llm.generate(chunk, params)
+                bar.update(len(chunk))
+        except KeyboardInterrupt:
+            bar.close()
+            if llm.runtime.recorder.steps == 0:
+                print("moeflow: interrupted before a step was recorded; no trace written", file=sys.stderr)
+                return 130
+            trace = llm.trace()
+            trace.save(args.out)  # atomic: a second Ctrl-C leaves the old file or none, never half of one
+            print(
+                f"moeflow: interrupted; wrote the partial trace {args.out} ({trace.num_tokens} tokens)",
+                file=sys.stderr,
+            )
+            return 130
+        bar.close()
+        trace = llm.trace()
+        trace.save(args.out)
+        print(
+            f"wrote {args.out}: {trace.num_tokens} tokens ({int(trace.decode.sum())} decode) of {len(prompts)} prompts, "
+            f"{trace.num_layers} MoE layers, {trace.num_experts} experts, top-{trace.top_k}"
+        )
+        return 0
+    finally:
+        llm.close()  # the policy saves what it learned
 
 
 def per_layer_sizes(sizes: list[list[Any]] | None, trace: Any) -> list[int] | None:

@@ -25,7 +25,7 @@ class StaticKV:
         config = model.config
         self.rows, self.max_len, self.device = rows, max_len, device
         self.cache = Cache(layers=[StaticLayer(max_len) for _ in range(config.num_hidden_layers)])
-        self.windows = _mask_windows(model)
+        self.windows = mask_windows(model)
         self.additive = None if config._attn_implementation == "sdpa" else model.dtype
         """Eager attention adds its mask to the scores: a float mask of this dtype (0 or its minimum); sdpa: bool."""
         """Mask name -> sliding window (None: full causal); the name "" means one mask for every layer."""
@@ -77,7 +77,7 @@ class StaticKV:
         return out.get("", out)
 
 
-def _mask_windows(model: nn.Module) -> dict[str, int | None]:
+def mask_windows(model: nn.Module) -> dict[str, int | None]:
     """How the model's forward takes its masks: one for all layers (sliding when ``config.sliding_window`` is set,
     as Mixtral's and Qwen3-MoE's forward do) or one per layer type (a dict keyed by ``config.layer_types``)."""
     config = model.config

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from moeflow.batching import plan_batches
 from moeflow.config import EngineConfig
+from moeflow.detok import extend_text
 from moeflow.engine.static import Bucket, choose_static
 from moeflow.engine.step import Steps
 from moeflow.errors import RequestError
@@ -176,9 +177,17 @@ class LLM:
         return plan_batches(seqs, self.batch_size, cfg.schedule, cfg.max_wait, self.policy, self.model_dir)
 
     def close(self) -> None:
-        """End of serving: the policy settles (e.g. saves what it learned) and the store's threads stop."""
-        self.runtime.policy.finish()
-        self.runtime.store.close()
+        """End of serving: the policy settles (e.g. saves what it learned) and the store's threads stop (once)."""
+        if not getattr(self, "_closed", False):
+            self._closed = True
+            self.runtime.policy.finish()
+            self.runtime.store.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Yield text as it is generated for one prompt; the last event carries the full output."""
@@ -266,7 +275,7 @@ class LLM:
         if batch.decoding:
             self.runtime.report_timing(time.perf_counter() - t0, stall0)
         batch.decoding = True
-        self.steps.settle(seqs, tokens, self._decode, self.eos_ids)
+        self.steps.settle(seqs, tokens, self._text, self.eos_ids)
 
     def _eager_forward(self, seqs: list[Sequence], batch: Batch) -> torch.Tensor:  # [B, V]
         """The prefill (any path) or an eager decode step: the MoE layers plan, load and compute layer by layer."""
@@ -302,8 +311,8 @@ class LLM:
         batch.mask = x.mask
         return logits
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+    def _text(self, seq: Sequence, token: int) -> str:
+        return extend_text(self.tokenizer, self.eos_ids, seq, token)
 
     def _counters(self) -> Counters:
         p, s = self.runtime.policy.stats, self.runtime.store.stats

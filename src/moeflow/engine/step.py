@@ -50,15 +50,16 @@ class Steps:
         self.index += 1
 
     def settle(
-        self, seqs: list[Sequence], tokens: list[int], text: Callable[[list[int]], str], eos_ids: set[int]
+        self, seqs: list[Sequence], tokens: list[int], text: Callable[[Sequence, int], str], eos_ids: set[int]
     ) -> None:
-        """Append each unfinished sequence's sampled token (the recorded one where a replayed trace has it)."""
+        """Append each unfinished sequence's sampled token (the recorded one where a replayed trace has it);
+        ``text(seq, token)`` is the sequence's output text with the token added."""
         replay = self.rt.replay
         for seq, token in zip(seqs, tokens):
             if replay is not None:  # follow the recorded text where the trace has it
                 recorded = replay.token(seq.request_id, seq.position + 1)
                 token = token if recorded is None else recorded
             if not seq.finished:
-                seq.append(token, text([*seq.output_ids, token]), eos_ids)
+                seq.append(token, text(seq, token), eos_ids)
                 if seq.finished:
                     self.rt.policy.end_request(seq.request_id)

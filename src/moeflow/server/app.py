@@ -30,6 +30,8 @@ from moeflow.server import protocol as P
 from moeflow.server.loop import EngineLoop, Finished, Job, QueueFull, Sink, Stopped
 from moeflow.server.metrics import ServerMetrics
 
+DISCONNECT_POLL_S = 0.25
+"""How often a handler waiting for a non-streamed answer checks that its client is still there."""
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -100,12 +102,14 @@ def _sse(body: dict[str, Any] | str) -> str:
 
 def create_app(
     llm: Any, *, model_name: str | None = None, api_key: str | None = None, max_queue: int = 64,
-    max_batch: int | None = None,
+    max_batch: int | None = None, prefill_chunk: int = 256,
 ) -> FastAPI:  # fmt: skip
-    """An app serving ``llm`` (a :class:`moeflow.LLM`) under ``model_name`` (default: its directory's name).
-    The engine thread starts and stops with the app's lifespan; closing ``llm`` is the caller's job."""
+    """An app serving ``llm`` (a :class:`moeflow.LLM`) under ``model_name`` (default: its directory's name),
+    at most ``max_batch`` sequences at once (default: ``llm.batch_size``), prefilling at most ``prefill_chunk``
+    prompt tokens per step. The engine thread starts and stops with the app's lifespan; closing ``llm`` is the
+    caller's job."""
     name = model_name or Path(llm.model_dir).name
-    engine = EngineLoop(llm, max_queue=max_queue, max_batch=max_batch or llm.batch_size)
+    engine = EngineLoop(llm, max_queue, max_batch or llm.batch_size, prefill_chunk)
     metrics = ServerMetrics(llm, engine)
 
     @asynccontextmanager
@@ -147,33 +151,37 @@ def create_app(
             raise APIError(404, f"model {req.model!r} does not exist: this server serves {name!r}",
                            "not_found_error", "model_not_found")  # fmt: skip
 
-    async def run(job: Job) -> tuple[Any, float]:
-        """Queue ``job`` and wait for its first event (raising its error as an ``APIError``)."""
+    async def first_event(job: Job, request: Request) -> Any:
+        """Queue ``job`` and wait for its first event (raising its error as an ``APIError``); a client that goes
+        away meanwhile ends the job."""
         try:
             engine.submit(job)
         except (QueueFull, Stopped) as err:
             raise api_error(err) from None
-        first = await job.sink.get()
+        get = asyncio.ensure_future(job.sink.get())
+        while not (await asyncio.wait({get}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                get.cancel()
+                raise APIError(400, "the client disconnected", code="client_disconnected")
+        first = get.result()
         if isinstance(first, BaseException):
             raise api_error(first)
-        return first, time.perf_counter() - job.submitted
+        return first
 
-    async def answer(job: Job, body: Any, streamer: Any) -> Any:
+    async def answer(job: Job, request: Request, body: Any, streamer: Any) -> Any:
         try:
-            first, waited = await run(job)
+            first = await first_event(job, request)
         except BaseException:
-            job.cancelled.set()
+            engine.cancel(job)
             raise
         if job.stream:
-            return StreamingResponse(streamer(job, first, waited), media_type="text/event-stream")
+            return StreamingResponse(streamer(job, first), media_type="text/event-stream")
         assert isinstance(first, Finished)
         out = first.output
-        metrics.finished(
-            first.prompt_tokens, out, waited - (out.stats.tpot_s * max(0, len(out.token_ids) - 1))
-        )
+        metrics.finished(first.prompt_tokens, out, out.stats.ttft_s)
         return body(out.text, out.finish_reason, P.usage(first.prompt_tokens, len(out.token_ids)))
 
-    async def events(job: Job, first: Any, ttft: float) -> AsyncIterator[tuple[str, Any]]:
+    async def events(job: Job, first: Any) -> AsyncIterator[tuple[str, Any]]:
         """(``"text"``, str) per new piece of text, then (``"end"``, Finished) or (``"error"``, APIError)."""
         item: Any = first
         try:
@@ -182,27 +190,27 @@ def create_app(
                     yield "error", api_error(item)
                     return
                 if isinstance(item, Finished):
-                    metrics.finished(item.prompt_tokens, item.output, ttft)
+                    metrics.finished(item.prompt_tokens, item.output, item.output.stats.ttft_s)
                     yield "end", item
                     return
                 if item.text:
                     yield "text", item.text
                 item = await job.sink.get()
         finally:
-            job.cancelled.set()  # a no-op when finished; ends the sequence when the client went away
+            engine.cancel(job)  # a no-op when finished; ends the sequence when the client went away
 
     router = APIRouter(dependencies=[Depends(check_key)])
 
     @router.post("/v1/completions")
-    async def completions(req: P.CompletionRequest) -> Any:
+    async def completions(req: P.CompletionRequest, request: Request) -> Any:
         check_model(req)
         rid, created = P.new_id("cmpl"), int(time.time())
 
         def body(text: str, reason: str | None, use: dict | None) -> dict:
             return P.completion_body(rid, name, text, reason, use, created)
 
-        async def streamer(job: Job, first: Any, ttft: float) -> AsyncIterator[str]:
-            async for kind, value in events(job, first, ttft):
+        async def streamer(job: Job, first: Any) -> AsyncIterator[str]:
+            async for kind, value in events(job, first):
                 if kind == "text":
                     yield _sse(body(value, None, None))
                 elif kind == "end":
@@ -217,10 +225,10 @@ def create_app(
         job = Job(
             req.prompt, req.sampling(req.max_tokens), Sink(asyncio.get_running_loop()), stream=req.stream
         )
-        return await answer(job, body, streamer)
+        return await answer(job, request, body, streamer)
 
     @router.post("/v1/chat/completions")
-    async def chat(req: P.ChatRequest) -> Any:
+    async def chat(req: P.ChatRequest, request: Request) -> Any:
         check_model(req)
         tok = llm.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
@@ -231,9 +239,9 @@ def create_app(
         def body(text: str, reason: str | None, use: dict) -> dict:
             return P.chat_body(rid, name, text, reason, use)
 
-        async def streamer(job: Job, first: Any, ttft: float) -> AsyncIterator[str]:
+        async def streamer(job: Job, first: Any) -> AsyncIterator[str]:
             yield _sse(P.chat_chunk(rid, name, created, {"role": "assistant", "content": ""}))
-            async for kind, value in events(job, first, ttft):
+            async for kind, value in events(job, first):
                 if kind == "text":
                     yield _sse(P.chat_chunk(rid, name, created, {"content": value}))
                 elif kind == "end":
@@ -247,7 +255,7 @@ def create_app(
 
         sampling = req.sampling(req.token_budget)
         job = Job(req.dialogue(), sampling, Sink(asyncio.get_running_loop()), stream=req.stream, chat=True)
-        return await answer(job, body, streamer)
+        return await answer(job, request, body, streamer)
 
     @router.get("/v1/models")
     async def models() -> dict:

@@ -1,15 +1,14 @@
 """The engine thread: the one owner of the ``LLM`` (the engine is not thread-safe), fed by a bounded queue of jobs.
 
 HTTP handlers never touch the engine. They ``submit`` a :class:`Job` and await its :class:`Sink`, into which the
-engine thread puts, thread-safely, a :class:`~moeflow.sequence.StreamDelta` per step (streaming jobs), then one
-:class:`Finished`, or one exception. Everything that reads the tokenizer (chat templates, tokenising) also runs
-on this thread.
+engine thread puts, thread-safely, a :class:`~moeflow.engine.batch.StepOutput` per token (streaming jobs), then
+one :class:`Finished`, or one exception. Everything that reads the tokenizer (chat templates, tokenising) also
+runs on this thread.
 
-Batching in this slice is simple: the engine thread takes the oldest waiting job; a non-streaming job runs
-together with the other waiting non-streaming jobs whose sampling settings are equal (up to ``max_batch``, one
-``LLM.generate`` call); a streaming job runs alone through ``LLM.stream``. **Continuous batching is not in this
-slice**: a request that arrives while a batch runs waits for the whole batch to finish; it does not join between
-steps. A streaming job whose client went away is ended between two steps.
+The thread runs continuous batching (:class:`~moeflow.engine.batch.BatchEngine`): between two steps it adds the
+newly submitted jobs, aborts the cancelled ones (a client that went away frees its KV row before the next step)
+and runs one step; requests join and leave the running batch at every token boundary. A model whose state the
+row KV pool cannot hold is served one request at a time (:class:`~moeflow.engine.serial.SerialEngine`).
 """
 
 from __future__ import annotations
@@ -22,6 +21,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from moeflow.engine.batch import BatchEngine
+from moeflow.engine.serial import SerialEngine
 from moeflow.errors import RequestError
 from moeflow.sampling import SamplingParams
 
@@ -75,31 +76,44 @@ class Job:
 class EngineLoop:
     """Owns ``llm`` on one thread; ``submit`` queues a job (at most ``max_queue`` wait), ``stop`` ends the thread."""
 
-    def __init__(self, llm: Any, max_queue: int = 64, max_batch: int = 8):
+    def __init__(self, llm: Any, max_queue: int = 64, max_batch: int = 8, prefill_chunk: int = 256):
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         self.llm, self.max_queue, self.max_batch = llm, max_queue, max(1, max_batch)
-        self._waiting: deque[Job] = deque()
+        try:
+            self.engine: BatchEngine | SerialEngine = BatchEngine(llm, self.max_batch, prefill_chunk)
+        except RequestError:
+            self.engine = SerialEngine(llm)
+        self._incoming: deque[Job] = deque()
+        self._jobs: dict[int, Job] = {}
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.running = 0
-        """Sequences in the batch now running."""
 
     # ------------------------------------------------------------------------------- HTTP side
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        """Jobs not yet running: submitted, or in the engine's waiting queue."""
+        return len(self._incoming) + len(self.engine.waiting)
+
+    @property
+    def running(self) -> int:
+        """Sequences in the running batch."""
+        return len(self.engine.running)
 
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._stopping:
                 raise Stopped("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(
-                    f"{len(self._waiting)} requests are already waiting (--max-queue {self.max_queue})"
-                )
-            self._waiting.append(job)
+            if self.waiting >= self.max_queue:
+                raise QueueFull(f"{self.waiting} requests are already waiting (--max-queue {self.max_queue})")
+            self._incoming.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away (or the job is done): its sequence ends before the engine's next step."""
+        job.cancelled.set()
+        with self._cond:
             self._cond.notify()
 
     def start(self) -> None:
@@ -107,11 +121,9 @@ class EngineLoop:
         self._thread.start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Admit nothing more, refuse what waits, let the running batch finish, and end the thread."""
+        """Admit nothing more, refuse what waits, let the running sequences finish, and end the thread."""
         with self._cond:
             self._stopping = True
-            while self._waiting:
-                self._waiting.popleft().sink.put(Stopped("the server shut down before this request ran"))
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -120,27 +132,54 @@ class EngineLoop:
     def _serve(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._stopping:
+                while not self._incoming and not self.engine.has_work and not self._stopping:
                     self._cond.wait()
-                if self._stopping:
+                new = list(self._incoming)
+                self._incoming.clear()
+                stopping = self._stopping
+            if stopping:
+                self._refuse(new)
+                if not self.engine.has_work:
                     return
-                job = self._waiting.popleft()
-            if job.cancelled.is_set() or not self._prepare(job):
-                continue
+            for job in new:
+                self._add(job)
+            for rid, job in list(self._jobs.items()):
+                if job.cancelled.is_set():
+                    self.engine.abort(rid)
+                    del self._jobs[rid]
             try:
+                outputs = self.engine.step() if self.engine.has_work else []
+            except Exception as err:  # never lose the engine thread: the running requests get the error
+                for rid, job in list(self._jobs.items()):
+                    self.engine.abort(rid)
+                    job.sink.put(err)
+                self._jobs.clear()
+                continue
+            for out in outputs:
+                job = self._jobs.get(out.request_id)
+                if job is None:
+                    continue
                 if job.stream:
-                    self._run_stream(job)
-                else:
-                    self._run_batch([job, *self._batch_mates(job)])
-            except Exception as err:  # never lose the engine thread: the request gets the error
-                job.sink.put(err)
-            finally:
-                self.running = 0
+                    job.sink.put(out)
+                if out.finished:
+                    job.sink.put(Finished(out.output, len(job.ids or [])))
+                    del self._jobs[out.request_id]
 
-    def _prepare(self, job: Job) -> bool:
-        """Tokenise the prompt and build its sampling parameters (once); a bad request gets its error (False)."""
-        if job.params is not None:
-            return True
+    def _refuse(self, new: list[Job]) -> None:
+        """Shutting down: the submitted and the engine's waiting requests get ``Stopped``."""
+        for job in new:
+            job.sink.put(Stopped("the server shut down before this request ran"))
+        for rid in list(self.engine.waiting):
+            self.engine.abort(rid)
+            job = self._jobs.pop(rid, None)
+            if job is not None:
+                job.sink.put(Stopped("the server shut down before this request ran"))
+
+    def _add(self, job: Job) -> None:
+        """Tokenise the prompt, build its sampling parameters and hand it to the engine (a bad request gets its
+        error)."""
+        if job.cancelled.is_set():
+            return
         try:
             tok = self.llm.tokenizer
             if job.chat:
@@ -162,67 +201,8 @@ class EngineLoop:
                 context = getattr(self.llm.loaded.config, "max_position_embeddings", None) or 0
                 sampling["max_tokens"] = max(1, context - len(job.ids)) if context else 256
             job.params = SamplingParams(**sampling)
-            return True
+            rid = self.engine.add(job.ids, job.params, arrival=job.submitted)
         except Exception as err:
             job.sink.put(err)
-            return False
-
-    def _batch_mates(self, first: Job) -> list[Job]:
-        """Waiting non-streaming jobs that can run in ``first``'s batch: equal settings, and no seeded sampling
-        (a seed's draws are per batch, so a seeded request runs alone to be reproducible)."""
-        p = first.params
-        if p is None or (p.seed is not None and p.temperature > 0):
-            return []
-        with self._cond:
-            candidates = [j for j in self._waiting if not j.stream and not j.cancelled.is_set()]
-        mates: list[Job] = []
-        for job in candidates:
-            if len(mates) + 1 >= self.max_batch:
-                break
-            if not self._prepare(job):
-                self._take(job)  # its error has been sent
-            elif job.params == p:
-                mates.append(job)
-        return [job for job in mates if self._take(job)]
-
-    def _take(self, job: Job) -> bool:
-        """Remove ``job`` from the waiting queue (False: it was no longer there, e.g. refused at shutdown)."""
-        with self._cond:
-            try:
-                self._waiting.remove(job)
-            except ValueError:
-                return False
-            return True
-
-    def _run_batch(self, jobs: list[Job]) -> None:
-        self.running = len(jobs)
-        try:
-            outputs = self.llm.generate([j.ids for j in jobs], jobs[0].params)
-        except RequestError as err:
-            if len(jobs) == 1:
-                jobs[0].sink.put(err)
-                return
-            for job in jobs:  # one bad prompt must not fail its batch-mates: run each alone
-                self._run_batch([job])
             return
-        except Exception as err:
-            for job in jobs:
-                job.sink.put(err)
-            return
-        for job, out in zip(jobs, outputs):
-            job.sink.put(Finished(out, len(job.ids or [])))
-
-    def _run_stream(self, job: Job) -> None:
-        self.running = 1
-        stream = self.llm.stream(job.ids, job.params)
-        try:
-            for delta in stream:
-                if job.cancelled.is_set():
-                    break  # the client went away: end the sequence here
-                job.sink.put(delta)
-                if delta.finished:
-                    job.sink.put(Finished(delta.output, len(job.ids or [])))
-        except Exception as err:
-            job.sink.put(err)
-        finally:
-            stream.close()
+        self._jobs[rid] = job

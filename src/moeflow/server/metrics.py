@@ -44,6 +44,12 @@ class EngineCollector(Collector):
         yield CounterMetricFamily(
             "moeflow_stall_seconds", "Time the forward pass waited on expert transfers", s.stall_s
         )
+        yield GaugeMetricFamily(
+            "moeflow_expert_slots_in_use",
+            "Device expert slots holding an expert",
+            len(self.llm.policy.slot_of),
+        )
+        yield GaugeMetricFamily("moeflow_expert_slots", "Device expert slots", self.llm.store.num_slots)
 
 
 class ServerMetrics:

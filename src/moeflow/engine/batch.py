@@ -1,0 +1,217 @@
+"""Continuous batching: the step-level engine API the server runs on. ``add`` queues a request, ``step`` runs one
+token boundary and returns what each sequence produced, ``abort`` ends a request at once.
+
+Each running sequence owns a row of the row KV pool (``engine/rows.py``) from admission until it finishes or is
+aborted; then the row is free for the next admitted request, so a finished sequence computes nothing more. One
+``step``: (1) admission fills free rows from the waiting requests (``engine/admission.py``: FIFO, or ExpertFlow's
+expert-aware choice under a wait bound); (2) one decode forward of every sequence whose prompt is in the KV;
+(3) one prefill forward of prompt chunks, at most ``prefill_chunk`` prompt tokens in all, so a long prompt is
+spread over several steps while the decoding streams keep getting a token per step. A sequence whose last prompt
+chunk ran gets its first token from that forward. Each forward is one of the engine's steps (policy, recorder and
+replay see it as ``LLM.step`` does).
+
+Sampling is per sequence (its own settings; a seeded sequence its own generator), so a sequence's output does not
+depend on what runs beside it.
+
+Runs eagerly on any device; the static decode path is not wired in yet. How it takes over, without changing this
+API: the bucket's ``StaticKV`` becomes a row pool (one row per sequence, per-row lengths instead of one shared write
+position, rows' write slots computed on the device from a per-row position buffer, the ``rows.py`` rule); the
+decode forward runs over all rows of the bucket with the live-row mask it already has (free rows compute nothing
+in the MoE layers), so one captured graph replays whichever rows are occupied; prompt chunks stay eager.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from moeflow.engine.admission import Admission
+from moeflow.engine.rows import RowKV
+from moeflow.errors import RequestError
+from moeflow.metrics import Counters, batch_stats
+from moeflow.sampling import SamplingParams, sample
+from moeflow.sequence import RequestOutput, Sequence
+
+PLAIN_LAYERS = {"DynamicLayer", "DynamicSlidingWindowLayer"}
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one sequence produced in one ``step``: a token, the text now safe to stream, and on the last the output."""
+
+    request_id: int
+    token_id: int
+    text: str
+    finished: bool
+    output: RequestOutput | None = None
+
+
+@dataclass(eq=False)
+class Entry:
+    """A request in the engine: waiting, or running in ``row`` with ``prefilled`` prompt tokens in the KV."""
+
+    seq: Sequence
+    arrival: float
+    gen: torch.Generator | None
+    path: Any = None
+    row: int = -1
+    prefilled: int = 0
+    waited: int = 0
+    first: float = 0.0
+    before: Counters | None = None
+
+
+class BatchEngine:
+    """Continuous batching over ``llm`` (a :class:`moeflow.LLM`): at most ``max_batch`` sequences run at once."""
+
+    def __init__(self, llm: Any, max_batch: int | None = None, prefill_chunk: int = 256,
+                 admission: Admission | None = None):  # fmt: skip
+        kinds = {type(layer).__name__ for layer in DynamicCache(config=llm.loaded.config).layers}
+        if kinds - PLAIN_LAYERS:
+            raise RequestError(
+                f"continuous batching holds attention keys only, not {sorted(kinds - PLAIN_LAYERS)} "
+                f"({llm.info.model_type}): serve this model one request at a time"
+            )
+        if prefill_chunk < 1:
+            raise RequestError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        self.llm, self.prefill_chunk = llm, prefill_chunk
+        self.max_batch = max_batch or llm.batch_size
+        self.admission = admission or Admission.for_llm(llm)
+        context = getattr(llm.loaded.config, "max_position_embeddings", None) or 1 << 16
+        self.kv = RowKV(llm.loaded.model, self.max_batch, context + prefill_chunk, llm.device)
+        self.waiting: dict[int, Entry] = {}
+        self.running: dict[int, Entry] = {}
+
+    # ------------------------------------------------------------------------------------ API
+    def add(self, prompt: str | list[int], params: SamplingParams, request_id: int | None = None,
+            arrival: float | None = None) -> int:  # fmt: skip
+        """Queue a request (validated now: a bad one raises ``RequestError``); returns its id."""
+        ids = None if request_id is None else [request_id]
+        (seq,) = self.llm._admit([prompt], params, ids)
+        if seq.request_id in self.waiting or seq.request_id in self.running:
+            raise RequestError(f"request id {seq.request_id} is already in the engine")
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        entry = Entry(seq, arrival if arrival is not None else time.perf_counter(), gen)
+        entry.path = self.admission.path(seq)
+        self.waiting[seq.request_id] = entry
+        return seq.request_id
+
+    def abort(self, request_id: int) -> bool:
+        """End a request now (waiting or running): its row and KV are free for the next step. False: unknown."""
+        entry = self.waiting.pop(request_id, None)
+        if entry is not None:
+            return True
+        entry = self.running.pop(request_id, None)
+        if entry is None:
+            return False
+        self.kv.give_back(entry.row)
+        self.llm.runtime.policy.end_request(request_id)
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """One token boundary: admit, decode every prefilled sequence, prefill the next prompt chunks."""
+        self._admit()
+        decoding = [e for e in self.running.values() if e.prefilled == len(e.seq.prompt_ids)]
+        outputs = self._forward(decoding, [1] * len(decoding)) if decoding else []
+        chunks, budget = [], self.prefill_chunk
+        for e in self.running.values():
+            left = len(e.seq.prompt_ids) - e.prefilled
+            if left and budget:
+                chunks.append((e, min(left, budget)))
+                budget -= chunks[-1][1]
+        if chunks:
+            outputs += self._forward([e for e, _ in chunks], [n for _, n in chunks])
+        return outputs
+
+    # ------------------------------------------------------------------------------ internals
+    def _admit(self) -> None:
+        waiting = list(self.waiting.values())
+        free = min(self.kv.free, self.max_batch - len(self.running))
+        chosen = self.admission.choose([e.path for e in self.running.values()], [e.path for e in waiting],
+                                       [e.waited for e in waiting], free)  # fmt: skip
+        for i in chosen:
+            e = waiting[i]
+            del self.waiting[e.seq.request_id]
+            e.row, e.before = self.kv.take(), self.llm._counters()
+            self.running[e.seq.request_id] = e
+        for e in self.waiting.values():
+            e.waited += 1
+
+    def _forward(self, entries: list[Entry], counts: list[int]) -> list[StepOutput]:
+        """One forward of ``entries`` (``counts`` new tokens each: 1 decodes, more is a prompt chunk)."""
+        llm, rt = self.llm, self.llm.runtime
+        t0, stall0 = time.perf_counter(), rt.store.stats.stall_s
+        order = sorted(range(len(entries)), key=lambda i: entries[i].row)
+        entries, counts = [entries[i] for i in order], [counts[i] for i in order]
+        prefill = any(e.prefilled < len(e.seq.prompt_ids) for e in entries)
+        width = max(counts)
+        ids = torch.zeros(len(entries), width, dtype=torch.long)
+        slots = torch.zeros(len(entries), width, dtype=torch.long)
+        keep = torch.ones(len(entries), width, dtype=torch.bool)
+        tokens, positions = [], []
+        for b, (e, n) in enumerate(zip(entries, counts)):
+            s = e.seq
+            if e.prefilled < len(s.prompt_ids):
+                new, start = s.prompt_ids[e.prefilled : e.prefilled + n], e.prefilled
+            else:
+                new, start = [s.output_ids[-1]], s.position
+            pad = width - n  # left padding, written after the row's real tokens (see rows.py)
+            ids[b, pad:] = torch.tensor(new)
+            slots[b] = torch.cat([torch.arange(start + n, start + n + pad), torch.arange(start, start + n)])
+            keep[b, :pad] = False
+            tokens.append(new)
+            positions.append(list(range(start, start + n)))
+        seqs = [e.seq for e in entries]
+        masks = self.kv.select([e.row for e in entries], slots)
+        flat = None if bool(keep.all()) else keep.flatten().to(llm.device)
+        llm.steps.begin(seqs, tokens, positions, prefill, flat)
+        rt.prefetch_after(-1)
+        out = llm.loaded.model(input_ids=ids.to(llm.device), attention_mask=masks,
+                               position_ids=slots.to(llm.device), use_cache=True, logits_to_keep=1,
+                               **{llm._cache_kw: self.kv.cache})  # fmt: skip
+        llm.steps.end()
+        logits = out.logits[:, -1, :]
+        for e, n in zip(entries, counts):
+            if e.prefilled < len(e.seq.prompt_ids):
+                e.prefilled += n
+        ready = [i for i, e in enumerate(entries) if e.prefilled == len(e.seq.prompt_ids)]
+        if not prefill:
+            rt.report_timing(time.perf_counter() - t0, stall0)
+        return self._settle([entries[i] for i in ready], logits[ready]) if ready else []
+
+    def _settle(self, entries: list[Entry], logits: torch.Tensor) -> list[StepOutput]:
+        """Sample each entry's next token from its row of ``logits`` [n, V], append it, and report it."""
+        llm = self.llm
+        greedy = [i for i, e in enumerate(entries) if e.seq.params.temperature == 0
+                  and e.seq.params.repetition_penalty == 1]  # fmt: skip
+        tokens = [0] * len(entries)
+        if greedy:
+            for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+                tokens[i] = t
+        for i, e in enumerate(entries):
+            if i not in greedy:
+                s = e.seq
+                tokens[i] = int(sample(logits[i : i + 1], s.params, e.gen, [s.prompt_ids + s.output_ids])[0])
+        seqs = [e.seq for e in entries]
+        llm.steps.settle(seqs, tokens, llm._text, llm.eos_ids)
+        now, outputs = time.perf_counter(), []
+        for e, s in zip(entries, seqs):
+            e.first = e.first or now
+            done = None
+            if s.finished:
+                self.running.pop(s.request_id)
+                self.kv.give_back(e.row)
+                assert e.before is not None
+                stats = batch_stats(e.before, llm._counters(), [len(s.output_ids)], e.arrival, e.first, now)
+                done = RequestOutput(s.request_id, s.prompt, s.text, s.output_ids, s.finish_reason, stats)
+            outputs.append(StepOutput(s.request_id, s.output_ids[-1], s.stream_delta(), s.finished, done))
+        return outputs

@@ -7,7 +7,7 @@ token of all B, its S_TG the decode tokens per second over all sequences. ``llam
 runs last as a cross-check and lands in ``llama_bench``. One process per configuration, each under a timeout,
 none started past ``--deadline``.
 
-    python3 benchmarks/peers/llama_runs.py --bin .work/llama-cuda/bin --gguf /dev/shm/olmoe.gguf \
+    python3 benchmarks/peers/llama_runs.py --bin .work/peers/llama-cuda/bin --source .work/peers/llama.cpp --gguf /dev/shm/olmoe.gguf \
         --model /dev/shm/olmoe --out /tmp/peers.json --n-cpu-moe 0,12,14 --batches 1,8
 """
 
@@ -57,6 +57,9 @@ def run_tool(cmd: list[str], timeout: float, log: Path) -> tuple[int, str, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bin", required=True, help="folder holding llama-batched-bench and llama-bench")
+    ap.add_argument(
+        "--source", required=True, help="the unpacked llama.cpp tree (its MOEFLOW_SOURCE names it)"
+    )
     ap.add_argument("--gguf", required=True)
     ap.add_argument("--model", required=True, help="the HF checkpoint the GGUF came from (for byte counts)")
     ap.add_argument("--out", required=True, type=Path)
@@ -75,12 +78,8 @@ def main() -> None:
     threads = str(os.cpu_count() or 8)
     log = args.out.with_name("llama-runs.log")
     bindir = Path(args.bin)
-    info = (
-        (bindir.parent.parent / "MOEFLOW_SOURCE")
-        if (bindir.parent.parent / "MOEFLOW_SOURCE").exists()
-        else None
-    )
-    set_version(args.out, "llama.cpp", info.read_text().strip() if info else "unknown")
+    info = Path(args.source) / "MOEFLOW_SOURCE"
+    set_version(args.out, "llama.cpp", info.read_text().strip() if info.exists() else "unknown")
     batches = [int(b) for b in args.batches.split(",")]
 
     def left() -> float:

@@ -76,10 +76,11 @@ if [ "$PHASE" = build ]; then
   SYNTH=$!
   T0=$(date +%s)
   if [ ! -x "$BUILD/bin/llama-batched-bench" ]; then
-    { cmake -S "$SRC" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-        -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+    NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+    { timeout 150 cmake -S "$SRC" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+        -DCMAKE_CUDA_COMPILER="$NVCC" -DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
         -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_CCACHE=OFF > "$W/build.log" 2>&1 &&
-      timeout "$(cap 420)" cmake --build "$BUILD" -j "$(nproc)" --target llama-batched-bench llama-bench llama-completion \
+      timeout "$(cap 450)" cmake --build "$BUILD" -j "$(nproc)" --target llama-batched-bench llama-bench llama-completion \
         >> "$W/build.log" 2>&1; } ; RC=$?
     say "llama.cpp build rc $RC in $(($(date +%s) - T0)) s"
     record "llama_cpp_build" "rc $RC, $(($(date +%s) - T0)) s wall, -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90, $(nproc) jobs"

@@ -61,9 +61,13 @@ def main() -> None:
     first = max(
         8, int(total * fractions[0])
     )  # no all-experts pool at load: its cached blocks would skew peaks
-    llm = TimedLLM(
-        args.model, device=args.device, replay=trace, progress=False, decode=args.decode, num_slots=first
-    )
+    try:
+        llm = TimedLLM(
+            args.model, device=args.device, replay=trace, progress=False, decode=args.decode, num_slots=first
+        )
+    except Exception as e:  # recorded: the other peers still run
+        add_skip(args.out, "moeflow", f"engine did not start: {type(e).__name__}: {e}"[:400])
+        return
     cuda = args.device.startswith("cuda")
     if trace is not None:
         reqs = requests_of(trace, args.requests, 0, args.gen)

@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
 
 
 def label(row: dict) -> str:
@@ -46,12 +47,14 @@ def main() -> None:
             if xs:
                 ax.bar(xs, ys, width, label=system, color=colours[i])
         ax.set_xticks(range(len(groups)), [f"{f:g}" for f in groups])
+        ax.set_xlim(-0.5, len(groups) - 0.5)
         ax.set_xlabel("share of the experts in the GPU budget")
         ax.set_ylabel("decode tokens / s (all sequences)")
         ax.set_yscale("log")
         ax.set_title(f"{geometry}, batch {batch} ({data.get('device', '?')})")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    handles = [Patch(color=colours[i], label=system) for i, system in enumerate(systems)]
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")

@@ -18,20 +18,24 @@ START=$(date +%s)
 DEADLINE=$((START + ${PEERS_LIMIT_S:-560}))
 W=$PWD/.work/peers
 SRC=$W/llama.cpp
-BUILD=$W/llama-cuda
-M=/dev/shm/olmoe
-G=/dev/shm/olmoe.gguf
-J=/dev/shm/peers-h200.json
+BUILD=${PEERS_BUILD:-$W/llama-cuda}
+M=${PEERS_MODEL:-/dev/shm/olmoe}       # overrides for a rehearsal on a CPU machine
+G=${PEERS_GGUF:-}
+J=${PEERS_JSON:-/dev/shm/peers-h200.json}
 LOG=$OUT/peers.log
 NCMOE=${PEERS_NCMOE:-0,12,14}   # OLMoE: 16 layers; 12 -> 4/16 = 25% of the experts on the GPU, 14 -> 12.5%
 FRACTIONS=0.25,0.125            # the same expert fractions for moeflow and accelerate
 mkdir -p "$OUT" "$W"
+if [ -z "$G" ]; then  # /dev/shm when it has room for the GGUF (and the checkpoint, if not made yet), else the disk
+  G=/dev/shm/olmoe.gguf; NEED=$((15 << 20)); [ -f $M/config.json ] || NEED=$((30 << 20))
+  [ -f $G ] || [ "$(df -k --output=avail /dev/shm | tail -1)" -ge $NEED ] || G=$W/olmoe.gguf
+fi
 left() { echo $((DEADLINE - $(date +%s))); }
 cap() { local l; l=$(left); [ "$1" -lt "$l" ] && echo "$1" || echo $((l > 5 ? l : 5)); }  # min(cap, time left)
 say() { echo "[$(date +%T) +$(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
 save() {
   cp -f "$J" "$OUT/peers-h200.json" 2>/dev/null
-  [ -f /dev/shm/llama-runs.log ] && cp -f /dev/shm/llama-runs.log "$OUT/"
+  [ -f "$(dirname "$J")/llama-runs.log" ] && cp -f "$(dirname "$J")/llama-runs.log" "$OUT/"
   [ -f "$W/build.log" ] && tail -150 "$W/build.log" > "$OUT/build.log"
 }
 trap save EXIT
@@ -53,6 +57,9 @@ synth() {  # the OLMoE-geometry random checkpoint (~45 s) and, when asked, its b
 }
 
 llama() {  # llama.cpp's runs, if built and converted
+  local lib
+  lib=$(bash benchmarks/peers/cuda_cmake_args.sh | sed -n 2p)  # cuBLAS from site-packages, when the toolkit lacks it
+  [ -n "$lib" ] && export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   if [ ! -x "$BUILD/bin/llama-batched-bench" ]; then skip llama.cpp "no CUDA build on this machine (run the build phase first, back to back)"; return; fi
   [ -f $G ] || synth gguf
   if [ ! -f $G ]; then skip llama.cpp "GGUF conversion failed: $(tail -c 300 "$W/convert.log")"; return; fi
@@ -62,7 +69,7 @@ llama() {  # llama.cpp's runs, if built and converted
   save
 }
 
-[ "$PHASE" = build ] && rm -f $J /dev/shm/llama-runs.log
+[ "$PHASE" = build ] && rm -f "$J" "$(dirname "$J")/llama-runs.log"
 python3 -c "from pathlib import Path; from benchmarks.peers.record import load, save; p=Path('$J'); save(p, load(p))"
 record "gpu" "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
 record "nvcc" "$(nvcc --version 2>&1 | tail -2 | tr '\n' ' ')"
@@ -76,9 +83,11 @@ if [ "$PHASE" = build ]; then
   SYNTH=$!
   T0=$(date +%s)
   if [ ! -x "$BUILD/bin/llama-batched-bench" ]; then
-    NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+    CUDA_ARGS=$(bash benchmarks/peers/cuda_cmake_args.sh | head -1)
+    say "cmake CUDA arguments found: $CUDA_ARGS"
+    # shellcheck disable=SC2086
     { timeout 150 cmake -S "$SRC" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-        -DCMAKE_CUDA_COMPILER="$NVCC" -DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+        $CUDA_ARGS -DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
         -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_CCACHE=OFF > "$W/build.log" 2>&1 &&
       timeout "$(cap 450)" cmake --build "$BUILD" -j "$(nproc)" --target llama-batched-bench llama-bench llama-completion \
         >> "$W/build.log" 2>&1; } ; RC=$?

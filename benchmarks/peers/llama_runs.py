@@ -5,7 +5,7 @@ Batch B decoding is ``llama-batched-bench -npp P -ntg G -npl B``: B sequences wi
 (prefilled together), then G steps each decoding one token for every sequence. Its t_pp is the time to the first
 token of all B, its S_TG the decode tokens per second over all sequences. ``llama-bench -p P -n G`` (one sequence)
 runs last as a cross-check and lands in ``llama_bench``. One process per configuration, each under a timeout,
-none started past ``--deadline``.
+none started past ``--deadline``; a second call runs only what the file does not hold yet.
 
     python3 benchmarks/peers/llama_runs.py --bin .work/peers/llama-cuda/bin --source .work/peers/llama.cpp --gguf /dev/shm/olmoe.gguf \
         --model /dev/shm/olmoe --out /tmp/peers.json --n-cpu-moe 0,12,14 --batches 1,8
@@ -81,6 +81,10 @@ def main() -> None:
     info = Path(args.source) / "MOEFLOW_SOURCE"
     set_version(args.out, "llama.cpp", info.read_text().strip() if info.exists() else "unknown")
     batches = [int(b) for b in args.batches.split(",")]
+    result = load(args.out)  # a second call resumes: what ran is kept, what was skipped is tried again
+    done = {(r["n_cpu_moe"], r["batch"]) for r in result["runs"] if r["system"].startswith("llama.cpp")}
+    result["skipped"] = [s for s in result["skipped"] if not s["system"].startswith("llama")]
+    save(args.out, result)
 
     def left() -> float:
         return args.deadline - time.time() if args.deadline else float("inf")
@@ -89,6 +93,8 @@ def main() -> None:
         on_gpu = (sizes.layers - min(n_cpu, sizes.layers)) / sizes.layers
         system = "llama.cpp-gpu" if n_cpu == 0 else "llama.cpp-n-cpu-moe"
         for batch in batches:
+            if (n_cpu, batch) in done:
+                continue
             if left() < 20:
                 add_skip(args.out, system, f"n_cpu_moe={n_cpu} batch={batch}: past the deadline")
                 continue
@@ -116,7 +122,7 @@ def main() -> None:
                 f"of {sizes.layers} layers on the CPU, {threads} threads), the checkpoint's own routing; "
                 "peak_gpu_bytes from nvidia-smi",
             )  # fmt: skip
-    if args.no_llama_bench or left() < 60:
+    if args.no_llama_bench or load(args.out)["llama_bench"] or left() < 60:
         return
     cmd = [
         str(bindir / "llama-bench"), "-m", args.gguf, "-p", str(args.prompt), "-n", str(args.gen), "-ngl", "99",

@@ -2,9 +2,9 @@
 # The peers benchmark on one H200, in two device calls of at most 10 minutes each, back to back:
 #   MOEFLOW_COMMIT=<sha> bash benchmarks/peers/run_h200.sh build   # ~6-8 min: llama.cpp CUDA build (timed) while the
 #                          # OLMoE synth checkpoint and its GGUF are made on the side; then llama.cpp's runs if time is left
-#   MOEFLOW_COMMIT=<sha> bash benchmarks/peers/run_h200.sh run     # ~6-8 min: llama.cpp runs not done yet, moeflow
-#                          # (each policy, replayed routing), transformers on the GPU, transformers + accelerate,
-#                          # then moeflow on the checkpoint's own routing, as far as time allows
+#   MOEFLOW_COMMIT=<sha> bash benchmarks/peers/run_h200.sh run     # ~7-9 min: moeflow (each policy, replayed
+#                          # routing), transformers on the GPU, transformers + accelerate, then llama.cpp's runs the
+#                          # build phase left (resuming an unfinished build), moeflow on its own routing, as time allows
 # Everything lands in $OUT/peers-h200.json (+ logs). The build (.work/peers, gitignored), the checkpoint and the GGUF
 # (/dev/shm) persist only while the machine stays warm between the calls; a cold second call redoes the synth and
 # the conversion and, without a build, records llama.cpp as skipped. Merge two returned JSONs with
@@ -41,7 +41,6 @@ save() {
 trap save EXIT
 record() { python3 -c "import sys; from benchmarks.peers.record import set_version as s; from pathlib import Path; s(Path('$J'), sys.argv[1], sys.argv[2])" "$1" "$2"; }
 skip() { python3 -c "import sys; from benchmarks.peers.record import add_skip; from pathlib import Path; add_skip(Path('$J'), sys.argv[1], sys.argv[2])" "$1" "$2"; }
-has_runs() { python3 -c "import json,sys; d=json.load(open('$J')); sys.exit(0 if any(r['system'].startswith('$1') for r in d['runs']) else 1)" 2>/dev/null; }
 
 synth() {  # the OLMoE-geometry random checkpoint (~45 s) and, when asked, its bf16 GGUF (~1-2 min)
   if [ ! -f $M/config.json ]; then
@@ -101,12 +100,11 @@ if [ "$PHASE" = build ]; then
   exit 0
 fi
 
-say "phase run: expect llama.cpp ~2 min if not done in build, moeflow ~3 min, hf-gpu ~1 min, hf-accelerate ~2 min; deadline in $(left) s"
+say "phase run: expect moeflow ~3 min, hf-gpu ~1 min, hf-accelerate ~2 min, then llama.cpp's runs not done in build; deadline in $(left) s"
 synth
-has_runs llama.cpp || llama
 say "moeflow, replayed routing: lru, lfu, expertflow, moe-infinity at $FRACTIONS, batch 1 and 8 (expect ~3 min)"
 timeout "$(cap 240)" python3 benchmarks/peers/moeflow_runs.py --model $M --trace benchmarks/traces/demo-eval.npz --out $J \
-  --fractions $FRACTIONS --batches 1,8 --requests 8 --gen 24 --deadline $((DEADLINE - 170)) 2>&1 | grep -v Warn | tee -a "$LOG"
+  --fractions $FRACTIONS --batches 1,8 --requests 8 --gen 24 --deadline $((DEADLINE - 300)) 2>&1 | grep -v Warn | tee -a "$LOG"
 save
 say "hf-gpu: transformers, every weight on the GPU (expect ~1 min)"
 timeout "$(cap 100)" python3 benchmarks/peers/hf_runs.py --model $M --out $J --system hf-gpu --batches 1,8 --prompt 512 \
@@ -114,8 +112,14 @@ timeout "$(cap 100)" python3 benchmarks/peers/hf_runs.py --model $M --out $J --s
 save
 say "hf-accelerate: device_map=auto, max_memory = dense + $FRACTIONS of the experts, 16 generated tokens (expect ~2 min)"
 timeout "$(cap 200)" python3 benchmarks/peers/hf_runs.py --model $M --out $J --system hf-accelerate --fractions $FRACTIONS \
-  --batches 1,8 --prompt 512 --gen 16 --deadline "$DEADLINE" 2>&1 | grep -v Warn | tail -20 | tee -a "$LOG"
+  --batches 1,8 --prompt 512 --gen 16 --deadline $((DEADLINE - 60)) 2>&1 | grep -v Warn | tail -20 | tee -a "$LOG"
 save
+if [ -d "$BUILD" ] && [ ! -x "$BUILD/bin/llama-batched-bench" ] && [ "$(left)" -ge 150 ]; then
+  say "resuming the llama.cpp build the build phase left unfinished ($(left) s left)"
+  timeout "$(cap $(($(left) - 100)))" cmake --build "$BUILD" -j "$(nproc)" --target llama-batched-bench llama-bench >> "$W/build.log" 2>&1
+  say "llama.cpp build resumed: rc $?"
+fi
+llama  # whatever of llama.cpp's runs the build phase left undone
 if [ "$(left)" -ge 90 ]; then
   say "moeflow, the checkpoint's own routing: lru at $FRACTIONS, 512 prompt, 64 generated"
   timeout "$(cap 200)" python3 benchmarks/peers/moeflow_runs.py --model $M --routing own --out $J --policies lru \

@@ -3,8 +3,8 @@ layers (``--n-cpu-moe N``), batch 1 and 8, timed with llama.cpp's own tools, row
 
 Batch B decoding is ``llama-batched-bench -npp P -ntg G -npl B``: B sequences with their own P-token prompts
 (prefilled together), then G steps each decoding one token for every sequence. Its t_pp is the time to the first
-token of all B, its S_TG the decode tokens per second over all sequences. ``llama-bench -p P -n G`` (one sequence)
-runs last as a cross-check and lands in ``llama_bench``. One process per configuration, each under a timeout,
+token of all B, its S_TG the decode tokens per second over all sequences. ``llama-bench -p P -n G -ncmoe 0`` (one
+sequence) runs last as a cross-check and lands in ``llama_bench``. One process per configuration, each under a timeout,
 none started past ``--deadline``; a second call runs only what the file does not hold yet.
 
     python3 benchmarks/peers/llama_runs.py --bin .work/peers/llama-cuda/bin --source .work/peers/llama.cpp --gguf /dev/shm/olmoe.gguf \
@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=120, help="seconds one configuration may take")
     ap.add_argument("--deadline", type=float, default=0, help="epoch seconds after which nothing new starts")
     ap.add_argument("--no-llama-bench", action="store_true")
+    ap.add_argument("--bench-n-cpu-moe", default="0", help="llama-bench cross-check: its --n-cpu-moe list")
     args = ap.parse_args()
     sizes = checkpoint_sizes(Path(args.model))
     threads = str(os.cpu_count() or 8)
@@ -98,11 +99,14 @@ def main() -> None:
             if left() < 20:
                 add_skip(args.out, system, f"n_cpu_moe={n_cpu} batch={batch}: past the deadline")
                 continue
-            ctx = batch * (args.prompt + args.gen) + 256
+            ctx = batch * -(-(args.prompt + args.gen) // 256) * 256  # a multiple of batch: no rounding
+            load_mode = (
+                ["-lm", "none"] if n_cpu else []
+            )  # llama.cpp's advice when tensors are kept on the CPU
             cmd = [
                 str(bindir / "llama-batched-bench"), "-m", args.gguf, "-ngl", "99", "--n-cpu-moe", str(n_cpu),
                 "-c", str(ctx), "-b", "2048", "-ub", "512", "-npp", str(args.prompt), "-ntg", str(args.gen),
-                "-npl", str(batch), "-t", threads, "--output-format", "jsonl",
+                "-npl", str(batch), "-t", threads, "--output-format", "jsonl", *load_mode,
             ]  # fmt: skip
             code, text, peak = run_tool(cmd, min(args.timeout, max(left(), 20)), log)
             rows = [r for r in jsonl_rows(text) if "speed_tg" in r]
@@ -119,14 +123,15 @@ def main() -> None:
                 tokens_per_s=r["speed_tg"], step_ms=1e3 * r["t_tg"] / args.gen, generated_tokens=args.gen,
                 peak_gpu_bytes=peak, n_cpu_moe=n_cpu,
                 notes=f"llama-batched-bench bf16 GGUF, -ngl 99 --n-cpu-moe {n_cpu} (experts of the first {n_cpu} "
-                f"of {sizes.layers} layers on the CPU, {threads} threads), the checkpoint's own routing; "
+                f"of {sizes.layers} layers on the CPU, {threads} threads{', -lm none' if n_cpu else ''}), "
+                "the checkpoint's own routing; "
                 "peak_gpu_bytes from nvidia-smi",
             )  # fmt: skip
     if args.no_llama_bench or load(args.out)["llama_bench"] or left() < 60:
         return
     cmd = [
         str(bindir / "llama-bench"), "-m", args.gguf, "-p", str(args.prompt), "-n", str(args.gen), "-ngl", "99",
-        "-ncmoe", args.n_cpu_moe, "-r", "2", "-t", threads, "-o", "jsonl",
+        "-ncmoe", args.bench_n_cpu_moe, "-r", "2", "-t", threads, "-o", "jsonl",
     ]  # fmt: skip
     code, text, _ = run_tool(cmd, min(args.timeout * 1.5, max(left(), 20)), log)
     result = load(args.out)

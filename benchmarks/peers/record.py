@@ -75,8 +75,10 @@ def add_run(path: Path, **row: Any) -> dict[str, Any]:
 def add_skip(path: Path, system: str, reason: str) -> None:
     """Record that ``system`` (or one of its configurations) did not run, and why."""
     result = load(path)
-    result["skipped"].append({"system": system, "reason": reason})
-    save(path, result)
+    entry = {"system": system, "reason": reason}
+    if entry not in result["skipped"]:
+        result["skipped"].append(entry)
+        save(path, result)
     print(f"skipped {system}: {reason}", flush=True)
 
 

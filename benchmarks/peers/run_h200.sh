@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The peers benchmark on one H200, in two device calls of at most 10 minutes each, back to back:
-#   MOEFLOW_COMMIT=<sha> bash benchmarks/peers/run_h200.sh build   # ~6-8 min: llama.cpp CUDA build (timed) while the
-#                          # OLMoE synth checkpoint and its GGUF are made on the side; then llama.cpp's runs if time is left
-#   MOEFLOW_COMMIT=<sha> bash benchmarks/peers/run_h200.sh run     # ~7-9 min: moeflow (each policy, replayed
-#                          # routing), transformers on the GPU, transformers + accelerate, then llama.cpp's runs the
-#                          # build phase left (resuming an unfinished build), moeflow on its own routing, as time allows
+#   MOEFLOW_COMMIT=<sha> bash benchmarks/peers/run_h200.sh build   # <= 9.3 min: llama.cpp CUDA build (timed, 5-8 min
+#                          # expected) while the OLMoE synth checkpoint and its GGUF are made on the side; then
+#                          # llama.cpp's runs if at least 150 s are left
+#   MOEFLOW_COMMIT=<sha> bash benchmarks/peers/run_h200.sh run     # <= 9.3 min: the build's rest (<= 150 s) and
+#                          # llama.cpp's runs if the build phase left them, moeflow (each policy, replayed routing),
+#                          # transformers on the GPU, transformers + accelerate, moeflow on its own routing, as time allows
 # Everything lands in $OUT/peers-h200.json (+ logs). The build (.work/peers, gitignored), the checkpoint and the GGUF
 # (/dev/shm) persist only while the machine stays warm between the calls; a cold second call redoes the synth and
 # the conversion and, without a build, records llama.cpp as skipped. Merge two returned JSONs with
@@ -40,6 +41,8 @@ save() {
 }
 trap save EXIT
 record() { python3 -c "import sys; from benchmarks.peers.record import set_version as s; from pathlib import Path; s(Path('$J'), sys.argv[1], sys.argv[2])" "$1" "$2"; }
+# a repeated `run` (machine still warm) skips the systems the result file already holds
+done_sys() { python3 -c "import json,sys; d=json.load(open('$J')); sys.exit(0 if any(r['system'] == '$1' and r.get('routing', 'replay') == '${2:-replay}' for r in d['runs']) else 1)" 2>/dev/null; }
 skip() { python3 -c "import sys; from benchmarks.peers.record import add_skip; from pathlib import Path; add_skip(Path('$J'), sys.argv[1], sys.argv[2])" "$1" "$2"; }
 
 synth() {  # the OLMoE-geometry random checkpoint (~45 s) and, when asked, its bf16 GGUF (~1-2 min)
@@ -88,7 +91,7 @@ if [ "$PHASE" = build ]; then
     { timeout 150 cmake -S "$SRC" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
         $CUDA_ARGS -DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
         -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_CCACHE=OFF > "$W/build.log" 2>&1 &&
-      timeout "$(cap 450)" cmake --build "$BUILD" -j "$(nproc)" --target llama-batched-bench llama-bench llama-completion \
+      timeout "$(cap $(($(left) - 20)))" cmake --build "$BUILD" -j "$(nproc)" --target llama-batched-bench llama-bench llama-completion \
         >> "$W/build.log" 2>&1; } ; RC=$?
     say "llama.cpp build rc $RC in $(($(date +%s) - T0)) s"
     record "llama_cpp_build" "rc $RC, $(($(date +%s) - T0)) s wall, -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90, $(nproc) jobs"
@@ -100,27 +103,35 @@ if [ "$PHASE" = build ]; then
   exit 0
 fi
 
-say "phase run: expect moeflow ~3 min, hf-gpu ~1 min, hf-accelerate ~2 min, then llama.cpp's runs not done in build; deadline in $(left) s"
+say "phase run: expect llama.cpp's runs the build phase left (~2 min), moeflow ~3 min, hf-gpu ~1 min, hf-accelerate ~2 min; deadline in $(left) s"
 synth
-say "moeflow, replayed routing: lru, lfu, expertflow, moe-infinity at $FRACTIONS, batch 1 and 8 (expect ~3 min)"
-timeout "$(cap 240)" python3 benchmarks/peers/moeflow_runs.py --model $M --trace benchmarks/traces/demo-eval.npz --out $J \
-  --fractions $FRACTIONS --batches 1,8 --requests 8 --gen 24 --deadline $((DEADLINE - 300)) 2>&1 | grep -v Warn | tee -a "$LOG"
-save
-say "hf-gpu: transformers, every weight on the GPU (expect ~1 min)"
-timeout "$(cap 100)" python3 benchmarks/peers/hf_runs.py --model $M --out $J --system hf-gpu --batches 1,8 --prompt 512 \
-  --gen 128 --deadline "$DEADLINE" 2>&1 | grep -v Warn | tail -20 | tee -a "$LOG"
-save
-say "hf-accelerate: device_map=auto, max_memory = dense + $FRACTIONS of the experts, 16 generated tokens (expect ~2 min)"
-timeout "$(cap 200)" python3 benchmarks/peers/hf_runs.py --model $M --out $J --system hf-accelerate --fractions $FRACTIONS \
-  --batches 1,8 --prompt 512 --gen 16 --deadline $((DEADLINE - 60)) 2>&1 | grep -v Warn | tail -20 | tee -a "$LOG"
-save
-if [ -d "$BUILD" ] && [ ! -x "$BUILD/bin/llama-batched-bench" ] && [ "$(left)" -ge 150 ]; then
-  say "resuming the llama.cpp build the build phase left unfinished ($(left) s left)"
-  timeout "$(cap $(($(left) - 100)))" cmake --build "$BUILD" -j "$(nproc)" --target llama-batched-bench llama-bench >> "$W/build.log" 2>&1
+if [ -d "$BUILD" ] && [ ! -x "$BUILD/bin/llama-batched-bench" ]; then
+  say "resuming the llama.cpp build the build phase left unfinished (at most 150 s)"
+  timeout 150 cmake --build "$BUILD" -j "$(nproc)" --target llama-batched-bench llama-bench >> "$W/build.log" 2>&1
   say "llama.cpp build resumed: rc $?"
 fi
-llama  # whatever of llama.cpp's runs the build phase left undone
-if [ "$(left)" -ge 90 ]; then
+llama  # whatever of llama.cpp's runs the build phase left undone (nothing if it did them all)
+if ! done_sys moeflow-lru; then
+  say "moeflow, replayed routing: lru, lfu, expertflow, moe-infinity at $FRACTIONS, batch 1 and 8 (expect ~3 min)"
+  timeout "$(cap 240)" python3 benchmarks/peers/moeflow_runs.py --model $M --trace benchmarks/traces/demo-eval.npz --out $J \
+    --fractions $FRACTIONS --batches 1,8 --requests 8 --gen 24 --deadline $((DEADLINE - 200)) 2>&1 | grep -v Warn | tee -a "$LOG"
+  save
+fi
+if ! done_sys hf-gpu; then
+  say "hf-gpu: transformers, every weight on the GPU (expect ~1 min)"
+  timeout "$(cap 100)" python3 benchmarks/peers/hf_runs.py --model $M --out $J --system hf-gpu --batches 1,8 --prompt 512 \
+    --gen 128 --deadline "$DEADLINE" 2>&1 | grep -v Warn | tail -20 | tee -a "$LOG"
+  save
+fi
+if ! done_sys hf-accelerate; then
+  say "hf-accelerate: device_map=auto, max_memory = dense + $FRACTIONS of the experts, 16 generated tokens (expect ~2 min)"
+  timeout "$(cap 200)" python3 benchmarks/peers/hf_runs.py --model $M --out $J --system hf-accelerate --fractions $FRACTIONS \
+    --batches 1,8 --prompt 512 --gen 16 --deadline "$DEADLINE" 2>&1 | grep -v Warn | tail -20 | tee -a "$LOG"
+  save
+fi
+if done_sys moeflow-lru own; then
+  :
+elif [ "$(left)" -ge 90 ]; then
   say "moeflow, the checkpoint's own routing: lru at $FRACTIONS, 512 prompt, 64 generated"
   timeout "$(cap 200)" python3 benchmarks/peers/moeflow_runs.py --model $M --routing own --out $J --policies lru \
     --fractions $FRACTIONS --batches 1,8 --requests 8 --prompt 512 --gen 64 --deadline "$DEADLINE" 2>&1 | grep -v Warn | tee -a "$LOG"

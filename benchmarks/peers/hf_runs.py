@@ -14,6 +14,7 @@ call minus that, over the generated tokens after the first. Rows go to the peers
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import time
 from pathlib import Path
@@ -136,6 +137,7 @@ def main() -> None:
                 + "; peak_gpu_bytes = torch max_memory_reserved",
             )  # fmt: skip
         del model
+        gc.collect()  # the host copies of offloaded layers go before the next budget loads its own
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
 

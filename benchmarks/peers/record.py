@@ -92,7 +92,7 @@ class GpuMemorySampler:
     """Peak of nvidia-smi's used memory on GPU 0 while the ``with`` block runs, minus its value at entry (so the
     figure is what the process inside used, when nothing else runs on the GPU); 0 without nvidia-smi."""
 
-    def __init__(self, period_s: float = 0.1):
+    def __init__(self, period_s: float = 0.5):  # sparse: nvidia-smi costs CPU that --n-cpu-moe runs use
         self.period_s, self.base, self.peak = period_s, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)

@@ -77,7 +77,7 @@ record "gpu" "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format
 record "nvcc" "$(nvcc --version 2>&1 | tail -2 | tr '\n' ' ')"
 
 if [ "$PHASE" = build ]; then
-  say "phase build: expect llama.cpp CUDA build ~4-6 min (16 cores, sm_90 only), synth ~45 s + GGUF ~1-2 min alongside,"
+  say "phase build: expect llama.cpp CUDA build ~5-8 min (16 cores, sm_90 only; ninja, killed with its compilers at the deadline), synth ~45 s + GGUF ~1-2 min alongside,"
   say "then llama.cpp runs ~2 min if at least 150 s are left; deadline in $(left) s"
   [ -f "$SRC/CMakeLists.txt" ] || tar -xJf benchmarks/peers/llama.cpp.tar.xz -C "$W"
   record "llama.cpp" "$(tr '\n' ' ' < "$SRC/MOEFLOW_SOURCE")"
@@ -91,7 +91,7 @@ if [ "$PHASE" = build ]; then
     { timeout 150 cmake -S "$SRC" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
         $CUDA_ARGS -DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
         -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_CCACHE=OFF > "$W/build.log" 2>&1 &&
-      timeout "$(cap $(($(left) - 20)))" cmake --build "$BUILD" -j "$(nproc)" --target llama-batched-bench llama-bench llama-completion \
+      timeout "$(cap $(($(left) - 20)))" ninja -C "$BUILD" -j "$(nproc)" llama-batched-bench llama-bench llama-completion \
         >> "$W/build.log" 2>&1; } ; RC=$?
     say "llama.cpp build rc $RC in $(($(date +%s) - T0)) s"
     record "llama_cpp_build" "rc $RC, $(($(date +%s) - T0)) s wall, -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90, $(nproc) jobs"
@@ -107,7 +107,7 @@ say "phase run: expect llama.cpp's runs the build phase left (~2 min), moeflow ~
 synth
 if [ -d "$BUILD" ] && [ ! -x "$BUILD/bin/llama-batched-bench" ]; then
   say "resuming the llama.cpp build the build phase left unfinished (at most 150 s)"
-  timeout 150 cmake --build "$BUILD" -j "$(nproc)" --target llama-batched-bench llama-bench >> "$W/build.log" 2>&1
+  timeout 150 ninja -C "$BUILD" -j "$(nproc)" llama-batched-bench llama-bench >> "$W/build.log" 2>&1
   say "llama.cpp build resumed: rc $?"
 fi
 llama  # whatever of llama.cpp's runs the build phase left undone (nothing if it did them all)

@@ -1,0 +1,1 @@
+"""Benchmark peers of moeflow (llama.cpp, transformers, accelerate) on one GPU: see README.md."""

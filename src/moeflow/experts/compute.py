@@ -61,6 +61,10 @@ GATHER_BYTES = 128 * 2**20
 """The most weight bytes gather + bmm may copy for one layer (it copies every pair's expert): beyond it "auto"
 computes without copies. The memory plan's KV reserve (at least ``memory.MIN_KV_RESERVE``) holds it."""
 
+CPU_GATHER_BYTES = 32 * 2**20
+"""``GATHER_BYTES`` on a CPU, where the copies are RSS beyond the budget and a per-expert loop costs no copies (small
+experts, like the demo model's, still gather)."""
+
 GROUPED_MAX_SLOTS = 1000
 """Slots one grouped_mm call spans (torch's grouped_mm refused 1024 groups on the H200: "Can't process more than
 1024 groups"); a layer whose slots span more runs one call per window of slots."""
@@ -69,8 +73,8 @@ GROUPED_MAX_SLOTS = 1000
 def auto_backend(pairs: int, expert_bytes: int, cuda: bool) -> str:
     """The "auto" choice for a layer of ``pairs`` routed pairs: gather + bmm when decode-sized and its copies stay
     within ``GATHER_BYTES``; else on a GPU grouped_mm over the slot pool (each expert read once, no copies, as
-    transformers' own default), on a CPU the per-expert loop."""
-    if pairs <= SMALL_LAYER_PAIRS and pairs * expert_bytes <= GATHER_BYTES:
+    transformers' own default), on a CPU the per-expert loop (``CPU_GATHER_BYTES`` bounds the gather there)."""
+    if pairs <= SMALL_LAYER_PAIRS and pairs * expert_bytes <= (GATHER_BYTES if cuda else CPU_GATHER_BYTES):
         return "batched"
     return "grouped" if cuda else "loop"
 

@@ -230,10 +230,12 @@ class ExpertFlowPolicy(CachePolicy):
         expected later than ``floor`` when given."""
         ok = self.slot_layer >= 0  # [S]
         dist = self.distances()[np.maximum(self.slot_layer, 0), np.maximum(self.slot_expert, 0)]  # [S]
-        for key in self._demoted & self.slot_of.keys():
-            dist[self.slot_of[key]] += DEMOTED
-        for key in protect & self.slot_of.keys():
-            ok[self.slot_of[key]] = False
+        for key in self._demoted:  # the smaller set: intersecting with the keys view copies every key
+            if key in self.slot_of:
+                dist[self.slot_of[key]] += DEMOTED
+        for key in protect:  # the smaller set: intersecting with the keys view copies every key
+            if key in self.slot_of:
+                ok[self.slot_of[key]] = False
         if floor is not None:
             ok &= dist > floor
         idx = np.flatnonzero(ok)

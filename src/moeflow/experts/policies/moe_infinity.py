@@ -85,6 +85,7 @@ class MoEInfinityPolicy(CachePolicy):
         self._keep: np.ndarray | None = None  # [L, E] keep-scores at the current layer
         self._needed: set[Key] = set()
         self._needed_clock = -1
+        self._finished: list[np.ndarray] = []  # [L, E] EAMs of finished requests not admitted yet
 
     # ------------------------------------------------------------------------------ lifecycle
     def bind(self, num_slots: int, num_layers: int, num_experts: int, top_k: int) -> None:
@@ -124,15 +125,24 @@ class MoEInfinityPolicy(CachePolicy):
         return EAMCollection(*shape, self.capacity)
 
     def end_request(self, request_id: int) -> None:
-        """A request finished: its EAM joins the collection."""
+        """A request finished: its EAM joins the collection, at the start of the next step (``_admit``), so that
+        no admission lands between two layers' decisions."""
         req = self.running.pop(request_id, None)
         self._recent.pop(request_id, None)
-        if req is not None and self.eamc is not None:
-            self.eamc.add(req.counts)
+        if req is not None:
+            self._finished.append(req.counts)
+
+    def _admit(self) -> None:
+        """Admit the EAMs of the requests finished since the last step (each refreshes one entry's caches)."""
+        if self.eamc is not None:
+            for counts in self._finished:
+                self.eamc.add(counts)
+        self._finished = []
 
     def finish(self) -> None:
         for rid in list(self.running):
             self.end_request(rid)
+        self._admit()
         if self.save_path is not None and self.eamc is not None:
             try:
                 self.eamc.save(self.save_path)
@@ -142,6 +152,7 @@ class MoEInfinityPolicy(CachePolicy):
 
     # ---------------------------------------------------------------------------------- hooks
     def begin_step(self, info: StepInfo) -> None:
+        self._admit()
         self._rids = tuple(info.request_ids)
         self._lengths = [len(t) for t in info.token_ids]
         for rid in self._rids:
@@ -216,8 +227,9 @@ class MoEInfinityPolicy(CachePolicy):
             else self._keep[np.maximum(self.slot_layer, 0), np.maximum(self.slot_expert, 0)]
         )
         keep = np.where(occupied, keep, np.inf)
-        for key in protect & self.slot_of.keys():
-            keep[self.slot_of[key]] = np.inf
+        for key in protect:  # the smaller set: intersecting with the keys view copies every key
+            if key in self.slot_of:
+                keep[self.slot_of[key]] = np.inf
         return keep
 
     def select_victim(
@@ -255,23 +267,28 @@ class MoEInfinityPolicy(CachePolicy):
         pri = np.where(resident[ahead], 0.0, pri)  # nothing to load for resident keys
         budget = min(self.max_prefetch or self.top_k * len(self._rids), self._call_budget(layer))
         keep = self._slot_keep(set(self._needed))  # [S] inf: not evictable (in use, or admitted just now)
+        # every step below admits one load or stops, so only the ``budget`` likeliest candidates can matter; the
+        # victims come in one fixed order (lowest keep-score, then least recently requested), since an admitted
+        # slot leaves the order and nothing else changes
+        cands = _top_stable(pri.ravel(), int(min(budget, pri.size)))
+        evictable = np.flatnonzero(keep < np.inf)
+        victims = evictable[np.lexsort((self.slot_used[evictable], keep[evictable]))]
         loads: list[Load] = []
-        for flat in np.argsort(-pri, axis=None, kind="stable"):
+        used = 0
+        for flat in cands.tolist():
             p = float(pri.flat[flat])
             if p <= 0 or len(loads) >= budget:
                 break
             victim = None
-            if not self._free:  # the victim: lowest keep-score, then least recently requested
-                low = keep.min()
-                if p <= low:  # nothing left that this could displace
+            if not self._free:
+                if used >= len(victims) or p <= keep[victims[used]]:  # nothing left that this could displace
                     break
-                tied = np.flatnonzero(keep == low)
-                victim = self.key_in[tied[np.argmin(self.slot_used[tied])]]
+                victim = self.key_in[victims[used]]
+                used += 1
             key = (int(ahead[flat // self.num_experts]), int(flat % self.num_experts))
             load = self.admit(key, p, victim=victim)
             if load is not None:
                 loads.append(load)
-                keep[load.slot] = np.inf
         self._prefetched += len(loads)
         return loads
 
@@ -281,6 +298,18 @@ class MoEInfinityPolicy(CachePolicy):
             return float("inf")
         left = self.prefetch_per_layer * self.num_layers - self._prefetched
         return float(np.ceil(left / max(1, self.num_layers - 1 - layer)))
+
+
+def _top_stable(values: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` largest ``values``, largest first, ties in index order: the first ``n`` of
+    ``np.argsort(-values, kind="stable")`` without sorting them all."""
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    if n >= len(values):
+        return np.argsort(-values, kind="stable")
+    cut = np.partition(values, len(values) - n)[len(values) - n]  # the n-th largest value
+    idx = np.flatnonzero(values >= cut)
+    return idx[np.argsort(-values[idx], kind="stable")][:n]
 
 
 register_policy("moe-infinity", MoEInfinityPolicy)

@@ -79,7 +79,9 @@ def decode_cost(name: str, shape: tuple[int, int, int], batch: int, args: argpar
     for s in range(len(ex)):
         gen = s // args.request_tokens
         rids = tuple(gen * batch + b for b in range(batch))
-        info = StepInfo(s, rids, tuple((int(s % 97),) for _ in rids), (s % args.request_tokens,) * batch, False)
+        info = StepInfo(
+            s, rids, tuple((int(s % 97),) for _ in rids), (s % args.request_tokens,) * batch, False
+        )
         ended = rids if (s + 1) % args.request_tokens == 0 else ()
         t_step = time.perf_counter()
         pol.begin_step(info)
@@ -132,7 +134,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--warmup", type=int, default=8, help="untimed steps first (they fill the pool)")
     ap.add_argument("--request-tokens", type=int, default=8, help="decode tokens per request")
-    ap.add_argument("--eamc", type=int, default=1000, help="random EAMs MoE-Infinity's collection starts with")
+    ap.add_argument(
+        "--eamc", type=int, default=1000, help="random EAMs MoE-Infinity's collection starts with"
+    )
     ap.add_argument("--prefill-tokens", type=int, default=2048)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -140,9 +144,17 @@ def main() -> None:
     for shape in args.shapes.split(","):
         for name in args.policies.split(","):
             for batch in map(int, args.batches.split(",")):
-                row = {"shape": shape, "policy": name, "batch": batch, **decode_cost(name, SHAPES[shape], batch, args)}
+                row = {
+                    "shape": shape,
+                    "policy": name,
+                    "batch": batch,
+                    **decode_cost(name, SHAPES[shape], batch, args),
+                }
                 rows.append(row)
-                print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+                print(
+                    json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}),
+                    flush=True,
+                )
     prefill = {s: prefill_cost(SHAPES[s], args.prefill_tokens) for s in args.shapes.split(",")}
     print(json.dumps({"expertflow_prefill": prefill}), flush=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

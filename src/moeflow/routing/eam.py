@@ -62,7 +62,9 @@ class EAMCollection:
             raise ValueError("EAM collection capacity must be at least 1")
         self.num_layers, self.num_experts, self.capacity = num_layers, num_experts, capacity
         self._n = 0
-        self._buf = np.zeros((0, num_layers, num_experts), np.float32)  # [>=N, L, E] counts, grown by doubling
+        self._buf = np.zeros(
+            (0, num_layers, num_experts), np.float32
+        )  # [>=N, L, E] counts, grown by doubling
         self.members = np.zeros(0, np.int64)  # [N] EAMs each entry stands for
         self.version = 0
         """Bumped whenever an entry changes (matchers holding cached dot products catch up, see ``changed_since``)."""
@@ -100,7 +102,9 @@ class EAMCollection:
     def unit_by_layer(self) -> np.ndarray:
         """Row-normalised entries, layer-major [L, N, E] (contiguous per layer: one layer's rows of every entry)."""
         if self._unit_t is None:
-            self._unit_t = np.ascontiguousarray(row_normalise(self._buf.astype(np.float64)).transpose(1, 0, 2))
+            self._unit_t = np.ascontiguousarray(
+                row_normalise(self._buf.astype(np.float64)).transpose(1, 0, 2)
+            )
         return self._unit_t[:, : self._n]
 
     @property
@@ -267,6 +271,7 @@ class RequestEAM:
         self._q_sq = np.zeros(num_layers)  # [L] squared norm of each normalised query row
         self._version = -1
         self._dirty: set[int] = set()
+        self._prefix: tuple[int, np.ndarray] | None = None  # (upto, [N] dots summed over rows 0..upto)
 
     def add(self, layer: int, experts: np.ndarray) -> None:
         """Count the routing ``experts`` [T, K] of ``layer`` (ids < 0 ignored)."""
@@ -278,11 +283,17 @@ class RequestEAM:
         """Cosine similarity [N] to each entry over rows 0..upto (same as ``eamc.similarity``, cached)."""
         if self._version != eamc.version:
             self._catch_up(eamc)
+            self._prefix = None
+        extends = self._prefix is not None and self._prefix[0] == upto - 1 and self._dirty <= {upto}
         for row in self._dirty:
             self._update_row(eamc, row)
         self._dirty.clear()
         assert self._dots is not None
-        dots = self._dots[:, : upto + 1].sum(axis=1)
+        if extends:  # layer by layer through a step: one more row onto the last sum
+            dots = self._prefix[1] + self._dots[:, upto]  # type: ignore[index]
+        else:
+            dots = self._dots[:, : upto + 1].sum(axis=1)
+        self._prefix = (upto, dots)
         return _cosine(dots, float(self._q_sq[: upto + 1].sum()), eamc.cum_sq[:, upto])
 
     def _catch_up(self, eamc: EAMCollection) -> None:
@@ -295,7 +306,9 @@ class RequestEAM:
             return
         assert self._dots is not None
         if len(self._dots) < len(eamc):
-            self._dots = np.concatenate([self._dots, np.zeros((len(eamc) - len(self._dots), self._dots.shape[1]))])
+            self._dots = np.concatenate(
+                [self._dots, np.zeros((len(eamc) - len(self._dots), self._dots.shape[1]))]
+            )
         clean = [r for r in range(self.counts.shape[0]) if r not in self._dirty]
         unit = eamc.unit_by_layer
         for idx in sorted(set(changed)):

@@ -19,7 +19,11 @@ from moeflow.sim.simulator import layer_requests, schedule
 from moeflow.sim.static import run_static_step
 
 LAYERS, EXPERTS, TOP_K = 6, 16, 2
-CASES = [(name, batch, "eager") for name in ("lru", "lfu", "moe-infinity", "expertflow", "belady") for batch in (1, 4)]
+CASES = [
+    (name, batch, "eager")
+    for name in ("lru", "lfu", "moe-infinity", "expertflow", "belady")
+    for batch in (1, 4)
+]
 CASES += [(name, 4, "static") for name in ("lru", "moe-infinity", "expertflow")]
 
 

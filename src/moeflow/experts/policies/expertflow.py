@@ -32,7 +32,7 @@ import numpy as np
 
 from moeflow.errors import MoeflowError
 from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
-from moeflow.experts.policies.forecast import Forecaster
+from moeflow.experts.policies.forecast import Forecaster, StepForecast
 from moeflow.experts.policies.options import apply_options
 
 DEMOTED = 1e9
@@ -84,7 +84,7 @@ class ExpertFlowPolicy(CachePolicy):
         self.accuracy = np.full(num_layers, 0.5)  # [L]
         self.forecast = Forecaster(num_layers, num_experts, self.max_requests)
         self.forecast.predictor = self.predictor  # kept across a re-bind
-        self._probs: np.ndarray | None = None  # [T, L, E]
+        self._fc: StepForecast | None = None  # this step's forecast
         self._demand = np.zeros(shape)  # [L, E] trusted demand of this step
         self._next = np.zeros(shape)  # [L, E] next-step demand estimate
         self._fstep = np.zeros(shape)  # [L, E] per-step frequency demand
@@ -128,21 +128,21 @@ class ExpertFlowPolicy(CachePolicy):
     def begin_step(self, info: StepInfo) -> None:
         if not self._ready:
             self.setup(PolicyContext())
-        self._probs = self.forecast.begin_step(info, self.freq)
+        self._fc = self.forecast.begin_step(info, self.freq, self.top_k)
         self._plan_step(len(info.request_ids))
 
     def _plan_step(self, batch: int) -> None:
         """Demand of this step and of the next, mixed with frequency by each layer's accuracy."""
         f = np.clip(self.freq, 0.0, 1.0)
         self._fstep = 1 - (1 - f) ** max(batch, 1)  # [L, E]
-        if self._probs is None or len(self._probs) == 0:
+        fc = self._fc
+        if fc is None or fc.tokens == 0:
             pred = np.zeros_like(f)
             ends = np.zeros((0, *f.shape))
         else:
-            p = np.clip(self._probs, 0.0, 1 - 1e-6)
-            pred = 1 - np.exp(np.log1p(-p).sum(axis=0))  # [L, E]
-            ends = p[self.forecast.last_rows()]  # [B, L, E] each request's last token
-        ftok = 1 - (1 - f) ** max(len(self._probs) if self._probs is not None else 1, 1)
+            pred = 1 - np.exp(fc.log_miss)  # [L, E]
+            ends = fc.ends  # [B, L, E] each request's last token
+        ftok = 1 - (1 - f) ** max(fc.tokens if fc is not None else 1, 1)
         a = self.accuracy[:, None]
         self._demand = a * pred + (1 - a) * ftok
         last = (
@@ -160,7 +160,7 @@ class ExpertFlowPolicy(CachePolicy):
         if len(ok):
             share = np.bincount(ok.ravel(), minlength=self.num_experts)[: self.num_experts] / len(ok)
             self.freq[layer] = self.decay * self.freq[layer] + (1 - self.decay) * share
-        if self._probs is not None and len(self._probs) == len(ex) and len(ok):
+        if self._fc is not None and self._fc.tokens == len(ex) and len(ok):
             self._correct(layer, ex)
         chosen = set(ex[ex >= 0].tolist())
         for key in [k for k in self._pending if k[0] == layer and k[1] not in chosen]:
@@ -169,8 +169,7 @@ class ExpertFlowPolicy(CachePolicy):
 
     def _correct(self, layer: int, ex: np.ndarray) -> None:
         """Update the layer's accuracy and each request's routing of its latest token."""
-        p = self._probs[:, layer]  # type: ignore[index]  [T, E]
-        top = np.argpartition(-p, self.top_k - 1, axis=1)[:, : self.top_k]  # [T, K]
+        top = self._fc.top[:, layer]  # type: ignore[union-attr]  [T, K]
         valid = (ex >= 0).all(axis=1)
         hits = (top[:, :, None] == ex[:, None, :]).any(axis=1).sum(axis=1)[valid]
         self.accuracy[layer] = self.decay * self.accuracy[layer] + (1 - self.decay) * hits.mean() / self.top_k
@@ -264,7 +263,7 @@ class ExpertFlowPolicy(CachePolicy):
 
     def prefetch(self, layer: int, lookahead: int | None = None) -> list[Load]:
         """Loads for the trusted layers after ``layer``, nearest layer first, then likeliest expert first."""
-        if self._probs is None:
+        if self._fc is None:
             return []
         layers = self.horizon(layer, lookahead)
         quota = self.quotas(layers)

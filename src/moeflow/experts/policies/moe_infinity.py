@@ -77,6 +77,10 @@ class MoEInfinityPolicy(CachePolicy):
     def _reset(self) -> None:
         self.running: dict[int, RequestEAM] = {}
         self._recent: dict[int, np.ndarray] = {}  # [L, E] recency-weighted counts per request
+        self._own: dict[
+            int, np.ndarray
+        ] = {}  # [L, E] each request's own activation ratios (rows kept current)
+        self._seen: dict[int, np.ndarray] = {}  # [L, 1] rows the request has routed
         self._prefetched = 0  # prefetch loads issued in this step
         self._rids: tuple[int, ...] = ()
         self._lengths: list[int] = []
@@ -128,7 +132,8 @@ class MoEInfinityPolicy(CachePolicy):
         """A request finished: its EAM joins the collection, at the start of the next step (``_admit``), so that
         no admission lands between two layers' decisions."""
         req = self.running.pop(request_id, None)
-        self._recent.pop(request_id, None)
+        for held in (self._recent, self._own, self._seen):
+            held.pop(request_id, None)
         if req is not None:
             self._finished.append(req.counts)
 
@@ -160,6 +165,8 @@ class MoEInfinityPolicy(CachePolicy):
                 self.running[rid] = RequestEAM(self.num_layers, self.num_experts)
                 self._recent[rid] = np.zeros((self.num_layers, self.num_experts))
             self._recent[rid] *= self.recency
+            self._own[rid] = self._own_rows(rid, slice(None))
+            self._seen[rid] = self.running[rid].counts.sum(axis=1, keepdims=True) > 0
         self._layer, self._pred, self._keep, self._prefetched = -1, None, None, 0
         self._needed = set()  # nothing is in use before the first layer
         if self.prefetch_before and any(self.running[r].counts.any() for r in self._rids):
@@ -178,6 +185,8 @@ class MoEInfinityPolicy(CachePolicy):
             self.running[rid].add(layer, part)
             ids = part[part >= 0].astype(np.int64)
             self._recent[rid][layer] += np.bincount(ids, minlength=self.num_experts)[: self.num_experts]
+            self._own[rid][layer] = self._own_rows(rid, layer)  # only this row changed
+            self._seen[rid][layer] = self.running[rid].counts[layer].sum() > 0
         self._layer = layer
         self._update_scores(layer)
 
@@ -187,17 +196,14 @@ class MoEInfinityPolicy(CachePolicy):
         shape = (self.num_layers, self.num_experts)
         ratio, match = np.zeros(shape), np.zeros(shape) if len(self.eamc) else None
         for rid in self._rids:
-            req = self.running[rid]
-            own = row_normalise(req.counts)
-            if self.recent_weight > 0:
-                own = (1 - self.recent_weight) * own + self.recent_weight * row_normalise(self._recent[rid])
-            if match is None or not req.counts.any():  # no collection, or nothing routed yet to match
+            req, own, seen = self.running[rid], self._own[rid], self._seen[rid]
+            if match is None or not seen.any():  # no collection, or nothing routed yet to match
                 ratio += own
                 continue
             sims = req.similarity(self.eamc, layer if layer >= 0 else self.num_layers - 1)
             m = self.eamc.predict(sims, self.match_k)
-            match += m
-            seen = req.counts.sum(axis=1, keepdims=True) > 0  # [L, 1]
+            if not self.predict_own:
+                match += m
             ratio += np.where(seen, self.history_weight * own + (1 - self.history_weight) * m, m)
         depth = np.arange(self.num_layers)[:, None]  # [L, 1]
         keep = ratio * (1 - depth / self.num_layers)
@@ -206,6 +212,13 @@ class MoEInfinityPolicy(CachePolicy):
             soon = np.where(depth > layer, pred * (1 - (depth - layer) / self.num_layers), 0.0)
             keep = np.maximum(keep, soon)
         self._pred, self._keep = pred, keep
+
+    def _own_rows(self, rid: int, rows: int | slice) -> np.ndarray:
+        """The request's own activation ratios of ``rows``: its EAM's, mixed with its recency-weighted copy's."""
+        own = row_normalise(self.running[rid].counts[rows])
+        if self.recent_weight > 0:
+            own = (1 - self.recent_weight) * own + self.recent_weight * row_normalise(self._recent[rid][rows])
+        return own
 
     def keep_score(self, key: Key) -> float:
         return 0.0 if self._keep is None else float(self._keep[key])

@@ -45,6 +45,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed of the split and the initial weights")
     t.set_defaults(func=cmd_train)
 
+    r = sub.add_parser("record", help="record router inputs per token and layer (for speculative gating)")
+    r.add_argument("--model", required=True, help="checkpoint directory")
+    r.add_argument("--prompts", nargs="+", required=True, help="prompt files (one per line, or .jsonl)")
+    r.add_argument("--out", required=True, help="hidden-state file to write (.npz)")
+    r.add_argument("--prefill", type=int_at_least(1), default=64, help="prompt tokens kept per prompt")
+    r.add_argument("--decode", type=int_at_least(0), default=32, help="tokens generated per prompt")
+    r.add_argument("--device", default="cpu", help="torch device")
+    r.set_defaults(func=cmd_record)
+
     e = sub.add_parser("eval", help="per-layer recall/precision of a predictor and the baselines")
     e.add_argument("--predictor", default=None, help="predictor file (default: MODEL/moeflow/predictor.pt)")
     e.add_argument("--model", default=None, help="checkpoint directory")
@@ -103,6 +112,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{info['epochs']} epochs, validation recall@k {info['val_recall']:.3f} "
         f"on {info['val_requests']} held-out requests -> {out}"
     )
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from moeflow.cli.prompts import read_prompts
+    from moeflow.routing.hidden import record_hidden
+
+    prompts = [p for path in args.prompts for p in read_prompts(path)]
+    rec = record_hidden(args.model, prompts, args.prefill, args.decode, args.device)
+    rec.save(args.out)
+    t = rec.trace
+    print(f"recorded {t.num_tokens} tokens of {len(t.requests())} prompts ({int(t.decode.sum())} generated) -> {args.out}")
     return 0
 
 

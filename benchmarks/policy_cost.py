@@ -148,7 +148,11 @@ def prefill_cost(shape: tuple[int, int, int], tokens: int, repeats: int = 3) -> 
         pol.begin_step(info)
         total, net = time.perf_counter() - t0, pred.seconds - net0
         best_policy, best_pred = min(best_policy, total - net), min(best_pred, net)
-    return {"tokens": tokens, "forecast_bookkeeping_ms": best_policy * 1e3, "predictor_forward_ms": best_pred * 1e3}
+    return {
+        "tokens": tokens,
+        "forecast_bookkeeping_ms": best_policy * 1e3,
+        "predictor_forward_ms": best_pred * 1e3,
+    }
 
 
 def main() -> None:

@@ -116,7 +116,7 @@ class EAMCollection:
     def cum_sq(self) -> np.ndarray:
         """[N, L]: squared norm of each entry's normalised rows 0..l."""
         if self._cum_sq is None:
-            self.unit_by_layer  # builds the layer-major buffer
+            _ = self.unit_by_layer  # builds the layer-major buffer
             full = self._unit_t  # [L, >=N, E] every buffered entry
             self._cum_sq = np.cumsum((full**2).sum(axis=2), axis=0).T.copy()
         return self._cum_sq[: self._n]
@@ -289,10 +289,8 @@ class RequestEAM:
             self._update_row(eamc, row)
         self._dirty.clear()
         assert self._dots is not None
-        if extends:  # layer by layer through a step: one more row onto the last sum
-            dots = self._prefix[1] + self._dots[:, upto]  # type: ignore[index]
-        else:
-            dots = self._dots[:, : upto + 1].sum(axis=1)
+        # layer by layer through a step: one more row onto the last sum
+        dots = self._prefix[1] + self._dots[:, upto] if extends else self._dots[:, : upto + 1].sum(axis=1)  # type: ignore[index]
         self._prefix = (upto, dots)
         return _cosine(dots, float(self._q_sq[: upto + 1].sum()), eamc.cum_sq[:, upto])
 

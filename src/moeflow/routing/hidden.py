@@ -93,9 +93,9 @@ def _moe_modules(model: object) -> list[tuple[object, object]]:
         mlp = getattr(layer, "mlp", None)
         gate = getattr(mlp, "gate", None)
         norm = getattr(layer, "post_attention_layernorm", None)
-        if gate is not None and norm is not None and getattr(gate, "weight", None) is not None:
-            if gate.weight.ndim == 2 and gate.weight.shape[0] > 1:
-                out.append((norm, gate))
+        weight = getattr(gate, "weight", None)
+        if norm is not None and weight is not None and weight.ndim == 2 and weight.shape[0] > 1:
+            out.append((norm, gate))
     if not out:
         raise MoeflowError(
             "no MoE layers with a post_attention_layernorm and an mlp.gate router found in this model"

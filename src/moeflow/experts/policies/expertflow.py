@@ -33,6 +33,7 @@ import numpy as np
 from moeflow.errors import MoeflowError
 from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
 from moeflow.experts.policies.forecast import Forecaster, StepForecast
+from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
 
 DEMOTED = 1e9
@@ -65,6 +66,10 @@ class ExpertFlowPolicy(CachePolicy):
     auto_budget: bool = True
     """Set ``prefetch_per_layer`` from timing the engine measures (or the simulator models) via ``on_timing``:
     layer compute time / one expert's copy time (at least one copy per step). Off when the option is given."""
+    byte_aware: bool = False
+    """Issue a prefetch only if its expected benefit beats its displacement and link cost (``policies.link``; needs
+    ``on_timing``): chance of use = the step's demand; the victim's = its demand if its layer is still ahead in the
+    step, else the next-step estimate."""
     decay: float = 0.9
     """Running averages (accuracy, expert frequency) keep this much of the old value per step."""
     max_requests: int = 4096
@@ -75,6 +80,7 @@ class ExpertFlowPolicy(CachePolicy):
     def __post_init__(self) -> None:
         self.name = "expertflow"
         self._ready, self._timed = False, False
+        self.link = LinkLedger()
 
     # ------------------------------------------------------------------------------ lifecycle
     def bind(self, num_slots: int, num_layers: int, num_experts: int, top_k: int) -> None:
@@ -98,7 +104,15 @@ class ExpertFlowPolicy(CachePolicy):
     def setup(self, context: PolicyContext) -> None:
         self._ready = True
         opts = context.options
-        names = ("max_lookahead", "trust", "min_prob", "decay", "prefetch_per_layer", "auto_budget")
+        names = (
+            "max_lookahead",
+            "trust",
+            "min_prob",
+            "decay",
+            "prefetch_per_layer",
+            "auto_budget",
+            "byte_aware",
+        )
         if "prefetch_per_layer" in apply_options(self, opts, names):
             self.auto_budget = False
         from moeflow.routing.predictor import (
@@ -152,6 +166,7 @@ class ExpertFlowPolicy(CachePolicy):
         )
         self._next = 0.5 * (last + self._fstep)
         self._pos, self._table, self._in_use, self._prefetched = -1, None, set(), 0
+        self.link.begin_step()
 
     def observe(self, layer: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
         """``experts`` [T, K] for the step's tokens, sequences concatenated in StepInfo order."""
@@ -176,6 +191,7 @@ class ExpertFlowPolicy(CachePolicy):
         self.forecast.record(layer, ex)
 
     def on_timing(self, layer_s: float, copy_s: float) -> None:
+        self.link.layer_s, self.link.copy_s = layer_s, copy_s
         if not self.auto_budget or copy_s <= 0 or self.num_layers == 0:
             return
         budget = max(layer_s / copy_s, 1.0 / self.num_layers)
@@ -281,13 +297,27 @@ class ExpertFlowPolicy(CachePolicy):
                 if self.resident(key):
                     continue
                 mine = self._distance(key)
-                load = self.admit(key, (self.num_layers - ly) + p, protect, _Later(self, mine))
+                if self.byte_aware:
+                    victim = None if self._free else self.select_victim(protect, ly, _Later(self, mine))
+                    if (victim is None and not self._free) or not self._pays(p, victim, layer, ly):
+                        continue
+                    load = self.admit(key, (self.num_layers - ly) + p, protect, victim=victim)
+                else:
+                    load = self.admit(key, (self.num_layers - ly) + p, protect, _Later(self, mine))
                 if load is None:
                     continue  # nothing resident is expected later than this key
+                self.link.queue(layer)
                 self._pending.add(key)
                 loads.append(load)
         self._prefetched += len(loads)
         return loads
+
+    def _pays(self, p_use: float, victim: Key | None, layer: int, target: int) -> bool:
+        """The byte-aware test (``policies.link``) for a prefetch into ``target`` over ``victim`` after ``layer``."""
+        p_victim = 0.0
+        if victim is not None:
+            p_victim = float(self._demand[victim] if victim[0] > self._pos else self._next[victim])
+        return self.link.worth(p_use, p_victim, layer, target)
 
     def _call_budget(self, layer: int) -> float:
         """Loads this ``prefetch`` call may issue: the step's remaining budget spread over the calls left."""

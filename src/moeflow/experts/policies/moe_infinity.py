@@ -35,6 +35,7 @@ import numpy as np
 
 from moeflow.errors import MoeflowError
 from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
+from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
 from moeflow.routing.eam import DEFAULT_CAPACITY, EAMCollection, RequestEAM, row_normalise
 
@@ -64,6 +65,9 @@ class MoEInfinityPolicy(CachePolicy):
     prefetch_before: bool = True
     """Act on ``prefetch(-1)`` (before the step's first layer): prefetch from layer 0 on, matching the requests'
     EAMs from their earlier tokens over all layers."""
+    byte_aware: bool = False
+    """Issue a prefetch only if its expected benefit beats its displacement and link cost (``policies.link``; needs
+    ``on_timing``). The chance of use of an expert is 1 − exp(−k · predicted ratio), summed over the requests."""
     prefetch_per_layer: float = 0.0
     """Prefetch budget, as ExpertFlow's: at most this many loads per layer on average in a step (0: no limit).
     Fewer copies for some hit ratio: e.g. the copies one layer's compute hides (layer time × bandwidth / bytes)."""
@@ -72,6 +76,7 @@ class MoEInfinityPolicy(CachePolicy):
         self.name = "moe-infinity"
         self.eamc: EAMCollection | None = None
         self.save_path: Path | None = None
+        self.link = LinkLedger()
         self._reset()
 
     def _reset(self) -> None:
@@ -102,7 +107,7 @@ class MoEInfinityPolicy(CachePolicy):
         opts = context.options
         names = ("capacity", "match_k", "max_prefetch", "history_weight", "recency", "recent_weight")
         apply_options(self, opts, (*names, "prefetch_per_layer", ("prefetch", "prefetch_enabled")))
-        apply_options(self, opts, ("predict_own", "prefetch_before"))
+        apply_options(self, opts, ("predict_own", "prefetch_before", "byte_aware"))
         self.eamc = self._load_collection(context)
         if opts.get("eamc_save"):
             self.save_path = Path(opts["eamc_save"])
@@ -158,6 +163,7 @@ class MoEInfinityPolicy(CachePolicy):
     # ---------------------------------------------------------------------------------- hooks
     def begin_step(self, info: StepInfo) -> None:
         self._admit()
+        self.link.begin_step()
         self._rids = tuple(info.request_ids)
         self._lengths = [len(t) for t in info.token_ids]
         for rid in self._rids:
@@ -283,7 +289,7 @@ class MoEInfinityPolicy(CachePolicy):
         # every step below admits one load or stops, so only the ``budget`` likeliest candidates can matter; the
         # victims come in one fixed order (lowest keep-score, then least recently requested), since an admitted
         # slot leaves the order and nothing else changes
-        cands = _top_stable(pri.ravel(), int(min(budget, pri.size)))
+        cands = _top_stable(pri.ravel(), pri.size if self.byte_aware else int(min(budget, pri.size)))
         evictable = np.flatnonzero(keep < np.inf)
         victims = evictable[np.lexsort((self.slot_used[evictable], keep[evictable]))]
         loads: list[Load] = []
@@ -297,13 +303,26 @@ class MoEInfinityPolicy(CachePolicy):
                 if used >= len(victims) or p <= keep[victims[used]]:  # nothing left that this could displace
                     break
                 victim = self.key_in[victims[used]]
-                used += 1
             key = (int(ahead[flat // self.num_experts]), int(flat % self.num_experts))
+            if self.byte_aware and not self._pays(key, victim, layer):
+                continue
+            used += victim is not None
             load = self.admit(key, p, victim=victim)
             if load is not None:
                 loads.append(load)
+                self.link.queue(layer)
         self._prefetched += len(loads)
         return loads
+
+    def _pays(self, key: Key, victim: Key | None, layer: int) -> bool:
+        """The byte-aware test (``policies.link``) for prefetching ``key`` over ``victim`` after ``layer``."""
+        assert self._pred is not None
+        p_use = 1.0 - float(np.exp(-self.top_k * self._pred[key]))
+        p_victim = 0.0 if victim is None else 1.0 - float(np.exp(-self.top_k * self._pred[victim]))
+        return self.link.worth(p_use, p_victim, layer, key[0])
+
+    def on_timing(self, layer_s: float, copy_s: float) -> None:
+        self.link.layer_s, self.link.copy_s = layer_s, copy_s
 
     def _call_budget(self, layer: int) -> float:
         """Loads this ``prefetch`` call may issue: the step's remaining budget spread over the calls left."""

@@ -1,9 +1,10 @@
 """Byte-aware prefetch: a prefetch is worth issuing only if what it is expected to save beats what it costs.
 
-Within one forward step the host→device link is modelled as one queue: layer ``l`` finishes computing at
-``(l + 1) · c`` seconds into the step (``c``: one layer's compute), one expert copy takes ``t`` seconds, and copies
-run one after another. A prefetch for layer ``j``, issued after layer ``l``, starts when both the link is free and
-layer ``l`` is done, and is needed when layer ``j`` starts (``j · c``). Then:
+Within one forward step the host→device link is modelled as one queue: layer ``l``'s router runs ``l · c`` seconds
+into the step (``c``: one layer's compute), one expert copy takes ``t`` seconds, and copies run one after
+another. A prefetch for layer ``j``, issued when layer ``l`` has routed (``prefetch(l)``; ``l = -1``: before the
+step, counted as at 0), starts when the link is free, and is needed when layer ``j`` routes (``j · c``): a copy
+for the next layer has one layer's compute to hide in. Then:
 
 * benefit = p_use · t: with probability ``p_use`` the expert is requested and a demand miss (a stall of one copy)
   is avoided;
@@ -36,7 +37,7 @@ class LinkLedger:
 
     def link_cost(self, after_layer: int, target_layer: int) -> float:
         """Seconds of stall a copy for ``target_layer`` issued after ``after_layer`` would cause."""
-        start = max(self.busy_until, (after_layer + 1) * self.layer_s)
+        start = max(self.busy_until, max(after_layer, 0) * self.layer_s)
         late = start + self.copy_s - target_layer * self.layer_s
         return min(self.copy_s, max(0.0, late))
 
@@ -50,5 +51,5 @@ class LinkLedger:
 
     def queue(self, after_layer: int) -> None:
         """A copy issued after ``after_layer`` joins the queue."""
-        self.busy_until = max(self.busy_until, (after_layer + 1) * self.layer_s) + self.copy_s
+        self.busy_until = max(self.busy_until, max(after_layer, 0) * self.layer_s) + self.copy_s
         self.issued += 1

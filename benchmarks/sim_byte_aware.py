@@ -64,6 +64,7 @@ def summary(rows: list[dict]) -> dict:
             "bytes_vs_lru": round(r["loads"] / by["lru"]["loads"], 3),
             "bytes_vs_belady": round(r["loads"] / by["belady"]["loads"], 3),
             "hit_ratio_vs_belady": round(r["hit_ratio"] / by["belady"]["hit_ratio"], 3),
+            "modelled_ms_per_token": round(1e3 * r["decode_time_s"] / r["decode_tokens"], 3),
         }  # fmt: skip
     return out
 
@@ -73,8 +74,9 @@ def pool(runs: list[list[dict]]) -> list[dict]:
     out = []
     for rows in zip(*runs):
         r = dict(rows[0])
-        for k in ("hits", "misses", "prefetches", "loads"):
+        for k in ("hits", "misses", "prefetches", "loads", "decode_tokens"):
             r[k] = sum(x[k] for x in rows)
+        r["decode_time_s"] = sum(x["timing"]["decode_time_s"] for x in rows)
         r["hit_ratio"] = r["hits"] / (r["hits"] + r["misses"])
         out.append(r)
     return out

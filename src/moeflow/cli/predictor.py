@@ -45,11 +45,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed of the split and the initial weights")
     t.set_defaults(func=cmd_train)
 
+    r = sub.add_parser("record", help="record router inputs per token and layer (for speculative gating)")
+    r.add_argument("--model", required=True, help="checkpoint directory")
+    r.add_argument("--prompts", nargs="+", required=True, help="prompt files (one per line, or .jsonl)")
+    r.add_argument("--out", required=True, help="hidden-state file to write (.npz)")
+    r.add_argument("--prefill", type=int_at_least(1), default=64, help="prompt tokens kept per prompt")
+    r.add_argument("--decode", type=int_at_least(0), default=32, help="tokens generated per prompt")
+    r.add_argument("--device", default="cpu", help="torch device")
+    r.add_argument(
+        "--teacher-forced",
+        action="store_true",
+        help="decode tokens: the prompt's own next tokens, not generated",
+    )
+    r.set_defaults(func=cmd_record)
+
     e = sub.add_parser("eval", help="per-layer recall/precision of a predictor and the baselines")
     e.add_argument("--predictor", default=None, help="predictor file (default: MODEL/moeflow/predictor.pt)")
     e.add_argument("--model", default=None, help="checkpoint directory")
+    e.add_argument("--traces", nargs="+", default=None, help="trace files to evaluate on (held-out requests)")
     e.add_argument(
-        "--traces", nargs="+", required=True, help="trace files to evaluate on (held-out requests)"
+        "--hidden",
+        default=None,
+        help="recorded router inputs to evaluate on by look-ahead distance (held-out)",
+    )
+    e.add_argument(
+        "--train-hidden",
+        default=None,
+        help="recorded router inputs the gate maps and hybrid weights are fitted on",
+    )
+    e.add_argument(
+        "--grid-step", type=number(0, 1, lo_open=True), default=0.1, help="hybrid weight grid step"
     )
     e.add_argument(
         "--train-traces", nargs="*", default=None, help="traces the EAM-match baseline learns from"
@@ -106,7 +131,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_record(args: argparse.Namespace) -> int:
+    from moeflow.cli.prompts import read_prompts
+    from moeflow.routing.hidden import record_hidden
+
+    prompts = [p for path in args.prompts for p in read_prompts(path)]
+    rec = record_hidden(
+        args.model, prompts, args.prefill, args.decode, args.device, generate=not args.teacher_forced
+    )
+    rec.save(args.out)
+    t = rec.trace
+    print(
+        f"recorded {t.num_tokens} tokens of {len(t.requests())} prompts ({int(t.decode.sum())} generated) -> {args.out}"
+    )
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.hidden or args.train_hidden:
+        return _eval_lookahead(args)
+    if not args.traces:
+        raise MoeflowError("say what to evaluate on: --traces FILE... (or --hidden and --train-hidden)")
     from moeflow.routing import predictor_eval as pe
     from moeflow.routing import sequences as rs
     from moeflow.routing.predictor import load_net, load_predictor, time_per_token
@@ -141,6 +186,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     for note in notes:
         print("note:", note)
+    return 0
+
+
+def _eval_lookahead(args: argparse.Namespace) -> int:
+    from moeflow.routing import predictor_eval as pe
+    from moeflow.routing.hidden import HiddenRecord
+    from moeflow.routing.lookahead_eval import evaluate_lookahead
+    from moeflow.routing.predictor import load_net
+
+    if not (args.hidden and args.train_hidden):
+        raise MoeflowError(
+            "look-ahead evaluation needs both --hidden (held-out) and --train-hidden (training split)"
+        )
+    path = _predictor_path(args, "predictor")
+    net, vocab, _ = load_net(path)
+    held, train = HiddenRecord.load(args.hidden), HiddenRecord.load(args.train_hidden)
+    t = held.trace
+    if (t.num_layers, t.num_experts, t.top_k) != (net.cfg.num_layers, net.cfg.num_experts, net.cfg.top_k):
+        raise MoeflowError(
+            f"{path} predicts {net.cfg.num_layers}×{net.cfg.num_experts} routing, {args.hidden} is {t.num_layers}×{t.num_experts}"
+        )
+    results, weights = evaluate_lookahead(held, train, pe.net_scorer(net, vocab), args.grid_step)
+    report = {"predictor": str(path), "hidden": args.hidden, "train_hidden": args.train_hidden, "k": t.top_k,
+              "results": results, "hybrid_weights": {"components": ["gate", "path", "last_token"], **weights.to_dict()}}  # fmt: skip
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    keys = list(results["hybrid"])
+    print(
+        f"per-token recall of the true top-{t.top_k} among the predicted top-{t.top_k}, by look-ahead distance"
+    )
+    print(f"{'method':<14}" + "".join(f"{k_:>14}" for k_ in keys))
+    for name, by in results.items():
+        print(
+            f"{name:<14}" + "".join(f"{by[k_]['recall']:>14.3f}" if by[k_] else f"{'-':>14}" for k_ in keys)
+        )
     return 0
 
 

@@ -138,33 +138,44 @@ class CachePolicy:
         return key in self.slot_of
 
     def request(self, layer: int, experts: Sequence[int]) -> Plan:
-        """Experts ``layer`` needs now (distinct ids, at most ``num_slots``). Misses evict victims."""
+        """Experts ``layer`` needs now (distinct ids, at most ``num_slots``). Misses evict victims (chosen at once,
+        before any placement); misses take the free slots first, then the victims in order. Every requested key is
+        then touched and passed to ``on_access`` in request order."""
         if len(experts) > self.num_slots:
             raise ValueError(
                 f"layer {layer} asks for {len(experts)} experts but only {self.num_slots} slots exist"
             )
         self.clock += 1
-        needed = {(layer, int(e)) for e in experts}
-        slots: list[int] = []
-        loads: list[Load] = []
-        hits = 0
-        short = sum(k not in self.slot_of for k in needed) - len(self._free)
-        victims = self.select_victims(short, needed, layer) if short > 0 else []
-        for e in experts:
-            key = (layer, int(e))
-            if key in self.slot_of:
-                hits += 1
-                if key in self._unused_prefetch:
-                    self._unused_prefetch.discard(key)
-                    self.stats.prefetch_hits += 1
-                slots.append(self.slot_of[key])
-            else:
-                load = self._place(key, needed, layer, prefetch=False, priority=float("inf"), victims=victims)
-                assert load is not None
-                loads.append(load)
-                slots.append(load.slot)
-            self.touch(key)
-            self.on_access(key)
+        slot_of, free = self.slot_of, self._free
+        keys = [(layer, int(e)) for e in experts]
+        missed = [k for k in keys if k not in slot_of]
+        short = len(missed) - len(free)
+        victims = self.select_victims(short, set(keys), layer) if short > 0 else []
+        if len(victims) < short:
+            raise RuntimeError("no evictable slot: more experts needed at once than slots")
+        loads = []
+        if missed:
+            n_free = len(missed) - len(victims)
+            taken = [free.pop() for _ in range(n_free)] + [self._vacate(v) for v in victims]
+            evicted: list[Key | None] = [None] * n_free + list(victims)
+            for key, slot, old in zip(missed, taken, evicted):
+                slot_of[key] = slot
+                self.key_in[slot] = key
+                loads.append(_demand_load(key, slot, old))
+            self.slot_layer[taken] = layer
+            self.slot_expert[taken] = [k[1] for k in missed]
+        slots = [slot_of[k] for k in keys]
+        self.slot_used[slots] = np.arange(self._ticks + 1, self._ticks + 1 + len(keys))
+        self._ticks += len(keys)
+        unused = self._unused_prefetch
+        if unused:
+            used = unused.intersection(keys)
+            self.stats.prefetch_hits += len(used)
+            unused -= used
+        if type(self).on_access is not CachePolicy.on_access:
+            for key in keys:
+                self.on_access(key)
+        hits = len(keys) - len(loads)
         self.stats.hits += hits
         self.stats.misses += len(loads)
         return Plan(layer, tuple(slots), tuple(loads), hits, len(loads))
@@ -324,6 +335,14 @@ class CachePolicy:
         token's routing per layer (unclaimed candidates cost nothing), at most half the pool."""
         guess = self.num_layers * self.top_k * batch if self._miss_avg is None else 2 * self._miss_avg
         return int(min(guess + self.num_layers * self.top_k, self.num_slots // 2))
+
+
+def _demand_load(key: Key, slot: int, evicted: Key | None) -> Load:
+    """``Load(key, slot, evicted, False, inf)`` without the frozen dataclass's per-field ``__init__`` (a third of
+    its cost; ``request`` builds one per miss)."""
+    load = object.__new__(Load)
+    load.__dict__.update(key=key, slot=slot, evicted=evicted, prefetch=False, priority=float("inf"))
+    return load
 
 
 POLICIES: dict[str, Callable[[], CachePolicy]] = {}

@@ -61,40 +61,70 @@ class EAMCollection:
         if capacity < 1:
             raise ValueError("EAM collection capacity must be at least 1")
         self.num_layers, self.num_experts, self.capacity = num_layers, num_experts, capacity
-        self.entries = np.zeros((0, num_layers, num_experts), np.float32)  # [N, L, E] counts
+        self._n = 0
+        self._buf = np.zeros(
+            (0, num_layers, num_experts), np.float32
+        )  # [>=N, L, E] counts, grown by doubling
         self.members = np.zeros(0, np.int64)  # [N] EAMs each entry stands for
         self.version = 0
-        """Bumped whenever an entry changes (matchers holding cached dot products recompute)."""
-        self._unit: np.ndarray | None = None  # [N, L, E] row-normalised entries
-        self._cum_sq: np.ndarray | None = None  # [N, L] running sum over rows of squared norms
+        """Bumped whenever an entry changes (matchers holding cached dot products catch up, see ``changed_since``)."""
+        self._changes: list[int] = []  # entry index changed by each version bump
+        self._unit_t: np.ndarray | None = None  # [L, >=N, E] row-normalised entries, layer-major
+        self._cum_sq: np.ndarray | None = None  # [>=N, L] running sum over rows of squared norms
+
+    @property
+    def entries(self) -> np.ndarray:
+        """[N, L, E] counts (a view; assign a whole array to replace them)."""
+        return self._buf[: self._n]
+
+    @entries.setter
+    def entries(self, value: np.ndarray) -> None:
+        self._buf = np.array(value, np.float32)
+        self._n = len(self._buf)
+        self._unit_t = self._cum_sq = None
 
     def __len__(self) -> int:
-        return int(self.entries.shape[0])
+        return self._n
 
     def copy(self) -> EAMCollection:
         out = EAMCollection(self.num_layers, self.num_experts, self.capacity)
         out.entries, out.members = self.entries.copy(), self.members.copy()
         return out
 
+    def changed_since(self, version: int) -> list[int] | None:
+        """Entry indices changed after ``version`` (None: unknown, e.g. the entries were replaced wholesale)."""
+        if version > self.version or version < self.version - len(self._changes):
+            return None
+        return self._changes[len(self._changes) - (self.version - version) :]
+
     # ------------------------------------------------------------------------------ matching
     @property
+    def unit_by_layer(self) -> np.ndarray:
+        """Row-normalised entries, layer-major [L, N, E] (contiguous per layer: one layer's rows of every entry)."""
+        if self._unit_t is None:
+            self._unit_t = np.ascontiguousarray(
+                row_normalise(self._buf.astype(np.float64)).transpose(1, 0, 2)
+            )
+        return self._unit_t[:, : self._n]
+
+    @property
     def unit(self) -> np.ndarray:
-        """Row-normalised entries [N, L, E]."""
-        if self._unit is None:
-            self._unit = row_normalise(self.entries.astype(np.float64))
-        return self._unit
+        """Row-normalised entries [N, L, E] (a view of ``unit_by_layer``)."""
+        return self.unit_by_layer.transpose(1, 0, 2)
 
     @property
     def cum_sq(self) -> np.ndarray:
         """[N, L]: squared norm of each entry's normalised rows 0..l."""
         if self._cum_sq is None:
-            self._cum_sq = np.cumsum((self.unit**2).sum(axis=2), axis=1)
-        return self._cum_sq
+            _ = self.unit_by_layer  # builds the layer-major buffer
+            full = self._unit_t  # [L, >=N, E] every buffered entry
+            self._cum_sq = np.cumsum((full**2).sum(axis=2), axis=0).T.copy()
+        return self._cum_sq[: self._n]
 
     def similarity(self, query: np.ndarray, upto: int) -> np.ndarray:
         """Cosine similarity [N] between ``query`` [L, E] and every entry over rows 0..upto."""
         q = row_normalise(np.asarray(query, np.float64)[: upto + 1])  # [l+1, E]
-        dots = np.einsum("nle,le->n", self.unit[:, : upto + 1], q)
+        dots = np.einsum("lne,le->n", self.unit_by_layer[: upto + 1], q)
         return _cosine(dots, float((q**2).sum()), self.cum_sq[:, upto])
 
     def nearest(self, sims: np.ndarray, k: int = 1) -> np.ndarray:
@@ -112,7 +142,9 @@ class EAMCollection:
         w = np.clip(sims[idx], 0.0, None)
         if w.sum() <= 0:
             w = np.ones_like(w)
-        return np.einsum("n,nle->le", w / w.sum(), self.unit[idx])
+        if len(idx) == 1:
+            return self.unit_by_layer[:, idx[0]] * (w[0] / w.sum())
+        return np.einsum("n,lne->le", w / w.sum(), self.unit_by_layer[:, idx])
 
     # ----------------------------------------------------------------------------- admission
     def add(self, eam: np.ndarray) -> int:
@@ -125,14 +157,19 @@ class EAMCollection:
         if not eam.any():
             return -1
         if len(self) < self.capacity:
-            self.entries = np.concatenate([self.entries, eam[None]])
+            idx = self._n
+            if idx == len(self._buf):  # grow by doubling (up to capacity): appends stay O(L·E)
+                grown = np.zeros((min(self.capacity, max(4, 2 * idx)), *eam.shape), np.float32)
+                grown[:idx] = self._buf
+                self._buf = grown
+                self._unit_t = self._cum_sq = None
+            self._n += 1
             self.members = np.concatenate([self.members, [1]])
-            idx = len(self) - 1
         else:
             idx = int(np.argmax(self.similarity(eam, self.num_layers - 1)))
-            self.entries[idx] = eam
             self.members[idx] += 1
-        self._changed()
+        self._buf[idx] = eam
+        self._changed(idx)
         return idx
 
     def extend(self, eams: Iterable[np.ndarray]) -> None:
@@ -157,9 +194,15 @@ class EAMCollection:
             raise ValueError("no traces given")
         return out
 
-    def _changed(self) -> None:
+    def _changed(self, idx: int) -> None:
+        """Entry ``idx`` was written: refresh its normalised rows and norms only."""
         self.version += 1
-        self._unit = self._cum_sq = None
+        self._changes.append(idx)
+        del self._changes[: -self.capacity]
+        if self._unit_t is not None and self._cum_sq is not None:
+            unit = row_normalise(self._buf[idx].astype(np.float64))  # [L, E]
+            self._unit_t[:, idx] = unit
+            self._cum_sq[idx] = np.cumsum((unit**2).sum(axis=1))
 
     # ---------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
@@ -218,14 +261,17 @@ class EAMCollection:
 
 class RequestEAM:
     """The EAM of one running request, with per-row dot products against a collection cached so that
-    matching at layer ``l`` costs O(N·E) (only row ``l`` changed since the previous layer)."""
+    matching at layer ``l`` costs O(N·E) (only row ``l`` changed since the previous layer), and an admission into
+    the collection costs O(L·E) per changed entry (``EAMCollection.changed_since``)."""
 
     def __init__(self, num_layers: int, num_experts: int):
         self.counts = np.zeros((num_layers, num_experts), np.float64)  # [L, E]
         self._dots: np.ndarray | None = None  # [N, L] entry-row · normalised query row
+        self._q = np.zeros((num_layers, num_experts))  # [L, E] normalised query rows (as of the last update)
         self._q_sq = np.zeros(num_layers)  # [L] squared norm of each normalised query row
         self._version = -1
         self._dirty: set[int] = set()
+        self._prefix: tuple[int, np.ndarray] | None = None  # (upto, [N] dots summed over rows 0..upto)
 
     def add(self, layer: int, experts: np.ndarray) -> None:
         """Count the routing ``experts`` [T, K] of ``layer`` (ids < 0 ignored)."""
@@ -235,21 +281,43 @@ class RequestEAM:
 
     def similarity(self, eamc: EAMCollection, upto: int) -> np.ndarray:
         """Cosine similarity [N] to each entry over rows 0..upto (same as ``eamc.similarity``, cached)."""
-        if self._dots is None or self._version != eamc.version:
-            self._dots = np.zeros((len(eamc), self.counts.shape[0]))
-            self._version = eamc.version
-            self._dirty = set(range(self.counts.shape[0]))
+        if self._version != eamc.version:
+            self._catch_up(eamc)
+            self._prefix = None
+        extends = self._prefix is not None and self._prefix[0] == upto - 1 and self._dirty <= {upto}
         for row in self._dirty:
             self._update_row(eamc, row)
         self._dirty.clear()
-        dots = self._dots[:, : upto + 1].sum(axis=1)
+        assert self._dots is not None
+        # layer by layer through a step: one more row onto the last sum
+        dots = self._prefix[1] + self._dots[:, upto] if extends else self._dots[:, : upto + 1].sum(axis=1)  # type: ignore[index]
+        self._prefix = (upto, dots)
         return _cosine(dots, float(self._q_sq[: upto + 1].sum()), eamc.cum_sq[:, upto])
+
+    def _catch_up(self, eamc: EAMCollection) -> None:
+        """Recompute the dot products of the entries changed since the last match (all of them if unknown)."""
+        changed = None if self._dots is None else eamc.changed_since(self._version)
+        self._version = eamc.version
+        if changed is None:
+            self._dots = np.zeros((len(eamc), self.counts.shape[0]))
+            self._dirty = set(range(self.counts.shape[0]))
+            return
+        assert self._dots is not None
+        if len(self._dots) < len(eamc):
+            self._dots = np.concatenate(
+                [self._dots, np.zeros((len(eamc) - len(self._dots), self._dots.shape[1]))]
+            )
+        clean = [r for r in range(self.counts.shape[0]) if r not in self._dirty]
+        unit = eamc.unit_by_layer
+        for idx in sorted(set(changed)):
+            self._dots[idx, clean] = np.einsum("le,le->l", unit[clean, idx], self._q[clean])
 
     def _update_row(self, eamc: EAMCollection, row: int) -> None:
         q = row_normalise(self.counts[row])  # [E]
+        self._q[row] = q
         self._q_sq[row] = float((q**2).sum())
         assert self._dots is not None
-        self._dots[:, row] = eamc.unit[:, row] @ q
+        self._dots[:, row] = eamc.unit_by_layer[row] @ q
 
 
 def _cosine(dots: np.ndarray, q_sq: float, e_sq: np.ndarray) -> np.ndarray:

@@ -126,6 +126,14 @@ class RoutingPredictor:
         """Tokens of one request that run in one step: ``token_ids`` [T], GRU ``state`` [H], ``prev`` [L, E]
         (multi-hot routing of the request's previous token, known only if it ran in an earlier step) →
         (probabilities [T, L, E], new state [H]). Only the first of the T tokens gets ``prev``."""
+        mix, h = self.encode(token_ids, state, prev)
+        return self.head(mix), h
+
+    def encode(
+        self, token_ids: np.ndarray, state: np.ndarray, prev: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``predict`` up to the output head: (pre-activation features [T, H], new state [H]); ``head`` of any
+        rows of them gives those tokens' probabilities (so callers can take them a few tokens at a time)."""
         x = self.emb[self.remap(token_ids)]  # [T, D]
         gi = x @ self.w_ih + self.b_ih  # [T, 3H]
         hid = self.cfg.hidden
@@ -141,8 +149,12 @@ class RoutingPredictor:
         mix = np.concatenate([hs, x], axis=1) @ self.w_mix + self.b_mix  # [T, H]
         if prev is not None and self.cfg.use_prev_routing and len(x):
             mix[0] += prev.reshape(-1).astype(np.float32) @ self.w_prev
-        logits = _gelu(mix) @ self.w_out + self.b_out  # [T, L*E]
-        return _sigmoid(logits).reshape(len(x), *self.shape), h
+        return mix, h
+
+    def head(self, mix: np.ndarray) -> np.ndarray:
+        """Probabilities [t, L, E] from ``encode``'s features [t, H]."""
+        logits = _gelu(mix) @ self.w_out + self.b_out  # [t, L*E]
+        return _sigmoid(logits).reshape(len(mix), *self.shape)
 
     def request_path(self, token_ids: np.ndarray) -> np.ndarray:
         """Predicted per-token expert usage of a request from its prompt: mean over tokens [L, E]."""

@@ -130,7 +130,9 @@ def test_observe_splits_rows_by_sequence_and_end_request_grows_the_collection() 
     assert pol.running[10].counts[0].tolist() == [3, 1, 1, 1, 0, 0, 0, 0]
     assert pol.running[11].counts[0].tolist() == [0, 0, 0, 0, 0, 1, 1, 0]
     pol.end_request(10)
-    assert len(pol.eamc) == 1 and pol.eamc.entries[0, 0, 0] == 3 and 10 not in pol.running
+    assert len(pol.eamc) == 0 and 10 not in pol.running  # admitted when the next step starts, not mid-step
+    pol.begin_step(StepInfo(1, (11,), ((5,),), (1,), False))
+    assert len(pol.eamc) == 1 and pol.eamc.entries[0, 0, 0] == 3
     pol.finish()
     assert len(pol.eamc) == 2 and not pol.running
 

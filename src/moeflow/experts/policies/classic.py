@@ -28,8 +28,9 @@ class _RankedSlots(CachePolicy):
 
     def select_victims(self, n: int, protect: set[Key], layer: int) -> list[Key]:
         blocked = self.slot_layer < 0  # [S] empty slots hold nothing to evict
-        for key in protect & self.slot_of.keys():
-            blocked[self.slot_of[key]] = True
+        for key in protect:  # the smaller set: intersecting with the keys view copies every key
+            if key in self.slot_of:
+                blocked[self.slot_of[key]] = True
         order = np.lexsort((*self.slot_ranks(), blocked))[:n]  # stable: ties go to the lowest slot
         return [self.key_in[s] for s in order if not blocked[s]]
 

@@ -32,7 +32,8 @@ import numpy as np
 
 from moeflow.errors import MoeflowError
 from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
-from moeflow.experts.policies.forecast import Forecaster
+from moeflow.experts.policies.forecast import Forecaster, StepForecast
+from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
 
 DEMOTED = 1e9
@@ -65,6 +66,10 @@ class ExpertFlowPolicy(CachePolicy):
     auto_budget: bool = True
     """Set ``prefetch_per_layer`` from timing the engine measures (or the simulator models) via ``on_timing``:
     layer compute time / one expert's copy time (at least one copy per step). Off when the option is given."""
+    byte_aware: bool = False
+    """Issue a prefetch only if its expected benefit beats its displacement and link cost (``policies.link``; needs
+    ``on_timing``): chance of use = the step's demand; the victim's = its demand if its layer is still ahead in the
+    step, else the next-step estimate."""
     decay: float = 0.9
     """Running averages (accuracy, expert frequency) keep this much of the old value per step."""
     max_requests: int = 4096
@@ -75,6 +80,7 @@ class ExpertFlowPolicy(CachePolicy):
     def __post_init__(self) -> None:
         self.name = "expertflow"
         self._ready, self._timed = False, False
+        self.link = LinkLedger()
 
     # ------------------------------------------------------------------------------ lifecycle
     def bind(self, num_slots: int, num_layers: int, num_experts: int, top_k: int) -> None:
@@ -84,7 +90,7 @@ class ExpertFlowPolicy(CachePolicy):
         self.accuracy = np.full(num_layers, 0.5)  # [L]
         self.forecast = Forecaster(num_layers, num_experts, self.max_requests)
         self.forecast.predictor = self.predictor  # kept across a re-bind
-        self._probs: np.ndarray | None = None  # [T, L, E]
+        self._fc: StepForecast | None = None  # this step's forecast
         self._demand = np.zeros(shape)  # [L, E] trusted demand of this step
         self._next = np.zeros(shape)  # [L, E] next-step demand estimate
         self._fstep = np.zeros(shape)  # [L, E] per-step frequency demand
@@ -98,7 +104,15 @@ class ExpertFlowPolicy(CachePolicy):
     def setup(self, context: PolicyContext) -> None:
         self._ready = True
         opts = context.options
-        names = ("max_lookahead", "trust", "min_prob", "decay", "prefetch_per_layer", "auto_budget")
+        names = (
+            "max_lookahead",
+            "trust",
+            "min_prob",
+            "decay",
+            "prefetch_per_layer",
+            "auto_budget",
+            "byte_aware",
+        )
         if "prefetch_per_layer" in apply_options(self, opts, names):
             self.auto_budget = False
         from moeflow.routing.predictor import (
@@ -128,21 +142,21 @@ class ExpertFlowPolicy(CachePolicy):
     def begin_step(self, info: StepInfo) -> None:
         if not self._ready:
             self.setup(PolicyContext())
-        self._probs = self.forecast.begin_step(info, self.freq)
+        self._fc = self.forecast.begin_step(info, self.freq, self.top_k)
         self._plan_step(len(info.request_ids))
 
     def _plan_step(self, batch: int) -> None:
         """Demand of this step and of the next, mixed with frequency by each layer's accuracy."""
         f = np.clip(self.freq, 0.0, 1.0)
         self._fstep = 1 - (1 - f) ** max(batch, 1)  # [L, E]
-        if self._probs is None or len(self._probs) == 0:
+        fc = self._fc
+        if fc is None or fc.tokens == 0:
             pred = np.zeros_like(f)
             ends = np.zeros((0, *f.shape))
         else:
-            p = np.clip(self._probs, 0.0, 1 - 1e-6)
-            pred = 1 - np.exp(np.log1p(-p).sum(axis=0))  # [L, E]
-            ends = p[self.forecast.last_rows()]  # [B, L, E] each request's last token
-        ftok = 1 - (1 - f) ** max(len(self._probs) if self._probs is not None else 1, 1)
+            pred = 1 - np.exp(fc.log_miss)  # [L, E]
+            ends = fc.ends  # [B, L, E] each request's last token
+        ftok = 1 - (1 - f) ** max(fc.tokens if fc is not None else 1, 1)
         a = self.accuracy[:, None]
         self._demand = a * pred + (1 - a) * ftok
         last = (
@@ -152,6 +166,7 @@ class ExpertFlowPolicy(CachePolicy):
         )
         self._next = 0.5 * (last + self._fstep)
         self._pos, self._table, self._in_use, self._prefetched = -1, None, set(), 0
+        self.link.begin_step()
 
     def observe(self, layer: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
         """``experts`` [T, K] for the step's tokens, sequences concatenated in StepInfo order."""
@@ -160,7 +175,7 @@ class ExpertFlowPolicy(CachePolicy):
         if len(ok):
             share = np.bincount(ok.ravel(), minlength=self.num_experts)[: self.num_experts] / len(ok)
             self.freq[layer] = self.decay * self.freq[layer] + (1 - self.decay) * share
-        if self._probs is not None and len(self._probs) == len(ex) and len(ok):
+        if self._fc is not None and self._fc.tokens == len(ex) and len(ok):
             self._correct(layer, ex)
         chosen = set(ex[ex >= 0].tolist())
         for key in [k for k in self._pending if k[0] == layer and k[1] not in chosen]:
@@ -169,14 +184,14 @@ class ExpertFlowPolicy(CachePolicy):
 
     def _correct(self, layer: int, ex: np.ndarray) -> None:
         """Update the layer's accuracy and each request's routing of its latest token."""
-        p = self._probs[:, layer]  # type: ignore[index]  [T, E]
-        top = np.argpartition(-p, self.top_k - 1, axis=1)[:, : self.top_k]  # [T, K]
+        top = self._fc.top[:, layer]  # type: ignore[union-attr]  [T, K]
         valid = (ex >= 0).all(axis=1)
         hits = (top[:, :, None] == ex[:, None, :]).any(axis=1).sum(axis=1)[valid]
         self.accuracy[layer] = self.decay * self.accuracy[layer] + (1 - self.decay) * hits.mean() / self.top_k
         self.forecast.record(layer, ex)
 
     def on_timing(self, layer_s: float, copy_s: float) -> None:
+        self.link.layer_s, self.link.copy_s = layer_s, copy_s
         if not self.auto_budget or copy_s <= 0 or self.num_layers == 0:
             return
         budget = max(layer_s / copy_s, 1.0 / self.num_layers)
@@ -230,10 +245,12 @@ class ExpertFlowPolicy(CachePolicy):
         expected later than ``floor`` when given."""
         ok = self.slot_layer >= 0  # [S]
         dist = self.distances()[np.maximum(self.slot_layer, 0), np.maximum(self.slot_expert, 0)]  # [S]
-        for key in self._demoted & self.slot_of.keys():
-            dist[self.slot_of[key]] += DEMOTED
-        for key in protect & self.slot_of.keys():
-            ok[self.slot_of[key]] = False
+        for key in self._demoted:  # the smaller set: intersecting with the keys view copies every key
+            if key in self.slot_of:
+                dist[self.slot_of[key]] += DEMOTED
+        for key in protect:  # the smaller set: intersecting with the keys view copies every key
+            if key in self.slot_of:
+                ok[self.slot_of[key]] = False
         if floor is not None:
             ok &= dist > floor
         idx = np.flatnonzero(ok)
@@ -262,7 +279,7 @@ class ExpertFlowPolicy(CachePolicy):
 
     def prefetch(self, layer: int, lookahead: int | None = None) -> list[Load]:
         """Loads for the trusted layers after ``layer``, nearest layer first, then likeliest expert first."""
-        if self._probs is None:
+        if self._fc is None:
             return []
         layers = self.horizon(layer, lookahead)
         quota = self.quotas(layers)
@@ -280,13 +297,27 @@ class ExpertFlowPolicy(CachePolicy):
                 if self.resident(key):
                     continue
                 mine = self._distance(key)
-                load = self.admit(key, (self.num_layers - ly) + p, protect, _Later(self, mine))
+                if self.byte_aware:
+                    victim = None if self._free else self.select_victim(protect, ly, _Later(self, mine))
+                    if (victim is None and not self._free) or not self._pays(p, victim, layer, ly):
+                        continue
+                    load = self.admit(key, (self.num_layers - ly) + p, protect, victim=victim)
+                else:
+                    load = self.admit(key, (self.num_layers - ly) + p, protect, _Later(self, mine))
                 if load is None:
                     continue  # nothing resident is expected later than this key
+                self.link.queue(layer)
                 self._pending.add(key)
                 loads.append(load)
         self._prefetched += len(loads)
         return loads
+
+    def _pays(self, p_use: float, victim: Key | None, layer: int, target: int) -> bool:
+        """The byte-aware test (``policies.link``) for a prefetch into ``target`` over ``victim`` after ``layer``."""
+        p_victim = 0.0
+        if victim is not None:
+            p_victim = float(self._demand[victim] if victim[0] > self._pos else self._next[victim])
+        return self.link.worth(p_use, p_victim, layer, target)
 
     def _call_budget(self, layer: int) -> float:
         """Loads this ``prefetch`` call may issue: the step's remaining budget spread over the calls left."""

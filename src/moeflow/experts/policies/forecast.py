@@ -1,12 +1,15 @@
 """ExpertFlow's per-request forecasts: one routing-predictor state per running request (recurrent state, next
-position, the routing of its latest token), turned into per-token expert probabilities at the start of each step.
-Pure NumPy bookkeeping around the predictor object; the cache decisions stay in ``expertflow``.
-Legend: T tokens of a step, L layers, E experts, K top-k.
+position, the routing of its latest token), turned at the start of each step into what the policy plans from
+(``StepForecast``): the step's demand, each token's predicted top-k, and each request's last token's probabilities.
+The per-token probabilities [T, L, E] are consumed in chunks of ``CHUNK`` tokens and never held whole (a 2048-token
+prompt at 48 x 128 would be 50 MB). Pure NumPy bookkeeping around the predictor object; the cache decisions stay in
+``expertflow``. Legend: T tokens of a step, L layers, E experts, K top-k, B requests of the step.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +28,25 @@ class RequestState:
     prev: np.ndarray | None = None  # [L, E] complete routing of the previous token, if known
 
 
+CHUNK = 256
+"""Tokens whose probabilities are held at once."""
+CLIP = 1 - 1e-6
+"""Probabilities are clipped to [0, CLIP] before the demand's logarithms."""
+
+
+@dataclass(frozen=True)
+class StepForecast:
+    """What one step's per-token probabilities come to."""
+
+    tokens: int
+    log_miss: np.ndarray
+    """[L, E] float32: Σ_t log(1 − p[t, l, e]), tokens in step order (the step's demand is 1 − exp of it)."""
+    top: np.ndarray
+    """[T, L, K] each token's ``top_k`` likeliest experts per layer (as ``np.argpartition`` picks them)."""
+    ends: np.ndarray
+    """[B, L, E] float32 clipped probabilities of each request's last token in the step."""
+
+
 class Forecaster:
     """Per-token probabilities [T, L, E] for each step from a predictor (``init_state()``, ``predict(tokens,
     state, prev)``), or from expert frequencies when there is none."""
@@ -37,21 +59,37 @@ class Forecaster:
         self.segments: list[tuple[RequestState, int, int]] = []
         """The step's requests and their token rows [start, end) in the step's concatenated tokens."""
 
-    def begin_step(self, info: StepInfo, freq: np.ndarray) -> np.ndarray | None:
-        """[T, L, E] probabilities of the step's new tokens (requests concatenated in ``info`` order); ``freq``
-        [L, E] stands in without a predictor."""
-        probs, self.segments, start = [], [], 0
+    def begin_step(self, info: StepInfo, freq: np.ndarray, top_k: int) -> StepForecast | None:
+        """The forecast of the step's new tokens (requests concatenated in ``info`` order); ``freq`` [L, E] stands
+        in without a predictor. None for a step without requests."""
+        self.segments, start = [], 0
+        log_miss: np.ndarray | None = None
+        tops, ends = [], []
         for rid, toks, pos in zip(info.request_ids, info.token_ids, info.positions):
             req = self._state(rid, pos)
-            probs.append(self._predict(req, np.asarray(toks, np.int64), freq))
+            last = None
+            for probs in self._predict(req, np.asarray(toks, np.int64), freq):  # [t, L, E] chunks in order
+                logs = np.log1p(-np.clip(probs, 0.0, CLIP))
+                # one sequential sum over every token of the step, as a [T, L, E] array's sum(axis=0) would be
+                log_miss = (
+                    logs.sum(axis=0)
+                    if log_miss is None
+                    else np.add.reduce(np.concatenate([log_miss[None], logs]))
+                )
+                tops.append(_top(probs, top_k))
+                last = probs[-1]
+            if last is not None:
+                ends.append(np.clip(last, 0.0, CLIP))
             self.segments.append((req, start, start + len(toks)))
             req.next_pos, start = pos + len(toks), start + len(toks)
             req.routing, req.seen = np.zeros(self.shape, np.float32), 0
-        return np.concatenate(probs) if probs else None
-
-    def last_rows(self) -> list[int]:
-        """Row of each request's last token in this step."""
-        return [e - 1 for _, s, e in self.segments if e > s]
+        if not self.segments:
+            return None
+        if log_miss is None:
+            log_miss = np.zeros(self.shape, np.float32)
+        top = np.concatenate(tops) if tops else np.zeros((0, *self.shape[:1], top_k), np.int64)
+        end = np.stack(ends) if ends else np.zeros((0, *self.shape), np.float32)
+        return StepForecast(start, log_miss, top, end)
 
     def record(self, layer: int, experts: np.ndarray) -> None:
         """The router of ``layer`` chose ``experts`` [T, K]: note each request's latest token's routing."""
@@ -79,8 +117,28 @@ class Forecaster:
             self.requests.popitem(last=False)
         return req
 
-    def _predict(self, req: RequestState, tokens: np.ndarray, freq: np.ndarray) -> np.ndarray:
-        if self.predictor is None or len(tokens) == 0:
-            return np.broadcast_to(freq, (len(tokens), *freq.shape)).astype(np.float32)
-        probs, req.h = self.predictor.predict(tokens, req.h, req.prev)  # type: ignore[attr-defined]
-        return probs
+    def _predict(self, req: RequestState, tokens: np.ndarray, freq: np.ndarray) -> Iterator[np.ndarray]:
+        """Probabilities [t, L, E] of ``tokens`` in chunks of at most ``CHUNK`` tokens (advances ``req.h``)."""
+        if len(tokens) == 0:
+            return
+        if self.predictor is None:
+            row = freq.astype(np.float32)
+            for s in range(0, len(tokens), CHUNK):
+                yield np.broadcast_to(row, (min(CHUNK, len(tokens) - s), *row.shape))
+            return
+        pred = self.predictor
+        if not hasattr(pred, "encode"):  # a predictor object without the split forward: whole, as given
+            probs, req.h = pred.predict(tokens, req.h, req.prev)  # type: ignore[attr-defined]
+            yield probs
+            return
+        mix, req.h = pred.encode(tokens, req.h, req.prev)  # [T, H]
+        for s in range(0, len(tokens), CHUNK):
+            yield pred.head(mix[s : s + CHUNK])
+
+
+def _top(probs: np.ndarray, k: int) -> np.ndarray:
+    """[t, L, K] the ``k`` likeliest experts of each token and layer of ``probs`` [t, L, E]."""
+    if probs.strides[0] == 0:  # identical rows (frequencies): pick once
+        one = np.argpartition(-probs[0], k - 1, axis=-1)[..., :k]
+        return np.broadcast_to(one, (len(probs), *one.shape))
+    return np.argpartition(-probs, k - 1, axis=-1)[..., :k]

@@ -35,6 +35,7 @@ import numpy as np
 
 from moeflow.errors import MoeflowError
 from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
+from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
 from moeflow.routing.eam import DEFAULT_CAPACITY, EAMCollection, RequestEAM, row_normalise
 
@@ -64,6 +65,9 @@ class MoEInfinityPolicy(CachePolicy):
     prefetch_before: bool = True
     """Act on ``prefetch(-1)`` (before the step's first layer): prefetch from layer 0 on, matching the requests'
     EAMs from their earlier tokens over all layers."""
+    byte_aware: bool = False
+    """Issue a prefetch only if its expected benefit beats its displacement and link cost (``policies.link``; needs
+    ``on_timing``). The chance of use of an expert is 1 − exp(−k · predicted ratio), summed over the requests."""
     prefetch_per_layer: float = 0.0
     """Prefetch budget, as ExpertFlow's: at most this many loads per layer on average in a step (0: no limit).
     Fewer copies for some hit ratio: e.g. the copies one layer's compute hides (layer time × bandwidth / bytes)."""
@@ -72,11 +76,16 @@ class MoEInfinityPolicy(CachePolicy):
         self.name = "moe-infinity"
         self.eamc: EAMCollection | None = None
         self.save_path: Path | None = None
+        self.link = LinkLedger()
         self._reset()
 
     def _reset(self) -> None:
         self.running: dict[int, RequestEAM] = {}
         self._recent: dict[int, np.ndarray] = {}  # [L, E] recency-weighted counts per request
+        self._own: dict[
+            int, np.ndarray
+        ] = {}  # [L, E] each request's own activation ratios (rows kept current)
+        self._seen: dict[int, np.ndarray] = {}  # [L, 1] rows the request has routed
         self._prefetched = 0  # prefetch loads issued in this step
         self._rids: tuple[int, ...] = ()
         self._lengths: list[int] = []
@@ -85,6 +94,7 @@ class MoEInfinityPolicy(CachePolicy):
         self._keep: np.ndarray | None = None  # [L, E] keep-scores at the current layer
         self._needed: set[Key] = set()
         self._needed_clock = -1
+        self._finished: list[np.ndarray] = []  # [L, E] EAMs of finished requests not admitted yet
 
     # ------------------------------------------------------------------------------ lifecycle
     def bind(self, num_slots: int, num_layers: int, num_experts: int, top_k: int) -> None:
@@ -97,7 +107,7 @@ class MoEInfinityPolicy(CachePolicy):
         opts = context.options
         names = ("capacity", "match_k", "max_prefetch", "history_weight", "recency", "recent_weight")
         apply_options(self, opts, (*names, "prefetch_per_layer", ("prefetch", "prefetch_enabled")))
-        apply_options(self, opts, ("predict_own", "prefetch_before"))
+        apply_options(self, opts, ("predict_own", "prefetch_before", "byte_aware"))
         self.eamc = self._load_collection(context)
         if opts.get("eamc_save"):
             self.save_path = Path(opts["eamc_save"])
@@ -124,15 +134,25 @@ class MoEInfinityPolicy(CachePolicy):
         return EAMCollection(*shape, self.capacity)
 
     def end_request(self, request_id: int) -> None:
-        """A request finished: its EAM joins the collection."""
+        """A request finished: its EAM joins the collection, at the start of the next step (``_admit``), so that
+        no admission lands between two layers' decisions."""
         req = self.running.pop(request_id, None)
-        self._recent.pop(request_id, None)
-        if req is not None and self.eamc is not None:
-            self.eamc.add(req.counts)
+        for held in (self._recent, self._own, self._seen):
+            held.pop(request_id, None)
+        if req is not None:
+            self._finished.append(req.counts)
+
+    def _admit(self) -> None:
+        """Admit the EAMs of the requests finished since the last step (each refreshes one entry's caches)."""
+        if self.eamc is not None:
+            for counts in self._finished:
+                self.eamc.add(counts)
+        self._finished = []
 
     def finish(self) -> None:
         for rid in list(self.running):
             self.end_request(rid)
+        self._admit()
         if self.save_path is not None and self.eamc is not None:
             try:
                 self.eamc.save(self.save_path)
@@ -142,6 +162,8 @@ class MoEInfinityPolicy(CachePolicy):
 
     # ---------------------------------------------------------------------------------- hooks
     def begin_step(self, info: StepInfo) -> None:
+        self._admit()
+        self.link.begin_step()
         self._rids = tuple(info.request_ids)
         self._lengths = [len(t) for t in info.token_ids]
         for rid in self._rids:
@@ -149,6 +171,8 @@ class MoEInfinityPolicy(CachePolicy):
                 self.running[rid] = RequestEAM(self.num_layers, self.num_experts)
                 self._recent[rid] = np.zeros((self.num_layers, self.num_experts))
             self._recent[rid] *= self.recency
+            self._own[rid] = self._own_rows(rid, slice(None))
+            self._seen[rid] = self.running[rid].counts.sum(axis=1, keepdims=True) > 0
         self._layer, self._pred, self._keep, self._prefetched = -1, None, None, 0
         self._needed = set()  # nothing is in use before the first layer
         if self.prefetch_before and any(self.running[r].counts.any() for r in self._rids):
@@ -167,6 +191,8 @@ class MoEInfinityPolicy(CachePolicy):
             self.running[rid].add(layer, part)
             ids = part[part >= 0].astype(np.int64)
             self._recent[rid][layer] += np.bincount(ids, minlength=self.num_experts)[: self.num_experts]
+            self._own[rid][layer] = self._own_rows(rid, layer)  # only this row changed
+            self._seen[rid][layer] = self.running[rid].counts[layer].sum() > 0
         self._layer = layer
         self._update_scores(layer)
 
@@ -176,17 +202,14 @@ class MoEInfinityPolicy(CachePolicy):
         shape = (self.num_layers, self.num_experts)
         ratio, match = np.zeros(shape), np.zeros(shape) if len(self.eamc) else None
         for rid in self._rids:
-            req = self.running[rid]
-            own = row_normalise(req.counts)
-            if self.recent_weight > 0:
-                own = (1 - self.recent_weight) * own + self.recent_weight * row_normalise(self._recent[rid])
-            if match is None or not req.counts.any():  # no collection, or nothing routed yet to match
+            req, own, seen = self.running[rid], self._own[rid], self._seen[rid]
+            if match is None or not seen.any():  # no collection, or nothing routed yet to match
                 ratio += own
                 continue
             sims = req.similarity(self.eamc, layer if layer >= 0 else self.num_layers - 1)
             m = self.eamc.predict(sims, self.match_k)
-            match += m
-            seen = req.counts.sum(axis=1, keepdims=True) > 0  # [L, 1]
+            if not self.predict_own:
+                match += m
             ratio += np.where(seen, self.history_weight * own + (1 - self.history_weight) * m, m)
         depth = np.arange(self.num_layers)[:, None]  # [L, 1]
         keep = ratio * (1 - depth / self.num_layers)
@@ -195,6 +218,13 @@ class MoEInfinityPolicy(CachePolicy):
             soon = np.where(depth > layer, pred * (1 - (depth - layer) / self.num_layers), 0.0)
             keep = np.maximum(keep, soon)
         self._pred, self._keep = pred, keep
+
+    def _own_rows(self, rid: int, rows: int | slice) -> np.ndarray:
+        """The request's own activation ratios of ``rows``: its EAM's, mixed with its recency-weighted copy's."""
+        own = row_normalise(self.running[rid].counts[rows])
+        if self.recent_weight > 0:
+            own = (1 - self.recent_weight) * own + self.recent_weight * row_normalise(self._recent[rid][rows])
+        return own
 
     def keep_score(self, key: Key) -> float:
         return 0.0 if self._keep is None else float(self._keep[key])
@@ -216,8 +246,9 @@ class MoEInfinityPolicy(CachePolicy):
             else self._keep[np.maximum(self.slot_layer, 0), np.maximum(self.slot_expert, 0)]
         )
         keep = np.where(occupied, keep, np.inf)
-        for key in protect & self.slot_of.keys():
-            keep[self.slot_of[key]] = np.inf
+        for key in protect:  # the smaller set: intersecting with the keys view copies every key
+            if key in self.slot_of:
+                keep[self.slot_of[key]] = np.inf
         return keep
 
     def select_victim(
@@ -255,25 +286,43 @@ class MoEInfinityPolicy(CachePolicy):
         pri = np.where(resident[ahead], 0.0, pri)  # nothing to load for resident keys
         budget = min(self.max_prefetch or self.top_k * len(self._rids), self._call_budget(layer))
         keep = self._slot_keep(set(self._needed))  # [S] inf: not evictable (in use, or admitted just now)
+        # every step below admits one load or stops, so only the ``budget`` likeliest candidates can matter; the
+        # victims come in one fixed order (lowest keep-score, then least recently requested), since an admitted
+        # slot leaves the order and nothing else changes
+        cands = _top_stable(pri.ravel(), pri.size if self.byte_aware else int(min(budget, pri.size)))
+        evictable = np.flatnonzero(keep < np.inf)
+        victims = evictable[np.lexsort((self.slot_used[evictable], keep[evictable]))]
         loads: list[Load] = []
-        for flat in np.argsort(-pri, axis=None, kind="stable"):
+        used = 0
+        for flat in cands.tolist():
             p = float(pri.flat[flat])
             if p <= 0 or len(loads) >= budget:
                 break
             victim = None
-            if not self._free:  # the victim: lowest keep-score, then least recently requested
-                low = keep.min()
-                if p <= low:  # nothing left that this could displace
+            if not self._free:
+                if used >= len(victims) or p <= keep[victims[used]]:  # nothing left that this could displace
                     break
-                tied = np.flatnonzero(keep == low)
-                victim = self.key_in[tied[np.argmin(self.slot_used[tied])]]
+                victim = self.key_in[victims[used]]
             key = (int(ahead[flat // self.num_experts]), int(flat % self.num_experts))
+            if self.byte_aware and not self._pays(key, victim, layer):
+                continue
+            used += victim is not None
             load = self.admit(key, p, victim=victim)
             if load is not None:
                 loads.append(load)
-                keep[load.slot] = np.inf
+                self.link.queue(layer)
         self._prefetched += len(loads)
         return loads
+
+    def _pays(self, key: Key, victim: Key | None, layer: int) -> bool:
+        """The byte-aware test (``policies.link``) for prefetching ``key`` over ``victim`` after ``layer``."""
+        assert self._pred is not None
+        p_use = 1.0 - float(np.exp(-self.top_k * self._pred[key]))
+        p_victim = 0.0 if victim is None else 1.0 - float(np.exp(-self.top_k * self._pred[victim]))
+        return self.link.worth(p_use, p_victim, layer, key[0])
+
+    def on_timing(self, layer_s: float, copy_s: float) -> None:
+        self.link.layer_s, self.link.copy_s = layer_s, copy_s
 
     def _call_budget(self, layer: int) -> float:
         """Loads this ``prefetch`` call may issue: the step's remaining budget spread over the calls left."""
@@ -281,6 +330,18 @@ class MoEInfinityPolicy(CachePolicy):
             return float("inf")
         left = self.prefetch_per_layer * self.num_layers - self._prefetched
         return float(np.ceil(left / max(1, self.num_layers - 1 - layer)))
+
+
+def _top_stable(values: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` largest ``values``, largest first, ties in index order: the first ``n`` of
+    ``np.argsort(-values, kind="stable")`` without sorting them all."""
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    if n >= len(values):
+        return np.argsort(-values, kind="stable")
+    cut = np.partition(values, len(values) - n)[len(values) - n]  # the n-th largest value
+    idx = np.flatnonzero(values >= cut)
+    return idx[np.argsort(-values[idx], kind="stable")][:n]
 
 
 register_policy("moe-infinity", MoEInfinityPolicy)

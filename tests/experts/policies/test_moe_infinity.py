@@ -161,7 +161,11 @@ def test_setup_loads_from_option_path_or_model_dir_and_saves(tmp_path) -> None:
     pol = make_policy("moe-infinity")
     pol.bind(8, L, E, K)
     pol.setup(PolicyContext(model_dir=str(model)))
-    assert len(pol.eamc) == 1 and pol.save_path == model / EAMC_FILE  # serving: learns back beside the model
+    before = (model / EAMC_FILE).read_bytes()
+    pol.observe(0, np.array([[3, 4]]))
+    pol.finish()
+    assert len(pol.eamc) == 2 and pol.save_path is None  # learnt in memory, the shipped file left as it was
+    assert (model / EAMC_FILE).read_bytes() == before
 
     with pytest.raises(MoeflowError, match="does not exist"):
         bound(eamc=str(tmp_path / "absent.npz"))

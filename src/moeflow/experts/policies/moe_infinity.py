@@ -21,7 +21,7 @@ request's next tokens route more like its latest ones than like its prompt as a 
 
 The collection comes from ``options["eamc"]`` (an ``EAMCollection`` or a path) or ``<model_dir>/moeflow/eamc.npz``,
 and grows online: a request's EAM is admitted when it ends (``end_request``, or ``finish``); ``finish`` saves it
-to ``options["eamc_save"]`` or, when serving with the default location, back there.
+to ``options["eamc_save"]`` when given (the file beside the model is never overwritten unless named there).
 """
 
 from __future__ import annotations
@@ -126,11 +126,8 @@ class MoEInfinityPolicy(CachePolicy):
             if not Path(src).exists():
                 raise MoeflowError(f"EAM collection {src} does not exist; build it with `moeflow eamc build`")
             return EAMCollection.load(src, *shape, capacity=None)
-        if context.model_dir:
-            path = Path(context.model_dir) / EAMC_FILE
-            if context.trace is None:  # serving: what is learnt goes back beside the model
-                self.save_path = path
-            return EAMCollection.load(path, *shape, capacity=None)
+        if context.model_dir:  # read only: nothing shipped beside a model is overwritten unless asked (eamc_save)
+            return EAMCollection.load(Path(context.model_dir) / EAMC_FILE, *shape, capacity=None)
         return EAMCollection(*shape, self.capacity)
 
     def end_request(self, request_id: int) -> None:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from moeflow.model.loader import ExpertLayout, ParamSlice
 from moeflow.quant import fit
 from moeflow.quant.formats import QuantFormat, group_of
 from moeflow.quant.pack import pack, packed_bytes, unpack
+
+if TYPE_CHECKING:  # the model package uses this one, not the other way round
+    from moeflow.model.loader import ExpertLayout, ParamSlice
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from moeflow.experts.cache import Key, Load
 from moeflow.model.loader import LoadedModel
-from moeflow.model.rows import read_row
+from moeflow.model.rows import read_rows
 
 
 @dataclass
@@ -97,7 +97,9 @@ class ExpertStore:
         total = len(loaded.layers) * loaded.num_experts
         self.low = share_host.low if share_host is not None else self._low_copies(total, progress)
         """[L*E, row] every expert's low-precision copy (``--miss-dtype``), row l*E+e; None without one."""
-        if share_host is None and host_capacity >= total:
+        if share_host is None and host_capacity >= total and loaded.quantises_on_read:
+            self._preload_quantised(progress)
+        elif share_host is None and host_capacity >= total:
             keys = [(layer, e) for layer in range(len(loaded.layers)) for e in range(loaded.num_experts)]
             for key in tqdm(
                 keys, desc="experts -> host RAM", unit="expert", disable=not progress, leave=False
@@ -110,14 +112,26 @@ class ExpertStore:
     def num_slots(self) -> int:
         return self.slots.shape[0]
 
+    def _preload_quantised(self, progress: bool) -> None:
+        """Every expert quantised once, a layer at a time (the fit runs over a layer's experts together)."""
+        num_experts, experts = self.loaded.num_experts, list(range(self.loaded.num_experts))
+        name = self.codec.fmt.name if self.codec is not None else ""
+        for layer in tqdm(range(len(self.loaded.layers)), desc=f"experts -> {name} in host RAM", unit="layer",
+                          disable=not progress, leave=False):  # fmt: skip
+            first = layer * num_experts
+            rows = self.host[first : first + num_experts]
+            self.stats.bytes_from_disk += read_rows(self.loaded, layer, experts, rows, self.codec)
+            self.host_row.update(((layer, e), first + e) for e in experts)
+
     def _low_copies(self, total: int, progress: bool) -> torch.Tensor | None:
         if self.low_codec is None:
             return None
         low = torch.empty(total, self.low_codec.nbytes, dtype=torch.uint8, pin_memory=self.cuda)
-        num_experts = self.loaded.num_experts
-        for row in tqdm(range(total), desc=f"experts -> {self.low_codec.fmt.name} miss copies", unit="expert",
-                        disable=not progress, leave=False):  # fmt: skip
-            read_row(self.loaded, row // num_experts, row % num_experts, low[row], self.low_codec)
+        num_experts, experts = self.loaded.num_experts, list(range(self.loaded.num_experts))
+        for layer in tqdm(range(len(self.loaded.layers)), desc=f"experts -> {self.low_codec.fmt.name} miss copies",
+                          unit="layer", disable=not progress, leave=False):  # fmt: skip
+            rows = low[layer * num_experts : (layer + 1) * num_experts]
+            read_rows(self.loaded, layer, experts, rows, self.low_codec)
         return low
 
     def compute_views(

@@ -18,9 +18,9 @@ import torch
 
 from moeflow.quant.formats import QuantFormat, group_of
 
-CLIPS_LOW_BITS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
+CLIPS_LOW_BITS = (1.0, 0.9, 0.8, 0.7)
 """Shares of the min-max range tried as starting grids at 4 bits and below (1.0 alone at 8 bits)."""
-ITERATIONS = 6
+ITERATIONS = 4
 """Alternating least-squares passes per starting grid."""
 
 FP8_MAX = 448.0

@@ -14,20 +14,21 @@ def packed_bytes(count: int, bits: int) -> int:
     return (count + per - 1) // per
 
 
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes (any shape, values in [0, 2**bits)) -> uint8 [packed_bytes(numel, bits)]."""
-    flat = codes.reshape(-1).to(torch.int32)
+def pack(codes: torch.Tensor, bits: int, batched: bool = False) -> torch.Tensor:
+    """Codes (any shape, values in [0, 2**bits)) -> uint8 [packed_bytes(numel, bits)]; ``batched``: codes
+    [R, ...] -> [R, packed_bytes(numel / R, bits)], each row packed on its own."""
+    flat = codes.reshape(codes.shape[0] if batched else 1, -1).to(torch.int32)
     per = 8 if bits == 3 else 8 // bits
-    pad = (-flat.numel()) % per
+    pad = (-flat.shape[1]) % per
     if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    words = flat.view(-1, per)
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    words = flat.view(flat.shape[0], -1, per)
     shifts = torch.arange(per, dtype=torch.int32, device=flat.device) * bits
-    word = (words << shifts).sum(dim=1, dtype=torch.int32)  # [W] one packed word per `per` codes
-    if bits != 3:
-        return word.to(torch.uint8)
-    parts = torch.stack([(word >> s) & 0xFF for s in (0, 8, 16)], dim=1)
-    return parts.to(torch.uint8).reshape(-1)
+    word = (words << shifts).sum(dim=-1, dtype=torch.int32)  # [R, W] one packed word per `per` codes
+    if bits == 3:
+        word = torch.stack([(word >> s) & 0xFF for s in (0, 8, 16)], dim=-1).reshape(word.shape[0], -1)
+    out = word.to(torch.uint8)
+    return out if batched else out.reshape(-1)
 
 
 def unpack(data: torch.Tensor, bits: int, count: int) -> torch.Tensor:

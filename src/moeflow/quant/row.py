@@ -100,36 +100,48 @@ class RowCodec:
     # ------------------------------------------------------------------------------------------ encode
     def encode(self, flat: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """One expert's flat full-precision row [numel] -> its quantised row uint8 [nbytes]."""
-        out = torch.zeros(self.nbytes, dtype=torch.uint8) if out is None else out
+        return self.encode_many(flat[None], None if out is None else out[None])[0]
+
+    def encode_many(self, flats: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Flat full-precision rows [R, numel] -> quantised rows uint8 [R, nbytes] (fitted together: fast)."""
+        r = flats.shape[0]
+        out = torch.zeros(r, self.nbytes, dtype=torch.uint8) if out is None else out
         for c in self.params:
-            value = flat[c.param.offset : c.param.offset + c.param.numel].view(c.param.shape)
-            self.write(out, c, self.quantise(c, value))
+            value = flats[:, c.param.offset : c.param.offset + c.param.numel].reshape(r, *c.param.shape)
+            self.write_many(out, c, self.quantise(c, value))
         return out
 
     def quantise(self, c: ParamCodec, value: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The pieces of parameter ``c`` holding ``value`` (its model shape)."""
+        """The pieces of parameter ``c`` holding ``value`` [R, *model shape], each [R, ...]."""
+        r = value.shape[0]
         if c.fmt is None:
             return {"raw": value.to(torch.float32)}
-        w = value.t() if c.transposed else value
+        n, d = c.matrix
+        w = (value.transpose(1, 2) if c.transposed else value).reshape(r * n, d)
         if c.fmt.kind == "int":
             q, s, m = fit.fit_int(w, c.fmt)
-            return {"codes": pack(q, c.fmt.bits), "scale": s, "offset": m}
+            codes = pack(q.reshape(r, -1), c.fmt.bits, batched=True)
+            return {"codes": codes, "scale": s.reshape(r, -1), "offset": m.reshape(r, -1)}
         if c.fmt.kind == "fp8":
             q, s = fit.fit_fp8(w, c.fmt.group)
-            return {"codes": q, "scale": s}
-        q, s = fit.fit_mxfp4(w)
-        return {"codes": q, "scale": s}
+        else:
+            q, s = fit.fit_mxfp4(w)
+        return {"codes": q.reshape(r, -1), "scale": s.reshape(r, -1)}
 
     def write(self, out: torch.Tensor, c: ParamCodec, parts: dict[str, torch.Tensor]) -> None:
         """Store ``parts`` (piece name -> tensor of the piece's shape, any dtype of its size) into row ``out``."""
+        self.write_many(out[None], c, {k: v[None] for k, v in parts.items()})
+
+    def write_many(self, out: torch.Tensor, c: ParamCodec, parts: dict[str, torch.Tensor]) -> None:
+        """:meth:`write` for rows ``out`` [R, nbytes], each part [R, ...]."""
+        r = out.shape[0]
         for piece in c.pieces:
-            value = parts[piece.name].to(piece.dtype).contiguous().reshape(-1)
-            data = value.view(torch.uint8)
-            if data.numel() != piece.nbytes:
+            data = parts[piece.name].to(piece.dtype).contiguous().reshape(r, -1).view(torch.uint8)
+            if data.shape[1] != piece.nbytes:
                 raise ValueError(
-                    f"{c.param.name}.{piece.name}: {data.numel()} bytes for a piece of {piece.nbytes}"
+                    f"{c.param.name}.{piece.name}: {data.shape[1]} bytes for a piece of {piece.nbytes}"
                 )
-            out[piece.offset : piece.offset + piece.nbytes].copy_(data)
+            out[:, piece.offset : piece.offset + piece.nbytes].copy_(data)
 
     # ------------------------------------------------------------------------------------------ decode
     def decode(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

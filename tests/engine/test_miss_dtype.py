@@ -71,7 +71,9 @@ def test_few_slots_differ_from_full_precision(checkpoints: dict[str, Path]) -> N
     path = checkpoints["olmoe"]
     with torch.no_grad():
         want = LLM(path, device="cpu", num_slots=2, progress=False).loaded.model(torch.tensor(PROMPT)).logits
-        got = LLM(path, device="cpu", num_slots=2, progress=False, miss_dtype="int2").loaded.model(
-            torch.tensor(PROMPT)
-        ).logits
+        got = (
+            LLM(path, device="cpu", num_slots=2, progress=False, miss_dtype="int2")
+            .loaded.model(torch.tensor(PROMPT))
+            .logits
+        )
     assert not torch.allclose(got, want, rtol=1e-3, atol=1e-4)

@@ -36,12 +36,16 @@ def direct_nll(path: Path, ids: list[int], context: int, stride: int) -> tuple[f
     return nll / count, count
 
 
-@pytest.mark.parametrize(("n", "context", "stride"), [(10, 4, 2), (11, 4, 3), (9, 9, 9), (5, 8, 4), (7, 3, 1)])
+@pytest.mark.parametrize(
+    ("n", "context", "stride"), [(10, 4, 2), (11, 4, 3), (9, 9, 9), (5, 8, 4), (7, 3, 1)]
+)
 def test_windows_score_every_token_once(n: int, context: int, stride: int) -> None:
     scored = []
     for start, end, first in windows(n, context, stride):
         assert end - start <= context and start <= first < end
-        assert first - start + 1 >= min(context - stride, first + 1)  # tokens seen when scoring token first + 1
+        assert first - start + 1 >= min(
+            context - stride, first + 1
+        )  # tokens seen when scoring token first + 1
         scored += range(first, end - 1)
     assert scored == list(range(n - 1))
 

@@ -3,7 +3,7 @@
 For every expert format (bf16 = the checkpoint's precision, fp8, int8, int4, int3, int2), with every expert cached:
 mean NLL per token over the first ``--tokens`` tokens of each text (one window, teacher forced), the mean KL divergence
 of the next-token distributions from bf16's, and the agreement of ``--gen`` greedy tokens after a ``--prompt-tokens``
-prompt taken from the text. Miss-only int4 (``--miss-dtype int4``: hits full precision, misses int4) runs at
+prompt taken from the text. The two texts run as one batch of two rows (scoring and generation). Miss-only int4 (``--miss-dtype int4``: hits full precision, misses int4) runs at
 ``--cache`` of the experts cached, and is scored token by token through the KV cache (teacher-forced decode), so
 hits and misses happen as in generation; a bf16 run at the same cache size, scored the same way, is the control.
 
@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from moeflow import LLM, SamplingParams
-from moeflow.engine.perplexity import window_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo"
@@ -34,57 +33,51 @@ FORMATS = ("bf16", "fp8", "int8", "int4", "int3", "int2")
 
 
 @torch.inference_mode()
-def decode_logprobs(llm: LLM, ids: list[int]) -> torch.Tensor:
-    """Next-token log-probabilities [n - 1, V], one token per forward step through the KV cache."""
+def window_batch(llm: LLM, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities [B, n - 1, V] of every row of ``ids`` [B, n], one forward pass (teacher forced)."""
+    return torch.log_softmax(llm.loaded.model(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+
+
+@torch.inference_mode()
+def decode_batch(llm: LLM, ids: torch.Tensor) -> torch.Tensor:
+    """The same, one token per forward step through the KV cache (hits and misses as in generation)."""
     cache, rows = None, []
-    for t in range(len(ids) - 1):
+    for t in range(ids.shape[1] - 1):
         kw = {"past_key_values": cache} if cache is not None else {}
-        out = llm.loaded.model(input_ids=torch.tensor([[ids[t]]]), position_ids=torch.tensor([[t]]), use_cache=True,
-                               **kw)  # fmt: skip
+        pos = torch.full((ids.shape[0], 1), t)
+        out = llm.loaded.model(input_ids=ids[:, t : t + 1], position_ids=pos, use_cache=True, **kw)
         cache = out.past_key_values
-        rows.append(torch.log_softmax(out.logits[0, -1].float(), dim=-1))
-    return torch.stack(rows)
-
-
-def scores(logp: torch.Tensor, ids: list[int], ref: torch.Tensor | None) -> dict:
-    target = torch.tensor(ids[1 : len(logp) + 1])
-    nll = float(-logp[torch.arange(len(target)), target].double().mean())
-    kl = None if ref is None else float((ref.exp() * (ref - logp)).sum(-1).double().mean())
-    return {"nll": nll, "kl": kl}
-
-
-def greedy(llm: LLM, prompt: list[int], n: int) -> list[int]:
-    return llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0].token_ids
-
-
-def agreement(tokens: list[int], ref: list[int]) -> dict:
-    same = [a == b for a, b in zip(tokens, ref, strict=True)]
-    first = next((i for i, s in enumerate(same) if not s), len(same))
-    return {"greedy_agree": sum(same) / len(same), "greedy_first_diff": first}
+        rows.append(torch.log_softmax(out.logits[:, -1].float(), dim=-1))
+    return torch.stack(rows, dim=1)
 
 
 def run_config(
     name: str, llm: LLM, texts: dict, args: argparse.Namespace, ref: dict, decode: bool
 ) -> list[dict]:
+    """Both texts as one batch of two rows (scoring and greedy generation)."""
+    t0 = time.perf_counter()
+    names = list(texts)
+    ids = torch.tensor([texts[k] for k in names])  # [2, tokens + 1]
+    p0 = (llm.policy.stats.hits, llm.policy.stats.misses)
+    logp = decode_batch(llm, ids) if decode else window_batch(llm, ids)
+    hits, misses = llm.policy.stats.hits - p0[0], llm.policy.stats.misses - p0[1]
+    params = SamplingParams(max_tokens=args.gen, temperature=0, ignore_eos=True)
+    gens = [o.token_ids for o in llm.generate([texts[k][: args.prompt_tokens] for k in names], params)]
     rows = []
-    for text, ids in texts.items():
-        t0 = time.perf_counter()
-        p0 = (llm.policy.stats.hits, llm.policy.stats.misses)
-        logp = (
-            decode_logprobs(llm, ids)
-            if decode
-            else window_logprobs(llm.loaded.model, ids, 0, len(ids), llm.device)[:-1]
-        )
-        hits, misses = llm.policy.stats.hits - p0[0], llm.policy.stats.misses - p0[1]
-        row = {"config": name, "text": text, "tokens": len(ids) - 1, "scoring": "decode" if decode else "window",
-               **scores(logp, ids, ref.get(text, {}).get("logp")), "hit_ratio": hits / max(hits + misses, 1)}  # fmt: skip
-        gen = greedy(llm, ids[: args.prompt_tokens], args.gen)
+    for i, text in enumerate(names):
+        target = ids[i, 1:]
+        nll = float(-logp[i, torch.arange(len(target)), target].double().mean())
+        row = {"config": name, "text": text, "tokens": len(target), "scoring": "decode" if decode else "window",
+               "nll": nll, "scoring_hit_ratio": hits / max(hits + misses, 1), "expert_bytes": llm.info.expert_bytes}  # fmt: skip
         if text in ref:
-            row.update(agreement(gen, ref[text]["gen"]))
-            row["nll_rel"] = row["nll"] / ref[text]["nll"] - 1
+            r = ref[text]
+            row["nll_rel"] = nll / r["nll"] - 1
+            row["kl"] = float((r["logp"].exp() * (r["logp"] - logp[i])).sum(-1).double().mean())
+            same = [a == b for a, b in zip(gens[i], r["gen"], strict=True)]
+            row["greedy_agree"] = sum(same) / len(same)
+            row["greedy_first_diff"] = next((j for j, s in enumerate(same) if not s), len(same))
         else:
-            ref[text] = {"logp": logp, "gen": gen, "nll": row["nll"]}
-        row["expert_bytes"] = llm.info.expert_bytes
+            ref[text] = {"logp": logp[i], "gen": gens[i], "nll": nll}
         row["wall_s"] = time.perf_counter() - t0
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moeflow.errors import CheckpointError
+from moeflow.errors import CheckpointError, UnsupportedModelError
 from moeflow.model.checkpoint import Checkpoint
 from moeflow.quant.formats import FORMATS, QuantFormat
 from moeflow.quant.row import RowCodec
@@ -125,7 +125,9 @@ def read_stored(lm: LoadedModel, codec: RowCodec, layer: int, e: int, out: torch
             nbytes += blocks.numel() + scales.numel()
         else:
             parts = _fp8_parts(lm, stored, name, e, transposed=c.transposed)
-            nbytes += sum(ckpt.nbytes(k) * 2 for k, _ in lm.weights.expert_keys(name, lm.num_experts, e))
+            for key, fused in lm.weights.expert_keys(name, lm.num_experts, e):  # codes and their block scales
+                both = ckpt.nbytes(key) + ckpt.nbytes(f"{key}_scale_inv")
+                nbytes += both // (lm.num_experts if fused else 1)
         codec.write(out, c, parts)
     return nbytes
 
@@ -134,6 +136,8 @@ def _fp8_parts(
     lm: LoadedModel, stored: Stored, name: str, e: int, transposed: bool
 ) -> dict[str, torch.Tensor]:
     """An fp8 expert weight's codes and row-expanded scales, each built by the family's conversion ops."""
+    if transposed:  # row-expanded scales follow output rows; a [in, out] layout would need them per column
+        raise UnsupportedModelError(f"{name}: block-scaled fp8 experts stored [in, out] are not supported")
     ckpt = lm.checkpoint
 
     def codes(key: str, index: int | None) -> torch.Tensor:
@@ -149,6 +153,4 @@ def _fp8_parts(
 
     q = lm.weights.expert(name, lm.num_experts, e, read=codes)
     s = lm.weights.expert(name, lm.num_experts, e, read=scales)
-    if transposed:
-        q, s = q.t(), s.t()
     return {"codes": q, "scale": s}

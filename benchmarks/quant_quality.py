@@ -3,9 +3,11 @@
 For every expert format (bf16 = the checkpoint's precision, fp8, int8, int4, int3, int2), with every expert cached:
 mean NLL per token over the first ``--tokens`` tokens of each text (one window, teacher forced), the mean KL divergence
 of the next-token distributions from bf16's, and the agreement of ``--gen`` greedy tokens after a ``--prompt-tokens``
-prompt taken from the text. The two texts run as one batch of two rows (scoring and generation). Miss-only int4 (``--miss-dtype int4``: hits full precision, misses int4) runs at
-``--cache`` of the experts cached, and is scored token by token through the KV cache (teacher-forced decode), so
-hits and misses happen as in generation; a bf16 run at the same cache size, scored the same way, is the control.
+prompt taken from the text. The two texts run as one batch of two rows (scoring and generation). Miss-only int4
+(``--miss-dtype int4``: hits full precision, misses int4) runs at ``--cache`` of the experts cached, and is scored
+token by token through the KV cache (teacher-forced decode), so hits and misses happen as in generation (its KL and
+NLL are against bf16 scored in one window, which computes the same function). The JSON is rewritten after every
+configuration, so a run stopped early keeps what it measured.
 
     python benchmarks/quant_quality.py --out benchmarks/results/quant-quality.json
 """
@@ -90,6 +92,8 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=256, help="greedy tokens compared")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--cache", type=float, default=0.25, help="share of experts cached for the miss-only run")
+    ap.add_argument("--formats", default="bf16,int4,fp8,int2,int3,int8", help="in run order; bf16 first")
+    ap.add_argument("--miss", action=argparse.BooleanOptionalAction, default=True, help="run miss-only int4")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import transformers
@@ -99,22 +103,23 @@ def main() -> None:
     del probe
     texts = {k: tok(p.read_text(encoding="utf-8"))["input_ids"][: args.tokens + 1] for k, p in TEXTS.items()}
     ref: dict = {}
-    rows = []
-    for fmt in FORMATS:
-        llm = LLM(DEMO, device="cpu", progress=False, expert_dtype=fmt)
-        rows += run_config(fmt, llm, texts, args, ref, decode=False)
-    slots = int(total * args.cache)
-    for name, kw in ((f"bf16 @{args.cache:.0%} cached", {}), (f"miss-only int4 @{args.cache:.0%} cached",
-                                                              {"miss_dtype": "int4"})):  # fmt: skip
-        llm = LLM(DEMO, device="cpu", num_slots=slots, progress=False, **kw)
-        rows += run_config(name, llm, texts, args, ref, decode=True)
+    rows: list[dict] = []
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
     doc = {"command": " ".join(sys.argv), "commit": commit, "device": f"cpu: {platform.machine()}, {os.cpu_count()} cores",
            "torch": torch.__version__, "transformers": transformers.__version__, "model": "models/demo",
            "compute_dtype": "float32 (the demo's auto dtype on a CPU)", "rows": rows}  # fmt: skip
-    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    slots = int(total * args.cache)
+    configs = [(fmt, {"expert_dtype": fmt}, False) for fmt in args.formats.split(",")]
+    if args.miss:
+        configs.insert(min(2, len(configs)), (f"miss-only int4 @{args.cache:.0%} cached",
+                                              {"num_slots": slots, "miss_dtype": "int4"}, True))  # fmt: skip
+    for name, kw, decode in configs:  # bf16 first: the reference
+        llm = LLM(DEMO, device="cpu", progress=False, **kw)
+        rows += run_config(name, llm, texts, args, ref, decode=decode)
+        del llm
+        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")  # after every configuration
 
 
 if __name__ == "__main__":

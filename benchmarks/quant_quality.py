@@ -31,7 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo"
 TEXTS = {"code": ROOT / "benchmarks/prompts/demo-heldout-code.txt",
          "prose": ROOT / "benchmarks/prompts/demo-heldout-prose.txt"}  # fmt: skip
-FORMATS = ("bf16", "fp8", "int8", "int4", "int3", "int2")
 
 
 @torch.inference_mode()

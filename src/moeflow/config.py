@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moeflow.errors import ConfigError, MoeflowError
+from moeflow.quant.formats import MISS_DTYPES, check_expert_dtype
 from moeflow.validate import check_backend, check_device, check_dtype, check_int
 
 _UNITS = {
@@ -111,6 +112,17 @@ class EngineConfig:
     max_wait: int = 2
     """Fairness bound of expert-aware scheduling: no request runs more than this many batches later than FIFO."""
 
+    expert_dtype: str = "auto"
+    """Form experts are held in, in the host pool and the slots: "bf16" (full precision: the compute dtype), "fp8",
+    "int8", "int4", "int3", "int2" (quantised once at load, dequantised as they are computed with; see
+    ``moeflow.quant``), or "auto" (as the checkpoint stores them: full precision, or a quantised checkpoint's own
+    format, e.g. gpt-oss's MXFP4). Attention and dense weights stay in the compute dtype."""
+
+    miss_dtype: str = "none"
+    """Low-precision copy a miss computes with ("fp8", "int8", "int4", "int3", "int2"; "none": misses compute at
+    full precision). Hits compute with the full-precision expert in their slot; needs full-precision slots
+    (``expert_dtype`` "bf16", or "auto" on a full-precision checkpoint). Every expert's copy is kept in host RAM."""
+
     progress: bool = True
     """Show progress bars while loading."""
 
@@ -137,6 +149,13 @@ class EngineConfig:
         if self.num_slots is not None:
             check_int("num_slots", self.num_slots, 1)
         check_int("max_wait", self.max_wait, 0)
+        check_expert_dtype(self.expert_dtype)
+        check_expert_dtype(self.miss_dtype, "miss_dtype", MISS_DTYPES)
+        if self.miss_dtype != "none" and self.expert_dtype not in ("auto", "bf16"):
+            raise ConfigError(
+                f"miss_dtype {self.miss_dtype} computes misses beside full-precision slots, but expert_dtype is "
+                f"{self.expert_dtype}: use expert_dtype bf16 with a miss_dtype, or no miss_dtype"
+            )
         if isinstance(self.policy, str) and not self.policy.strip():
             raise ConfigError("policy must name a cache policy, e.g. lru")
         if not isinstance(self.progress, bool):

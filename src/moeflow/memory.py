@@ -125,7 +125,9 @@ def plan_memory(loaded: LoadedModel, cfg: EngineConfig) -> MemoryPlan:
     slots = min(slots, total)
     host = cfg.host_memory
     if host is None and not cuda:
-        host = 0  # on a CPU the slots are in RAM already: misses read the (page-cached) checkpoint directly
+        # on a CPU the slots are in RAM already: misses read the (page-cached) checkpoint directly, unless a read
+        # would quantise the expert again (then every expert is quantised once, into the host pool)
+        host = total * per if loaded.quantises_on_read else 0
     elif host is None:
         avail = available_ram()
         host = total * per if total * per <= avail * 7 // 10 else avail // 2

@@ -27,6 +27,8 @@ COMMAND_MODULES = (
     "moeflow.cli.sim",
     "moeflow.cli.predictor",
     "moeflow.cli.serve",
+    "moeflow.cli.quantize",
+    "moeflow.cli.perplexity",
 )
 
 

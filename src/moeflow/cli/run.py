@@ -9,6 +9,7 @@ from typing import Any
 
 from moeflow.cli.args import RecordFlag, cache_size, int_at_least, number, parse_options, size
 from moeflow.config import EngineConfig, format_size
+from moeflow.quant.formats import EXPERT_DTYPES, MISS_DTYPES
 from moeflow.validate import BACKENDS, DTYPES
 
 
@@ -35,6 +36,19 @@ def add_cache_size_arg(
         p.add_argument(alias, help=argparse.SUPPRESS, **kw)
 
 
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    """``--expert-dtype`` and ``--miss-dtype`` (see ``EngineConfig``)."""
+    p.add_argument(
+        "--expert-dtype", default="auto", choices=EXPERT_DTYPES,
+        help="form of the experts in host RAM and device slots: bf16 (full precision), fp8, int8, int4, int3, "
+        "int2 (quantised at load), auto (as the checkpoint stores them)",
+    )  # fmt: skip
+    p.add_argument(
+        "--miss-dtype", default="none", choices=MISS_DTYPES,
+        help="a miss computes with this low-precision copy, hits with the full-precision slot (none: off)",
+    )  # fmt: skip
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that runs the engine."""
     add_model_args(p)
@@ -43,6 +57,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     add_cache_size_arg(p)
     p.add_argument("--policy", default="lru", help="cache policy: lru, lfu, moe-infinity, expertflow, belady")
     p.add_argument("--expert-backend", default="auto", choices=BACKENDS, help="expert compute over the slots")
+    add_quant_args(p)
     p.add_argument("--batch-size", type=int_at_least(1), default=8, help="sequences decoded together")
     p.add_argument(
         "--decode", default="auto", choices=("auto", "graph", "static", "eager"),
@@ -89,6 +104,8 @@ def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
         expert_backend=args.expert_backend,
         decode=getattr(args, "decode", "auto"),
         compile=getattr(args, "compile", None),
+        expert_dtype=getattr(args, "expert_dtype", "auto"),
+        miss_dtype=getattr(args, "miss_dtype", "none"),
         progress=sys.stderr.isatty(),
         extra=parse_options(args.option),
     )

@@ -86,7 +86,9 @@ class LLM:
         cfg = config or EngineConfig(**options)
         self.config, self.batch_size, self.model_dir = cfg, check_batch_size(batch_size), str(model)
         self.device = resolve_device(cfg.device)
-        self.loaded: LoadedModel = open_model(self.model_dir, self.device, cfg.dtype)
+        self.loaded: LoadedModel = open_model(
+            self.model_dir, self.device, cfg.dtype, cfg.expert_dtype, cfg.miss_dtype
+        )
         self.memory: MemoryPlan = plan_memory(self.loaded, cfg)  # budget errors before any weight is read
         load_dense(self.loaded, cfg.progress)
         lm = self.loaded

@@ -282,6 +282,14 @@ def choose_static(
     """The static decode path for ``cfg.decode`` (None: decode eagerly), or a one-line error for a mode that
     cannot run here."""
     mode, cuda = cfg.decode, device.type == "cuda"
+    if (
+        loaded.codecs.host is not None or loaded.codecs.low is not None
+    ):  # the slot kernel reads full rows only
+        if mode in ("graph", "static"):
+            raise RequestError(
+                f"decode={mode!r} does not run quantised experts yet: use decode='eager' (or auto)"
+            )
+        return None
     if mode == "eager":
         return None
     if mode == "graph" and not cuda:

@@ -150,16 +150,16 @@ class OffloadedExperts:
             plan = rt.policy.request(self.layer, chunk)
             rt.store.load(plan.loads)
             rt.store.ready(list(plan.slots))
+            views, rows = rt.store.compute_views(list(plan.slots), {ld.slot: ld.key for ld in plan.loads})
             lut = torch.full((self.module.num_experts,), -1, dtype=torch.long)
-            lut[chunk] = torch.tensor(plan.slots)
+            lut[chunk] = torch.tensor(rows)
             slot_index = lut.to(index.device)[index]  # [T, K]
             chunk_weights = weights
             if len(chunk) < len(needed):  # pairs outside this chunk: any slot, zero weight
                 outside = slot_index < 0
-                slot_index = slot_index.masked_fill(outside, plan.slots[0])
+                slot_index = slot_index.masked_fill(outside, rows[0])
                 chunk_weights = weights.masked_fill(outside, 0)
-            part = run_experts(rt.backend, self.module, rt.store.views, hidden, slot_index, chunk_weights,
-                               list(plan.slots))  # fmt: skip
+            part = run_experts(rt.backend, self.module, views, hidden, slot_index, chunk_weights, list(rows))
             rt.store.release(list(plan.slots))
             total = part if total is None else total + part
         assert total is not None

@@ -24,6 +24,7 @@ INDEX = "model.safetensors.index.json"
 TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
 }  # fmt: skip
 SINGLE = "model.safetensors"
 
@@ -183,6 +184,7 @@ class Checkpoint:
             "U8": 1,
             "I8": 1,
             "BOOL": 1,
+            "F8_E4M3": 1,
         }
         n = 1
         for d in self._shapes[name]:

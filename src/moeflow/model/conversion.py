@@ -11,6 +11,7 @@ experts are never materialised together. Shapes are checked at open with meta te
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,8 @@ class WeightMap:
     def __init__(self, model: nn.Module, ckpt: Checkpoint):
         self.ckpt = ckpt
         self.model = model
+        self.read_dense: Callable[[str], torch.Tensor] = ckpt.tensor
+        """Reads a disk key for a dense tensor (a quantised checkpoint's reader dequantises; ``model.stored``)."""
         transforms = get_model_conversion_mapping(model)
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
@@ -122,21 +125,31 @@ class WeightMap:
     def dense(self, name: str, meta: bool = False) -> torch.Tensor:
         """Model tensor ``name`` built from the checkpoint (CPU, checkpoint dtype); ``meta``: shape only."""
         source = self.sources[name]
-        read = self._meta if meta else self.ckpt.tensor
+        read = self._meta if meta else self.read_dense
         inputs = {p: [read(k) for k in keys] for p, keys in source.parts.items()}
         return self._run(source, inputs, _TargetShapes(self._shapes, one_expert=False))
 
-    def expert(self, name: str, num_experts: int, e: int, meta: bool = False) -> torch.Tensor:
-        """Expert ``e``'s slice of the 3-D model parameter ``name`` ([E, ...] -> [...]), reading only that expert."""
+    def expert(
+        self, name: str, num_experts: int, e: int, meta: bool = False,
+        read: Callable[[str, int | None], torch.Tensor] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Expert ``e``'s slice of the 3-D model parameter ``name`` ([E, ...] -> [...]), reading only that expert.
+        ``read(key, None)`` / ``read(key, e)`` replaces reading a per-expert tensor / expert ``e``'s [1, ...] slice of a
+        fused one (a quantised checkpoint builds its codes and its scales through the same conversion ops)."""
         source = self.sources[name]
         inputs: dict[str, list[torch.Tensor]] = {}
         for pattern, keys in source.parts.items():
             if len(keys) == num_experts:  # one tensor per expert
-                inputs[pattern] = [self._meta(keys[e]) if meta else self.ckpt.tensor(keys[e])]
+                if meta:
+                    inputs[pattern] = [self._meta(keys[e])]
+                else:
+                    inputs[pattern] = [read(keys[e], None) if read else self.ckpt.tensor(keys[e])]
             elif len(keys) == 1 and self.ckpt.shape(keys[0])[:1] == [num_experts]:  # fused [E, ...]
                 key = keys[0]
                 one = torch.empty([1, *self.ckpt.shape(key)[1:]], device="meta") if meta else None
-                inputs[pattern] = [one if one is not None else self.ckpt.slice0(key, e).unsqueeze(0)]
+                if one is None:
+                    one = read(key, e) if read else self.ckpt.slice0(key, e).unsqueeze(0)
+                inputs[pattern] = [one]
             else:
                 found = len(keys) if len(keys) > 1 else self.ckpt.shape(keys[0])[0]
                 raise CheckpointError(

@@ -10,7 +10,7 @@ store can read one expert at a time (one flat buffer per expert: every parameter
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +23,8 @@ from moeflow.model.checkpoint import Checkpoint
 from moeflow.model.conversion import WeightMap
 from moeflow.model.dispatch import IMPLEMENTATION
 from moeflow.model.families import experts_modules, refusal, top_k_of
+from moeflow.model.rows import Codecs, check_stored_rows, choose_codecs, read_row
+from moeflow.model.stored import Stored, dense_reader, detect
 
 
 @dataclass(frozen=True)
@@ -82,13 +84,30 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     dense_bytes: int
+    stored: Stored | None = None
+    """The quantised form the checkpoint stores its experts in (None: full precision)."""
+    codecs: Codecs = field(default_factory=lambda: Codecs(None, None, None))
+    """Row forms: as stored, as held in the host pool and slots, the low-precision miss copy (``model.rows``)."""
 
     @property
     def expert_bytes(self) -> int:
-        return self.layout.numel * self.dtype.itemsize
+        """Bytes of one expert as the host pool and the slots hold it."""
+        host = self.codecs.host
+        return host.nbytes if host is not None else self.layout.numel * self.dtype.itemsize
+
+    @property
+    def quantises_on_read(self) -> bool:
+        """Reading an expert from the checkpoint runs a quantisation fit (best done once, into the host pool)."""
+        return self.codecs.host is not None and self.codecs.host is not self.codecs.stored
 
     def read_expert(self, layer: int, expert: int, out: torch.Tensor) -> int:
-        """Read expert ``expert`` of MoE layer ``layer`` from disk into flat ``out`` [numel]; returns bytes read."""
+        """Read expert ``expert`` of MoE layer ``layer`` from disk into ``out``, a row of the host form; returns
+        the bytes read."""
+        return read_row(self, layer, expert, out, self.codecs.host)
+
+    def read_full(self, layer: int, expert: int, out: torch.Tensor) -> int:
+        """Read expert ``expert`` of MoE layer ``layer`` from a full-precision checkpoint into flat ``out`` [numel];
+        returns bytes read."""
         path, nbytes = self.layers[layer].path, 0
         for p in self.layout.params:
             name = f"{path}.{p.name}"
@@ -126,9 +145,13 @@ def resolve_dtype(
     return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
-def open_model(path: str, device: torch.device, dtype: str = "auto") -> LoadedModel:
-    """Open the checkpoint and build the model on the meta device; nothing is read from disk but headers."""
+def open_model(
+    path: str, device: torch.device, dtype: str = "auto", expert_dtype: str = "auto", miss_dtype: str = "none"
+) -> LoadedModel:
+    """Open the checkpoint and build the model on the meta device; nothing is read from disk but headers.
+    ``expert_dtype`` / ``miss_dtype``: the form experts are held in (see ``model.rows``)."""
     ckpt = Checkpoint(path)
+    stored = detect(ckpt.config_dict)
     model_type = ckpt.config_dict.get("model_type", "?")
     config = AutoConfig.from_pretrained(ckpt.path)
     weight_bytes = sum(ckpt.nbytes(name) for name in ckpt.shard_of)
@@ -149,18 +172,23 @@ def open_model(path: str, device: torch.device, dtype: str = "auto") -> LoadedMo
     if not found:
         raise refusal(model_type, model)
     weights = WeightMap(model, ckpt)
+    weights.read_dense = dense_reader(stored, ckpt)
     layers = [MoELayer(i, _layer_id(p, i), p, m, top_k_of(model, p)) for i, (p, m) in enumerate(found)]
     layout = _layout(layers[0].module)
     num_experts = _num_experts(layers[0].module)
+    covered = stored.covered(layout) if stored is not None else set()
+    transposed = bool(getattr(layers[0].module, "is_transposed", False))
+    codecs = choose_codecs(stored, layout, transposed, expert_dtype, miss_dtype)
     for layer in layers:
-        _check_experts(weights, layer, layout, num_experts)
+        _check_experts(weights, layer, layout, num_experts, covered)
         for p in layout.params:  # drop the 3-D expert parameters: experts live in the store
             del layer.module._parameters[p.name]
     dense_bytes = sum(p.numel() for p in model.parameters()) * torch_dtype.itemsize
     top_k = max(layer.top_k for layer in layers)
-    return LoadedModel(
-        model, config, ckpt, weights, layers, layout, num_experts, top_k, torch_dtype, device, dense_bytes
-    )
+    loaded = LoadedModel(model, config, ckpt, weights, layers, layout, num_experts, top_k, torch_dtype, device,
+                         dense_bytes, stored, codecs)  # fmt: skip
+    check_stored_rows(loaded)
+    return loaded
 
 
 def load_dense(loaded: LoadedModel, progress: bool = True) -> None:
@@ -201,9 +229,14 @@ def _num_experts(module: nn.Module) -> int:
     return n
 
 
-def _check_experts(weights: WeightMap, layer: MoELayer, layout: ExpertLayout, num_experts: int) -> None:
-    """Every expert parameter of ``layer`` has a source that builds one expert of the right shape (meta dry run)."""
+def _check_experts(
+    weights: WeightMap, layer: MoELayer, layout: ExpertLayout, num_experts: int, covered: set[str]
+) -> None:
+    """Every expert parameter of ``layer`` (but those a quantised checkpoint holds in its own form) has a source
+    that builds one expert of the right shape (meta dry run)."""
     for p in layout.params:
+        if p.name in covered:
+            continue
         name = f"{layer.path}.{p.name}"
         if name not in weights:
             raise CheckpointError(

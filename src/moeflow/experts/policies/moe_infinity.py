@@ -126,7 +126,9 @@ class MoEInfinityPolicy(CachePolicy):
             if not Path(src).exists():
                 raise MoeflowError(f"EAM collection {src} does not exist; build it with `moeflow eamc build`")
             return EAMCollection.load(src, *shape, capacity=None)
-        if context.model_dir:  # read only: nothing shipped beside a model is overwritten unless asked (eamc_save)
+        if (
+            context.model_dir
+        ):  # read only: nothing shipped beside a model is overwritten unless asked (eamc_save)
             return EAMCollection.load(Path(context.model_dir) / EAMC_FILE, *shape, capacity=None)
         return EAMCollection(*shape, self.capacity)
 

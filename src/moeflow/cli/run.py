@@ -92,6 +92,12 @@ def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
         progress=sys.stderr.isatty(),
         extra=parse_options(args.option),
     )
+    from moeflow.distributed.group import world_size_from_env
+
+    if world_size_from_env() > 1:  # one rank of torchrun's (or --gpus') processes
+        from moeflow.distributed.engine import parallel_llm
+
+        return parallel_llm(args.model, cfg, batch_size=args.batch_size, **kwargs)
     return LLM(args.model, config=cfg, batch_size=args.batch_size, **kwargs)
 
 
@@ -164,12 +170,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise RequestError("empty prompt: give at least one character of text")
     params = sampling_from_args(args)
     llm = engine_from_args(args)
+    leader = getattr(llm, "group", None) is None or llm.group.leader  # several ranks: rank 0 prints
     if args.json:
         for prompt, out in zip(prompts, llm.generate(prompts, params)):
-            print(json.dumps({"prompt": prompt, **out.to_dict()}), flush=True)
+            if leader:
+                print(json.dumps({"prompt": prompt, **out.to_dict()}), flush=True)
         return 0
     for prompt in prompts:
-        stream_one(llm, prompt, params)
+        if leader:
+            stream_one(llm, prompt, params)
+        else:  # the same steps as rank 0, silently
+            for _ in llm.stream(prompt, params):
+                pass
     return 0
 
 

@@ -62,7 +62,10 @@ class ExpertStore:
         host_capacity: int,
         progress: bool = True,
         share_host: ExpertStore | None = None,
+        serves: list[Key] | None = None,
     ):
+        """``serves``: the experts this store may be asked for (an expert-parallel rank's homed ones; default all),
+        preloaded into the host pool when they all fit."""
         self.loaded = loaded
         self.device = loaded.device
         self.cuda = self.device.type == "cuda"
@@ -85,9 +88,10 @@ class ExpertStore:
         self._released: list[torch.cuda.Event | None] = [None] * num_slots
         self._host_busy: dict[int, torch.cuda.Event] = {}
         self._in_flight: set[int] = set()  # slots with a copy that may not have landed
-        total = len(loaded.layers) * loaded.num_experts
-        if share_host is None and host_capacity >= total:
+        keys = serves
+        if keys is None:
             keys = [(layer, e) for layer in range(len(loaded.layers)) for e in range(loaded.num_experts)]
+        if share_host is None and host_capacity >= len(keys):
             for key in tqdm(
                 keys, desc="experts -> host RAM", unit="expert", disable=not progress, leave=False
             ):

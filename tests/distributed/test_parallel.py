@@ -66,7 +66,7 @@ def test_torchrun_cli_matches_one_process(capsys: pytest.CaptureFixture[str]) ->
     assert json.loads(lines[0])["token_ids"] == want
 
 
-@pytest.mark.parametrize("how", ["kill", "stall"])
+@pytest.mark.parametrize("how", ["kill", pytest.param("stall", marks=pytest.mark.slow)])
 def test_a_dead_rank_stops_the_others_with_one_line(checkpoints: dict[str, Path], how: str) -> None:
     timeout = 8.0
     argv = ["cli", "generate", "--model", str(checkpoints["olmoe"]), "--device", "cpu", "--prompt", "def fib",

@@ -37,3 +37,7 @@ class MoeflowWarning(UserWarning):
 
 class BudgetWarning(MoeflowWarning):
     """A memory budget is larger than what the machine has."""
+
+
+class DistributedError(MoeflowError):
+    """A collective between the processes of an expert-parallel run failed: a rank died, stalled or disagreed."""

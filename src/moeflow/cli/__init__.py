@@ -72,6 +72,7 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --gpus N starts again in every rank
     with warnings.catch_warnings():
         if not debug():
             warnings.simplefilter("ignore")

@@ -9,6 +9,7 @@ from typing import Any
 
 from moeflow.cli.args import RecordFlag, cache_size, int_at_least, number, parse_options, size
 from moeflow.config import EngineConfig, format_size
+from moeflow.errors import ConfigError
 from moeflow.quant.formats import EXPERT_DTYPES, MISS_DTYPES
 from moeflow.validate import BACKENDS, DTYPES
 
@@ -76,6 +77,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="policy option (repeatable)"
     )
+    p.add_argument(
+        "--gpus", type=int_at_least(1), default=1,
+        help="processes, one per GPU, sharing one expert cache (each expert homed on one; --cache-size and "
+        "--device-memory per GPU); with --device cpu, CPU processes. Several hosts: torchrun -m moeflow",
+    )  # fmt: skip
 
 
 def slots_from_args(args: argparse.Namespace) -> int | None:
@@ -109,6 +115,19 @@ def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
         progress=sys.stderr.isatty(),
         extra=parse_options(args.option),
     )
+    from moeflow.distributed.group import world_size_from_env
+
+    if (
+        world_size_from_env() > 1 or getattr(args, "gpus", 1) > 1
+    ):  # one rank of torchrun's (or --gpus') processes
+        if getattr(args, "command", None) != "generate":
+            raise ConfigError(
+                f"moeflow {args.command} runs in one process: several processes (torchrun, --gpus) serve "
+                "moeflow generate so far; drop --gpus"
+            )
+        from moeflow.distributed.engine import parallel_llm
+
+        return parallel_llm(args.model, cfg, batch_size=args.batch_size, **kwargs)
     return LLM(args.model, config=cfg, batch_size=args.batch_size, **kwargs)
 
 
@@ -180,13 +199,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if any(not p for p in prompts):
         raise RequestError("empty prompt: give at least one character of text")
     params = sampling_from_args(args)
+    from moeflow.distributed.group import world_size_from_env
+
+    if args.gpus > 1 and world_size_from_env() == 1:
+        from moeflow.distributed.launch import check_devices, launch
+
+        check_devices(args.gpus, args.device)
+        return launch(args.gpus, args.argv)
     with engine_from_args(args) as llm:  # closing lets the policy save what it learned
+        leader = getattr(llm, "group", None) is None or llm.group.leader  # several ranks: rank 0 prints
         if args.json:
             for prompt, out in zip(prompts, llm.generate(prompts, params)):
-                print(json.dumps({"prompt": prompt, **out.to_dict()}), flush=True)
+                if leader:
+                    print(json.dumps({"prompt": prompt, **out.to_dict()}), flush=True)
             return 0
         for prompt in prompts:
-            stream_one(llm, prompt, params)
+            if leader:
+                stream_one(llm, prompt, params)
+            else:  # the same steps as rank 0, silently
+                for _ in llm.stream(prompt, params):
+                    pass
     return 0
 
 

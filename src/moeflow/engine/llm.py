@@ -101,8 +101,6 @@ class LLM:
             lm.expert_bytes,
             lm.dense_bytes,
         )
-        store = ExpertStore(lm, self.memory.num_slots, self.memory.host_capacity, cfg.progress)
-        policy = self._policy(cfg.policy, self.memory.num_slots, cfg.extra)
         recorder = None
         if record_trace:
             recorder = TraceRecorder(
@@ -114,8 +112,7 @@ class LLM:
             )
         if isinstance(replay, Trace):
             replay = TraceReplay(replay, len(lm.layers), lm.num_experts, lm.top_k)
-        self.runtime = Runtime(store, policy, cfg.expert_backend, recorder, replay)
-        attach(lm.layers, self.runtime)
+        self.runtime = self._runtime(recorder, replay)
         self._cache_kw = (
             "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
         )
@@ -125,6 +122,15 @@ class LLM:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self._next_id = 0
         self.steps = Steps(self.runtime)
+
+    def _runtime(self, recorder: TraceRecorder | None, replay: TraceReplay | None) -> Runtime:
+        """The store, policy and MoE-layer handlers (``moeflow.distributed.engine`` overrides it per rank)."""
+        cfg, lm = self.config, self.loaded
+        store = ExpertStore(lm, self.memory.num_slots, self.memory.host_capacity, cfg.progress)
+        policy = self._policy(cfg.policy, self.memory.num_slots, cfg.extra)
+        runtime = Runtime(store, policy, cfg.expert_backend, recorder, replay)
+        attach(lm.layers, runtime)
+        return runtime
 
     def _policy(self, spec: Any, num_slots: int, options: dict) -> CachePolicy:
         lm = self.loaded

@@ -63,7 +63,10 @@ class ExpertStore:
         host_capacity: int,
         progress: bool = True,
         share_host: ExpertStore | None = None,
+        serves: list[Key] | None = None,
     ):
+        """``serves``: the experts this store may be asked for (an expert-parallel rank's homed ones; default all),
+        preloaded into the host pool when they all fit."""
         self.loaded = loaded
         self.device = loaded.device
         self.cuda = self.device.type == "cuda"
@@ -97,10 +100,12 @@ class ExpertStore:
         total = len(loaded.layers) * loaded.num_experts
         self.low = share_host.low if share_host is not None else self._low_copies(total, progress)
         """[L*E, row] every expert's low-precision copy (``--miss-dtype``), row l*E+e; None without one."""
+        keys = serves
+        if keys is None:
+            keys = [(layer, e) for layer in range(len(loaded.layers)) for e in range(loaded.num_experts)]
         if share_host is None and host_capacity >= total and loaded.quantises_on_read:
             self._preload_quantised(progress)
-        elif share_host is None and host_capacity >= total:
-            keys = [(layer, e) for layer in range(len(loaded.layers)) for e in range(loaded.num_experts)]
+        elif share_host is None and host_capacity >= len(keys):
             for key in tqdm(
                 keys, desc="experts -> host RAM", unit="expert", disable=not progress, leave=False
             ):

@@ -178,7 +178,7 @@ def test_client_gone_before_a_non_streamed_answer_frees_the_row(served: Served) 
     body = {"prompt": PROMPTS[1], "max_tokens": 200, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
         httpx.post(f"{served.base}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
-                   timeout=httpx.Timeout(10, read=0.5))  # fmt: skip
+                   timeout=httpx.Timeout(10, read=0.05))  # fmt: skip
     wait_idle(served)
     assert engine.engine.kv.free == 4
     time.sleep(0.5)

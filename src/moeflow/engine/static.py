@@ -67,13 +67,14 @@ class StaticDecoder:
         blocks: dict | None = None,
         kv_budget: int | None = None,
         compiled: bool = False,
+        must_compile: bool = False,
     ):
         self.lm, self.rt, self.graphs, self.blocks = loaded, runtime, graphs, blocks
         self.compiled = compiled
         self.step = (torch.compile(self._forward, dynamic=False, fullgraph=True, backend=COMPILE_BACKEND)
                      if compiled else self._forward)  # fmt: skip
         """The step itself: ``_forward``, or its compiled form (one graph through the experts' custom ops)."""
-        self.must_compile = False
+        self.must_compile = must_compile
         """Raise if compiling fails (asked for explicitly) instead of warning and running ``_forward``."""
         self.kv_budget = kv_budget
         """Bytes the static KV caches may take (the memory plan's KV reserve when a device budget was given)."""
@@ -300,12 +301,11 @@ def choose_static(
     compiled = graphs if cfg.compile is None else cfg.compile
     try:
         decoder = StaticDecoder(loaded, runtime, graphs=graphs, kv_budget=memory.kv_reserve if budgeted else None,
-                                compiled=compiled)  # fmt: skip
+                                compiled=compiled, must_compile=cfg.compile is True)  # fmt: skip
     except NotImplementedError as err:
         if mode == "auto":
             return None
         raise RequestError(f"decode={mode!r} is not available for this model: {err}") from None
-    decoder.must_compile = cfg.compile is True
     if compiled and mode == "static" and not decoder.table.zero_copy:
         raise RequestError(
             "compile=True needs every expert in the host pool (the compiled step reads misses from it by address): "

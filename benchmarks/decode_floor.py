@@ -4,7 +4,8 @@ For each configuration: the measured decode ms/token (prefill excluded) with rou
 and two floors computed in the same run from the measured host->device bandwidth and the all-resident step time:
 the policy's own floor (its bytes moved per token / bandwidth + resident time) and Belady's floor (the bytes the
 offline optimum would move for the same steps, batched as the engine batched them, / bandwidth + resident time).
-A kernel stage first times tile options of the slot-table experts kernel on one layer (from slots, from host).
+A kernel stage first times tile options of the slot-table experts kernel over every layer (from slots); the
+steps then run the fastest option of their batch size.
 
     python benchmarks/decode_floor.py --model /dev/shm/olmoe --trace benchmarks/traces/demo-eval.npz \
         --out benchmarks/results/decode-floor-h200.json
@@ -29,49 +30,74 @@ from benchmarks.policy_decode import TimedLLM, requests_of, run
 from moeflow.routing.trace import Trace
 
 VARIANTS = [
-    {"BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_N": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_N": 64, "BLOCK_D": 128, "num_warps": 4, "num_stages": 4},
-    {"BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 2, "num_stages": 4},
-    {"BLOCK_N": 16, "BLOCK_D": 128, "num_warps": 2, "num_stages": 4},
-    {"BLOCK_N": 16, "BLOCK_D": 256, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 2, "num_stages": 4},  # slot_kernel.BLOCKS (the default)
+    {"BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 2, "num_stages": 4, "COMPACT": 1},
+    {"BLOCK_N": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 4, "COMPACT": 1},
+    {"BLOCK_N": 64, "BLOCK_D": 128, "num_warps": 4, "num_stages": 4, "COMPACT": 1},
+    {"BLOCK_N": 16, "BLOCK_D": 256, "num_warps": 4, "num_stages": 4, "COMPACT": 1},
+    {"BLOCK_N": 32, "BLOCK_D": 256, "num_warps": 4, "num_stages": 3, "COMPACT": 1},
+    {"BLOCK_N": 64, "BLOCK_D": 256, "num_warps": 8, "num_stages": 3, "COMPACT": 1},
+    {"BLOCK_N": 16, "BLOCK_D": 128, "num_warps": 2, "num_stages": 6, "COMPACT": 1},
+    {"BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 4, "COMPACT": 1},
 ]
 
 
-def kernel_stage(llm: TimedLLM, batches: list[int]) -> tuple[dict, list[dict]]:
-    """Time one layer's first projection in the slot-table kernel for each tile option, inside a CUDA graph, every
-    expert read from slots or from host; returns the fastest option from slots at the first batch size (reads from
-    host are bound by the link whatever the tiles) and all rows."""
+def kernel_stage(llm: TimedLLM, batches: list[int]) -> tuple[dict[int, dict], list[dict]]:
+    """Time both projections of the slot-table kernel over every layer, every expert read from its slot, inside a
+    CUDA graph, for each tile option and batch size. A replay reads each layer's own experts (far more bytes than
+    the L2 cache holds), as a decode step does, so the L2 cache does not flatter small tiles. Returns the fastest
+    option per batch size and all rows. (Reads from host are bound by the link whatever the tiles: 50.5-51.2 GB/s
+    for every option, decode-floor-h200-compile-in-timing.json.)"""
     from moeflow.experts.slot_experts import group_pairs
-    from moeflow.experts.slot_kernel import slot_linear
 
     t, lm = llm.static.table.tensors, llm.loaded
-    e, k = lm.num_experts, lm.top_k
-    param = next(p for p in lm.layout.params if p.name == "gate_up_proj")
-    n, d = param.shape
-    rows, best = [], (float("inf"), VARIANTS[0])
+    num_layers, e, k = len(lm.layers), lm.num_experts, lm.top_k
+    first = next(p for p in lm.layout.params if p.name == "gate_up_proj")
+    down = next(p for p in lm.layout.params if p.name == "down_proj")
+    (n1, d1), (n2, d2) = first.shape, down.shape
     saved = t.table.clone()
-    for source in ("slots", "host"):
-        t.table[0] = (
-            torch.arange(e, dtype=torch.int32, device="cuda") % t.pool.shape[0] if source == "slots" else -1
-        )
-        t.cand.fill_(-1)  # no fills: time the reads alone
-        for batch in batches:
-            x = torch.randn(batch, d, device="cuda").to(lm.dtype)
+    keys = torch.arange(num_layers * e, dtype=torch.int32, device="cuda")
+    t.table.copy_((keys % t.pool.shape[0]).view(num_layers, e))
+    t.cand.fill_(-1)  # no fills: time the reads alone
+    rows, best = [], {}
+    for batch in batches:
+        layers, distinct = [], 0
+        for layer in range(num_layers):
             ids = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(batch)])
-            groups, slot, claim = group_pairs(t, 0, ids, None)
-            y = torch.empty(batch * k, n, device="cuda", dtype=lm.dtype)
-            nbytes = len(set(ids.flatten().tolist())) * n * d * lm.dtype.itemsize
-            for v in VARIANTS:
-                ms = graph_ms(lambda v=v, x=x, y=y, g=groups, s=slot, c=claim: slot_linear(
-                    x, y, g, s, c, t.pool, t.host, 0, (param.offset, d, 1), None, k, False, False, v))  # fmt: skip
-                rows.append({"source": source, "batch": batch, **v, "ms": ms, "GBps": nbytes / ms / 1e6})
-                print(json.dumps(rows[-1]), flush=True)
-                if source == "slots" and batch == batches[0] and ms < best[0]:
-                    best = (ms, v)
+            layers.append(group_pairs(t, layer, ids, None))
+            distinct += len(set(ids.flatten().tolist()))
+        x = torch.randn(batch, d1, device="cuda").to(lm.dtype)
+        h = torch.randn(batch * k, d2, device="cuda").to(lm.dtype)
+        y1 = torch.empty(batch * k, n1, device="cuda", dtype=lm.dtype)
+        y2 = torch.zeros(batch * k, n2, device="cuda", dtype=lm.dtype)
+        nbytes = distinct * (n1 * d1 + n2 * d2) * lm.dtype.itemsize
+
+        for v in VARIANTS:
+            try:
+                ms = graph_ms(lambda v=v, a=(layers, x, h, y1, y2): _projections(t, *a, first, down, k, v))
+            except Exception as err:  # e.g. a tile that needs more shared memory than an SM has
+                rows.append({"batch": batch, **v, "error": f"{type(err).__name__}: {str(err)[:160]}"})
+                continue
+            rows.append({"batch": batch, **v, "ms": ms, "GBps": nbytes / ms / 1e6, "layers": num_layers})
+            print(json.dumps(rows[-1]), flush=True)
+            if ms < best.get(batch, (float("inf"), {}))[0]:
+                best[batch] = (ms, v)
     t.table.copy_(saved)
-    return best[1], rows
+    return {b: v for b, (_, v) in best.items()}, rows
+
+
+def _projections(t, layers, x, h, y1, y2, first, down, k: int, v: dict) -> None:
+    """Both projections of every layer through the slot-table kernel (the kernel stage's timed step)."""
+    from moeflow.experts.slot_kernel import slot_linear
+
+    (_, d1), (_, d2) = first.shape, down.shape
+    for groups, slot, claim in layers:
+        slot_linear(
+            x, y1, groups, slot, claim, t.pool, t.host, 0, (first.offset, d1, 1), None, k, False, False, v
+        )
+        slot_linear(
+            h, y2, groups, slot, claim, t.pool, t.host, 0, (down.offset, d2, 1), None, k, True, False, v
+        )
 
 
 def belady_misses(steps: list[list[set[int]]], slots: int, counted: list[bool]) -> int:
@@ -158,14 +184,18 @@ def main() -> None:
     bw = h2d_bandwidth()
     result["h2d_GBps"] = bw / 1e9
     out = Path(args.out)
+    best: dict[int, dict] = {}
     if not args.no_kernel_stage and llm.static is not None:
         best, result["kernel"] = kernel_stage(llm, batches)
-        llm.static.blocks = best
-        result["blocks"] = best
+        result["blocks"] = {
+            str(b): v for b, v in best.items()
+        }  # the steps below run the fastest per batch size
 
     def warm(policy: str, slots: int, batch: int) -> None:
         """Compile the kernels for this shape (Triton specialises on batch and pool sizes) on a short run, then
         start the timed run from a fresh pool of the same size (its graph is captured again; nothing compiles)."""
+        if llm.static is not None:
+            llm.static.blocks = best.get(batch)
         llm.reconfigure(policy=policy, num_slots=slots)
         run(llm, [(r, p, 3) for r, p, _ in reqs[:batch]], batch, bw)
         llm.reconfigure(policy=policy, num_slots=slots)

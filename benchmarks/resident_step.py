@@ -45,6 +45,7 @@ def decode_rows(args: argparse.Namespace, trace: Trace, compiled: bool) -> list[
     llm.reconfigure(policy="lru", num_slots=total)
     rows = []
     for batch in args.batches:
+        llm.static.blocks = args.blocks.get(str(batch))  # this shape's bucket is made with them
         t1 = time.perf_counter()
         run(llm, [(r, p, 3) for r, p, _ in reqs[:batch]], batch, 55e9)  # compiles and captures this shape
         first = time.perf_counter() - t1
@@ -55,7 +56,7 @@ def decode_rows(args: argparse.Namespace, trace: Trace, compiled: bool) -> list[
         step = row["decode_ms_per_token"] * batch
         rows.append({"compiled": compiled, "batch": batch, "ms_per_token": row["decode_ms_per_token"],
                      "step_ms": step, "replay_ms": replay, "host_ms": step - replay, "kernels_per_replay": launches,
-                     "first_run_s": first, "top_kernels": top, "step_fell_back": llm.static.step == llm.static._forward})  # fmt: skip
+                     "first_run_s": first, "blocks": llm.static.blocks, "top_kernels": top, "step_fell_back": llm.static.step == llm.static._forward})  # fmt: skip
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "top_kernels"}), flush=True)
     print("engine built and both shapes run in", time.perf_counter() - t0, "s", flush=True)
     del llm
@@ -107,6 +108,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--modes", default="compiled,plain")
+    ap.add_argument("--blocks", type=lambda f: json.loads(Path(f).read_text()).get("blocks", {}), default={},
+                    help="a decode_floor.py result whose kernel stage chose the tile options per batch size")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import transformers

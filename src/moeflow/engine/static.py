@@ -47,10 +47,9 @@ class Bucket:
 
     kv: StaticKV
     bufs: StaticBuffers
-    ids: torch.Tensor  # [B, 1] input token of each row
-    pos: torch.Tensor  # [B, 1] its position
+    inputs: torch.Tensor  # [3, B] input token, position and liveness (0/1) of each row, uploaded in one copy
     logits: torch.Tensor  # [B, V]
-    staging: torch.Tensor  # [3, B] host copy of ids, positions and live rows
+    staging: torch.Tensor  # [3, B] its host copy (pinned on a GPU)
     graph: torch.cuda.CUDAGraph | None = None
     route_host: torch.Tensor | None = None  # pinned host copy of the step's routing
     replay_host: tuple[torch.Tensor, torch.Tensor] | None = None  # pinned staging of replayed routing
@@ -132,8 +131,7 @@ class StaticDecoder:
         return Bucket(
             StaticKV(lm.model, rows, max_len, dev),
             bufs,
-            torch.zeros(rows, 1, dtype=torch.long, device=dev),
-            torch.zeros(rows, 1, dtype=torch.long, device=dev),
+            torch.zeros(3, rows, dtype=torch.long, device=dev),
             torch.zeros(rows, vocab, dtype=lm.dtype, device=dev),
             staging,
         )
@@ -170,16 +168,12 @@ class StaticDecoder:
 
     def decode(self, bucket: Bucket, seqs: list[Sequence], live: list[int]) -> torch.Tensor:  # [B, V]
         """One decode step for every row (finished rows compute but count for nothing); returns the logits."""
-        st = bucket.staging
-        st[0] = torch.tensor([s.output_ids[-1] for s in seqs])
-        st[1] = torch.tensor([s.position for s in seqs])
+        st = bucket.staging.numpy()  # the last step's upload has been read (its results were waited for)
+        st[0] = [s.output_ids[-1] for s in seqs]
+        st[1] = [s.position for s in seqs]
         st[2] = 0
         st[2, live] = 1
-        dev = bucket.ids.device
-        staged = st.to(dev, non_blocking=True)
-        bucket.ids.copy_(staged[0, :, None])
-        bucket.pos.copy_(staged[1, :, None])
-        bucket.bufs.live.copy_(staged[2].bool())
+        bucket.inputs.copy_(bucket.staging, non_blocking=True)  # read inside the step (the graph)
         if self.rt.replay is not None:
             self._upload_replay(bucket, live)
         self.table.apply(self.rt.policy.plan_boundary(len(live)))
@@ -235,10 +229,11 @@ class StaticDecoder:
         t.taken.zero_()
         t.served.zero_()
         t.filled.fill_(-1)
+        bucket.bufs.live.copy_(bucket.inputs[2] != 0)
         out = self.lm.model(
-            input_ids=bucket.ids,
+            input_ids=bucket.inputs[0, :, None],
             attention_mask=bucket.kv.decode_masks(),
-            position_ids=bucket.pos,
+            position_ids=bucket.inputs[1, :, None],
             use_cache=True,
             logits_to_keep=1,
             **{self.cache_kw: bucket.kv.cache},
@@ -263,7 +258,7 @@ class StaticDecoder:
     def _capture(self, bucket: Bucket) -> torch.cuda.CUDAGraph:
         """Warm up (kernels compiled, allocator settled) and capture one step; the cache is left as it was."""
         lengths = [layer.cumulative_length.clone() for layer in bucket.kv.cache.layers]
-        side = torch.cuda.Stream(bucket.ids.device)
+        side = torch.cuda.Stream(bucket.inputs.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # the first call compiles the step (a compiled step: once per batch shape)

@@ -18,7 +18,7 @@ import torch
 
 from moeflow.experts.claims import route_layer
 
-BLOCK_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages")
+BLOCK_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages", "COMPACT")
 """The kernel options ``slot_linear`` takes as a list of ints (a custom op takes no dicts), in this order; -1 (or
 an empty list) keeps ``slot_kernel.BLOCKS``."""
 

@@ -37,17 +37,27 @@ def _slot_linear(
     N,
     D,
     K,
+    E,
     PAIR_ROWS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    COMPACT: tl.constexpr,
+    E_POW2: tl.constexpr,
     FILL: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    e = tl.program_id(0)
     nb = tl.program_id(1)
-    cnt = tl.load(counts_ptr + e)
+    if COMPACT:  # program i serves the i-th used expert (the grid covers at most P experts, not all E)
+        offs_e = tl.arange(0, E_POW2)
+        used = (tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0) > 0).to(tl.int32)
+        mine = (used > 0) & (tl.cumsum(used, 0) - used == tl.program_id(0))
+        e = tl.sum(tl.where(mine, offs_e, 0))
+        cnt = tl.where(tl.sum(mine.to(tl.int32)) > 0, tl.load(counts_ptr + e), 0)
+    else:
+        e = tl.program_id(0)
+        cnt = tl.load(counts_ptr + e)
     if cnt > 0:
         start = tl.load(starts_ptr + e)
         slot = tl.load(slot_ptr + e).to(tl.int64)
@@ -98,9 +108,11 @@ def _slot_linear(
             )
 
 
-BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 2, "num_stages": 4}
+BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 2, "num_stages": 4, "COMPACT": 0}
 """Tile sizes and launch options: the fastest from slots on the H200 at decode batch 1 (2.7 TB/s; 3.6-3.9 TB/s
-at batch 8 for every option; 51 GB/s from host for every option): decode-floor-h200-compile-in-timing.json."""
+at batch 8 for every option; 51 GB/s from host for every option): decode-floor-h200-compile-in-timing.json.
+``COMPACT`` (1) launches programs for at most P experts and lets each find its used expert, instead of one
+program row per expert of the layer (most of which exit at once when P is small)."""
 
 
 def slot_linear(
@@ -127,11 +139,14 @@ def slot_linear(
     delta = host.data_ptr() - pool.data_ptr()
     aligned = delta % (16 * itemsize) == 0 and pool.stride(0) % 16 == 0 and weight[0] % 16 == 0
     assert aligned and (bias_off is None or bias_off % 16 == 0), "expert rows must start 16-element aligned"
-    grid = (num_experts, triton.cdiv(n, opts["BLOCK_N"]))
+    compact = bool(opts.pop("COMPACT", 0))
+    rows = min(num_experts, order.shape[0]) if compact else num_experts
+    grid = (rows, triton.cdiv(n, opts["BLOCK_N"]))
     _slot_linear[grid](
         x, x.stride(0), y, y.stride(0), order, counts, starts, slot, claim, pool,
         delta // itemsize, host_row0, pool.stride(0), weight[0], weight[1], weight[2],
-        bias_off if bias_off is not None else 0, n, d, k,
-        PAIR_ROWS=pair_rows, HAS_BIAS=bias_off is not None, FILL=fill, IEEE=x.dtype == torch.float32,
+        bias_off if bias_off is not None else 0, n, d, k, num_experts,
+        PAIR_ROWS=pair_rows, HAS_BIAS=bias_off is not None, COMPACT=compact, E_POW2=triton.next_power_of_2(num_experts),
+        FILL=fill, IEEE=x.dtype == torch.float32,
         **opts,
     )  # fmt: skip

@@ -40,6 +40,8 @@ class SlotTable:
             None  # pinned mirrors the step's results are copied back into
         )
         self._host_filled: torch.Tensor | None = None
+        self._uploaded: np.ndarray | None = None
+        """The residency last uploaded with no copies in flight and no candidates (None: anything else)."""
         self.tensors = SlotTensors(
             pool=store.slots,
             host=store.host if self.zero_copy else None,
@@ -56,6 +58,10 @@ class SlotTable:
     def apply(self, boundary: Boundary) -> None:
         """Between steps: upload the table (evictions take effect) and the fill candidates, start the copies."""
         store, num_experts = self.store, self.num_experts
+        settled = not boundary.loads and not boundary.candidates and not store.in_flight()
+        if settled and self._uploaded is not None and np.array_equal(self._uploaded, boundary.resident):
+            return  # the device holds this table already, and no candidates: nothing to upload or copy
+        self._uploaded = boundary.resident.copy() if settled else None
         loading = np.zeros(store.num_slots, bool)
         loading[[load.slot for load in boundary.loads]] = True
         landed = ~loading

@@ -108,8 +108,12 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--modes", default="compiled,plain")
-    ap.add_argument("--blocks", type=lambda f: json.loads(Path(f).read_text()).get("blocks", {}), default={},
-                    help="a decode_floor.py result whose kernel stage chose the tile options per batch size")
+    ap.add_argument(
+        "--blocks",
+        type=lambda f: json.loads(Path(f).read_text()).get("blocks", {}),
+        default={},
+        help="a decode_floor.py result whose kernel stage chose the tile options per batch size",
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import transformers

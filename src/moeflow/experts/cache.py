@@ -323,7 +323,9 @@ class CachePolicy:
         policy's eviction order; nothing is evicted until the device claims it)."""
         loads = tuple(self.prefetch_next_step())
         n = self.fill_budget(batch)
-        if self.num_slots >= self.num_layers * self.num_experts:  # the free slots can hold every miss: no victims
+        if (
+            self.num_slots >= self.num_layers * self.num_experts
+        ):  # the free slots can hold every miss: no victims
             n = min(n, len(self._free))
         free = self._free[::-1][:n]
         protect = {load.key for load in loads}

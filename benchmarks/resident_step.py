@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--modes", default="compiled,plain")
     ap.add_argument(
         "--blocks",
-        type=lambda f: json.loads(Path(f).read_text()).get("blocks", {}),
+        type=lambda f: json.loads(Path(f).read_text()).get("blocks", {}) if Path(f).exists() else {},
         default={},
         help="a decode_floor.py result whose kernel stage chose the tile options per batch size",
     )

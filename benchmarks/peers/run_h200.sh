@@ -98,7 +98,8 @@ if [ "$PHASE" = build ]; then
   fi
   wait $SYNTH
   say "synth + GGUF: $(tail -1 "$W/synth.log" 2>/dev/null); $(tail -1 "$W/convert.log" 2>/dev/null)"
-  if [ "$(left)" -ge 150 ]; then llama; else say "llama.cpp runs left to the run phase ($(left) s left)"; fi
+  # PEERS_BUILD_ONLY=1: something else uses the GPU meanwhile (gpu_decode_h200.sh buildtests), so time nothing here
+  if [ "${PEERS_BUILD_ONLY:-0}" = 0 ] && [ "$(left)" -ge 150 ]; then llama; else say "llama.cpp runs left to the run phase ($(left) s left)"; fi
   say "phase build done; now call the run phase at once (the machine stays warm ~30 s)"
   exit 0
 fi

@@ -50,8 +50,8 @@ def test_descriptor_dequantises_as_the_codec(fmt: str) -> None:
 
 def test_unsupported_formats_are_named() -> None:
     lay = layout(64, 32, bias=False)
-    assert unsupported(RowCodec(lay, FORMATS["int3"])) == "the format int3"
-    assert unsupported(RowCodec(lay, FORMATS["mxfp4"])) == "the format mxfp4"
+    assert unsupported(RowCodec(lay, FORMATS["int3"])) == "int3 experts"
+    assert unsupported(RowCodec(lay, FORMATS["mxfp4"])) == "mxfp4 experts"
 
 
 SCRIPT = textwrap.dedent(

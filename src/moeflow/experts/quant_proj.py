@@ -53,17 +53,18 @@ class QuantProj:
 
 def unsupported(codec: RowCodec) -> str | None:
     """Why the slot-table experts cannot run rows of ``codec`` (None: they can)."""
-    if codec.fmt.name not in SLOT_FORMATS:
-        return f"the format {codec.fmt.name}"
+    name = codec.fmt.name
+    if name not in SLOT_FORMATS:
+        return f"{name} experts"
     for c in codec.params:
         if c.fmt is None:
             if c.pieces[0].offset % 4:
-                return f"{c.param.name} at a misaligned offset"
+                return f"{name} experts with {c.param.name} at a misaligned offset"
             continue
         d = c.matrix[1]
         size = 2 if c.fmt.param_dtype == torch.float16 else 4
         if d % (8 // c.fmt.bits) or any(p.offset % size for p in c.pieces if p.name != "codes"):
-            return f"{c.param.name} of shape {c.param.shape}"
+            return f"{name} experts with {c.param.name} of shape {c.param.shape}"
     return None
 
 

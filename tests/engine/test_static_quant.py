@@ -25,10 +25,9 @@ def _tokens(llm: LLM) -> list[list[int]]:
     return [o.token_ids for o in llm.generate(BATCH, PARAMS)]
 
 
-@pytest.fixture(scope="module")
-def biased_gpt_oss(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_biased_gpt_oss(root: Path) -> Path:
     """gpt-oss with random expert biases (transformers initialises them to zero, which would hide their path)."""
-    path = build_checkpoint("gpt_oss", tmp_path_factory.mktemp("biased") / "gpt_oss")
+    path = build_checkpoint("gpt_oss", root / "gpt_oss")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -37,6 +36,11 @@ def biased_gpt_oss(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def biased_gpt_oss(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_biased_gpt_oss(tmp_path_factory.mktemp("biased"))
 
 
 @pytest.mark.parametrize(

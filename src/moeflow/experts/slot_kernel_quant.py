@@ -51,6 +51,8 @@ def _slot_linear_quant(
     D: tl.constexpr,  # constexpr: a static loop bound (pipelined; Triton's interpreter runs it)
     FP8: tl.constexpr,
     BITS: tl.constexpr,
+    PER: tl.constexpr,  # 8 // BITS codes per byte
+    MASK: tl.constexpr,  # 2**BITS - 1
     SCALE_F16: tl.constexpr,
     ONE_GROUP: tl.constexpr,
     PAIR_ROWS: tl.constexpr,
@@ -61,9 +63,6 @@ def _slot_linear_quant(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    PER: tl.constexpr = 8 // BITS
-    BLOCK_B: tl.constexpr = BLOCK_D // PER  # bytes of a D-tile per output
-    MASK: tl.constexpr = (1 << BITS) - 1
     e = tl.program_id(0)
     nb = tl.program_id(1)
     cnt = tl.load(counts_ptr + e)
@@ -98,11 +97,11 @@ def _slot_linear_quant(
             put = fill & (m0 == 0)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
-                offs_i = tl.arange(0, BLOCK_B)
+                offs_i = tl.arange(0, BLOCK_D // PER)  # the bytes of a D-tile of one output
                 d_first = d0 + offs_i * PER  # first input of each byte
                 i_ok = d_first < D  # D % PER == 0: a byte is whole or out
                 w_ok = i_ok[:, None] & n_ok[None, :]
-                b_idx = (n64[None, :] * D + d_first[:, None]) // PER  # [BLOCK_B, BLOCK_N]
+                b_idx = (n64[None, :] * D + d_first[:, None]) // PER  # [BLOCK_D / PER, BLOCK_N]
                 byte = tl.load(row + codes_off + b_idx, mask=w_ok, other=0)
                 if FILL:
                     tl.store(dst + codes_off + b_idx, byte, mask=w_ok & put)
@@ -120,7 +119,7 @@ def _slot_linear_quant(
                 for j in tl.static_range(PER):
                     d_j = d_first + j
                     if not ONE_GROUP:
-                        s_idx = n64[None, :] * G + (d_j // GROUP)[:, None]  # [BLOCK_B, BLOCK_N]
+                        s_idx = n64[None, :] * G + (d_j // GROUP)[:, None]  # [BLOCK_D / PER, BLOCK_N]
                         s = tl.load(s_src + s_idx, mask=w_ok, other=0.0)
                         if FILL:
                             tl.store(s_dst + s_idx, s, mask=w_ok & put)
@@ -191,7 +190,8 @@ def slot_linear_quant(
     _slot_linear_quant[grid](
         x, x.stride(0), y, y.stride(0), order, counts, starts, slot, claim, pool, delta, host_row0,
         pool.stride(0), q.codes, q.scale, max(q.zero, 0), bias_off if bias_off is not None else 0,
-        q.n, k, q.group, q.groups, D=q.d, FP8=q.kind == KIND_FP8, BITS=q.bits, SCALE_F16=bool(q.scale_f16), ONE_GROUP=q.group % block_d == 0,
+        q.n, k, q.group, q.groups, D=q.d, FP8=q.kind == KIND_FP8, BITS=q.bits, PER=per, MASK=2**q.bits - 1,
+        SCALE_F16=bool(q.scale_f16), ONE_GROUP=q.group % block_d == 0,
         PAIR_ROWS=pair_rows, HAS_BIAS=bias_off is not None, FILL=fill, IEEE=x.dtype == torch.float32,
         **opts,
     )  # fmt: skip

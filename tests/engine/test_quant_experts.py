@@ -96,7 +96,7 @@ def test_bad_settings_are_one_line_errors(options: dict, message: str) -> None:
     [
         (["--expert-dtype", "int5"], "argument --expert-dtype: invalid choice: 'int5'"),
         (["--expert-dtype", "int4", "--miss-dtype", "int4"], "use expert_dtype bf16 with a miss_dtype"),
-        (["--expert-dtype", "int4", "--decode", "static"], "does not run quantised experts yet"),
+        (["--expert-dtype", "int3", "--decode", "static"], "cannot run int3 experts; it runs experts in"),
     ],
 )
 def test_cli_refuses_bad_expert_dtypes(

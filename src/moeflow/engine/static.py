@@ -22,6 +22,7 @@ from moeflow.engine.kv import StaticKV
 from moeflow.errors import BudgetError, RequestError
 from moeflow.experts.layer import Runtime, StaticBuffers
 from moeflow.experts.plan import StepRouting
+from moeflow.experts.quant_proj import SLOT_FORMATS, unsupported
 from moeflow.experts.slot_experts import Projections
 from moeflow.experts.slot_table import SlotTable
 from moeflow.memory import MemoryPlan
@@ -278,13 +279,12 @@ def choose_static(
     """The static decode path for ``cfg.decode`` (None: decode eagerly), or a one-line error for a mode that
     cannot run here."""
     mode, cuda = cfg.decode, device.type == "cuda"
-    if (
-        loaded.codecs.host is not None or loaded.codecs.low is not None
-    ):  # the slot kernel reads full rows only
+    host, low = loaded.codecs.host, loaded.codecs.low  # the slot kernels read full rows and SLOT_FORMATS rows
+    why = f"a --miss-dtype {low.fmt.name} copy" if low is not None else host and unsupported(host)
+    if why:
         if mode in ("graph", "static"):
-            raise RequestError(
-                f"decode={mode!r} does not run quantised experts yet: use decode='eager' (or auto)"
-            )
+            raise RequestError(f"decode={mode!r} cannot run {why}; it runs experts in full precision or "
+                               f"{', '.join(SLOT_FORMATS)}: use decode='eager' (or auto)")  # fmt: skip
         return None
     if mode == "eager":
         return None

@@ -133,7 +133,7 @@ class OffloadedExperts:
         if buf.route_w is not None:
             buf.route_w[self.layer].copy_(weights)
         return slot_experts_forward(self.module, buf.tensors, self.layer, hidden, index, weights, buf.live,
-                                    buf.blocks)  # fmt: skip
+                                    buf.blocks, self.rt.store.codec)  # fmt: skip
 
     def _replayed(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         experts, weights = self.rt.replay.route(self.rt.ctx.replay_rows, self.layer)  # [T, K] each

@@ -6,6 +6,8 @@ step through them (one graph, no graph break per layer) while the kernels themse
 - ``moeflow::slot_linear``: one projection for every routed pair, reading each expert's weights from its slot or
   from the host pool, writing a missed expert into its claimed slot as it is read (read-through fill): the Triton
   kernel of ``slot_kernel.py`` on CUDA, a torch loop over the used experts on the CPU.
+- ``moeflow::slot_linear_quant``: the same over quantised rows (uint8 pools, ``quant_proj.QuantProj``): the Triton
+  kernel of ``slot_kernel_quant.py`` on CUDA; on the CPU each row dequantised and the same torch reference.
 
 The fill writes only slots whose keys the step never reads again (the claim rule), so no other operation of the step
 depends on it: the pool's mutation is deliberately not declared to the compiler (declaring it would make the
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from moeflow.experts.claims import route_layer
+from moeflow.experts.quant_proj import QuantProj, project_quant
 
 BLOCK_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages", "COMPACT")
 """The kernel options ``slot_linear`` takes as a list of ints (a custom op takes no dicts), in this order; -1 (or
@@ -129,3 +132,52 @@ def project(
     rows = pairs.long() if pair_rows else pairs.long() // k
     y = x[rows] @ w.T
     return y + row[bias : bias + n] if bias is not None else y
+
+
+@torch.library.custom_op("moeflow::slot_linear_quant", mutates_args=())
+def slot_linear_quant(
+    x: torch.Tensor,  # [R, D]
+    order: torch.Tensor,  # [P]
+    counts: torch.Tensor,  # [E]
+    starts: torch.Tensor,  # [E]
+    slot: torch.Tensor,  # [E] int32
+    claim: torch.Tensor,  # [E] int32
+    pool: torch.Tensor,  # [S, nbytes] uint8
+    host: torch.Tensor,  # [L*E, nbytes] uint8
+    host_row0: int,
+    quant: list[int],  # QuantProj.as_list(): where the weight's codes and scales sit in a row
+    bias_off: int,  # byte offset of a raw float32 bias; -1: no bias
+    k: int,
+    pair_rows: bool,
+    fill: bool,
+    blocks: list[int],  # BLOCK_KEYS values (-1: default), or empty
+) -> torch.Tensor:  # [P, N]
+    """``slot_linear`` over quantised rows: the weight dequantised from each expert's row (a fill copies the raw
+    quantised bytes)."""
+    q = QuantProj.of_list(quant)
+    make = torch.zeros if pair_rows else torch.empty
+    y = make(order.shape[0], q.n, dtype=x.dtype, device=x.device)
+    bias = bias_off if bias_off >= 0 else None
+    if x.is_cuda:
+        from moeflow.experts.slot_kernel_quant import slot_linear_quant as kernel
+
+        opts = {key: v for key, v in zip(BLOCK_KEYS, blocks, strict=False) if v >= 0}
+        kernel(x, y, (order, counts, starts), slot, claim, pool, host, host_row0, q, bias, k, pair_rows, fill,
+               opts)  # fmt: skip
+        return y
+    slots, claims = slot.tolist(), claim.tolist()
+    for e, (cnt, start) in enumerate(zip(counts.tolist(), starts.tolist(), strict=True)):
+        if cnt:
+            row = pool[slots[e]] if slots[e] >= 0 else host[host_row0 + e]
+            if fill and claims[e] >= 0:
+                pool[claims[e]].copy_(row)
+            pairs = order[start : start + cnt]
+            y[pairs.long()] = project_quant(row, x, pairs, q, bias, k, pair_rows)
+    return y
+
+
+@slot_linear_quant.register_fake
+def _slot_linear_quant_fake(x: torch.Tensor, order: torch.Tensor, *rest: object) -> torch.Tensor:
+    quant = rest[7]  # after counts, starts, slot, claim, pool, host, host_row0
+    assert isinstance(quant, list)
+    return x.new_empty(order.shape[0], QuantProj.of_list(quant).n)

@@ -6,7 +6,8 @@ and from the host pool otherwise; a missed expert claims one of the candidate sl
 (see ``claims.py``) and is written into it as it is read (read-through fill). What happened is left on the device for
 the host to read after the step: ``served[l, e]`` (1 hit, 2 miss) and ``filled[l, e]`` (the slot filled, or -1).
 
-On CUDA the projections run in the Triton kernel of :mod:`moeflow.experts.slot_kernel`; elsewhere a torch
+On CUDA the projections run in the Triton kernel of :mod:`moeflow.experts.slot_kernel` (of
+:mod:`moeflow.experts.slot_kernel_quant` for quantised rows, which a fill copies as they are); elsewhere a torch
 reference with the same semantics (and the same fills) runs expert by expert, reading misses from the store's
 host tier (which may read the checkpoint). Legend: T tokens, K top-k, E experts, H hidden, I intermediate, P = T*K.
 """
@@ -22,7 +23,9 @@ from torch import nn
 from moeflow.experts import ops  # noqa: F401  (registers the moeflow:: ops)
 from moeflow.experts.claims import route_layer
 from moeflow.experts.ops import BLOCK_KEYS, project
+from moeflow.experts.quant_proj import project_quant, quant_proj, raw_offset
 from moeflow.model.loader import ExpertLayout
+from moeflow.quant.row import RowCodec
 
 HostRow = Callable[[int, int], torch.Tensor]
 """(layer, expert) -> that expert's flat row in host memory."""
@@ -109,16 +112,18 @@ def slot_experts_forward(
     weights: torch.Tensor,  # [T, K]
     live: torch.Tensor | None,  # [T] bool: rows whose output counts (None: all)
     blocks: dict | None = None,
+    codec: RowCodec | None = None,
 ) -> torch.Tensor:  # [T, H]
-    """The layer's experts output, combining each token's chosen experts as transformers does."""
+    """The layer's experts output, combining each token's chosen experts as transformers does; ``codec``: the
+    rows of the pools are quantised (uint8, ``quant_proj.SLOT_FORMATS``), None: flat compute-dtype rows."""
     t, k = ids.shape
     hidden = hidden.contiguous()
     groups, slot, claim = group_pairs(src, layer, ids, live)
     proj = Projections.of(module, src.layout)
     if src.host is not None:
-        down = _op_layer(module, src, layer, proj, hidden, groups, slot, claim, k, blocks)
+        down = _op_layer(module, src, layer, proj, hidden, groups, slot, claim, k, blocks, codec)
     else:
-        down = _host_row_layer(module, src, layer, proj, hidden, groups, slot, claim, k)
+        down = _host_row_layer(module, src, layer, proj, hidden, groups, slot, claim, k, codec)
     if getattr(module, "has_post_expert_norm", False):
         down = module.post_expert_norm(down)
     if live is not None:
@@ -142,26 +147,37 @@ def _bias(src: SlotTensors, name: str | None) -> int | None:
     return next(p.offset for p in src.layout.params if p.name == name) if name else None
 
 
-def _op_layer(module, src, layer, proj, hidden, groups, slot, claim, k, blocks) -> torch.Tensor:
-    """Both projections through the ``moeflow::slot_linear`` op (Triton on a GPU, torch on the host)."""
+def _op_layer(module, src, layer, proj, hidden, groups, slot, claim, k, blocks, codec) -> torch.Tensor:
+    """Both projections through the ``moeflow::slot_linear`` op, or ``moeflow::slot_linear_quant`` for quantised
+    rows (Triton on a GPU, torch on the host)."""
     opts = [blocks.get(key, -1) for key in BLOCK_KEYS] if blocks else []
     row0, x = layer * src.table.shape[1], hidden
     for name, bias, pair_rows in ((proj.first, proj.first_bias, False), ("down_proj", proj.down_bias, True)):
-        weight, n, _ = _weight(src, proj, name)
-        b_off = _bias(src, bias)
-        y = torch.ops.moeflow.slot_linear(x, *groups, slot, claim, src.pool, src.host, row0, weight,
-                                          -1 if b_off is None else b_off, n, k, pair_rows, True, opts)  # fmt: skip
+        if codec is not None:
+            b_off = raw_offset(codec, bias)
+            y = torch.ops.moeflow.slot_linear_quant(x, *groups, slot, claim, src.pool, src.host, row0,
+                                                    quant_proj(codec, name).as_list(),
+                                                    -1 if b_off is None else b_off, k, pair_rows, True, opts)  # fmt: skip
+        else:
+            weight, n, _ = _weight(src, proj, name)
+            b_off = _bias(src, bias)
+            y = torch.ops.moeflow.slot_linear(x, *groups, slot, claim, src.pool, src.host, row0, weight,
+                                              -1 if b_off is None else b_off, n, k, pair_rows, True, opts)  # fmt: skip
         x = _gate(module, proj, y).contiguous() if not pair_rows else y
     return x
 
 
-def _host_row_layer(module, src, layer, proj, hidden, groups, slot, claim, k) -> torch.Tensor:
+def _host_row_layer(module, src, layer, proj, hidden, groups, slot, claim, k, codec) -> torch.Tensor:
     """The same computation expert by expert, reading misses through ``host_row`` (a host tier that may read the
     checkpoint: host syncs, for CPUs and tests)."""
     order, counts, starts = (g.tolist() for g in groups)
     slots, claims = slot.tolist(), claim.tolist()
-    (first, n1, _), (down_w, n2, _) = _weight(src, proj, proj.first), _weight(src, proj, "down_proj")
-    b1, b2 = _bias(src, proj.first_bias), _bias(src, proj.down_bias)
+    if codec is not None:
+        q1, q2 = quant_proj(codec, proj.first), quant_proj(codec, "down_proj")
+        b1, b2 = raw_offset(codec, proj.first_bias), raw_offset(codec, proj.down_bias)
+    else:
+        (first, n1, _), (down_w, n2, _) = _weight(src, proj, proj.first), _weight(src, proj, "down_proj")
+        b1, b2 = _bias(src, proj.first_bias), _bias(src, proj.down_bias)
     down = torch.zeros(hidden.shape[0] * k, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
     for e, cnt in enumerate(counts):
         if cnt == 0:
@@ -170,8 +186,11 @@ def _host_row_layer(module, src, layer, proj, hidden, groups, slot, claim, k) ->
         if claims[e] >= 0:
             src.pool[claims[e]].copy_(row)
         pairs = torch.tensor(order[starts[e] : starts[e] + cnt], device=hidden.device, dtype=torch.long)
-        x = project(row, hidden, pairs, first, b1, n1, k, pair_rows=False)
-        down[pairs] = project(
-            row, _gate(module, proj, x), torch.arange(cnt), down_w, b2, n2, k, pair_rows=True
-        )
+        if codec is not None:
+            x = project_quant(row, hidden, pairs, q1, b1, k, pair_rows=False)
+            x = project_quant(row, _gate(module, proj, x), torch.arange(cnt), q2, b2, k, pair_rows=True)
+        else:
+            x = project(row, hidden, pairs, first, b1, n1, k, pair_rows=False)
+            x = project(row, _gate(module, proj, x), torch.arange(cnt), down_w, b2, n2, k, pair_rows=True)
+        down[pairs] = x
     return down

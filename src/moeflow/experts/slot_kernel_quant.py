@@ -1,0 +1,197 @@
+# ruff: noqa: SIM108  (Triton: if/else on constexpr flags, not ternaries)
+"""The slot-table experts kernel for quantised rows (Triton, CUDA only): :mod:`moeflow.experts.slot_kernel`'s
+program structure, reading each weight as its :class:`~moeflow.quant.row.RowCodec` bytes and dequantising them in
+registers before ``tl.dot``.
+
+Program ``(e, n-block)`` serves expert ``e`` for all its routed pairs: the row comes from its device slot
+(``table[e] >= 0``) or zero-copy from the pinned host pool (a byte offset from the slot pool's base), so a miss
+moves the quantised bytes over the link, not the full-precision ones; a missed expert with a claimed slot has the
+raw bytes it read (codes, scales, zero points, bias) written into that slot (read-through fill).
+
+Layout (see :mod:`moeflow.experts.quant_proj`): weight (n, d) is code ``n * D + d``; ``PER = 8 // BITS`` codes per
+byte, code ``j`` of a byte in bits ``[j * BITS, (j + 1) * BITS)``. A D-tile of ``BLOCK_D`` inputs is read as
+``BLOCK_D / PER`` bytes per output; each of the ``PER`` code planes is dequantised and multiplied with the inputs
+``d0 + PER * i + j`` (a strided read of x), so every byte is loaded once. Scale (and zero) of (n, d) at
+``n * G + d // GROUP``; with ``ONE_GROUP`` (the group a multiple of the tile) one [BLOCK_N] vector per tile.
+Legend: P pairs, N output features, D input features, E experts, G groups per output row.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeflow.experts.quant_proj import KIND_FP8, QuantProj
+
+
+@triton.jit
+def _slot_linear_quant(
+    x_ptr,  # [R, D]
+    stride_x,
+    y_ptr,  # [P, N]
+    stride_y,
+    order_ptr,
+    counts_ptr,
+    starts_ptr,
+    slot_ptr,
+    claim_ptr,
+    pool_ptr,  # uint8 slot pool base; row r at pool_ptr + r * row_stride
+    host_delta,  # byte offset from pool_ptr to the host pool's first row
+    host_row0,
+    row_stride,
+    codes_off,
+    scale_off,
+    zero_off,
+    b_off,
+    N,
+    K,
+    GROUP,
+    G,
+    D: tl.constexpr,  # constexpr: a static loop bound (pipelined; Triton's interpreter runs it)
+    FP8: tl.constexpr,
+    BITS: tl.constexpr,
+    PER: tl.constexpr,  # 8 // BITS codes per byte
+    MASK: tl.constexpr,  # 2**BITS - 1
+    SCALE_F16: tl.constexpr,
+    ONE_GROUP: tl.constexpr,
+    PAIR_ROWS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FILL: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    e = tl.program_id(0)
+    nb = tl.program_id(1)
+    cnt = tl.load(counts_ptr + e)
+    if cnt > 0:
+        start = tl.load(starts_ptr + e)
+        slot = tl.load(slot_ptr + e).to(tl.int64)
+        claim = tl.load(claim_ptr + e).to(tl.int64)
+        host_row = host_delta + (host_row0 + e).to(tl.int64) * row_stride
+        row = pool_ptr + tl.multiple_of(tl.where(slot >= 0, slot * row_stride, host_row), 16)
+        fill = claim >= 0
+        dst = pool_ptr + tl.multiple_of(tl.maximum(claim, 0) * row_stride, 16)
+        if SCALE_F16:
+            sdt = tl.float16
+        else:
+            sdt = tl.float32
+        s_src = (row + scale_off).to(tl.pointer_type(sdt))
+        s_dst = (dst + scale_off).to(tl.pointer_type(sdt))
+        z_src = (row + zero_off).to(tl.pointer_type(sdt))
+        z_dst = (dst + zero_off).to(tl.pointer_type(sdt))
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        n64 = offs_n.to(tl.int64)
+        m0 = 0
+        while m0 < cnt:  # a loop bound loaded from memory: Triton's interpreter runs a while, not a range
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < cnt
+            pair = tl.load(order_ptr + start + offs_m, mask=m_ok, other=0)
+            if PAIR_ROWS:
+                rows = pair
+            else:
+                rows = pair // K
+            put = fill & (m0 == 0)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                offs_i = tl.arange(0, BLOCK_D // PER)  # the bytes of a D-tile of one output
+                d_first = d0 + offs_i * PER  # first input of each byte
+                i_ok = d_first < D  # D % PER == 0: a byte is whole or out
+                w_ok = i_ok[:, None] & n_ok[None, :]
+                b_idx = (n64[None, :] * D + d_first[:, None]) // PER  # [BLOCK_D / PER, BLOCK_N]
+                byte = tl.load(row + codes_off + b_idx, mask=w_ok, other=0)
+                if FILL:
+                    tl.store(dst + codes_off + b_idx, byte, mask=w_ok & put)
+                if ONE_GROUP:
+                    s_idx = n64 * G + d0 // GROUP  # [BLOCK_N]
+                    s = tl.load(s_src + s_idx, mask=n_ok, other=0.0)
+                    if FILL:
+                        tl.store(s_dst + s_idx, s, mask=n_ok & put)
+                    s = s.to(tl.float32)[None, :]
+                    if not FP8:
+                        z = tl.load(z_src + s_idx, mask=n_ok, other=0.0)
+                        if FILL:
+                            tl.store(z_dst + s_idx, z, mask=n_ok & put)
+                        z = z.to(tl.float32)[None, :]
+                for j in tl.static_range(PER):
+                    d_j = d_first + j
+                    if not ONE_GROUP:
+                        s_idx = n64[None, :] * G + (d_j // GROUP)[:, None]  # [BLOCK_D / PER, BLOCK_N]
+                        s = tl.load(s_src + s_idx, mask=w_ok, other=0.0)
+                        if FILL:
+                            tl.store(s_dst + s_idx, s, mask=w_ok & put)
+                        s = s.to(tl.float32)
+                        if not FP8:
+                            z = tl.load(z_src + s_idx, mask=w_ok, other=0.0)
+                            if FILL:
+                                tl.store(z_dst + s_idx, z, mask=w_ok & put)
+                            z = z.to(tl.float32)
+                    if FP8:
+                        w = byte.to(tl.float8e4nv, bitcast=True).to(tl.float32) * s
+                    else:
+                        q = ((byte >> (j * BITS)) & MASK).to(tl.float32)
+                        w = q * s + z
+                    w = w.to(x_ptr.dtype.element_ty)  # masked bytes meet masked (zero) inputs
+                    xt = tl.load(
+                        x_ptr + rows[:, None] * stride_x + d_j[None, :],
+                        mask=m_ok[:, None] & i_ok[None, :],
+                        other=0.0,
+                    )
+                    if IEEE:
+                        acc = tl.dot(xt, w, acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(xt, w, acc)
+            if HAS_BIAS:
+                b_src = (row + b_off).to(tl.pointer_type(tl.float32))
+                b = tl.load(b_src + offs_n, mask=n_ok, other=0.0)
+                if FILL:
+                    tl.store((dst + b_off).to(tl.pointer_type(tl.float32)) + offs_n, b, mask=n_ok & put)
+                acc += b.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
+            tl.store(
+                y_ptr + pair[:, None] * stride_y + offs_n[None, :],
+                acc.to(y_ptr.dtype.element_ty),
+                mask=m_ok[:, None] & n_ok[None, :],
+            )
+            m0 += BLOCK_M
+
+
+BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 2, "num_stages": 4}
+"""Tile sizes and launch options (``slot_kernel.BLOCKS``'s, not yet tuned for quantised rows)."""
+
+
+def slot_linear_quant(
+    x: torch.Tensor,  # [R, D]
+    y: torch.Tensor,  # [P, N]
+    groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # order [P], counts [E], starts [E] (int32)
+    slot: torch.Tensor,  # [E] int32
+    claim: torch.Tensor,  # [E] int32
+    pool: torch.Tensor,  # [S, nbytes] uint8 slot pool
+    host: torch.Tensor,  # [L*E, nbytes] uint8 pinned host pool
+    host_row0: int,
+    q: QuantProj,
+    bias_off: int | None,  # byte offset of the raw float32 bias
+    k: int,
+    pair_rows: bool,
+    fill: bool,
+    blocks: dict | None = None,
+) -> None:
+    order, counts, starts = groups
+    opts = {**BLOCKS, **(blocks or {})}
+    per = 8 // q.bits
+    block_d = opts["BLOCK_D"]
+    assert pool.dtype == torch.uint8 and host.dtype == torch.uint8 and x.shape[1] == q.d and y.shape[1] == q.n
+    assert block_d // per >= 16 and q.d % per == 0, "a D-tile must hold 16 bytes of whole codes"
+    delta = host.data_ptr() - pool.data_ptr()
+    assert delta % 16 == 0 and pool.stride(0) % 16 == 0, "expert rows must start 16-byte aligned"
+    grid = (counts.shape[0], triton.cdiv(q.n, opts["BLOCK_N"]))
+    _slot_linear_quant[grid](
+        x, x.stride(0), y, y.stride(0), order, counts, starts, slot, claim, pool, delta, host_row0,
+        pool.stride(0), q.codes, q.scale, max(q.zero, 0), bias_off if bias_off is not None else 0,
+        q.n, k, q.group, q.groups, D=q.d, FP8=q.kind == KIND_FP8, BITS=q.bits, PER=per, MASK=2**q.bits - 1,
+        SCALE_F16=bool(q.scale_f16), ONE_GROUP=q.group % block_d == 0,
+        PAIR_ROWS=pair_rows, HAS_BIAS=bias_off is not None, FILL=fill, IEEE=x.dtype == torch.float32,
+        **opts,
+    )  # fmt: skip

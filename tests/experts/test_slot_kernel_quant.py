@@ -1,0 +1,124 @@
+"""The quantised slot-table kernel (Triton) equals the torch reference (rows dequantised by the codec) for fp8 and
+the byte-packed integer formats, reading experts from slots and zero-copy from the host pool, and its read-through
+fill writes the raw quantised row into the claimed slot: run in Triton's interpreter on the CPU (skipped where
+Triton is not installed). The descriptor the kernel reads agrees with ``RowCodec.decode``."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from moeflow.experts.quant_proj import SLOT_FORMATS, dequant, quant_proj, raw, raw_offset, unsupported
+from moeflow.model.loader import ExpertLayout, ParamSlice
+from moeflow.quant.formats import FORMATS
+from moeflow.quant.row import RowCodec
+
+
+def layout(h: int, i: int, bias: bool) -> ExpertLayout:
+    """An expert of hidden size ``h`` and intermediate ``i`` (gated), with or without biases."""
+    shapes = [("gate_up_proj", (2 * i, h)), ("down_proj", (h, i))]
+    if bias:
+        shapes += [("gate_up_proj_bias", (2 * i,)), ("down_proj_bias", (h,))]
+    params, off = [], 0
+    for name, shape in shapes:
+        params.append(ParamSlice(name, shape, off))
+        off += params[-1].numel
+    return ExpertLayout(tuple(params), off)
+
+
+@pytest.mark.parametrize("fmt", SLOT_FORMATS)
+def test_descriptor_dequantises_as_the_codec(fmt: str) -> None:
+    torch.manual_seed(0)
+    lay = layout(160, 24, bias=True)
+    codec = RowCodec(lay, FORMATS[fmt])
+    assert unsupported(codec) is None
+    flat = torch.randn(3, lay.numel)
+    rows = codec.encode_many(flat)
+    want = codec.decode(rows, torch.float32)
+    for r in range(3):
+        for p in lay.params:
+            got = (dequant(rows[r], quant_proj(codec, p.name)) if len(p.shape) == 2
+                   else raw(rows[r], raw_offset(codec, p.name), p.numel))  # fmt: skip
+            assert torch.equal(got.reshape(-1), want[r, p.offset : p.offset + p.numel]), (fmt, p.name)
+
+
+def test_unsupported_formats_are_named() -> None:
+    lay = layout(64, 32, bias=False)
+    assert unsupported(RowCodec(lay, FORMATS["int3"])) == "int3 experts"
+    assert unsupported(RowCodec(lay, FORMATS["mxfp4"])) == "mxfp4 experts"
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from moeflow.experts.ops import slot_linear_quant as op
+    from moeflow.experts.quant_proj import quant_proj, raw_offset
+    from moeflow.experts.slot_kernel_quant import slot_linear_quant as kernel
+    from moeflow.quant.formats import FORMATS
+    from moeflow.quant.row import RowCodec
+    from tests.experts.test_slot_kernel_quant import layout
+
+    def groups_of(ids, e):
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True).int()
+        counts = torch.bincount(flat, minlength=e).int()
+        return order, counts, (torch.cumsum(counts, 0) - counts).int()
+
+    torch.manual_seed(0)
+    L, E, K, T, S = 2, 4, 2, 40, 6
+    cases = [(fmt, 160, 24, True, 64) for fmt in ("fp8", "int4", "int8", "int2")]
+    cases += [("int4", 128, 32, False, 64), ("fp8", 128, 32, False, 32), ("int2", 96, 16, True, 64)]
+    for dtype in (torch.float32, torch.float16):  # the interpreter computes bf16 dots wrongly (GPU tests: bf16)
+        for fmt, h, i, bias, block_d in cases:
+            lay = layout(h, i, bias)
+            codec = RowCodec(lay, FORMATS[fmt])
+            host = codec.encode_many(torch.randn(L * E, lay.numel) * 0.1)
+            layer = 1
+            slot = torch.tensor([2, -1, 0, -1], dtype=torch.int32)  # experts 0 and 2 resident, 1 and 3 from host
+            claim = torch.tensor([-1, 4, -1, -1], dtype=torch.int32)  # expert 1 fills slot 4
+            hidden = torch.randn(T, h).to(dtype)
+            ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+            groups = groups_of(ids, E)
+            outs = []
+            for use_kernel in (False, True):
+                pool = torch.zeros(S, codec.nbytes, dtype=torch.uint8)
+                pool[2], pool[0] = host[layer * E], host[layer * E + 2]
+                x = hidden
+                for name, b, pair_rows in (("gate_up_proj", "gate_up_proj_bias", False),
+                                           ("down_proj", "down_proj_bias", True)):
+                    q = quant_proj(codec, name)
+                    b_off = raw_offset(codec, b if bias else None)
+                    if use_kernel:
+                        y = (torch.zeros if pair_rows else torch.empty)(T * K, q.n, dtype=dtype)
+                        kernel(x, y, groups, slot, claim, pool, host, layer * E, q, b_off, K, pair_rows, True,
+                               {"BLOCK_D": block_d})
+                    else:
+                        y = op(x, *groups, slot, claim, pool, host, layer * E, q.as_list(),
+                               -1 if b_off is None else b_off, K, pair_rows, True, [])
+                    x = torch.nn.functional.silu(y[:, : q.n // 2]) * y[:, q.n // 2 :] if not pair_rows else y
+                outs.append((x, pool))
+            (y_ref, pool_ref), (y, pool) = outs
+            tol = 1e-5 if dtype == torch.float32 else 3e-2
+            torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol, atol=tol)
+            assert y_ref.abs().max() > 0.01
+            assert torch.equal(pool, pool_ref), fmt
+            assert torch.equal(pool[4], host[layer * E + 1]) and not pool[[1, 3, 5]].any(), fmt
+    print("ok")
+    """
+)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_quant_kernel_equals_torch_reference() -> None:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.pathsep.join(p for p in (os.path.join(root, "src"), root, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900,
+                         cwd=root)  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -47,7 +47,9 @@ DECODES = ["static", "eager"]
 
 @pytest.fixture(scope="module", params=DECODES)
 def llm(request: pytest.FixtureRequest, checkpoints: dict[str, Path]):
-    with LLM(checkpoints["olmoe"], device="cpu", progress=False, batch_size=4, decode=request.param) as engine:
+    with LLM(
+        checkpoints["olmoe"], device="cpu", progress=False, batch_size=4, decode=request.param
+    ) as engine:
         assert (engine.static is not None) == (request.param == "static")
         yield engine
 

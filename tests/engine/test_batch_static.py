@@ -132,3 +132,27 @@ def test_the_row_bucket_is_held_to_the_kv_reserve(checkpoints: dict[str, Path]) 
         engine.add(PROMPTS[0], greedy(3))
         with pytest.raises(BudgetError, match="more than the KV reserve"):
             drain(engine)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "gpt_oss"])
+def test_compiled_step_serves_the_rows(
+    checkpoints: dict[str, Path], family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step a GPU compiles (and captures) traces in one graph through the row writes and masks (aot_eager:
+    the same tracing as inductor) and its tokens are those of the prompts run alone."""
+    import torch
+
+    from moeflow.engine import static
+
+    monkeypatch.setattr(static, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    with LLM(checkpoints[family], device="cpu", num_slots=3, host_memory="1GiB", decode="static", compile=True,
+             progress=False) as llm:  # fmt: skip
+        want = [llm.generate([p], greedy(6))[0].token_ids for p in PROMPTS[:4]]
+        engine = BatchEngine(llm, max_batch=3, prefill_chunk=5)
+        ids = [engine.add(p, greedy(6)) for p in PROMPTS[:2]]
+        seen = drain(engine, steps=2)
+        ids += [engine.add(p, greedy(6)) for p in PROMPTS[2:4]]
+        drain(engine, seen=seen)
+        assert [seen[r][-1].output.token_ids for r in ids] == want
+        assert llm.static.step != llm.static._forward  # it ran compiled (compile=True raises on a failure)

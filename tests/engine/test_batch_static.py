@@ -156,3 +156,25 @@ def test_compiled_step_serves_the_rows(
         drain(engine, seen=seen)
         assert [seen[r][-1].output.token_ids for r in ids] == want
         assert llm.static.step != llm.static._forward  # it ran compiled (compile=True raises on a failure)
+
+
+def test_a_new_slot_pool_mid_run_keeps_the_rows(checkpoints: dict[str, Path]) -> None:
+    """``LLM.reconfigure`` between steps starts the decoder's buckets afresh: the running rows move to the new one."""
+    with LLM(checkpoints["mixtral"], device="cpu", num_slots=8, decode="static", progress=False) as llm:
+        want = [llm.generate([p], greedy(10))[0].token_ids for p in PROMPTS[:3]]
+        engine = BatchEngine(llm, max_batch=3, prefill_chunk=8)
+        ids = [engine.add(p, greedy(10)) for p in PROMPTS[:3]]
+        seen = drain(engine, steps=4)
+        old = engine.kv.bucket
+        llm.reconfigure(num_slots=5)
+        drain(engine, seen=seen)
+        assert engine.kv.bucket is not old and row_buckets(llm) == [engine.kv.bucket]
+        assert [seen[r][-1].output.token_ids for r in ids] == want
+
+
+def test_max_len_sizes_the_bucket_from_the_start(llm: LLM) -> None:
+    engine = BatchEngine(llm, max_batch=2, max_len=300)
+    assert engine.kv.max_len == 512
+    engine.add(PROMPTS[0], greedy(4))
+    drain(engine)
+    assert engine.kv.max_len == 512  # short requests keep the bucket

@@ -70,10 +70,11 @@ class Entry:
 
 class BatchEngine:
     """Continuous batching over ``llm`` (a :class:`moeflow.LLM`): at most ``max_batch`` sequences run at once.
-    ``static=False`` decodes eagerly even where the engine has a static decode path."""
+    ``static=False`` decodes eagerly even where the engine has a static decode path; ``max_len`` sizes its bucket
+    from the start (positions per row; default: as the first requests need, grown when a later one needs more)."""
 
     def __init__(self, llm: Any, max_batch: int | None = None, prefill_chunk: int = 256,
-                 admission: Admission | None = None, static: bool = True):  # fmt: skip
+                 admission: Admission | None = None, static: bool = True, max_len: int = 1):  # fmt: skip
         kinds = {type(layer).__name__ for layer in DynamicCache(config=llm.loaded.config).layers}
         if kinds - PLAIN_LAYERS:
             raise RequestError(
@@ -88,7 +89,7 @@ class BatchEngine:
         self.static = llm.static if static else None
         self.kv: RowKV | StaticRows
         if self.static is not None:
-            self.kv = StaticRows(self.static, self.max_batch)
+            self.kv = StaticRows(self.static, self.max_batch, max_len)
         else:
             context = getattr(llm.loaded.config, "max_position_embeddings", None) or 1 << 16
             self.kv = RowKV(llm.loaded.model, self.max_batch, context + prefill_chunk, llm.device)
@@ -209,6 +210,7 @@ class BatchEngine:
         """One static decode step: every row of the bucket runs, the rows of ``entries`` count."""
         llm, rt, kv, static = self.llm, self.llm.runtime, self.kv, self.static
         assert isinstance(kv, StaticRows) and static is not None
+        kv.fit(0)  # the same bucket, unless a new slot table (``LLM.reconfigure``) started the buckets afresh
         t0, stall0 = time.perf_counter(), rt.store.stats.stall_s
         entries = sorted(entries, key=lambda e: e.row)
         tokens, positions = (

@@ -8,8 +8,8 @@ tokens (slots the row's next tokens overwrite before any query can see them), so
 query at slot ``q`` sees keys ``j <= q`` (within the sliding window where the layer has one). No row ever holds
 left padding, so a row's keys are exactly its sequence's, whatever ran beside it.
 
-The tensors are ``[R, H, C, D]`` with a capacity ``C`` that grows by doubling (the static decode path would fix
-``C`` and replay one graph over all rows: the same write rule, with the slots on the device).
+The tensors are ``[R, H, C, D]`` with a capacity ``C`` that grows by doubling. The static decode path fixes ``C``
+and replays one step over all rows (``static_rows.py``: the same write rule, a decode step's slots on the device).
 Legend: R rows, n rows in this forward, Q new tokens per row, H heads, C capacity, D head dim, K key length.
 """
 

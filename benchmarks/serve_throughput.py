@@ -136,7 +136,9 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=None, help="device slots as a share of all experts")
     ap.add_argument("--policy", default=None)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--decode", default="auto", help="engine decode mode (auto: graph on a GPU)")
+    ap.add_argument(
+        "--decode", default=None, help="engine decode mode (default: graph on a GPU, else static)"
+    )
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -150,7 +152,8 @@ def main() -> None:
         raise SystemExit(f"{len(base)} trace requests have {args.max_tokens} tokens: fewer than streams + 1")
     reqs = [base[i % len(base)] for i in range(args.requests)]
     options = {"compile": False} if args.no_compile else {}
-    llm = TimedLLM(args.model, device=args.device, replay=trace, progress=False, decode=args.decode,
+    decode = args.decode or ("graph" if args.device.startswith("cuda") else "static")
+    llm = TimedLLM(args.model, device=args.device, replay=trace, progress=False, decode=decode,
                    batch_size=args.streams, **options)  # fmt: skip
     if args.fraction is not None or args.policy is not None:
         total = llm.info.num_layers * llm.info.num_experts

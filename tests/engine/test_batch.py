@@ -1,5 +1,7 @@
 """Continuous batching (``BatchEngine``): outputs equal each prompt run alone whatever runs beside it, finished and
-aborted sequences leave the batch at once, a long prompt's chunked prefill does not stall the decoding streams."""
+aborted sequences leave the batch at once, a long prompt's chunked prefill does not stall the decoding streams.
+Every test runs on both decode paths: the static one (rows of a static bucket, the step a GPU captures, run eagerly
+here) and the eager row pool."""
 
 from __future__ import annotations
 
@@ -40,16 +42,24 @@ def drain(
     return seen
 
 
-@pytest.fixture(scope="module")
-def llm(checkpoints: dict[str, Path]):
-    with LLM(checkpoints["olmoe"], device="cpu", progress=False, batch_size=4) as engine:
+DECODES = ["static", "eager"]
+
+
+@pytest.fixture(scope="module", params=DECODES)
+def llm(request: pytest.FixtureRequest, checkpoints: dict[str, Path]):
+    with LLM(
+        checkpoints["olmoe"], device="cpu", progress=False, batch_size=4, decode=request.param
+    ) as engine:
+        assert (engine.static is not None) == (request.param == "static")
         yield engine
 
 
-@pytest.fixture(scope="module", params=["olmoe", "mixtral", "gpt_oss"])
+@pytest.fixture(scope="module", params=[(f, d) for f in ("olmoe", "mixtral", "gpt_oss") for d in DECODES],
+                ids=lambda p: "-".join(p))  # fmt: skip
 def family_llm(request: pytest.FixtureRequest, checkpoints: dict[str, Path]):
     """One mask for all layers (OLMoE), a sliding window (Mixtral), per-layer-type masks and sinks (gpt-oss)."""
-    with LLM(checkpoints[request.param], device="cpu", progress=False, batch_size=4) as engine:
+    family, decode = request.param
+    with LLM(checkpoints[family], device="cpu", progress=False, batch_size=4, decode=decode) as engine:
         yield engine
 
 

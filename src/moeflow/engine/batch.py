@@ -13,16 +13,18 @@ replay see it as ``LLM.step`` does).
 Sampling is per sequence (its own settings; a seeded sequence its own generator), so a sequence's output does not
 depend on what runs beside it.
 
-Runs eagerly on any device; the static decode path is not wired in yet. How it takes over, without changing this
-API: the bucket's ``StaticKV`` becomes a row pool (one row per sequence, per-row lengths instead of one shared write
-position, rows' write slots computed on the device from a per-row position buffer, the ``rows.py`` rule); the
-decode forward runs over all rows of the bucket with the live-row mask it already has (free rows compute nothing
-in the MoE layers), so one captured graph replays whichever rows are occupied; prompt chunks stay eager.
+When the engine has a static decode path (``llm.static``), the decode forward is its step (``engine/static_rows.py``):
+the rows are those of one static bucket (``max_batch`` rows x a ``max_len`` covering the requests, replaced by a
+longer bucket only when an admitted request needs more), each row written at its own position, so one captured
+graph replays whichever rows are occupied; rows not decoding compute but count for nothing. Prompt chunks stay
+eager and write into their rows of that bucket. Without a static decoder (``decode='eager'``) the rows are the
+eager pool of ``rows.py`` (capacity grown by doubling) and every forward runs eagerly.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,7 @@ from transformers import DynamicCache
 
 from moeflow.engine.admission import Admission
 from moeflow.engine.rows import RowKV
+from moeflow.engine.static_rows import StaticRows
 from moeflow.errors import RequestError
 from moeflow.metrics import Counters, batch_stats
 from moeflow.sampling import SamplingParams, sample
@@ -66,10 +69,12 @@ class Entry:
 
 
 class BatchEngine:
-    """Continuous batching over ``llm`` (a :class:`moeflow.LLM`): at most ``max_batch`` sequences run at once."""
+    """Continuous batching over ``llm`` (a :class:`moeflow.LLM`): at most ``max_batch`` sequences run at once.
+    ``static=False`` decodes eagerly even where the engine has a static decode path; ``max_len`` sizes its bucket
+    from the start (positions per row; default: as the first requests need, grown when a later one needs more)."""
 
     def __init__(self, llm: Any, max_batch: int | None = None, prefill_chunk: int = 256,
-                 admission: Admission | None = None):  # fmt: skip
+                 admission: Admission | None = None, static: bool = True, max_len: int = 1):  # fmt: skip
         kinds = {type(layer).__name__ for layer in DynamicCache(config=llm.loaded.config).layers}
         if kinds - PLAIN_LAYERS:
             raise RequestError(
@@ -81,8 +86,13 @@ class BatchEngine:
         self.llm, self.prefill_chunk = llm, prefill_chunk
         self.max_batch = max_batch or llm.batch_size
         self.admission = admission or Admission.for_llm(llm)
-        context = getattr(llm.loaded.config, "max_position_embeddings", None) or 1 << 16
-        self.kv = RowKV(llm.loaded.model, self.max_batch, context + prefill_chunk, llm.device)
+        self.static = llm.static if static else None
+        self.kv: RowKV | StaticRows
+        if self.static is not None:
+            self.kv = StaticRows(self.static, self.max_batch, max_len)
+        else:
+            context = getattr(llm.loaded.config, "max_position_embeddings", None) or 1 << 16
+            self.kv = RowKV(llm.loaded.model, self.max_batch, context + prefill_chunk, llm.device)
         self.waiting: dict[int, Entry] = {}
         self.running: dict[int, Entry] = {}
 
@@ -121,7 +131,9 @@ class BatchEngine:
         """One token boundary: admit, decode every prefilled sequence, prefill the next prompt chunks."""
         self._admit()
         decoding = [e for e in self.running.values() if e.prefilled == len(e.seq.prompt_ids)]
-        outputs = self._forward(decoding, [1] * len(decoding)) if decoding else []
+        outputs = []
+        if decoding:
+            outputs = self._decode(decoding) if self.static else self._forward(decoding, [1] * len(decoding))
         chunks, budget = [], self.prefill_chunk
         for e in self.running.values():
             left = len(e.seq.prompt_ids) - e.prefilled
@@ -138,6 +150,9 @@ class BatchEngine:
         free = min(self.kv.free, self.max_batch - len(self.running))
         chosen = self.admission.choose([e.path for e in self.running.values()], [e.path for e in waiting],
                                        [e.waited for e in waiting], free)  # fmt: skip
+        if isinstance(self.kv, StaticRows) and chosen:  # every running sequence's positions fit the bucket
+            self.kv.fit(max(len(e.seq.prompt_ids) + e.seq.params.max_tokens
+                            for e in [*self.running.values(), *(waiting[i] for i in chosen)]))  # fmt: skip
         for i in chosen:
             e = waiting[i]
             del self.waiting[e.seq.request_id]
@@ -164,9 +179,12 @@ class BatchEngine:
                 new, start = s.prompt_ids[e.prefilled : e.prefilled + n], e.prefilled
             else:
                 new, start = [s.output_ids[-1]], s.position
-            pad = width - n  # left padding, written after the row's real tokens (see rows.py)
+            pad = (
+                width - n
+            )  # left padding, written after the row's real tokens (see rows.py), within the rows
             ids[b, pad:] = torch.tensor(new)
-            slots[b] = torch.cat([torch.arange(start + n, start + n + pad), torch.arange(start, start + n)])
+            after = torch.arange(start + n, start + n + pad).clamp_(max=self.kv.max_len - 1)
+            slots[b] = torch.cat([after, torch.arange(start, start + n)])
             keep[b, :pad] = False
             tokens.append(new)
             positions.append(list(range(start, start + n)))
@@ -188,19 +206,53 @@ class BatchEngine:
             rt.report_timing(time.perf_counter() - t0, stall0)
         return self._settle([entries[i] for i in ready], logits[ready]) if ready else []
 
-    def _settle(self, entries: list[Entry], logits: torch.Tensor) -> list[StepOutput]:
-        """Sample each entry's next token from its row of ``logits`` [n, V], append it, and report it."""
+    def _decode(self, entries: list[Entry]) -> list[StepOutput]:
+        """One static decode step: every row of the bucket runs, the rows of ``entries`` count."""
+        llm, rt, kv, static = self.llm, self.llm.runtime, self.kv, self.static
+        assert isinstance(kv, StaticRows) and static is not None
+        kv.fit(0)  # the same bucket, unless a new slot table (``LLM.reconfigure``) started the buckets afresh
+        t0, stall0 = time.perf_counter(), rt.store.stats.stall_s
+        entries = sorted(entries, key=lambda e: e.row)
+        tokens, positions = (
+            [0] * kv.rows,
+            [0] * kv.rows,
+        )  # a free row: slot 0, which its next prompt writes first
+        for e in (
+            self.running.values()
+        ):  # a row being prefilled: its next prompt slot, which its next chunk writes
+            positions[e.row] = e.prefilled
+        for e in entries:
+            tokens[e.row], positions[e.row] = e.seq.output_ids[-1], e.seq.position
+        live, bucket = [e.row for e in entries], kv.bucket
+        llm.steps.begin([e.seq for e in entries], [[tokens[r]] for r in live], [[positions[r]] for r in live],
+                        False, None, bucket.bufs)  # fmt: skip
+        logits = kv.decode(tokens, positions, live)
+
+        def settle() -> None:  # after sampling, as LLM.step: the step's routing and service, then its end
+            rt.policy.settle_step(static.settle(bucket, live))
+            llm.steps.end()
+            rt.report_timing(time.perf_counter() - t0, stall0)
+
+        return self._settle(entries, logits[live], settle)
+
+    def _settle(self, entries: list[Entry], logits: torch.Tensor,
+                sampled: Callable[[], None] | None = None) -> list[StepOutput]:  # fmt: skip
+        """Sample each entry's next token from its row of ``logits`` [n, V], append it, and report it;
+        ``sampled()`` runs once the tokens are sampled (on the device) and before they are read."""
         llm = self.llm
         greedy = [i for i, e in enumerate(entries) if e.seq.params.temperature == 0
                   and e.seq.params.repetition_penalty == 1]  # fmt: skip
         tokens = [0] * len(entries)
-        if greedy:
-            for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
-                tokens[i] = t
+        picked = logits[greedy].argmax(dim=-1) if greedy else None
         for i, e in enumerate(entries):
             if i not in greedy:
                 s = e.seq
                 tokens[i] = int(sample(logits[i : i + 1], s.params, e.gen, [s.prompt_ids + s.output_ids])[0])
+        if sampled is not None:
+            sampled()
+        if picked is not None:
+            for i, t in zip(greedy, picked.tolist()):
+                tokens[i] = t
         seqs = [e.seq for e in entries]
         llm.steps.settle(seqs, tokens, llm._text, llm.eos_ids)
         now, outputs = time.perf_counter(), []

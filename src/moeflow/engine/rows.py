@@ -8,8 +8,8 @@ tokens (slots the row's next tokens overwrite before any query can see them), so
 query at slot ``q`` sees keys ``j <= q`` (within the sliding window where the layer has one). No row ever holds
 left padding, so a row's keys are exactly its sequence's, whatever ran beside it.
 
-The tensors are ``[R, H, C, D]`` with a capacity ``C`` that grows by doubling (the static decode path would fix
-``C`` and replay one graph over all rows: the same write rule, with the slots on the device).
+The tensors are ``[R, H, C, D]`` with a capacity ``C`` that grows by doubling. The static decode path fixes ``C``
+and replays one step over all rows (``static_rows.py``: the same write rule, a decode step's slots on the device).
 Legend: R rows, n rows in this forward, Q new tokens per row, H heads, C capacity, D head dim, K key length.
 """
 
@@ -77,23 +77,13 @@ class RowLayer(CacheLayerMixin):
         return -1
 
 
-class RowKV:
-    """The pool: ``rows`` rows of up to ``max_len`` positions, their free list, and the per-forward selection."""
+class FreeRows:
+    """The free list of ``rows`` KV rows: a running sequence holds one from admission to its end."""
 
-    def __init__(self, model: nn.Module, rows: int, max_len: int, device: torch.device):
-        config = model.config
-        self.rows, self.max_len, self.device = rows, max_len, device
-        self.capacity = min(MIN_CAPACITY, max_len)
-        self.cache = Cache(layers=[RowLayer(self) for _ in range(config.num_hidden_layers)])
-        self.windows = mask_windows(model)
-        self.additive = None if config._attn_implementation == "sdpa" else model.dtype
+    def __init__(self, rows: int):
+        self.rows = rows
         self._free = list(range(rows))
-        self.sel_rows = torch.zeros(0, 1, dtype=torch.long, device=device)
-        self.sel_slots = torch.zeros(0, 1, dtype=torch.long, device=device)
-        self.sel_range: tuple[int, int] | None = None
-        self.key_len = 0
 
-    # ------------------------------------------------------------------------------------ rows
     @property
     def free(self) -> int:
         return len(self._free)
@@ -109,6 +99,23 @@ class RowKV:
         if row in self._free or not 0 <= row < self.rows:
             raise RuntimeError(f"KV row {row} is not taken")
         self._free.append(row)
+
+
+class RowKV(FreeRows):
+    """The pool: ``rows`` rows of up to ``max_len`` positions, their free list, and the per-forward selection."""
+
+    def __init__(self, model: nn.Module, rows: int, max_len: int, device: torch.device):
+        super().__init__(rows)
+        config = model.config
+        self.max_len, self.device = max_len, device
+        self.capacity = min(MIN_CAPACITY, max_len)
+        self.cache = Cache(layers=[RowLayer(self) for _ in range(config.num_hidden_layers)])
+        self.windows = mask_windows(model)
+        self.additive = None if config._attn_implementation == "sdpa" else model.dtype
+        self.sel_rows = torch.zeros(0, 1, dtype=torch.long, device=device)
+        self.sel_slots = torch.zeros(0, 1, dtype=torch.long, device=device)
+        self.sel_range: tuple[int, int] | None = None
+        self.key_len = 0
 
     # -------------------------------------------------------------------------------- forward
     def select(self, rows: list[int], slots: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:

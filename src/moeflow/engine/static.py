@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from moeflow.config import EngineConfig, format_size
 from moeflow.engine.kv import StaticKV
+from moeflow.engine.static_rows import StaticRowKV
 from moeflow.errors import BudgetError, RequestError
 from moeflow.experts.layer import Runtime, StaticBuffers
 from moeflow.experts.plan import StepRouting
@@ -55,6 +56,10 @@ class Bucket:
     route_host: torch.Tensor | None = None  # pinned host copy of the step's routing
     replay_host: tuple[torch.Tensor, torch.Tensor] | None = None  # pinned staging of replayed routing
 
+    @property
+    def pos(self) -> torch.Tensor:  # [B, 1] each row's position (a view of ``inputs``: its address is fixed)
+        return self.inputs[1, :, None]
+
 
 class StaticDecoder:
     """Owns the buckets, the slot table and the captured graphs of one engine."""
@@ -86,7 +91,7 @@ class StaticDecoder:
             raise NotImplementedError(
                 f"the static KV cache holds attention keys only, not {sorted(kinds - PLAIN_LAYERS)}"
             )
-        self._buckets: dict[tuple[int, int], Bucket] = {}
+        self._buckets: dict[tuple[int, int] | tuple[int, int, str], Bucket] = {}
         self._table: SlotTable | None = None
         self._pool = torch.cuda.graph_pool_handle() if graphs else None
 
@@ -113,6 +118,24 @@ class StaticDecoder:
         if key not in self._buckets:
             self._buckets[key] = self._new_bucket(rows, max_len, table)
         return self._buckets[key]
+
+    def row_bucket(self, rows: int, length: int) -> Bucket:
+        """A bucket whose KV rows are assigned to sequences one at a time (continuous batching): each row has its own
+        length, so sequences join and leave between steps under one captured graph (``engine/static_rows.py``)."""
+        max_len = max(MIN_LEN, 1 << (length - 1).bit_length())
+        key = (rows, max_len, "rows")
+        table = self.table
+        if key not in self._buckets:
+            bucket = self._new_bucket(rows, max_len, table)
+            bucket.kv = StaticRowKV(self.lm.model, rows, max_len, self.lm.device, bucket.pos)  # type: ignore[assignment]
+            self._buckets[key] = bucket
+        return self._buckets[key]
+
+    def drop(self, bucket: Bucket) -> None:
+        """Forget ``bucket`` (its KV and graph go with the last reference)."""
+        for key, b in list(self._buckets.items()):
+            if b is bucket:
+                del self._buckets[key]
 
     def _new_bucket(self, rows: int, max_len: int, table: SlotTable) -> Bucket:
         lm, dev = self.lm, self.lm.device
@@ -169,9 +192,15 @@ class StaticDecoder:
 
     def decode(self, bucket: Bucket, seqs: list[Sequence], live: list[int]) -> torch.Tensor:  # [B, V]
         """One decode step for every row (finished rows compute but count for nothing); returns the logits."""
+        return self.decode_rows(bucket, [s.output_ids[-1] for s in seqs], [s.position for s in seqs], live)
+
+    def decode_rows(
+        self, bucket: Bucket, tokens: list[int], positions: list[int], live: list[int]
+    ) -> torch.Tensor:  # [B, V]
+        """One decode step, row ``b`` feeding ``tokens[b]`` at ``positions[b]``; only the ``live`` rows count."""
         st = bucket.staging.numpy()  # the last step's upload has been read (its results were waited for)
-        st[0] = [s.output_ids[-1] for s in seqs]
-        st[1] = [s.position for s in seqs]
+        st[0] = tokens
+        st[1] = positions
         st[2] = 0
         st[2, live] = 1
         bucket.inputs.copy_(bucket.staging, non_blocking=True)  # read inside the step (the graph)

@@ -170,23 +170,23 @@ class ExpertFlowPolicy(CachePolicy):
 
     def observe(self, layer: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
         """``experts`` [T, K] for the step's tokens, sequences concatenated in StepInfo order."""
-        ex = np.asarray(experts, np.int64)
-        ok = ex[(ex >= 0).all(axis=1)]
+        ex = np.ascontiguousarray(experts, np.int64)  # rows of a [T, L, K] array are strided: copy once
+        valid = (ex >= 0).all(axis=1)  # [T]
+        ok = ex[valid]
         if len(ok):
             share = np.bincount(ok.ravel(), minlength=self.num_experts)[: self.num_experts] / len(ok)
             self.freq[layer] = self.decay * self.freq[layer] + (1 - self.decay) * share
         if self._fc is not None and self._fc.tokens == len(ex) and len(ok):
-            self._correct(layer, ex)
-        chosen = set(ex[ex >= 0].tolist())
-        for key in [k for k in self._pending if k[0] == layer and k[1] not in chosen]:
-            self._demoted.add(key)
+            self._correct(layer, ex, valid)
+        if self._pending:
+            chosen = np.zeros(self.num_experts, bool)
+            chosen[ex[(ex >= 0) & (ex < self.num_experts)]] = True
+            self._demoted.update(k for k in self._pending if k[0] == layer and not chosen[k[1]])
         self._pos, self._table, self._in_use = layer, None, set()
 
-    def _correct(self, layer: int, ex: np.ndarray) -> None:
+    def _correct(self, layer: int, ex: np.ndarray, valid: np.ndarray) -> None:
         """Update the layer's accuracy and each request's routing of its latest token."""
-        top = self._fc.top[:, layer]  # type: ignore[union-attr]  [T, K]
-        valid = (ex >= 0).all(axis=1)
-        hits = (top[:, :, None] == ex[:, None, :]).any(axis=1).sum(axis=1)[valid]
+        hits = self._fc.hits(layer, ex)[valid]  # type: ignore[union-attr]
         self.accuracy[layer] = self.decay * self.accuracy[layer] + (1 - self.decay) * hits.mean() / self.top_k
         self.forecast.record(layer, ex)
 

@@ -29,6 +29,9 @@ CASES += [
 ]
 CASES += [("moe-infinity", 1, "eager", "none"), ("moe-infinity", 3, "eager", "none")]
 CASES += [("moe-infinity", b, x, "eamc") for b, x in ((1, "eager"), (4, "eager"), (4, "static"))]
+CASES += [("moe-infinity", 4, "eager", "eamc-alt")]
+ALT = {"match_k": 3, "predict_own": False, "recent_weight": 0.0, "history_weight": 0.5}
+"""The ``eamc-alt`` case's options: the other branches of MoE-Infinity's prediction."""
 DECODE_PROMPTS, DECODE_TOKENS = (50, 30, 20, 10, 40, 25, 60, 5), 24
 """The ``eamc`` cases: short prompts, longer decode, and a collection of random EAMs to match against."""
 
@@ -87,10 +90,11 @@ def random_collection(entries: int = 64, seed: int = 3) -> EAMCollection:
 
 
 def prefill_decisions(name: str, batch: int, execution: str, predictor: str) -> list:
-    """The decision log of one case (``eamc``: MoE-Infinity with a collection, on the decode-heavy trace)."""
-    if predictor == "eamc":
+    """The decision log of one case (``eamc``, ``eamc-alt``: MoE-Infinity with a collection, on the decode-heavy
+    trace)."""
+    if predictor.startswith("eamc"):
         trace = olmoe_trace(1, DECODE_PROMPTS, DECODE_TOKENS)
-        opts = {"eamc": random_collection()}
+        opts = {"eamc": random_collection(), **(ALT if predictor == "eamc-alt" else {})}
         return decisions(name, batch, execution, SLOTS, trace, None, probe, opts)
     return decisions(name, batch, execution, SLOTS, olmoe_trace(), olmoe_predictor(predictor), probe)
 

@@ -35,9 +35,10 @@ import numpy as np
 
 from moeflow.errors import MoeflowError
 from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
+from moeflow.experts.policies.activations import RunningActivations
 from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
-from moeflow.routing.eam import DEFAULT_CAPACITY, EAMCollection, RequestEAM, row_normalise
+from moeflow.routing.eam import DEFAULT_CAPACITY, EAMCollection, RequestEAM
 
 EAMC_FILE = Path("moeflow") / "eamc.npz"
 """Where the collection lives, relative to the model directory."""
@@ -80,12 +81,7 @@ class MoEInfinityPolicy(CachePolicy):
         self._reset()
 
     def _reset(self) -> None:
-        self.running: dict[int, RequestEAM] = {}
-        self._recent: dict[int, np.ndarray] = {}  # [L, E] recency-weighted counts per request
-        self._own: dict[
-            int, np.ndarray
-        ] = {}  # [L, E] each request's own activation ratios (rows kept current)
-        self._seen: dict[int, np.ndarray] = {}  # [L, 1] rows the request has routed
+        self.acts = RunningActivations(self.num_layers, self.num_experts)
         self._prefetched = 0  # prefetch loads issued in this step
         self._rids: tuple[int, ...] = ()
         self._lengths: list[int] = []
@@ -132,14 +128,17 @@ class MoEInfinityPolicy(CachePolicy):
             return EAMCollection.load(Path(context.model_dir) / EAMC_FILE, *shape, capacity=None)
         return EAMCollection(*shape, self.capacity)
 
+    @property
+    def running(self) -> dict[int, RequestEAM]:
+        """The running requests' EAMs."""
+        return self.acts.eams
+
     def end_request(self, request_id: int) -> None:
         """A request finished: its EAM joins the collection, at the start of the next step (``_admit``), so that
         no admission lands between two layers' decisions."""
-        req = self.running.pop(request_id, None)
-        for held in (self._recent, self._own, self._seen):
-            held.pop(request_id, None)
-        if req is not None:
-            self._finished.append(req.counts)
+        counts = self.acts.end(request_id)
+        if counts is not None:
+            self._finished.append(counts)
 
     def _admit(self) -> None:
         """Admit the EAMs of the requests finished since the last step (each refreshes one entry's caches)."""
@@ -165,51 +164,41 @@ class MoEInfinityPolicy(CachePolicy):
         self.link.begin_step()
         self._rids = tuple(info.request_ids)
         self._lengths = [len(t) for t in info.token_ids]
-        for rid in self._rids:
-            if rid not in self.running:
-                self.running[rid] = RequestEAM(self.num_layers, self.num_experts)
-                self._recent[rid] = np.zeros((self.num_layers, self.num_experts))
-            self._recent[rid] *= self.recency
-            self._own[rid] = self._own_rows(rid, slice(None))
-            self._seen[rid] = self.running[rid].counts.sum(axis=1, keepdims=True) > 0
+        self.acts.begin_step(self._rids, self.recency, self.recent_weight)
         self._layer, self._pred, self._keep, self._prefetched = -1, None, None, 0
         self._needed = set()  # nothing is in use before the first layer
-        if self.prefetch_before and any(self.running[r].counts.any() for r in self._rids):
+        if self.prefetch_before and self.acts.any_routed():
             self._update_scores(-1)  # ``prefetch(-1)``: layer 0 on from the requests' earlier tokens
 
     def observe(self, layer: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
         """``experts`` [T, K]: the step's tokens, sequences concatenated in StepInfo order."""
         if not self._rids:  # no StepInfo: one anonymous request
             self.begin_step(StepInfo(0, (-1,), ((0,) * len(experts),), (0,), False))
-        experts = np.asarray(experts)
-        if sum(self._lengths) == len(experts):
-            parts = np.split(experts, np.cumsum(self._lengths)[:-1])
-        else:  # padded or unexpected rows: spread evenly
-            parts = np.array_split(experts, len(self._rids))
-        for rid, part in zip(self._rids, parts):
-            self.running[rid].add(layer, part)
-            ids = part[part >= 0].astype(np.int64)
-            self._recent[rid][layer] += np.bincount(ids, minlength=self.num_experts)[: self.num_experts]
-            self._own[rid][layer] = self._own_rows(rid, layer)  # only this row changed
-            self._seen[rid][layer] = self.running[rid].counts[layer].sum() > 0
+        self.acts.add(layer, experts, self._lengths)
         self._layer = layer
         self._update_scores(layer)
 
     def _update_scores(self, layer: int) -> None:
         """Prediction and keep-scores [L, E] for the step's requests at ``layer``."""
         assert self.eamc is not None
-        shape = (self.num_layers, self.num_experts)
+        acts, shape = self.acts, (self.num_layers, self.num_experts)
         ratio, match = np.zeros(shape), np.zeros(shape) if len(self.eamc) else None
-        for rid in self._rids:
-            req, own, seen = self.running[rid], self._own[rid], self._seen[rid]
-            if match is None or not seen.any():  # no collection, or nothing routed yet to match
-                ratio += own
-                continue
-            sims = req.similarity(self.eamc, layer if layer >= 0 else self.num_layers - 1)
-            m = self.eamc.predict(sims, self.match_k)
-            if not self.predict_own:
-                match += m
-            ratio += np.where(seen, self.history_weight * own + (1 - self.history_weight) * m, m)
+        matched = acts.seen.any(axis=(1, 2)) if match is not None else np.zeros(len(self._rids), bool)  # [B]
+        blend = acts.own
+        if matched.any():
+            upto = layer if layer >= 0 else self.num_layers - 1
+            preds = np.zeros((len(self._rids), *shape))  # [B, L, E] the collection's match (matched rows)
+            for i in np.flatnonzero(matched).tolist():
+                sims = acts.eams[self._rids[i]].similarity(self.eamc, upto)
+                preds[i] = self.eamc.predict(sims, self.match_k)
+                if not self.predict_own:
+                    match += preds[i]
+            mixed = np.where(
+                acts.seen, self.history_weight * acts.own + (1 - self.history_weight) * preds, preds
+            )
+            blend = np.where(matched[:, None, None], mixed, acts.own)  # no collection or nothing routed: own
+        for row in blend:  # in step order, as one running sum
+            ratio += row
         depth = np.arange(self.num_layers)[:, None]  # [L, 1]
         keep = ratio * (1 - depth / self.num_layers)
         pred = None if match is None else ratio if self.predict_own else match
@@ -217,13 +206,6 @@ class MoEInfinityPolicy(CachePolicy):
             soon = np.where(depth > layer, pred * (1 - (depth - layer) / self.num_layers), 0.0)
             keep = np.maximum(keep, soon)
         self._pred, self._keep = pred, keep
-
-    def _own_rows(self, rid: int, rows: int | slice) -> np.ndarray:
-        """The request's own activation ratios of ``rows``: its EAM's, mixed with its recency-weighted copy's."""
-        own = row_normalise(self.running[rid].counts[rows])
-        if self.recent_weight > 0:
-            own = (1 - self.recent_weight) * own + self.recent_weight * row_normalise(self._recent[rid][rows])
-        return own
 
     def keep_score(self, key: Key) -> float:
         return 0.0 if self._keep is None else float(self._keep[key])

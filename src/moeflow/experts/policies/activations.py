@@ -1,0 +1,92 @@
+"""MoE-Infinity's store of the running requests' activations: each request's Expert Activation Matrix (a
+``RequestEAM``, which matches it against the collection), a recency-weighted copy of its counts, its own
+activation ratios (the two mixed, row by row) and which layer rows it has routed at all.
+
+The requests of the current step are held stacked ([B, L, E] arrays, rows in the step's order; the per-request
+dicts hold views of those rows), so that a layer's routing updates every request of the step with a few NumPy
+calls instead of a loop of small ones. The values are those of the one-request-at-a-time computation, bit for
+bit: the counts are integer-valued, and every normalisation is the same per-row sum. Pure NumPy; the cache
+decisions stay in ``moe_infinity``. Legend: B requests of the step, L layers, E experts, T tokens, K top-k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from moeflow.routing.eam import RequestEAM, row_normalise
+
+
+class RunningActivations:
+    """Activations of the running requests (see the module docstring)."""
+
+    def __init__(self, num_layers: int, num_experts: int):
+        self.shape = (num_layers, num_experts)
+        self.recent_weight = 0.5
+        self.eams: dict[int, RequestEAM] = {}
+        self._recent: dict[int, np.ndarray] = {}  # [L, E] recency-weighted counts (a row of ``recent``)
+        self.rids: tuple[int, ...] = ()
+        self.counts = np.zeros((0, *self.shape))  # [B, L, E] the step's requests' EAM counts (copies)
+        self.recent = np.zeros((0, *self.shape))  # [B, L, E] their recency-weighted counts
+        self.own = np.zeros((0, *self.shape))  # [B, L, E] their own activation ratios (rows kept current)
+        self.seen = np.zeros((0, num_layers, 1), bool)  # [B, L, 1] rows each has routed
+
+    def begin_step(self, rids: Sequence[int], recency: float, recent_weight: float) -> None:
+        """The step's requests (new ones start empty); their recency-weighted copies decay by ``recency`` once and
+        make up ``recent_weight`` of the own ratios."""
+        self.recent_weight = recent_weight
+        for rid in rids:
+            if rid not in self.eams:
+                self.eams[rid] = RequestEAM(*self.shape)
+                self._recent[rid] = np.zeros(self.shape)
+        self.rids = tuple(rids)
+        n = len(self.rids)
+        self.counts = np.stack([self.eams[r].counts for r in self.rids]) if n else np.zeros((0, *self.shape))
+        self.recent = np.stack([self._recent[r] for r in self.rids]) if n else np.zeros((0, *self.shape))
+        self.recent *= recency
+        for i, rid in enumerate(self.rids):
+            self._recent[rid] = self.recent[i]
+        self.own = self._own_rows(slice(None))
+        self.seen = self.counts.sum(axis=2, keepdims=True) > 0
+
+    def add(self, layer: int, experts: np.ndarray, lengths: Sequence[int]) -> None:
+        """The router of ``layer`` chose ``experts`` [T, K] for the step's tokens (``lengths`` per request,
+        concatenated in step order; rows that do not add up are spread evenly, as ``np.array_split`` does)."""
+        n = len(self.rids)
+        ex = np.asarray(experts)
+        if sum(lengths) == len(ex):
+            sizes = np.asarray(lengths, np.int64)
+        else:  # padded or unexpected rows
+            sizes = np.full(n, len(ex) // n, np.int64)
+            sizes[: len(ex) % n] += 1
+        bounds = np.cumsum(sizes)[:-1]
+        for rid, part in zip(self.rids, np.split(ex, bounds)):
+            self.eams[rid].add(layer, part)
+        num_experts = self.shape[1]
+        ok = (ex >= 0) & (ex < num_experts)
+        owner = np.broadcast_to(np.repeat(np.arange(n), sizes)[:, None], ex.shape)
+        flat = owner[ok] * num_experts + ex[ok].astype(np.int64)
+        added = np.bincount(flat, minlength=n * num_experts).reshape(n, num_experts)  # [B, E]
+        self.counts[:, layer] += added
+        self.recent[:, layer] += added
+        self.own[:, layer] = self._own_rows(layer)  # only this row changed
+        self.seen[:, layer, 0] = self.counts[:, layer].sum(axis=1) > 0
+
+    def end(self, rid: int) -> np.ndarray | None:
+        """Request ``rid`` finished: forget it; its EAM counts [L, E] (None if it never ran)."""
+        eam = self.eams.pop(rid, None)
+        self._recent.pop(rid, None)
+        return None if eam is None else eam.counts
+
+    def any_routed(self) -> bool:
+        """Whether any request of the step has routed earlier tokens."""
+        return bool(self.counts.any())
+
+    def _own_rows(self, rows: int | slice) -> np.ndarray:
+        """The step's requests' own activation ratios of layer ``rows``: their EAMs', mixed with their
+        recency-weighted copies'."""
+        own = row_normalise(self.counts[:, rows])
+        if self.recent_weight > 0:
+            own = (1 - self.recent_weight) * own + self.recent_weight * row_normalise(self.recent[:, rows])
+        return own

@@ -1,6 +1,8 @@
-"""MoE-Infinity's store of the running requests' activations: each request's Expert Activation Matrix (a
-``RequestEAM``, which matches it against the collection), a recency-weighted copy of its counts, its own
-activation ratios (the two mixed, row by row) and which layer rows it has routed at all.
+"""MoE-Infinity's activation-matrix store: the running requests' activations — each request's Expert Activation
+Matrix (a ``RequestEAM``, which matches it against the collection), a recency-weighted copy of its counts, its own
+activation ratios (the two mixed, row by row) and which layer rows it has routed at all — and the collection's
+plumbing: where it is loaded from (``load_collection``), the finished requests' EAMs waiting to be admitted, and
+saving it (``save_collection``).
 
 The requests of the current step are held stacked ([B, L, E] arrays, rows in the step's order; the per-request
 dicts hold views of those rows), so that a layer's routing updates every request of the step with a few NumPy
@@ -11,11 +13,48 @@ decisions stay in ``moe_infinity``. Legend: B requests of the step, L layers, E 
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
-from moeflow.routing.eam import RequestEAM, row_normalise
+from moeflow.errors import MoeflowError
+from moeflow.routing.eam import EAMCollection, RequestEAM, row_normalise
+
+EAMC_FILE = Path("moeflow") / "eamc.npz"
+"""Where the collection lives, relative to the model directory."""
+
+
+def load_collection(
+    source: object, model_dir: str | os.PathLike | None, shape: tuple[int, int], capacity: int
+) -> EAMCollection:
+    """The collection to start from: ``source`` (an ``EAMCollection``, copied, or a path), else the one beside the
+    model (read only: nothing shipped beside a model is overwritten unless asked, see ``save_collection``), else
+    an empty one of ``capacity``."""
+    if isinstance(source, EAMCollection):
+        if (source.num_layers, source.num_experts) != shape:
+            raise MoeflowError(
+                f"the EAM collection is for {source.num_layers} layers × {source.num_experts} experts, "
+                f"the model has {shape[0]} × {shape[1]}: build one from this model's traces"
+            )
+        return source.copy()  # runs must not leak what they learn into each other
+    if source:
+        if not Path(source).exists():  # type: ignore[arg-type]
+            raise MoeflowError(f"EAM collection {source} does not exist; build it with `moeflow eamc build`")
+        return EAMCollection.load(source, *shape, capacity=None)  # type: ignore[arg-type]
+    if model_dir:
+        return EAMCollection.load(Path(model_dir) / EAMC_FILE, *shape, capacity=None)
+    return EAMCollection(*shape, capacity)
+
+
+def save_collection(eamc: EAMCollection, path: Path) -> None:
+    """Save ``eamc`` to ``path`` (a warning, not an exception, when it cannot be written)."""
+    try:
+        eamc.save(path)
+    except OSError as exc:
+        warnings.warn(f"could not save the EAM collection to {path}: {exc}", stacklevel=3)
 
 
 class RunningActivations:
@@ -31,6 +70,7 @@ class RunningActivations:
         self.recent = np.zeros((0, *self.shape))  # [B, L, E] their recency-weighted counts
         self.own = np.zeros((0, *self.shape))  # [B, L, E] their own activation ratios (rows kept current)
         self.seen = np.zeros((0, num_layers, 1), bool)  # [B, L, 1] rows each has routed
+        self.finished: list[np.ndarray] = []  # [L, E] EAMs of finished requests not admitted yet
 
     def begin_step(self, rids: Sequence[int], recency: float, recent_weight: float) -> None:
         """The step's requests (new ones start empty); their recency-weighted copies decay by ``recency`` once and
@@ -73,11 +113,19 @@ class RunningActivations:
         self.own[:, layer] = self._own_rows(layer)  # only this row changed
         self.seen[:, layer, 0] = self.counts[:, layer].sum(axis=1) > 0
 
-    def end(self, rid: int) -> np.ndarray | None:
-        """Request ``rid`` finished: forget it; its EAM counts [L, E] (None if it never ran)."""
+    def end(self, rid: int) -> None:
+        """Request ``rid`` finished: forget it; its EAM waits for ``admit_finished``."""
         eam = self.eams.pop(rid, None)
         self._recent.pop(rid, None)
-        return None if eam is None else eam.counts
+        if eam is not None:
+            self.finished.append(eam.counts)
+
+    def admit_finished(self, eamc: EAMCollection | None) -> None:
+        """Admit the EAMs of the requests finished since the last call (each refreshes one entry's caches)."""
+        if eamc is not None:
+            for counts in self.finished:
+                eamc.add(counts)
+        self.finished = []
 
     def any_routed(self) -> bool:
         """Whether any request of the step has routed earlier tokens."""

@@ -21,27 +21,30 @@ request's next tokens route more like its latest ones than like its prompt as a 
 
 The collection comes from ``options["eamc"]`` (an ``EAMCollection`` or a path) or ``<model_dir>/moeflow/eamc.npz``,
 and grows online: a request's EAM is admitted when it ends (``end_request``, or ``finish``); ``finish`` saves it
-to ``options["eamc_save"]`` when given (the file beside the model is never overwritten unless named there).
+to ``options["eamc_save"]`` when given (the file beside the model is never overwritten unless named there). The
+running requests' activations and the collection's loading and saving live in ``policies.activations``.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from moeflow.errors import MoeflowError
 from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
-from moeflow.experts.policies.activations import RunningActivations
+from moeflow.experts.policies.activations import (
+    EAMC_FILE,
+    RunningActivations,
+    load_collection,
+    save_collection,
+)
 from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
 from moeflow.routing.eam import DEFAULT_CAPACITY, EAMCollection, RequestEAM
 
-EAMC_FILE = Path("moeflow") / "eamc.npz"
-"""Where the collection lives, relative to the model directory."""
+__all__ = ["EAMC_FILE", "MoEInfinityPolicy"]
 
 
 @dataclass
@@ -90,7 +93,6 @@ class MoEInfinityPolicy(CachePolicy):
         self._keep: np.ndarray | None = None  # [L, E] keep-scores at the current layer
         self._needed: set[Key] = set()
         self._needed_clock = -1
-        self._finished: list[np.ndarray] = []  # [L, E] EAMs of finished requests not admitted yet
 
     # ------------------------------------------------------------------------------ lifecycle
     def bind(self, num_slots: int, num_layers: int, num_experts: int, top_k: int) -> None:
@@ -104,29 +106,10 @@ class MoEInfinityPolicy(CachePolicy):
         names = ("capacity", "match_k", "max_prefetch", "history_weight", "recency", "recent_weight")
         apply_options(self, opts, (*names, "prefetch_per_layer", ("prefetch", "prefetch_enabled")))
         apply_options(self, opts, ("predict_own", "prefetch_before", "byte_aware"))
-        self.eamc = self._load_collection(context)
+        shape = (self.num_layers, self.num_experts)
+        self.eamc = load_collection(opts.get("eamc"), context.model_dir, shape, self.capacity)
         if opts.get("eamc_save"):
             self.save_path = Path(opts["eamc_save"])
-
-    def _load_collection(self, context: PolicyContext) -> EAMCollection:
-        shape = (self.num_layers, self.num_experts)
-        src = context.options.get("eamc")
-        if isinstance(src, EAMCollection):
-            if (src.num_layers, src.num_experts) != shape:
-                raise MoeflowError(
-                    f"the EAM collection is for {src.num_layers} layers × {src.num_experts} experts, "
-                    f"the model has {shape[0]} × {shape[1]}: build one from this model's traces"
-                )
-            return src.copy()  # runs must not leak what they learn into each other
-        if src:
-            if not Path(src).exists():
-                raise MoeflowError(f"EAM collection {src} does not exist; build it with `moeflow eamc build`")
-            return EAMCollection.load(src, *shape, capacity=None)
-        if (
-            context.model_dir
-        ):  # read only: nothing shipped beside a model is overwritten unless asked (eamc_save)
-            return EAMCollection.load(Path(context.model_dir) / EAMC_FILE, *shape, capacity=None)
-        return EAMCollection(*shape, self.capacity)
 
     @property
     def running(self) -> dict[int, RequestEAM]:
@@ -134,33 +117,21 @@ class MoEInfinityPolicy(CachePolicy):
         return self.acts.eams
 
     def end_request(self, request_id: int) -> None:
-        """A request finished: its EAM joins the collection, at the start of the next step (``_admit``), so that
-        no admission lands between two layers' decisions."""
-        counts = self.acts.end(request_id)
-        if counts is not None:
-            self._finished.append(counts)
-
-    def _admit(self) -> None:
-        """Admit the EAMs of the requests finished since the last step (each refreshes one entry's caches)."""
-        if self.eamc is not None:
-            for counts in self._finished:
-                self.eamc.add(counts)
-        self._finished = []
+        """A request finished: its EAM joins the collection at the start of the next step (``begin_step``), so
+        that no admission lands between two layers' decisions."""
+        self.acts.end(request_id)
 
     def finish(self) -> None:
         for rid in list(self.running):
             self.end_request(rid)
-        self._admit()
+        self.acts.admit_finished(self.eamc)
         if self.save_path is not None and self.eamc is not None:
-            try:
-                self.eamc.save(self.save_path)
-            except OSError as exc:
-                warnings.warn(f"could not save the EAM collection to {self.save_path}: {exc}", stacklevel=2)
+            save_collection(self.eamc, self.save_path)
         super().finish()
 
     # ---------------------------------------------------------------------------------- hooks
     def begin_step(self, info: StepInfo) -> None:
-        self._admit()
+        self.acts.admit_finished(self.eamc)
         self.link.begin_step()
         self._rids = tuple(info.request_ids)
         self._lengths = [len(t) for t in info.token_ids]

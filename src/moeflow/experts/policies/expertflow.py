@@ -24,15 +24,13 @@ Per step (``L`` layers, ``E`` experts, ``T`` tokens, ``B`` sequences):
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from moeflow.errors import MoeflowError
 from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
-from moeflow.experts.policies.forecast import Forecaster, StepForecast
+from moeflow.experts.policies.forecast import Forecaster, StepForecast, step_demand
 from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
 
@@ -115,25 +113,9 @@ class ExpertFlowPolicy(CachePolicy):
         )
         if "prefetch_per_layer" in apply_options(self, opts, names):
             self.auto_budget = False
-        from moeflow.routing.predictor import (
-            resolve_predictor,
-        )  # torch-backed loader: imported only when used
-
-        pred, source = resolve_predictor(opts.get("predictor"), context.model_dir)
-        if pred is None:
-            warnings.warn(
-                "expertflow: no routing predictor found (pass options predictor=PATH or train one with "
-                "`moeflow predictor train`); predicting from expert frequencies instead",
-                stacklevel=2,
-            )
-            return
-        if pred.shape != (self.num_layers, self.num_experts) or pred.cfg.top_k != self.top_k:
-            raise MoeflowError(
-                f"predictor {source} is for {pred.shape[0]} layers × {pred.shape[1]} experts (top-{pred.cfg.top_k}); "
-                f"the model has {self.num_layers} × {self.num_experts} (top-{self.top_k}): train one on its traces"
-            )
-        self.predictor, self.source = pred, source
-        self.forecast.predictor = pred
+        source = self.forecast.load_predictor(opts.get("predictor"), context.model_dir, self.top_k)
+        if source is not None:
+            self.predictor, self.source = self.forecast.predictor, source
 
     def end_request(self, request_id: int) -> None:
         self.forecast.end(request_id)
@@ -147,24 +129,7 @@ class ExpertFlowPolicy(CachePolicy):
 
     def _plan_step(self, batch: int) -> None:
         """Demand of this step and of the next, mixed with frequency by each layer's accuracy."""
-        f = np.clip(self.freq, 0.0, 1.0)
-        self._fstep = 1 - (1 - f) ** max(batch, 1)  # [L, E]
-        fc = self._fc
-        if fc is None or fc.tokens == 0:
-            pred = np.zeros_like(f)
-            ends = np.zeros((0, *f.shape))
-        else:
-            pred = 1 - np.exp(fc.log_miss)  # [L, E]
-            ends = fc.ends  # [B, L, E] each request's last token
-        ftok = 1 - (1 - f) ** max(fc.tokens if fc is not None else 1, 1)
-        a = self.accuracy[:, None]
-        self._demand = a * pred + (1 - a) * ftok
-        last = (
-            1 - np.exp(np.log1p(-0.5 * (np.clip(ends, 0, 1 - 1e-6) + f[None])).sum(axis=0))
-            if len(ends)
-            else f
-        )
-        self._next = 0.5 * (last + self._fstep)
+        self._demand, self._next, self._fstep = step_demand(self._fc, self.freq, self.accuracy, batch)
         self._pos, self._table, self._in_use, self._prefetched = -1, None, set(), 0
         self.link.begin_step()
 

@@ -1,7 +1,9 @@
 """ExpertFlow's per-request forecasts: one routing-predictor state per running request (recurrent state, next
 position, the routing of its latest token), turned at the start of each step into what the policy plans from
 (``StepForecast``): the step's demand, each token's predicted top-k (a packed bit mask), and each request's last
-token's probabilities.
+token's probabilities; then the demand estimates of this step and the next (``step_demand``). Also the predictor's
+plumbing: which one is used (``load_predictor``: given, beside the model, or none, with a warning, and then expert
+frequencies stand in).
 The per-token probabilities [T, L, E] are consumed in chunks of ``CHUNK`` tokens and never held whole (a 2048-token
 prompt at 48 x 128 would be 50 MB). Pure NumPy bookkeeping around the predictor object; the cache decisions stay in
 ``expertflow``. Legend: T tokens of a step, L layers, E experts, K top-k, B requests of the step.
@@ -9,12 +11,15 @@ prompt at 48 x 128 would be 50 MB). Pure NumPy bookkeeping around the predictor 
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
+from moeflow.errors import MoeflowError
 from moeflow.experts.cache import StepInfo
 
 
@@ -108,6 +113,30 @@ class Forecaster:
         end = np.stack(ends) if ends else np.zeros((0, *self.shape), np.float32)
         return StepForecast(start, log_miss, in_top, end)
 
+    def load_predictor(self, spec: object, model_dir: str | os.PathLike | None, top_k: int) -> str | None:
+        """Use the routing predictor ``spec`` (an object, a path, or None: the one beside the model in
+        ``model_dir``); returns where it came from. Without one, a warning says so and the forecasts come from
+        expert frequencies (None). One of another shape is an error."""
+        from moeflow.routing.predictor import (
+            resolve_predictor,  # torch-backed loader: imported only when used
+        )
+
+        pred, source = resolve_predictor(spec, model_dir)
+        if pred is None:
+            warnings.warn(
+                "expertflow: no routing predictor found (pass options predictor=PATH or train one with "
+                "`moeflow predictor train`); predicting from expert frequencies instead",
+                stacklevel=3,
+            )
+            return None
+        if pred.shape != self.shape or pred.cfg.top_k != top_k:
+            raise MoeflowError(
+                f"predictor {source} is for {pred.shape[0]} layers × {pred.shape[1]} experts (top-{pred.cfg.top_k}); "
+                f"the model has {self.shape[0]} × {self.shape[1]} (top-{top_k}): train one on its traces"
+            )
+        self.predictor = pred
+        return source
+
     def record(self, layer: int, experts: np.ndarray) -> None:
         """The router of ``layer`` chose ``experts`` [T, K]: note each request's latest token's routing."""
         for req, s, e in self.segments:
@@ -151,6 +180,27 @@ class Forecaster:
         mix, req.h = pred.encode(tokens, req.h, req.prev)  # [T, H]
         for s in range(0, len(tokens), CHUNK):
             yield pred.head(mix[s : s + CHUNK])
+
+
+def step_demand(
+    fc: StepForecast | None, freq: np.ndarray, accuracy: np.ndarray, batch: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What a step of ``batch`` requests plans from, each [L, E]: its demand (the forecast's chance that any token
+    needs the expert, mixed with the frequency estimate ``freq`` by each layer's ``accuracy``), the next step's
+    (its requests' last tokens, mixed half and half with frequency) and the per-step frequency demand."""
+    f = np.clip(freq, 0.0, 1.0)
+    fstep = 1 - (1 - f) ** max(batch, 1)  # [L, E]
+    if fc is None or fc.tokens == 0:
+        pred = np.zeros_like(f)
+        ends = np.zeros((0, *f.shape))
+    else:
+        pred = 1 - np.exp(fc.log_miss)  # [L, E]
+        ends = fc.ends  # [B, L, E] each request's last token
+    ftok = 1 - (1 - f) ** max(fc.tokens if fc is not None else 1, 1)
+    a = accuracy[:, None]
+    demand = a * pred + (1 - a) * ftok
+    last = 1 - np.exp(np.log1p(-0.5 * (np.clip(ends, 0, 1 - 1e-6) + f[None])).sum(axis=0)) if len(ends) else f
+    return demand, 0.5 * (last + fstep), fstep
 
 
 def top_mask(probs: np.ndarray, k: int) -> np.ndarray:

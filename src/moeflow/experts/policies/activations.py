@@ -93,21 +93,26 @@ class RunningActivations:
     def add(self, layer: int, experts: np.ndarray, lengths: Sequence[int]) -> None:
         """The router of ``layer`` chose ``experts`` [T, K] for the step's tokens (``lengths`` per request,
         concatenated in step order; rows that do not add up are spread evenly, as ``np.array_split`` does)."""
-        n = len(self.rids)
+        n, num_experts = len(self.rids), self.shape[1]
         ex = np.asarray(experts)
         if sum(lengths) == len(ex):
-            sizes = np.asarray(lengths, np.int64)
+            sizes = list(lengths)
         else:  # padded or unexpected rows
-            sizes = np.full(n, len(ex) // n, np.int64)
-            sizes[: len(ex) % n] += 1
-        bounds = np.cumsum(sizes)[:-1]
-        for rid, part in zip(self.rids, np.split(ex, bounds)):
-            self.eams[rid].add(layer, part)
-        num_experts = self.shape[1]
-        ok = (ex >= 0) & (ex < num_experts)
-        owner = np.broadcast_to(np.repeat(np.arange(n), sizes)[:, None], ex.shape)
-        flat = owner[ok] * num_experts + ex[ok].astype(np.int64)
-        added = np.bincount(flat, minlength=n * num_experts).reshape(n, num_experts)  # [B, E]
+            sizes = [len(ex) // n + (i < len(ex) % n) for i in range(n)]
+        start = 0
+        for rid, size in zip(self.rids, sizes):
+            self.eams[rid].add(layer, ex[start : start + size])  # ids >= E raise there
+            start += size
+        ok = ex >= 0
+        if n == 1:
+            added = np.bincount(ex[ok].astype(np.int64), minlength=num_experts)[None]  # [1, E]
+        else:
+            offset = np.repeat(np.arange(0, n * num_experts, num_experts), sizes)[
+                :, None
+            ]  # [T, 1] request's bins
+            added = np.bincount((ex + offset)[ok], minlength=n * num_experts).reshape(
+                n, num_experts
+            )  # [B, E]
         self.counts[:, layer] += added
         self.recent[:, layer] += added
         self.own[:, layer] = self._own_rows(layer)  # only this row changed

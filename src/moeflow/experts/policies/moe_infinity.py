@@ -158,16 +158,17 @@ class MoEInfinityPolicy(CachePolicy):
         blend = acts.own
         if matched.any():
             upto = layer if layer >= 0 else self.num_layers - 1
-            preds = np.zeros((len(self._rids), *shape))  # [B, L, E] the collection's match (matched rows)
+            preds = np.zeros_like(acts.own)  # [B, L, E] the collection's match (of the matched requests)
             for i in np.flatnonzero(matched).tolist():
-                sims = acts.eams[self._rids[i]].similarity(self.eamc, upto)
-                preds[i] = self.eamc.predict(sims, self.match_k)
+                preds[i] = self.eamc.predict(
+                    acts.eams[self._rids[i]].similarity(self.eamc, upto), self.match_k
+                )
                 if not self.predict_own:
                     match += preds[i]
-            mixed = np.where(
-                acts.seen, self.history_weight * acts.own + (1 - self.history_weight) * preds, preds
-            )
-            blend = np.where(matched[:, None, None], mixed, acts.own)  # no collection or nothing routed: own
+            hw = self.history_weight
+            blend = np.where(acts.seen, hw * acts.own + (1 - hw) * preds, preds)
+            if not matched.all():  # no collection, or nothing routed yet to match: the own ratios
+                blend[~matched] = acts.own[~matched]
         for row in blend:  # in step order, as one running sum
             ratio += row
         depth = np.arange(self.num_layers)[:, None]  # [L, 1]

@@ -33,6 +33,7 @@ from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInf
 from moeflow.experts.policies.forecast import Forecaster, StepForecast, step_demand
 from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
+from moeflow.experts.policies.ranking import first_lexsorted
 
 DEMOTED = 1e9
 """Added to a demoted key's expected distance: demoted keys go first."""
@@ -219,7 +220,7 @@ class ExpertFlowPolicy(CachePolicy):
         if floor is not None:
             ok &= dist > floor
         idx = np.flatnonzero(ok)
-        return [self.key_in[s] for s in idx[np.lexsort((self.slot_used[idx], -dist[idx]))[:n]]]
+        return [self.key_in[s] for s in idx[first_lexsorted(-dist[idx], self.slot_used[idx], n)]]
 
     def horizon(self, layer: int, lookahead: int | None = None) -> list[int]:
         """Layers after ``layer`` (at most ``lookahead``, default ``max_lookahead``) whose predictions are trusted

@@ -42,6 +42,7 @@ from moeflow.experts.policies.activations import (
 )
 from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
+from moeflow.experts.policies.ranking import first_lexsorted, top_stable
 from moeflow.routing.eam import DEFAULT_CAPACITY, EAMCollection, RequestEAM
 
 __all__ = ["EAMC_FILE", "MoEInfinityPolicy"]
@@ -220,7 +221,7 @@ class MoEInfinityPolicy(CachePolicy):
         """The ``n`` best victims with keep-score below ``bound``: lowest score, then least recently requested."""
         keep = self._slot_keep(protect)  # [S]
         idx = np.flatnonzero(keep < bound)
-        return [self.key_in[s] for s in idx[np.lexsort((self.slot_used[idx], keep[idx]))[:n]]]
+        return [self.key_in[s] for s in idx[first_lexsorted(keep[idx], self.slot_used[idx], n)]]
 
     def prefetch(self, layer: int) -> list[Load]:
         """Loads for layers ahead of ``layer``, highest priority first (see the module docstring)."""
@@ -242,9 +243,11 @@ class MoEInfinityPolicy(CachePolicy):
         # every step below admits one load or stops, so only the ``budget`` likeliest candidates can matter; the
         # victims come in one fixed order (lowest keep-score, then least recently requested), since an admitted
         # slot leaves the order and nothing else changes
-        cands = _top_stable(pri.ravel(), pri.size if self.byte_aware else int(min(budget, pri.size)))
+        cands = top_stable(pri.ravel(), pri.size if self.byte_aware else int(min(budget, pri.size)))
         evictable = np.flatnonzero(keep < np.inf)
-        victims = evictable[np.lexsort((self.slot_used[evictable], keep[evictable]))]
+        # a load displaces at most one victim, so only the first ``budget`` of them can be used
+        first = first_lexsorted(keep[evictable], self.slot_used[evictable], int(min(budget, len(evictable))))
+        victims = evictable[first]
         loads: list[Load] = []
         used = 0
         for flat in cands.tolist():
@@ -283,18 +286,6 @@ class MoEInfinityPolicy(CachePolicy):
             return float("inf")
         left = self.prefetch_per_layer * self.num_layers - self._prefetched
         return float(np.ceil(left / max(1, self.num_layers - 1 - layer)))
-
-
-def _top_stable(values: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the ``n`` largest ``values``, largest first, ties in index order: the first ``n`` of
-    ``np.argsort(-values, kind="stable")`` without sorting them all."""
-    if n <= 0:
-        return np.zeros(0, np.int64)
-    if n >= len(values):
-        return np.argsort(-values, kind="stable")
-    cut = np.partition(values, len(values) - n)[len(values) - n]  # the n-th largest value
-    idx = np.flatnonzero(values >= cut)
-    return idx[np.argsort(-values[idx], kind="stable")][:n]
 
 
 register_policy("moe-infinity", MoEInfinityPolicy)

@@ -107,12 +107,11 @@ class RunningActivations:
         if n == 1:
             added = np.bincount(ex[ok].astype(np.int64), minlength=num_experts)[None]  # [1, E]
         else:
-            offset = np.repeat(np.arange(0, n * num_experts, num_experts), sizes)[
-                :, None
-            ]  # [T, 1] request's bins
-            added = np.bincount((ex + offset)[ok], minlength=n * num_experts).reshape(
-                n, num_experts
-            )  # [B, E]
+            bins = np.repeat(
+                np.arange(0, n * num_experts, num_experts), sizes
+            )  # [T] first bin of the row's request
+            added = np.bincount((ex + bins[:, None])[ok], minlength=n * num_experts)
+            added = added.reshape(n, num_experts)  # [B, E]
         self.counts[:, layer] += added
         self.recent[:, layer] += added
         self.own[:, layer] = self._own_rows(layer)  # only this row changed

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Callable
 
 import numpy as np
 
@@ -57,12 +58,27 @@ def _loads(loads: object) -> list:
     return [[*ld.key, ld.slot, *(ld.evicted or (-1, -1)), int(ld.prefetch)] for ld in loads]  # type: ignore[attr-defined]
 
 
-def decisions(name: str, batch: int, execution: str, slots: int = 24) -> list:
-    """Every plan and prefetch ``name`` makes on the seeded trace, in order."""
-    trace = seeded_trace()
+def decisions(
+    name: str,
+    batch: int,
+    execution: str,
+    slots: int = 24,
+    trace: Trace | None = None,
+    predictor: object | None = "tiny",
+    probe: Callable[[CachePolicy], list] | None = None,
+    options: dict | None = None,
+) -> list:
+    """Every plan and prefetch ``name`` makes on ``trace`` (default: the seeded trace, with the tiny predictor), in
+    order; ``probe(policy)``, when given, adds what it returns after each step's ``begin_step``; ``options`` are
+    added to the policy's."""
+    trace = seeded_trace() if trace is None else trace
+    layers = trace.experts.shape[1]
     pol: CachePolicy = make_policy(name)
-    pol.bind(slots, LAYERS, EXPERTS, TOP_K)
-    opts = {"batch_size": batch, "predictor": tiny_predictor(), "prefetch_per_layer": 1.5}
+    pol.bind(slots, layers, trace.num_experts, trace.top_k)
+    opts = {"batch_size": batch, "prefetch_per_layer": 1.5}
+    if predictor is not None:
+        opts["predictor"] = tiny_predictor() if predictor == "tiny" else predictor
+    opts.update(options or {})
     pol.setup(PolicyContext(trace=trace, options=opts))
     log: list = []
     for st in schedule(trace, batch):
@@ -72,8 +88,10 @@ def decisions(name: str, batch: int, execution: str, slots: int = 24) -> list:
             log.append(["static", pol.key_in.copy()])
         else:
             pol.begin_step(st.info)
+            if probe is not None:
+                log.append(["probe", *probe(pol)])
             log.append(["pre", _loads(pol.prefetch(-1))])
-            for layer in range(LAYERS):
+            for layer in range(layers):
                 pol.observe(layer, ex[:, layer], w[:, layer])
                 for chunk in layer_requests(ex[:, layer], pol.num_slots):
                     plan = pol.request(layer, chunk)

@@ -24,17 +24,16 @@ Per step (``L`` layers, ``E`` experts, ``T`` tokens, ``B`` sequences):
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from moeflow.errors import MoeflowError
 from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
-from moeflow.experts.policies.forecast import Forecaster, StepForecast
+from moeflow.experts.policies.forecast import Forecaster, StepForecast, step_demand
 from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
+from moeflow.experts.policies.ranking import first_lexsorted
 
 DEMOTED = 1e9
 """Added to a demoted key's expected distance: demoted keys go first."""
@@ -115,25 +114,9 @@ class ExpertFlowPolicy(CachePolicy):
         )
         if "prefetch_per_layer" in apply_options(self, opts, names):
             self.auto_budget = False
-        from moeflow.routing.predictor import (
-            resolve_predictor,
-        )  # torch-backed loader: imported only when used
-
-        pred, source = resolve_predictor(opts.get("predictor"), context.model_dir)
-        if pred is None:
-            warnings.warn(
-                "expertflow: no routing predictor found (pass options predictor=PATH or train one with "
-                "`moeflow predictor train`); predicting from expert frequencies instead",
-                stacklevel=2,
-            )
-            return
-        if pred.shape != (self.num_layers, self.num_experts) or pred.cfg.top_k != self.top_k:
-            raise MoeflowError(
-                f"predictor {source} is for {pred.shape[0]} layers × {pred.shape[1]} experts (top-{pred.cfg.top_k}); "
-                f"the model has {self.num_layers} × {self.num_experts} (top-{self.top_k}): train one on its traces"
-            )
-        self.predictor, self.source = pred, source
-        self.forecast.predictor = pred
+        source = self.forecast.load_predictor(opts.get("predictor"), context.model_dir, self.top_k)
+        if source is not None:
+            self.predictor, self.source = self.forecast.predictor, source
 
     def end_request(self, request_id: int) -> None:
         self.forecast.end(request_id)
@@ -147,46 +130,29 @@ class ExpertFlowPolicy(CachePolicy):
 
     def _plan_step(self, batch: int) -> None:
         """Demand of this step and of the next, mixed with frequency by each layer's accuracy."""
-        f = np.clip(self.freq, 0.0, 1.0)
-        self._fstep = 1 - (1 - f) ** max(batch, 1)  # [L, E]
-        fc = self._fc
-        if fc is None or fc.tokens == 0:
-            pred = np.zeros_like(f)
-            ends = np.zeros((0, *f.shape))
-        else:
-            pred = 1 - np.exp(fc.log_miss)  # [L, E]
-            ends = fc.ends  # [B, L, E] each request's last token
-        ftok = 1 - (1 - f) ** max(fc.tokens if fc is not None else 1, 1)
-        a = self.accuracy[:, None]
-        self._demand = a * pred + (1 - a) * ftok
-        last = (
-            1 - np.exp(np.log1p(-0.5 * (np.clip(ends, 0, 1 - 1e-6) + f[None])).sum(axis=0))
-            if len(ends)
-            else f
-        )
-        self._next = 0.5 * (last + self._fstep)
+        self._demand, self._next, self._fstep = step_demand(self._fc, self.freq, self.accuracy, batch)
         self._pos, self._table, self._in_use, self._prefetched = -1, None, set(), 0
         self.link.begin_step()
 
     def observe(self, layer: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
         """``experts`` [T, K] for the step's tokens, sequences concatenated in StepInfo order."""
-        ex = np.asarray(experts, np.int64)
-        ok = ex[(ex >= 0).all(axis=1)]
+        ex = np.ascontiguousarray(experts, np.int64)  # rows of a [T, L, K] array are strided: copy once
+        valid = (ex >= 0).all(axis=1)  # [T]
+        ok = ex[valid]
         if len(ok):
             share = np.bincount(ok.ravel(), minlength=self.num_experts)[: self.num_experts] / len(ok)
             self.freq[layer] = self.decay * self.freq[layer] + (1 - self.decay) * share
         if self._fc is not None and self._fc.tokens == len(ex) and len(ok):
-            self._correct(layer, ex)
-        chosen = set(ex[ex >= 0].tolist())
-        for key in [k for k in self._pending if k[0] == layer and k[1] not in chosen]:
-            self._demoted.add(key)
+            self._correct(layer, ex, valid)
+        if self._pending:
+            chosen = np.zeros(self.num_experts, bool)
+            chosen[ex[(ex >= 0) & (ex < self.num_experts)]] = True
+            self._demoted.update(k for k in self._pending if k[0] == layer and not chosen[k[1]])
         self._pos, self._table, self._in_use = layer, None, set()
 
-    def _correct(self, layer: int, ex: np.ndarray) -> None:
+    def _correct(self, layer: int, ex: np.ndarray, valid: np.ndarray) -> None:
         """Update the layer's accuracy and each request's routing of its latest token."""
-        top = self._fc.top[:, layer]  # type: ignore[union-attr]  [T, K]
-        valid = (ex >= 0).all(axis=1)
-        hits = (top[:, :, None] == ex[:, None, :]).any(axis=1).sum(axis=1)[valid]
+        hits = self._fc.hits(layer, ex)[valid]  # type: ignore[union-attr]
         self.accuracy[layer] = self.decay * self.accuracy[layer] + (1 - self.decay) * hits.mean() / self.top_k
         self.forecast.record(layer, ex)
 
@@ -254,7 +220,7 @@ class ExpertFlowPolicy(CachePolicy):
         if floor is not None:
             ok &= dist > floor
         idx = np.flatnonzero(ok)
-        return [self.key_in[s] for s in idx[np.lexsort((self.slot_used[idx], -dist[idx]))[:n]]]
+        return [self.key_in[s] for s in idx[first_lexsorted(-dist[idx], self.slot_used[idx], n)]]
 
     def horizon(self, layer: int, lookahead: int | None = None) -> list[int]:
         """Layers after ``layer`` (at most ``lookahead``, default ``max_lookahead``) whose predictions are trusted

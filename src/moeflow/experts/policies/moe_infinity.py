@@ -21,26 +21,31 @@ request's next tokens route more like its latest ones than like its prompt as a 
 
 The collection comes from ``options["eamc"]`` (an ``EAMCollection`` or a path) or ``<model_dir>/moeflow/eamc.npz``,
 and grows online: a request's EAM is admitted when it ends (``end_request``, or ``finish``); ``finish`` saves it
-to ``options["eamc_save"]`` when given (the file beside the model is never overwritten unless named there).
+to ``options["eamc_save"]`` when given (the file beside the model is never overwritten unless named there). The
+running requests' activations and the collection's loading and saving live in ``policies.activations``.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from moeflow.errors import MoeflowError
 from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
+from moeflow.experts.policies.activations import (
+    EAMC_FILE,
+    RunningActivations,
+    load_collection,
+    save_collection,
+)
 from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
-from moeflow.routing.eam import DEFAULT_CAPACITY, EAMCollection, RequestEAM, row_normalise
+from moeflow.experts.policies.ranking import first_lexsorted, top_stable
+from moeflow.routing.eam import DEFAULT_CAPACITY, EAMCollection, RequestEAM
 
-EAMC_FILE = Path("moeflow") / "eamc.npz"
-"""Where the collection lives, relative to the model directory."""
+__all__ = ["EAMC_FILE", "MoEInfinityPolicy"]
 
 
 @dataclass
@@ -80,12 +85,7 @@ class MoEInfinityPolicy(CachePolicy):
         self._reset()
 
     def _reset(self) -> None:
-        self.running: dict[int, RequestEAM] = {}
-        self._recent: dict[int, np.ndarray] = {}  # [L, E] recency-weighted counts per request
-        self._own: dict[
-            int, np.ndarray
-        ] = {}  # [L, E] each request's own activation ratios (rows kept current)
-        self._seen: dict[int, np.ndarray] = {}  # [L, 1] rows the request has routed
+        self.acts = RunningActivations(self.num_layers, self.num_experts)
         self._prefetched = 0  # prefetch loads issued in this step
         self._rids: tuple[int, ...] = ()
         self._lengths: list[int] = []
@@ -94,7 +94,6 @@ class MoEInfinityPolicy(CachePolicy):
         self._keep: np.ndarray | None = None  # [L, E] keep-scores at the current layer
         self._needed: set[Key] = set()
         self._needed_clock = -1
-        self._finished: list[np.ndarray] = []  # [L, E] EAMs of finished requests not admitted yet
 
     # ------------------------------------------------------------------------------ lifecycle
     def bind(self, num_slots: int, num_layers: int, num_experts: int, top_k: int) -> None:
@@ -108,108 +107,71 @@ class MoEInfinityPolicy(CachePolicy):
         names = ("capacity", "match_k", "max_prefetch", "history_weight", "recency", "recent_weight")
         apply_options(self, opts, (*names, "prefetch_per_layer", ("prefetch", "prefetch_enabled")))
         apply_options(self, opts, ("predict_own", "prefetch_before", "byte_aware"))
-        self.eamc = self._load_collection(context)
+        shape = (self.num_layers, self.num_experts)
+        self.eamc = load_collection(opts.get("eamc"), context.model_dir, shape, self.capacity)
         if opts.get("eamc_save"):
             self.save_path = Path(opts["eamc_save"])
 
-    def _load_collection(self, context: PolicyContext) -> EAMCollection:
-        shape = (self.num_layers, self.num_experts)
-        src = context.options.get("eamc")
-        if isinstance(src, EAMCollection):
-            if (src.num_layers, src.num_experts) != shape:
-                raise MoeflowError(
-                    f"the EAM collection is for {src.num_layers} layers × {src.num_experts} experts, "
-                    f"the model has {shape[0]} × {shape[1]}: build one from this model's traces"
-                )
-            return src.copy()  # runs must not leak what they learn into each other
-        if src:
-            if not Path(src).exists():
-                raise MoeflowError(f"EAM collection {src} does not exist; build it with `moeflow eamc build`")
-            return EAMCollection.load(src, *shape, capacity=None)
-        if (
-            context.model_dir
-        ):  # read only: nothing shipped beside a model is overwritten unless asked (eamc_save)
-            return EAMCollection.load(Path(context.model_dir) / EAMC_FILE, *shape, capacity=None)
-        return EAMCollection(*shape, self.capacity)
+    @property
+    def running(self) -> dict[int, RequestEAM]:
+        """The running requests' EAMs."""
+        return self.acts.eams
 
     def end_request(self, request_id: int) -> None:
-        """A request finished: its EAM joins the collection, at the start of the next step (``_admit``), so that
-        no admission lands between two layers' decisions."""
-        req = self.running.pop(request_id, None)
-        for held in (self._recent, self._own, self._seen):
-            held.pop(request_id, None)
-        if req is not None:
-            self._finished.append(req.counts)
-
-    def _admit(self) -> None:
-        """Admit the EAMs of the requests finished since the last step (each refreshes one entry's caches)."""
-        if self.eamc is not None:
-            for counts in self._finished:
-                self.eamc.add(counts)
-        self._finished = []
+        """A request finished: its EAM joins the collection at the start of the next step (``begin_step``), so
+        that no admission lands between two layers' decisions."""
+        self.acts.end(request_id)
 
     def finish(self) -> None:
         for rid in list(self.running):
             self.end_request(rid)
-        self._admit()
+        self.acts.admit_finished(self.eamc)
         if self.save_path is not None and self.eamc is not None:
-            try:
-                self.eamc.save(self.save_path)
-            except OSError as exc:
-                warnings.warn(f"could not save the EAM collection to {self.save_path}: {exc}", stacklevel=2)
+            save_collection(self.eamc, self.save_path)
         super().finish()
 
     # ---------------------------------------------------------------------------------- hooks
     def begin_step(self, info: StepInfo) -> None:
-        self._admit()
+        self.acts.admit_finished(self.eamc)
         self.link.begin_step()
         self._rids = tuple(info.request_ids)
         self._lengths = [len(t) for t in info.token_ids]
-        for rid in self._rids:
-            if rid not in self.running:
-                self.running[rid] = RequestEAM(self.num_layers, self.num_experts)
-                self._recent[rid] = np.zeros((self.num_layers, self.num_experts))
-            self._recent[rid] *= self.recency
-            self._own[rid] = self._own_rows(rid, slice(None))
-            self._seen[rid] = self.running[rid].counts.sum(axis=1, keepdims=True) > 0
+        self.acts.begin_step(self._rids, self.recency, self.recent_weight)
         self._layer, self._pred, self._keep, self._prefetched = -1, None, None, 0
         self._needed = set()  # nothing is in use before the first layer
-        if self.prefetch_before and any(self.running[r].counts.any() for r in self._rids):
+        if self.prefetch_before and self.acts.any_routed():
             self._update_scores(-1)  # ``prefetch(-1)``: layer 0 on from the requests' earlier tokens
 
     def observe(self, layer: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
         """``experts`` [T, K]: the step's tokens, sequences concatenated in StepInfo order."""
         if not self._rids:  # no StepInfo: one anonymous request
             self.begin_step(StepInfo(0, (-1,), ((0,) * len(experts),), (0,), False))
-        experts = np.asarray(experts)
-        if sum(self._lengths) == len(experts):
-            parts = np.split(experts, np.cumsum(self._lengths)[:-1])
-        else:  # padded or unexpected rows: spread evenly
-            parts = np.array_split(experts, len(self._rids))
-        for rid, part in zip(self._rids, parts):
-            self.running[rid].add(layer, part)
-            ids = part[part >= 0].astype(np.int64)
-            self._recent[rid][layer] += np.bincount(ids, minlength=self.num_experts)[: self.num_experts]
-            self._own[rid][layer] = self._own_rows(rid, layer)  # only this row changed
-            self._seen[rid][layer] = self.running[rid].counts[layer].sum() > 0
+        self.acts.add(layer, experts, self._lengths)
         self._layer = layer
         self._update_scores(layer)
 
     def _update_scores(self, layer: int) -> None:
         """Prediction and keep-scores [L, E] for the step's requests at ``layer``."""
         assert self.eamc is not None
-        shape = (self.num_layers, self.num_experts)
+        acts, shape = self.acts, (self.num_layers, self.num_experts)
         ratio, match = np.zeros(shape), np.zeros(shape) if len(self.eamc) else None
-        for rid in self._rids:
-            req, own, seen = self.running[rid], self._own[rid], self._seen[rid]
-            if match is None or not seen.any():  # no collection, or nothing routed yet to match
-                ratio += own
-                continue
-            sims = req.similarity(self.eamc, layer if layer >= 0 else self.num_layers - 1)
-            m = self.eamc.predict(sims, self.match_k)
-            if not self.predict_own:
-                match += m
-            ratio += np.where(seen, self.history_weight * own + (1 - self.history_weight) * m, m)
+        matched = acts.seen.any(axis=(1, 2)) if match is not None else np.zeros(len(self._rids), bool)  # [B]
+        blend = acts.own
+        if matched.any():
+            upto = layer if layer >= 0 else self.num_layers - 1
+            preds = np.zeros_like(acts.own)  # [B, L, E] the collection's match (of the matched requests)
+            for i in np.flatnonzero(matched).tolist():
+                preds[i] = self.eamc.predict(
+                    acts.eams[self._rids[i]].similarity(self.eamc, upto), self.match_k
+                )
+                if not self.predict_own:
+                    match += preds[i]
+            hw = self.history_weight
+            blend = np.where(acts.seen, hw * acts.own + (1 - hw) * preds, preds)
+            if not matched.all():  # no collection, or nothing routed yet to match: the own ratios
+                blend[~matched] = acts.own[~matched]
+        for row in blend:  # in step order, as one running sum
+            ratio += row
         depth = np.arange(self.num_layers)[:, None]  # [L, 1]
         keep = ratio * (1 - depth / self.num_layers)
         pred = None if match is None else ratio if self.predict_own else match
@@ -217,13 +179,6 @@ class MoEInfinityPolicy(CachePolicy):
             soon = np.where(depth > layer, pred * (1 - (depth - layer) / self.num_layers), 0.0)
             keep = np.maximum(keep, soon)
         self._pred, self._keep = pred, keep
-
-    def _own_rows(self, rid: int, rows: int | slice) -> np.ndarray:
-        """The request's own activation ratios of ``rows``: its EAM's, mixed with its recency-weighted copy's."""
-        own = row_normalise(self.running[rid].counts[rows])
-        if self.recent_weight > 0:
-            own = (1 - self.recent_weight) * own + self.recent_weight * row_normalise(self._recent[rid][rows])
-        return own
 
     def keep_score(self, key: Key) -> float:
         return 0.0 if self._keep is None else float(self._keep[key])
@@ -266,7 +221,7 @@ class MoEInfinityPolicy(CachePolicy):
         """The ``n`` best victims with keep-score below ``bound``: lowest score, then least recently requested."""
         keep = self._slot_keep(protect)  # [S]
         idx = np.flatnonzero(keep < bound)
-        return [self.key_in[s] for s in idx[np.lexsort((self.slot_used[idx], keep[idx]))[:n]]]
+        return [self.key_in[s] for s in idx[first_lexsorted(keep[idx], self.slot_used[idx], n)]]
 
     def prefetch(self, layer: int) -> list[Load]:
         """Loads for layers ahead of ``layer``, highest priority first (see the module docstring)."""
@@ -288,9 +243,11 @@ class MoEInfinityPolicy(CachePolicy):
         # every step below admits one load or stops, so only the ``budget`` likeliest candidates can matter; the
         # victims come in one fixed order (lowest keep-score, then least recently requested), since an admitted
         # slot leaves the order and nothing else changes
-        cands = _top_stable(pri.ravel(), pri.size if self.byte_aware else int(min(budget, pri.size)))
+        cands = top_stable(pri.ravel(), pri.size if self.byte_aware else int(min(budget, pri.size)))
         evictable = np.flatnonzero(keep < np.inf)
-        victims = evictable[np.lexsort((self.slot_used[evictable], keep[evictable]))]
+        # a load displaces at most one victim, so only the first ``budget`` of them can be used
+        first = first_lexsorted(keep[evictable], self.slot_used[evictable], int(min(budget, len(evictable))))
+        victims = evictable[first]
         loads: list[Load] = []
         used = 0
         for flat in cands.tolist():
@@ -329,18 +286,6 @@ class MoEInfinityPolicy(CachePolicy):
             return float("inf")
         left = self.prefetch_per_layer * self.num_layers - self._prefetched
         return float(np.ceil(left / max(1, self.num_layers - 1 - layer)))
-
-
-def _top_stable(values: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the ``n`` largest ``values``, largest first, ties in index order: the first ``n`` of
-    ``np.argsort(-values, kind="stable")`` without sorting them all."""
-    if n <= 0:
-        return np.zeros(0, np.int64)
-    if n >= len(values):
-        return np.argsort(-values, kind="stable")
-    cut = np.partition(values, len(values) - n)[len(values) - n]  # the n-th largest value
-    idx = np.flatnonzero(values >= cut)
-    return idx[np.argsort(-values[idx], kind="stable")][:n]
 
 
 register_policy("moe-infinity", MoEInfinityPolicy)

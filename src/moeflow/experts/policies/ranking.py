@@ -1,0 +1,33 @@
+"""Partial sorts for the policies' victim and candidate orders: the first ``n`` entries of a full sort, found by a
+partition and a sort of only the entries that can be among them (ties at the cut included), so the result is the
+full sort's, entry for entry. Pure NumPy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def first_lexsorted(primary: np.ndarray, secondary: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` indices of ``np.lexsort((secondary, primary))`` (ascending ``primary``, then ascending
+    ``secondary``, then index order; NaN last, as there)."""
+    size = len(primary)
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    if n < size and size > 64:  # else the full sort is as cheap
+        cut = np.partition(primary, n - 1)[n - 1]  # the n-th smallest primary key
+        if cut == cut:  # not NaN: the first n hold no NaN
+            near = np.flatnonzero(primary <= cut)  # every entry that can be among the first n, in index order
+            return near[np.lexsort((secondary[near], primary[near]))[:n]]
+    return np.lexsort((secondary, primary))[:n]
+
+
+def top_stable(values: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` largest ``values``, largest first, ties in index order: the first ``n`` of
+    ``np.argsort(-values, kind="stable")`` without sorting them all."""
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    if n >= len(values):
+        return np.argsort(-values, kind="stable")
+    cut = np.partition(values, len(values) - n)[len(values) - n]  # the n-th largest value
+    idx = np.flatnonzero(values >= cut)
+    return idx[np.argsort(-values[idx], kind="stable")][:n]

@@ -30,7 +30,12 @@ from benchmarks.policy_decode import TimedLLM, requests_of, run
 from moeflow.routing.trace import Trace
 
 VARIANTS = [
-    {"BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 2, "num_stages": 4},  # slot_kernel.BLOCKS (the default)
+    {
+        "BLOCK_N": 32,
+        "BLOCK_D": 64,
+        "num_warps": 2,
+        "num_stages": 4,
+    },  # the default before this kernel stage chose 64x128
     {"BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 2, "num_stages": 4, "COMPACT": 1},
     {"BLOCK_N": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 4, "COMPACT": 1},
     {"BLOCK_N": 64, "BLOCK_D": 128, "num_warps": 4, "num_stages": 4, "COMPACT": 1},

@@ -118,6 +118,22 @@ def test_reconfigure_swaps_policy_and_slots_keeping_outputs(checkpoints: dict[st
         llm.reconfigure(num_slots=1)
 
 
+def test_reconfigure_frees_the_old_slot_pool_first(checkpoints: dict[str, Path]) -> None:
+    """The static decoder's slot table holds the pool it was built on; reconfigure lets go of it before the new
+    pool is allocated, so a budget is never exceeded by two pools alive at once."""
+    import gc
+    import weakref
+
+    llm = LLM(checkpoints["olmoe"], device="cpu", num_slots=6, decode="static", progress=False)
+    llm.generate([PROMPT], SamplingParams(max_tokens=3, ignore_eos=True))  # the step builds its slot table
+    assert llm.static is not None and llm.static.table.tensors.pool is llm.store.slots
+    old = weakref.ref(llm.store.slots)
+    llm.reconfigure(num_slots=5)
+    gc.collect()
+    assert old() is None
+    assert llm.generate([PROMPT], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids
+
+
 def test_long_prefill_shows_progress_over_the_layers(
     checkpoints: dict[str, Path], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -31,7 +31,9 @@ def test_graph_rows_equal_prompts_run_alone(
         engine = BatchEngine(llm, max_batch=3, prefill_chunk=5)
         ids = [engine.add(p, greedy(n)) for p, n in zip(PROMPTS[:3], lengths)]
         seen = drain(engine, steps=3)
-        while engine.kv.bucket.graph is None and engine.has_work:  # the prompts' chunks first, then a decode step
+        while (
+            engine.kv.bucket.graph is None and engine.has_work
+        ):  # the prompts' chunks first, then a decode step
             drain(engine, seen=seen, steps=1)
         graph = engine.kv.bucket.graph
         assert graph is not None  # the decode steps replay the bucket's graph

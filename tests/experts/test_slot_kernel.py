@@ -30,10 +30,11 @@ SCRIPT = textwrap.dedent(
 
     torch.manual_seed(0)
     E, K, N, D, S = 8, 2, 48, 32, 6
+    SMALL = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}
     row = N * D + N + 16  # a weight [N, D], a bias [N], padding
     both = torch.randn(S + E, row)  # one buffer: the kernel addresses the host pool from the slot pool's base
     pool, host = both[:S], both[S:]
-    for compact in (0, 1):
+    for tiles, compact in ((SMALL, 0), (SMALL, 1), ({}, 1)):  # {}: the default tiles (larger than N and D here)
         for t in (1, 3, 9):
             ids = torch.stack([torch.randperm(E)[:K] for _ in range(t)])
             flat = ids.reshape(-1)
@@ -50,7 +51,7 @@ SCRIPT = textwrap.dedent(
             x = torch.randn(t, D)
             y = torch.zeros(t * K, N)
             slot_linear(x, y, (order, counts, starts), slot, claim, pool, host, 0, (0, D, 1), N * D, K, False,
-                        True, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "COMPACT": compact})
+                        True, {**tiles, "COMPACT": compact})
             for e in flat.unique().tolist():
                 pairs = order[starts[e] : starts[e] + counts[e]]
                 want = project(host[e], x, pairs, (0, D, 1), N * D, N, K, False)

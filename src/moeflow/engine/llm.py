@@ -149,6 +149,8 @@ class LLM:
             raise RequestError(f"{slots} slots cannot hold one token's {self.loaded.top_k} routed experts")
         old.close()
         del old.slots, old.views
+        if self.static is not None:  # its table holds the old pool: free it before the new one is allocated
+            self.static.forget_table()
         self.runtime.store = ExpertStore(self.loaded, slots, 0, False, share_host=self.runtime.store)
         self.runtime.policy = self._policy(policy or self.config.policy, slots, options or self.config.extra)
         attach(self.loaded.layers, self.runtime)

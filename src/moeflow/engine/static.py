@@ -111,6 +111,12 @@ class StaticDecoder:
             self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         return self._table
 
+    def forget_table(self) -> None:
+        """Let go of the slot table and the buckets built on it (before a new slot pool is allocated, so that two
+        pools are never alive at once; a bucket still held elsewhere, e.g. by continuous batching, keeps its own)."""
+        self._table = None
+        self._buckets.clear()
+
     def bucket(self, rows: int, length: int) -> Bucket:
         max_len = max(MIN_LEN, 1 << (length - 1).bit_length())
         key = (rows, max_len)

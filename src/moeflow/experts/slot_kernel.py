@@ -108,11 +108,13 @@ def _slot_linear(
             )
 
 
-BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 2, "num_stages": 4, "COMPACT": 0}
-"""Tile sizes and launch options: the fastest from slots on the H200 at decode batch 1 (2.7 TB/s; 3.6-3.9 TB/s
-at batch 8 for every option; 51 GB/s from host for every option): decode-floor-h200-compile-in-timing.json.
-``COMPACT`` (1) launches programs for at most P experts and lets each find its used expert, instead of one
-program row per expert of the layer (most of which exit at once when P is small)."""
+BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_D": 128, "num_warps": 4, "num_stages": 4, "COMPACT": 1}
+"""Tile sizes and launch options: the fastest from slots on the H200 at decode batch 1 and 8, both projections over
+all 16 layers of OLMoE geometry in one graph (so the L2 cache cannot serve repeats): 0.502 ms for 1.61 GB at batch
+1 (3.2 TB/s; the former 32x64 tiles, 2 warps: 0.544 ms) and 2.107 ms at batch 8 (4.0 TB/s; 2.228 ms), in
+decode-floor-h200.json's kernel stage. Reads from host are link-bound whatever the tiles (~51 GB/s). ``COMPACT``
+(1) launches programs for at most P experts, each finding its used expert, instead of one program row per expert
+of the layer (most of which would exit at once when P is small)."""
 
 
 def slot_linear(

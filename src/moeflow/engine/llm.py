@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from moeflow.batching import plan_batches
 from moeflow.config import EngineConfig
 from moeflow.detok import extend_text
-from moeflow.engine.static import Bucket, choose_static
+from moeflow.engine.decode_mode import choose_static
+from moeflow.engine.static import Bucket
 from moeflow.engine.step import Steps
 from moeflow.errors import RequestError
 from moeflow.experts.cache import CachePolicy, PolicyContext

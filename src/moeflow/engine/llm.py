@@ -18,6 +18,7 @@ from moeflow.batching import plan_batches
 from moeflow.config import EngineConfig
 from moeflow.detok import extend_text
 from moeflow.engine.decode_mode import choose_static
+from moeflow.engine.setup import ModelInfo, load_tokenizer, resolve_device
 from moeflow.engine.static import Bucket
 from moeflow.engine.step import Steps
 from moeflow.errors import RequestError
@@ -48,27 +49,6 @@ class Batch:
     mask: torch.Tensor | None = None
     decoding: bool = False
     """The prefill has run."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    model_type: str
-    num_layers: int
-    """MoE layers."""
-    num_experts: int
-    top_k: int
-    moe_layer_ids: tuple[int, ...]
-    expert_bytes: int
-    dense_bytes: int
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RequestError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    return device
 
 
 class LLM:
@@ -118,7 +98,7 @@ class LLM:
             "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
         )
         self.static = choose_static(cfg, self.device, lm, self.runtime, self.memory)
-        self.tokenizer = _load_tokenizer(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir)
         eos = lm.config.eos_token_id if getattr(lm.config, "eos_token_id", None) is not None else []
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self._next_id = 0
@@ -336,12 +316,3 @@ class LLM:
         return [
             RequestOutput(s.request_id, s.prompt, s.text, s.output_ids, s.finish_reason, stats) for s in seqs
         ]
-
-
-def _load_tokenizer(model_dir: str) -> Any:
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    if not any((Path(model_dir) / n).is_file() for n in names):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)

@@ -16,6 +16,8 @@ compiler copy the whole pool). Legend: T tokens, K top-k, E experts, C candidate
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from moeflow.experts.claims import route_layer
@@ -95,15 +97,31 @@ def slot_linear(
         kernel(x, y, (order, counts, starts), slot, claim, pool, host, host_row0, tuple(weight), bias, k, pair_rows,
                fill, opts)  # fmt: skip
         return y
+    for row, pairs in _used_rows(order, counts, starts, slot, claim, pool, host, host_row0, fill):
+        y[pairs.long()] = project(row, x, pairs, weight, bias, n, k, pair_rows)
+    return y
+
+
+def _used_rows(
+    order: torch.Tensor,
+    counts: torch.Tensor,
+    starts: torch.Tensor,
+    slot: torch.Tensor,
+    claim: torch.Tensor,
+    pool: torch.Tensor,
+    host: torch.Tensor,
+    host_row0: int,
+    fill: bool,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The CPU path of both ops: (expert row, its pairs) for every used expert, read from its slot or the host
+    pool, a missed expert written into its claimed slot first (the kernels' read-through fill)."""
     slots, claims = slot.tolist(), claim.tolist()
     for e, (cnt, start) in enumerate(zip(counts.tolist(), starts.tolist(), strict=True)):
         if cnt:
             row = pool[slots[e]] if slots[e] >= 0 else host[host_row0 + e]
             if fill and claims[e] >= 0:
                 pool[claims[e]].copy_(row)
-            y[order[start : start + cnt].long()] = project(row, x, order[start : start + cnt], weight, bias, n, k,
-                                                           pair_rows)  # fmt: skip
-    return y
+            yield row, order[start : start + cnt]
 
 
 @slot_linear.register_fake
@@ -165,14 +183,8 @@ def slot_linear_quant(
         kernel(x, y, (order, counts, starts), slot, claim, pool, host, host_row0, q, bias, k, pair_rows, fill,
                opts)  # fmt: skip
         return y
-    slots, claims = slot.tolist(), claim.tolist()
-    for e, (cnt, start) in enumerate(zip(counts.tolist(), starts.tolist(), strict=True)):
-        if cnt:
-            row = pool[slots[e]] if slots[e] >= 0 else host[host_row0 + e]
-            if fill and claims[e] >= 0:
-                pool[claims[e]].copy_(row)
-            pairs = order[start : start + cnt]
-            y[pairs.long()] = project_quant(row, x, pairs, q, bias, k, pair_rows)
+    for row, pairs in _used_rows(order, counts, starts, slot, claim, pool, host, host_row0, fill):
+        y[pairs.long()] = project_quant(row, x, pairs, q, bias, k, pair_rows)
     return y
 
 

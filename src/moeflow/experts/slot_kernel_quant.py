@@ -159,7 +159,8 @@ def _slot_linear_quant(
 
 
 BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 2, "num_stages": 4}
-"""Tile sizes and launch options (``slot_kernel.BLOCKS``'s, not yet tuned for quantised rows)."""
+"""Tile sizes and launch options (the full-precision kernel's former defaults, not yet tuned for quantised rows;
+this kernel has no ``COMPACT`` launch, so that option of the full-precision kernel is ignored here)."""
 
 
 def slot_linear_quant(
@@ -179,7 +180,7 @@ def slot_linear_quant(
     blocks: dict | None = None,
 ) -> None:
     order, counts, starts = groups
-    opts = {**BLOCKS, **(blocks or {})}
+    opts = {key: v for key, v in {**BLOCKS, **(blocks or {})}.items() if key != "COMPACT"}
     per = 8 // q.bits
     block_d = opts["BLOCK_D"]
     assert pool.dtype == torch.uint8 and host.dtype == torch.uint8 and x.shape[1] == q.d and y.shape[1] == q.n

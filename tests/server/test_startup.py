@@ -140,3 +140,19 @@ def test_no_warm_up(long_llm: LLM, capsys: pytest.CaptureFixture[str]) -> None:
         assert kv.bucket.route_host is not None and engine.warmups == 0
     finally:
         s.close()
+
+
+def test_a_bucket_beyond_the_kv_reserve_fails_the_warm_up(long_llm: LLM) -> None:
+    """The bucket holds max_batch rows of max_model_len positions from the start: one too large for the KV reserve
+    fails at startup, in the warm-up, with the way out."""
+    from moeflow.errors import BudgetError
+    from moeflow.server import create_app
+    from moeflow.server.app import warm_up
+
+    with LLM(long_llm.model_dir, device="cpu", progress=False, batch_size=4, decode="static", num_slots=4,
+             kv_reserve="1MiB") as tight:  # fmt: skip
+        app = create_app(tight, max_model_len=CONTEXT)
+        with pytest.raises(BudgetError, match=r"more than the KV reserve.*--max-model-len, now 2048"):
+            warm_up(app)
+        engine = app.state.engine
+        assert engine.warmups == 0 and engine._thread is not None and not engine._thread.is_alive()

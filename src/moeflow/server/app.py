@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from moeflow.errors import MoeflowError, RequestError
+from moeflow.errors import BudgetError, MoeflowError, RequestError
 from moeflow.server import protocol as P
 from moeflow.server.loop import EngineLoop, Finished, Job, QueueFull, Sink, Stopped
 from moeflow.server.metrics import ServerMetrics
@@ -115,6 +115,11 @@ def warm_up(app: FastAPI) -> None:
     engine.start()
     try:
         seconds = engine.warm_up()
+    except BudgetError as err:  # the bucket holds max_batch rows of max_model_len positions from the start
+        engine.stop()
+        raise BudgetError(
+            f"{err}; or serve shorter sequences (--max-model-len, now {engine.max_model_len})"
+        ) from None
     except BaseException:
         engine.stop()
         raise

@@ -17,12 +17,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from moeflow.server import create_app
+        from moeflow.server.app import warm_up
     except ModuleNotFoundError as err:
         raise MoeflowError(
             f"moeflow serve needs {err.name}: install the server extra with pip install 'moeflow[serve]'"
         ) from None
     llm = engine_from_args(args)
-    try:
+    try:  # a bad setting, or a warm-up that fails, is one error line: nothing was served
         app = create_app(
             llm,
             model_name=args.served_model_name,
@@ -30,9 +31,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             max_batch=args.batch_size,
             prefill_chunk=args.prefill_chunk,
+            max_model_len=args.max_model_len,
+            warmup=args.warmup,
         )
+        warm_up(app)  # before uvicorn listens: the first request finds the decode step compiled and captured
+    except BaseException:
+        llm.close()
+        raise
+    try:
+        limit = app.state.engine.max_model_len
+        upto = f" (sequences up to {limit} positions)" if limit else ""
         print(
-            f"moeflow: serving {app.state.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr
+            f"moeflow: serving {app.state.model_name} on http://{args.host}:{args.port}/v1{upto}",
+            file=sys.stderr,
         )
         # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler it found: make that
         # one return, so that the policy below still saves what it learned and the exit status is 0
@@ -42,6 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         finally:
             signal.signal(signal.SIGTERM, previous)
     finally:
+        app.state.engine.stop()  # a no-op after uvicorn's shutdown; the thread the warm-up started otherwise
         llm.close()  # the policy saves what it learned
         print("moeflow: server stopped", file=sys.stderr)
     return 0
@@ -57,6 +69,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prefill-chunk", type=int_at_least(1), default=256,
         help="prompt tokens prefilled per step at most, so a long prompt does not stall the streams decoding",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-model-len", type=int_at_least(1), default=None,
+        help="longest sequence served, prompt plus completion (at most the model's context; unset: the context): "
+        "the decode bucket is sized for it at startup, longer requests are answered 400",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-warmup", dest="warmup", action="store_false",
+        help="skip the startup request that compiles and captures the decode step (the first request pays for it)",
     )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: loopback only)")
     p.add_argument("--port", type=int_at_least(0), default=8000, help="port to listen on")

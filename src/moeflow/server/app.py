@@ -5,7 +5,11 @@ Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (JSON, or ser
 ``stream: true`` ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` and ``GET /metrics``. Every
 error is an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request
 (the engine's :class:`~moeflow.errors.RequestError`, failed validation, malformed JSON), 401 for a missing or
-wrong API key, 404 for an unknown model, 429 with ``Retry-After`` when the queue is full.
+wrong API key, 404 for an unknown model, 429 with ``Retry-After`` when the queue is full. A request longer than
+the server's ``max_model_len`` is a 400 with code ``context_length_exceeded``.
+
+Startup (the lifespan, before uvicorn listens, so ``/health`` answers only once it is done): the engine thread
+starts and, unless ``warmup=False``, runs one tiny request (``warm_up``), printing one line with its time.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,7 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from moeflow.errors import MoeflowError, RequestError
+from moeflow.errors import BudgetError, MoeflowError, RequestError
 from moeflow.server import protocol as P
 from moeflow.server.loop import EngineLoop, Finished, Job, QueueFull, Sink, Stopped
 from moeflow.server.metrics import ServerMetrics
@@ -49,7 +54,7 @@ def api_error(err: BaseException) -> APIError:
     if isinstance(err, APIError):
         return err
     if isinstance(err, RequestError):
-        return APIError(400, str(err))
+        return APIError(400, str(err), code=getattr(err, "code", None))
     if isinstance(err, QueueFull):
         return APIError(
             429, f"server busy: {err}; retry later", "rate_limit_error", headers={"Retry-After": "1"}
@@ -100,21 +105,46 @@ def _sse(body: dict[str, Any] | str) -> str:
     return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
 
 
+def warm_up(app: FastAPI) -> None:
+    """Start ``app``'s engine thread and run its warm-up request, once, printing one line (blocking: the CLI calls
+    it before uvicorn starts, so a failure is its one-line error; the lifespan calls it otherwise). Nothing when
+    the app was made with ``warmup=False``; on a failure the engine thread is stopped and the error raised."""
+    engine: EngineLoop = app.state.engine
+    if not app.state.warmup or engine.warmups:
+        return
+    engine.start()
+    try:
+        seconds = engine.warm_up()
+    except BudgetError as err:  # the bucket holds max_batch rows of max_model_len positions from the start
+        engine.stop()
+        raise BudgetError(
+            f"{err}; or serve shorter sequences (--max-model-len, now {engine.max_model_len})"
+        ) from None
+    except BaseException:
+        engine.stop()
+        raise
+    print(f"moeflow: warmed up in {seconds:.2f} s ({engine.decode_shape})", file=sys.stderr, flush=True)
+
+
 def create_app(
     llm: Any, *, model_name: str | None = None, api_key: str | None = None, max_queue: int = 64,
-    max_batch: int | None = None, prefill_chunk: int = 256,
+    max_batch: int | None = None, prefill_chunk: int = 256, max_model_len: int | None = None,
+    warmup: bool = True,
 ) -> FastAPI:  # fmt: skip
     """An app serving ``llm`` (a :class:`moeflow.LLM`) under ``model_name`` (default: its directory's name),
     at most ``max_batch`` sequences at once (default: ``llm.batch_size``), prefilling at most ``prefill_chunk``
-    prompt tokens per step. The engine thread starts and stops with the app's lifespan; closing ``llm`` is the
-    caller's job."""
+    prompt tokens per step, sequences of at most ``max_model_len`` positions (default: the model's context; the
+    decode bucket is sized for it, so it never grows while serving). The engine thread starts with the app's
+    lifespan, which first runs a warm-up request (``warmup=False``: none), and stops with it; closing ``llm``
+    is the caller's job."""
     name = model_name or Path(llm.model_dir).name
-    engine = EngineLoop(llm, max_queue, max_batch or llm.batch_size, prefill_chunk)
+    engine = EngineLoop(llm, max_queue, max_batch or llm.batch_size, prefill_chunk, max_model_len)
     metrics = ServerMetrics(llm, engine)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        await asyncio.to_thread(warm_up, app)
         try:
             yield
         finally:
@@ -122,6 +152,7 @@ def create_app(
 
     app = FastAPI(title="moeflow", lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.model_name = engine, metrics, name
+    app.state.warmup = warmup
     app.add_middleware(StatusCounter, metrics=metrics)
 
     @app.exception_handler(APIError)
@@ -259,8 +290,8 @@ def create_app(
 
     @router.get("/v1/models")
     async def models() -> dict:
-        context = getattr(llm.loaded.config, "max_position_embeddings", None)
-        card = {"id": name, "object": "model", "created": 0, "owned_by": "moeflow", "max_model_len": context}
+        card = {"id": name, "object": "model", "created": 0, "owned_by": "moeflow",
+                "max_model_len": engine.max_model_len}  # fmt: skip
         return {"object": "list", "data": [card]}
 
     app.include_router(router)

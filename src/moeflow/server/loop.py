@@ -9,12 +9,19 @@ The thread runs continuous batching (:class:`~moeflow.engine.batch.BatchEngine`)
 newly submitted jobs, aborts the cancelled ones (a client that went away frees its KV row before the next step)
 and runs one step; requests join and leave the running batch at every token boundary. A model whose state the
 row KV pool cannot hold is served one request at a time (:class:`~moeflow.engine.serial.SerialEngine`).
+
+The longest sequence served (``max_model_len``: the model's context, or less) is fixed when the loop is built: the
+static decode bucket is sized for it at once, so no admitted request makes the engine build a longer bucket (on a GPU
+a compile and a graph capture, stalling every stream), and a request needing more positions is refused (400,
+``context_length_exceeded``). ``warm_up`` runs one tiny request through the thread before the server takes clients,
+so the decode step is compiled and captured then, not on the first client's request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import threading
 import time
 from collections import deque
@@ -23,8 +30,14 @@ from typing import Any
 
 from moeflow.engine.batch import BatchEngine
 from moeflow.engine.serial import SerialEngine
-from moeflow.errors import RequestError
+from moeflow.engine.static_rows import StaticRows
+from moeflow.errors import MoeflowError, RequestError
 from moeflow.sampling import SamplingParams
+from moeflow.server.limits import check_length, resolve_max_model_len
+from moeflow.validate import context_length
+
+WARMUP_TIMEOUT_S = 900.0
+"""How long the warm-up request may take (a first compile and capture of a large model's step can take minutes)."""
 
 
 class QueueFull(Exception):
@@ -57,6 +70,19 @@ class Sink:
         return await self._queue.get()
 
 
+class WaitSink:
+    """A thread -> thread channel (the warm-up's): the engine thread ``put``s, a blocking ``wait`` takes."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue()
+
+    def put(self, item: Any) -> None:
+        self._queue.put(item)
+
+    def wait(self, timeout: float) -> Any:
+        return self._queue.get(timeout=timeout)
+
+
 @dataclass(eq=False)
 class Job:
     """One request: a prompt (text, token ids, or chat messages), its sampling settings, where results go."""
@@ -64,7 +90,7 @@ class Job:
     prompt: str | list[int] | list[dict[str, Any]]
     sampling: dict[str, Any]
     """``SamplingParams`` keywords; ``max_tokens`` None means the rest of the context."""
-    sink: Sink
+    sink: Sink | WaitSink
     stream: bool = False
     chat: bool = False
     submitted: float = field(default_factory=time.perf_counter)
@@ -74,16 +100,25 @@ class Job:
 
 
 class EngineLoop:
-    """Owns ``llm`` on one thread; ``submit`` queues a job (at most ``max_queue`` wait), ``stop`` ends the thread."""
+    """Owns ``llm`` on one thread; ``submit`` queues a job (at most ``max_queue`` wait), ``stop`` ends the thread.
+    Sequences of at most ``max_model_len`` positions are served (default: the model's context)."""
 
-    def __init__(self, llm: Any, max_queue: int = 64, max_batch: int = 8, prefill_chunk: int = 256):
+    def __init__(self, llm: Any, max_queue: int = 64, max_batch: int = 8, prefill_chunk: int = 256,
+                 max_model_len: int | None = None):  # fmt: skip
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         self.llm, self.max_queue, self.max_batch = llm, max_queue, max(1, max_batch)
+        self.context = context_length(llm.loaded.config)
+        self.max_model_len = resolve_max_model_len(max_model_len, self.context)
         try:
-            self.engine: BatchEngine | SerialEngine = BatchEngine(llm, self.max_batch, prefill_chunk)
+            self.engine: BatchEngine | SerialEngine = BatchEngine(
+                llm, self.max_batch, prefill_chunk, max_len=self.max_model_len or 1
+            )
         except RequestError:
             self.engine = SerialEngine(llm)
+        self.warmups = 0
+        """Warm-up requests run (0 or 1)."""
+        self.warmup_s: float | None = None
         self._incoming: deque[Job] = deque()
         self._jobs: dict[int, Job] = {}
         self._cond = threading.Condition()
@@ -116,9 +151,46 @@ class EngineLoop:
         with self._cond:
             self._cond.notify()
 
+    @property
+    def decode_shape(self) -> str:
+        """What the decode step runs, in words (for the startup lines)."""
+        kv = self.engine.kv if isinstance(self.engine, BatchEngine) else None
+        if isinstance(kv, StaticRows):
+            return f"static decode step of {kv.rows} rows x {kv.max_len} positions"
+        if kv is not None:
+            return f"eager decode of up to {self.max_batch} rows"
+        return "one request at a time"
+
     def start(self) -> None:
+        """Start the engine thread (once: a second call does nothing)."""
+        if self._thread is not None:
+            return
         self._thread = threading.Thread(target=self._serve, name="moeflow-engine", daemon=True)
         self._thread.start()
+
+    def warm_up(self, timeout: float = WARMUP_TIMEOUT_S) -> float:
+        """Run one tiny request (a one-token prompt, two tokens out: a prefill and a decode step) through the
+        started thread and wait for it, so the decode step is compiled and captured before any client's request;
+        returns its seconds. Once: later calls return the first one's time. Raises what the request raised."""
+        if self.warmup_s is not None:
+            return self.warmup_s
+        tok = self.llm.tokenizer
+        first = next((t for t in (getattr(tok, "bos_token_id", None), getattr(tok, "eos_token_id", None))
+                      if isinstance(t, int)), 0)  # fmt: skip
+        sink = WaitSink()
+        job = Job([first], dict(max_tokens=2, temperature=0.0, ignore_eos=True), sink)
+        t0 = time.perf_counter()
+        self.submit(job)
+        try:
+            item = sink.wait(timeout)
+        except queue.Empty:
+            self.cancel(job)
+            raise MoeflowError(f"the warm-up request did not finish in {timeout:g} s") from None
+        if isinstance(item, BaseException):
+            raise item
+        self.warmups += 1
+        self.warmup_s = time.perf_counter() - t0
+        return self.warmup_s
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Admit nothing more, refuse what waits, let the running sequences finish, and end the thread."""
@@ -197,9 +269,10 @@ class EngineLoop:
             else:
                 job.ids = list(job.prompt)
             sampling = dict(job.sampling)
+            limit = self.max_model_len
             if sampling["max_tokens"] is None:
-                context = getattr(self.llm.loaded.config, "max_position_embeddings", None) or 0
-                sampling["max_tokens"] = max(1, context - len(job.ids)) if context else 256
+                sampling["max_tokens"] = max(1, limit - len(job.ids)) if limit else 256
+            check_length(len(job.ids), sampling["max_tokens"], limit, self.context)
             job.params = SamplingParams(**sampling)
             rid = self.engine.add(job.ids, job.params, arrival=job.submitted)
         except Exception as err:

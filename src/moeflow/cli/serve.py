@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--max-model-len", type=int_at_least(1), default=None,
-        help="longest sequence served, prompt plus completion (at most the model's context; unset: the context): "
+        help="longest sequence served, prompt plus completion (at most the model's context; unset: 4096 or the context if shorter): "
         "the decode bucket is sized for it at startup, longer requests are answered 400",
     )  # fmt: skip
     p.add_argument(

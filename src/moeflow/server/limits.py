@@ -6,6 +6,11 @@ from __future__ import annotations
 
 from moeflow.errors import ConfigError, RequestError
 
+DEFAULT_MAX_MODEL_LEN = 4096
+"""The longest sequence served when ``--max-model-len`` is unset, at most the model's context (as llama.cpp's
+default ``-c 4096``): the static decode bucket holds ``max_batch`` rows of it from startup, and a 32k-context
+model's full context at 8 rows would take tens of GB of KV cache."""
+
 
 class ContextTooLong(RequestError):
     """A request needs more positions than the server serves (``max_model_len``)."""
@@ -15,9 +20,10 @@ class ContextTooLong(RequestError):
 
 def resolve_max_model_len(max_model_len: int | None, context: int | None) -> int | None:
     """The longest sequence (prompt plus completion) to serve: ``max_model_len``, at most the model's ``context``;
-    unset, the context (None when neither is known: the decode bucket then grows as requests need)."""
+    unset, ``DEFAULT_MAX_MODEL_LEN`` or the context if shorter (None when the context is unknown: the decode bucket
+    then grows as requests need)."""
     if max_model_len is None:
-        return context
+        return None if context is None else min(context, DEFAULT_MAX_MODEL_LEN)
     if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 1:
         raise ConfigError(f"--max-model-len must be a positive integer, got {max_model_len!r}")
     if context is not None and max_model_len > context:

@@ -165,36 +165,58 @@ def main() -> None:
     ap.add_argument("--max-prompt", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--decode", default="graph")
+    ap.add_argument(
+        "--expert-dtypes", default="bf16", help="e.g. bf16,int4,fp8: one engine and set of rows each"
+    )
     ap.add_argument("--no-kernel-stage", action="store_true")
+    ap.add_argument(
+        "--device", default="cuda", help="cpu: a check of the script (--decode static), not a timing"
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import transformers
 
     trace = Trace.load(args.trace)
     reqs = requests_of(trace, args.requests, args.max_prompt, args.max_tokens)
-    llm = TimedLLM(args.model, device="cuda", replay=trace, progress=False, decode=args.decode)
-    info = llm.info
-    total = info.num_layers * info.num_experts
-    batches = [int(b) for b in args.batches.split(",")]
     commit = (
         os.environ.get("MOEFLOW_COMMIT")
         or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     )  # the device copy's git metadata can be stale: pass MOEFLOW_COMMIT
     result: dict = {
-        "command": " ".join(sys.argv), "device": torch.cuda.get_device_name(), "commit": commit,
+        "command": " ".join(sys.argv), "commit": commit,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "geometry": args.geometry, "trace": args.trace, "decode": args.decode, "expert_bytes": info.expert_bytes,
-        "requests": len(reqs), "h2d_GBps": 0.0, "resident_ms": {}, "kernel": [], "runs": [],
+        "geometry": args.geometry, "trace": args.trace, "decode": args.decode, "expert_bytes": 0,
+        "requests": len(reqs), "h2d_GBps": (h2d_bandwidth() if args.device == "cuda" else 52e9) / 1e9, "resident_ms": {}, "resident_ms_by_dtype": {},
+        "kernel": [], "runs": [],
     }  # fmt: skip
-    bw = h2d_bandwidth()
-    result["h2d_GBps"] = bw / 1e9
-    out = Path(args.out)
+    for dtype in args.expert_dtypes.split(","):
+        measure(args, trace, reqs, dtype, result)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def measure(args: argparse.Namespace, trace: Trace, reqs: list, dtype: str, result: dict) -> None:
+    """The kernel stage (full precision only), the resident step and every (fraction, batch, policy) row of one
+    expert dtype, appended to ``result`` and written to ``--out`` after each row."""
+    quant = (
+        {} if dtype == "bf16" else {"expert_dtype": dtype}
+    )  # bf16: the checkpoint's own experts, as stored
+    llm = TimedLLM(args.model, device=args.device, replay=trace, progress=False, decode=args.decode, **quant)
+    info, bw, out = llm.info, result["h2d_GBps"] * 1e9, Path(args.out)
+    total = info.num_layers * info.num_experts
+    batches = [int(b) for b in args.batches.split(",")]
+    if dtype == "bf16":
+        result["expert_bytes"] = info.expert_bytes
     best: dict[int, dict] = {}
-    if not args.no_kernel_stage and llm.static is not None:
-        best, result["kernel"] = kernel_stage(llm, batches)
-        result["blocks"] = {
-            str(b): v for b, v in best.items()
-        }  # the steps below run the fastest per batch size
+    if dtype == "bf16" and not args.no_kernel_stage and llm.static is not None and args.device == "cuda":
+        try:
+            best, result["kernel"] = kernel_stage(llm, batches)
+            result["blocks"] = {
+                str(b): v for b, v in best.items()
+            }  # the steps below run the fastest per batch
+        except Exception as err:  # the floor runs anyway, with the default tiles
+            result.setdefault("errors", []).append(f"kernel stage: {type(err).__name__}: {err}")
 
     def warm(policy: str, slots: int, batch: int) -> None:
         """Compile the kernels for this shape (Triton specialises on batch and pool sizes) on a short run, then
@@ -205,11 +227,13 @@ def main() -> None:
         run(llm, [(r, p, 3) for r, p, _ in reqs[:batch]], batch, bw)
         llm.reconfigure(policy=policy, num_slots=slots)
 
+    resident_ms = result["resident_ms_by_dtype"].setdefault(dtype, {})
     for batch in batches:  # the resident step: every expert in a slot
         warm("lru", total, batch)
-        row = run(llm, reqs, batch, bw)
-        result["resident_ms"][str(batch)] = row["decode_ms_per_token"]
-        print("resident", batch, row["decode_ms_per_token"], flush=True)
+        resident_ms[str(batch)] = run(llm, reqs, batch, bw)["decode_ms_per_token"]
+        if dtype == "bf16":
+            result["resident_ms"][str(batch)] = resident_ms[str(batch)]
+        print("resident", dtype, batch, resident_ms[str(batch)], flush=True)
         out.write_text(json.dumps(result, indent=2))
     for frac in [float(f) for f in args.fractions.split(",")]:
         slots = max(info.top_k, int(total * frac))
@@ -217,7 +241,7 @@ def main() -> None:
             chunks = [list(range(i, min(i + batch, len(reqs)))) for i in range(0, len(reqs), batch)]
             steps, decode = engine_steps(trace, reqs, chunks, info.num_experts, info.num_layers)
             bel_bytes = belady_misses(steps, slots, decode) * info.expert_bytes
-            resident = result["resident_ms"][str(batch)]
+            resident = resident_ms[str(batch)]
             for policy in args.policies.split(","):
                 try:
                     warm(policy, slots, batch)
@@ -226,14 +250,15 @@ def main() -> None:
                     Exception
                 ) as err:  # a policy that cannot run here (e.g. no predictor for this geometry)
                     result.setdefault("errors", []).append(
-                        f"{policy} {frac} {batch}: {type(err).__name__}: {err}"
+                        f"{dtype} {policy} {frac} {batch}: {type(err).__name__}: {err}"
                     )
                     print(result["errors"][-1], flush=True)
                     continue
                 tokens = max(row["decode_tokens"], 1)
                 bytes_tok = row["decode_MB_per_token"] * 1e6
                 result["runs"].append({
-                    "geometry": args.geometry, "cache_fraction": frac, "policy": policy, "batch": batch,
+                    "geometry": args.geometry, "expert_dtype": dtype, "expert_bytes": info.expert_bytes,
+                    "cache_fraction": frac, "policy": policy, "batch": batch,
                     "ms_per_token": row["decode_ms_per_token"], "own_floor_ms": 1e3 * bytes_tok / bw + resident,
                     "belady_floor_ms": 1e3 * bel_bytes / tokens / bw + resident, "hit_ratio": row["decode_hit_ratio"],
                     "bytes_per_token": bytes_tok, "belady_bytes_per_token": bel_bytes / tokens, "slots": slots,

@@ -8,6 +8,8 @@
 #       # cores 0-11 while the GPU tests run on cores 12-15 (correctness and peak memory only: nothing timed there)
 #   bash benchmarks/gpu_decode_h200.sh tests      # the GPU tests alone
 #   bash benchmarks/gpu_decode_h200.sh mixtral    # Mixtral geometry (first 8 layers), the real Mixtral trace, batch 1
+#   bash benchmarks/gpu_decode_h200.sh quant      # quantised experts (issue 14): bf16 / int4 / fp8 rows at 10% and 25%,
+#       # batch 1 and 8, LRU and ExpertFlow, in decode-floor-quant-h200.json (rows carry expert_dtype)
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -36,6 +38,11 @@ elif [ "$STAGE" = floor ]; then
     2>&1 | grep -v Warn | cut -c1-240 | tail -42
   timeout 140 python3 benchmarks/resident_step.py --model $M --trace $T/demo-eval.npz --modes compiled \
     --blocks "$OUT/decode-floor-h200.json" --out "$OUT/resident-step-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -8
+elif [ "$STAGE" = quant ]; then
+  synth
+  timeout 560 python3 benchmarks/decode_floor.py --model $M --trace $T/demo-eval.npz --expert-dtypes bf16,int4,fp8 \
+    --fractions 0.1,0.25 --policies lru,expertflow --no-kernel-stage --out "$OUT/decode-floor-quant-h200.json" \
+    2>&1 | grep -v Warn | cut -c1-240 | tail -30
 elif [ "$STAGE" = mixtral ]; then
   X=/dev/shm/mixtral8
   timeout 200 python3 -m moeflow synth --like mixtral --layers 8 --out $X > "$OUT/synth-mixtral.log" 2>&1; tail -1 "$OUT/synth-mixtral.log"

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from moeflow import malloc
 from moeflow.errors import CheckpointError, UnsupportedModelError
 from moeflow.model.checkpoint import Checkpoint
 from moeflow.model.conversion import WeightMap
@@ -192,13 +193,18 @@ def open_model(
 
 
 def load_dense(loaded: LoadedModel, progress: bool = True) -> None:
-    """Read the dense weights onto the device and rebuild construction-time buffers there."""
+    """Read the dense weights onto the device and rebuild construction-time buffers there. On a CPU, large freed
+    blocks go back to the system from here on and the heaps are trimmed after (``moeflow.malloc``)."""
+    if loaded.device.type == "cpu":
+        malloc.return_large_blocks()
     loaded.dense_bytes = _load_dense(loaded.model, loaded.weights, loaded.device, loaded.dtype, progress)
     _materialise_buffers(loaded.model, loaded.device)
     loaded.model.tie_weights()
     head = loaded.model.get_output_embeddings()
     if loaded.device.type == "cpu" and head is not None:
         head.register_forward_pre_hook(_standard_strides)
+    if loaded.device.type == "cpu":
+        malloc.trim()
 
 
 def _standard_strides(module: nn.Module, args: tuple) -> tuple | None:

@@ -84,7 +84,10 @@ class ExpertStore:
         if share_host is not None:  # a new slot pool over the same host tier (benchmarks sweep slot counts)
             self.host, self.host_row = share_host.host, share_host.host_row
         else:
-            self.host = torch.empty(max(host_capacity, 1), numel, dtype=dtype, pin_memory=self.cuda)  # [H, P]
+            # a GPU copies through at least one pinned row; on a CPU without a host budget the slots are the only
+            # copy (a miss reads straight into its slot: a row here would be RAM beyond both budgets)
+            rows = max(host_capacity, 1) if self.cuda else host_capacity
+            self.host = torch.empty(rows, numel, dtype=dtype, pin_memory=self.cuda)  # [H, P]
             self.host_row: OrderedDict[Key, int] = OrderedDict()  # LRU order, oldest first
         self.host_capacity = self.host.shape[0]
         self.stats = StoreStats()
@@ -162,7 +165,12 @@ class ExpertStore:
 
     # --------------------------------------------------------------------------------- host tier
     def _host_get(self, key: Key) -> torch.Tensor:
-        """The host buffer row holding ``key``, read from disk (evicting the LRU row) when absent."""
+        """The host buffer row holding ``key``, read from disk (evicting the LRU row) when absent; without a host
+        pool (a CPU), a new buffer read from disk."""
+        if not self.host_capacity:
+            out = torch.empty_like(self.slots[0])
+            self.stats.bytes_from_disk += self.loaded.read_expert(key[0], key[1], out)
+            return out
         with self._lock:
             row = self.host_row.get(key)
             if row is not None:
@@ -192,6 +200,10 @@ class ExpertStore:
         """Copy ``load`` into its slot on ``stream``, which the caller has made current (see ``_on``)."""
         # The lock spans host lookup and copy issue: no other thread may recycle the host row in between.
         with self._lock:
+            if not self.host_capacity:  # a CPU without a host pool: read into the slot, no buffer between
+                self.stats.bytes_from_disk += self.loaded.read_expert(*load.key, self.slots[load.slot])
+                self.stats.bytes_to_device += self.loaded.expert_bytes
+                return
             src = self._host_get(load.key)
             if stream is None:
                 self.slots[load.slot].copy_(src)
@@ -340,7 +352,7 @@ class ExpertStore:
         """Seconds per expert copy host -> slot 0 (before any slot is in use)."""
         if self.num_slots == 0:
             return 0.0
-        src = self.host[0]
+        src = self.host[0] if self.host_capacity else torch.empty_like(self.slots[0])
         self.slots[0].copy_(src, non_blocking=self.cuda)  # warm-up
         if self.cuda:
             torch.cuda.synchronize(self.device)

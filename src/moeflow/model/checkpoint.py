@@ -196,17 +196,30 @@ class Checkpoint:
             self._handles[shard] = safe_open(str(self.path / shard), framework="pt", device="cpu")
         return self._handles[shard]
 
-    def _read(self, name: str, first: int, count: int, shape: list[int]) -> torch.Tensor | None:
-        """Elements [first, first + count) of ``name`` read from disk into a new tensor of ``shape``; None for a
-        dtype without a torch equivalent (the caller falls back to safetensors)."""
+    def dtype(self, name: str) -> torch.dtype | None:
+        """The torch dtype ``name`` is stored in (None: one torch has no equivalent of)."""
+        return TORCH_DTYPES.get(self._dtypes[name])
+
+    def _read(
+        self, name: str, first: int, count: int, shape: list[int], into: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Elements [first, first + count) of ``name`` read from disk into ``into`` (contiguous, of the stored
+        dtype) or a new tensor of ``shape``; None for a dtype without a torch equivalent (the caller falls back to
+        safetensors)."""
         dtype = TORCH_DTYPES.get(self._dtypes[name])
         if dtype is None:
             return None
         shard = self.shard_of[name]
         if shard not in self._fds:
             self._fds[shard] = os.open(self.path / shard, os.O_RDONLY)
-        out = torch.empty(count * dtype.itemsize, dtype=torch.uint8)
-        view, done = memoryview(out.numpy()), 0
+        if into is not None and (into.dtype != dtype or into.numel() != count or not into.is_contiguous()):
+            raise ValueError(
+                f"cannot read {count} {dtype} elements of {name} into {into.dtype}{list(into.shape)}"
+            )
+        out = (
+            torch.empty(count * dtype.itemsize, dtype=torch.uint8) if into is None else into.view(torch.uint8)
+        )
+        view, done = memoryview(out.numpy()).cast("B"), 0
         offset = self._data_start[shard] + self._begin[name] + first * dtype.itemsize
         while done < len(view):
             n = os.preadv(self._fds[shard], [view[done:]], offset + done)
@@ -215,7 +228,17 @@ class Checkpoint:
                     f"shard {self.path / shard} ended early while reading {name}; download it again"
                 )
             done += n
-        return out.view(dtype).reshape(shape)
+        return into if into is not None else out.view(dtype).reshape(shape)
+
+    def read_into(self, name: str, out: torch.Tensor, index: int | None = None) -> None:
+        """Read ``tensor(name)`` (or ``slice0(name, index)``) from disk straight into ``out``: contiguous, of the
+        stored dtype and element count (a read with no buffer between)."""
+        shape = self._shapes[name]
+        row = math.prod(shape[1:]) if index is not None else math.prod(shape)
+        if index is not None and not 0 <= index < shape[0]:
+            raise IndexError(f"{name} has {shape[0]} rows, asked for row {index}")
+        if self._read(name, (index or 0) * row, row, [row], out) is None:
+            raise ValueError(f"{name} is stored as {self._dtypes[name]}, which torch cannot read into")
 
     def tensor(self, name: str) -> torch.Tensor:
         """The whole tensor ``name`` (CPU, checkpoint dtype)."""

@@ -18,9 +18,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from moeflow import malloc
 from moeflow.errors import CheckpointError, UnsupportedModelError
 from moeflow.model.checkpoint import Checkpoint
 from moeflow.model.conversion import WeightMap
+from moeflow.model.direct import direct_params, read_direct
 from moeflow.model.dispatch import IMPLEMENTATION
 from moeflow.model.families import experts_modules, refusal, top_k_of
 from moeflow.model.rows import Codecs, check_stored_rows, choose_codecs, read_row
@@ -88,6 +90,8 @@ class LoadedModel:
     """The quantised form the checkpoint stores its experts in (None: full precision)."""
     codecs: Codecs = field(default_factory=lambda: Codecs(None, None, None))
     """Row forms: as stored, as held in the host pool and slots, the low-precision miss copy (``model.rows``)."""
+    direct: frozenset[str] = frozenset()
+    """Expert parameters read from disk straight into the row (``model.direct``): no conversion buffers."""
 
     @property
     def expert_bytes(self) -> int:
@@ -111,6 +115,9 @@ class LoadedModel:
         path, nbytes = self.layers[layer].path, 0
         for p in self.layout.params:
             name = f"{path}.{p.name}"
+            if p.name in self.direct and out.dtype == self.dtype:
+                nbytes += read_direct(self, layer, expert, name, out[p.offset : p.offset + p.numel])
+                continue
             value = self.weights.expert(name, self.num_experts, expert)
             out[p.offset : p.offset + p.numel].copy_(value.reshape(-1))
             for key, fused in self.weights.expert_keys(name, self.num_experts, expert):
@@ -184,21 +191,28 @@ def open_model(
         for p in layout.params:  # drop the 3-D expert parameters: experts live in the store
             del layer.module._parameters[p.name]
     dense_bytes = sum(p.numel() for p in model.parameters()) * torch_dtype.itemsize
+    paths, names = [layer.path for layer in layers], [p.name for p in layout.params]
+    direct = direct_params(weights, paths, names, num_experts, torch_dtype) if stored is None else frozenset()
     top_k = max(layer.top_k for layer in layers)
     loaded = LoadedModel(model, config, ckpt, weights, layers, layout, num_experts, top_k, torch_dtype, device,
-                         dense_bytes, stored, codecs)  # fmt: skip
+                         dense_bytes, stored, codecs, direct)  # fmt: skip
     check_stored_rows(loaded)
     return loaded
 
 
 def load_dense(loaded: LoadedModel, progress: bool = True) -> None:
-    """Read the dense weights onto the device and rebuild construction-time buffers there."""
+    """Read the dense weights onto the device and rebuild construction-time buffers there. On a CPU, large freed
+    blocks go back to the system from here on and the heaps are trimmed after (``moeflow.malloc``)."""
+    if loaded.device.type == "cpu":
+        malloc.return_large_blocks()
     loaded.dense_bytes = _load_dense(loaded.model, loaded.weights, loaded.device, loaded.dtype, progress)
     _materialise_buffers(loaded.model, loaded.device)
     loaded.model.tie_weights()
     head = loaded.model.get_output_embeddings()
     if loaded.device.type == "cpu" and head is not None:
         head.register_forward_pre_hook(_standard_strides)
+    if loaded.device.type == "cpu":
+        malloc.trim()
 
 
 def _standard_strides(module: nn.Module, args: tuple) -> tuple | None:

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from moeflow.errors import MoeflowError
-from moeflow.routing.eam import EAMCollection, RequestEAM, row_normalise
+from moeflow.routing.eam import EAMCollection, row_normalise
+from moeflow.routing.eam_match import RequestEAM
 
 EAMC_FILE = Path("moeflow") / "eamc.npz"
 """Where the collection lives, relative to the model directory."""

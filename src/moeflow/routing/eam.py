@@ -264,4 +264,6 @@ def cosine(dots: np.ndarray, q_sq: float | np.ndarray, e_sq: np.ndarray) -> np.n
     """Cosine similarities from dot products ``dots`` [..., N] and squared norms: of the query ``q_sq`` (a float, or
     [B, 1] for [B, N] dots) and of the entries ``e_sq`` [N] (0 where either norm is 0)."""
     denom = np.sqrt(q_sq * e_sq)
+    if denom.all():  # the usual case: no mask
+        return np.divide(dots, denom, out=denom)
     return np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)

@@ -67,17 +67,16 @@ class RequestEAM:
         for idx in sorted(set(changed)):
             self._dots[clean, idx] = np.einsum("le,le->l", unit[clean, idx], self._q[clean])
 
-    def _prefix(self, upto: int, extends: bool) -> np.ndarray:
-        """[N] dots summed over rows 0..upto: the last sum plus row ``upto`` when ``extends``, else summed afresh (over
-        a contiguous copy, so that the reduction is the one over an entry's rows)."""
+    def _prefix(self, upto: int, extends: bool, out: np.ndarray) -> None:
+        """``out`` [N] := dots summed over rows 0..upto: the last sum plus row ``upto`` when ``extends``, else summed
+        afresh (over a contiguous copy, so that the reduction is the one over an entry's rows); kept as the last sum."""
         assert self._dots is not None
         if extends:
             assert self._sum is not None
-            total = self._sum + self._dots[upto]
+            np.add(self._sum, self._dots[upto], out=out)
         else:
-            total = np.ascontiguousarray(self._dots[: upto + 1].T).sum(axis=1)
-        self._sum, self._upto = total, upto
-        return total
+            np.ascontiguousarray(self._dots[: upto + 1].T).sum(axis=1, out=out)
+        self._sum, self._upto = out, upto
 
 
 def match(requests: Sequence[RequestEAM], eamc: EAMCollection, upto: int) -> np.ndarray:
@@ -100,8 +99,12 @@ def match(requests: Sequence[RequestEAM], eamc: EAMCollection, upto: int) -> np.
         for i, req in enumerate(group):
             req._q[row], req._q_sq[row] = q[i], q_sq[i]
             np.matmul(unit[row], q[i], out=req._dots[row])  # type: ignore[index]
-    sums = np.stack([r._prefix(upto, e) for r, e in zip(requests, extends)])  # [B, N]
-    q_sq = np.array([[float(r._q_sq[: upto + 1].sum())] for r in requests])  # [B, 1]
+    sums = np.empty(
+        (len(requests), len(eamc))
+    )  # [B, N] (each row stays its request's last sum: not written again)
+    for i, (req, ext) in enumerate(zip(requests, extends)):
+        req._prefix(upto, ext, sums[i])
+    q_sq = np.stack([r._q_sq for r in requests])[:, : upto + 1].sum(axis=1, keepdims=True)  # [B, 1]
     return cosine(sums, q_sq, eamc.cum_sq_by_layer[upto])
 
 

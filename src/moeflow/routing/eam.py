@@ -52,6 +52,8 @@ def eams_from_trace(trace: object) -> dict[int, np.ndarray]:
 def row_normalise(m: np.ndarray) -> np.ndarray:
     """Each layer row [..., L, E] divided by its sum (all-zero rows stay zero)."""
     s = m.sum(axis=-1, keepdims=True)
+    if m.dtype == np.float64 and s.all():  # the usual case: no mask (the same quotients)
+        return m / s
     return np.divide(m, s, out=np.zeros_like(m, dtype=np.float64), where=s > 0)
 
 

@@ -42,6 +42,11 @@ class RequestEAM:
         np.add.at(self.counts[layer], ids, 1.0)
         self._dirty.add(layer)
 
+    def add_counts(self, layer: int, counts: np.ndarray) -> None:
+        """Add ``counts`` [E] (integer-valued: the same sums as ``add`` of the routing they count) to ``layer``."""
+        self.counts[layer] += counts
+        self._dirty.add(layer)
+
     def similarity(self, eamc: EAMCollection, upto: int) -> np.ndarray:
         """Cosine similarity [N] to each entry over rows 0..upto (as ``eamc.similarity``, cached)."""
         return match([self], eamc, upto)[0]

@@ -1,4 +1,4 @@
-"""The EAM matching speed-ups (batched products, layer-major dot products) change no decision of MoE-Infinity: every
+"""The EAM matching speed-ups (a step's requests matched at once, layer-major dot products) change no decision of MoE-Infinity: every
 plan, load, victim and prefetch (and, with one match, the keep-scores bit for bit) on the demo evaluation trace and
 on synthetic routing, at decode batch 1 and 8, matches the log recorded from commit 34f8609, before them
 (``data/decisions-34f8609-eam.json``, written by ``python -m tests.experts.policies.eam_log``)."""

@@ -7,7 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
-from moeflow.routing.eam import EAMCollection, RequestEAM, eam_from_experts, eams_from_trace, row_normalise
+from moeflow.routing.eam import EAMCollection, eam_from_experts, eams_from_trace, row_normalise
+from moeflow.routing.eam_match import RequestEAM
 from moeflow.routing.trace import Trace
 
 L, E = 4, 6

@@ -1,6 +1,7 @@
 """Expert Activation Matrices (MoE-Infinity, arXiv 2401.14361): the per-request L×E routing count, the
 bounded collection (EAMC) of past requests' EAMs with its admission rule and atomic persistence, and the
-prefix matching that predicts the layers still ahead of a running request.
+prefix matching that predicts the layers still ahead of a running request (the running requests' cached,
+step-batched matching is ``routing.eam_match``).
 
 Legend: ``L`` MoE layers, ``E`` experts per layer, ``K`` experts per token, ``T`` tokens, ``N`` collection entries.
 
@@ -51,6 +52,8 @@ def eams_from_trace(trace: object) -> dict[int, np.ndarray]:
 def row_normalise(m: np.ndarray) -> np.ndarray:
     """Each layer row [..., L, E] divided by its sum (all-zero rows stay zero)."""
     s = m.sum(axis=-1, keepdims=True)
+    if m.dtype == np.float64 and s.all():  # the usual case: no mask (the same quotients)
+        return m / s
     return np.divide(m, s, out=np.zeros_like(m, dtype=np.float64), where=s > 0)
 
 
@@ -70,7 +73,7 @@ class EAMCollection:
         """Bumped whenever an entry changes (matchers holding cached dot products catch up, see ``changed_since``)."""
         self._changes: list[int] = []  # entry index changed by each version bump
         self._unit_t: np.ndarray | None = None  # [L, >=N, E] row-normalised entries, layer-major
-        self._cum_sq: np.ndarray | None = None  # [>=N, L] running sum over rows of squared norms
+        self._cum_sq: np.ndarray | None = None  # [L, >=N] running sum over rows of squared norms, layer-major
 
     @property
     def entries(self) -> np.ndarray:
@@ -113,19 +116,19 @@ class EAMCollection:
         return self.unit_by_layer.transpose(1, 0, 2)
 
     @property
-    def cum_sq(self) -> np.ndarray:
-        """[N, L]: squared norm of each entry's normalised rows 0..l."""
+    def cum_sq_by_layer(self) -> np.ndarray:
+        """[L, N]: squared norm of each entry's normalised rows 0..l (row ``l`` contiguous)."""
         if self._cum_sq is None:
             _ = self.unit_by_layer  # builds the layer-major buffer
             full = self._unit_t  # [L, >=N, E] every buffered entry
-            self._cum_sq = np.cumsum((full**2).sum(axis=2), axis=0).T.copy()
-        return self._cum_sq[: self._n]
+            self._cum_sq = np.cumsum((full**2).sum(axis=2), axis=0)
+        return self._cum_sq[:, : self._n]
 
     def similarity(self, query: np.ndarray, upto: int) -> np.ndarray:
         """Cosine similarity [N] between ``query`` [L, E] and every entry over rows 0..upto."""
         q = row_normalise(np.asarray(query, np.float64)[: upto + 1])  # [l+1, E]
         dots = np.einsum("lne,le->n", self.unit_by_layer[: upto + 1], q)
-        return _cosine(dots, float((q**2).sum()), self.cum_sq[:, upto])
+        return cosine(dots, float((q**2).sum()), self.cum_sq_by_layer[upto])
 
     def nearest(self, sims: np.ndarray, k: int = 1) -> np.ndarray:
         """Indices of the ``k`` largest similarities, best first."""
@@ -202,7 +205,7 @@ class EAMCollection:
         if self._unit_t is not None and self._cum_sq is not None:
             unit = row_normalise(self._buf[idx].astype(np.float64))  # [L, E]
             self._unit_t[:, idx] = unit
-            self._cum_sq[idx] = np.cumsum((unit**2).sum(axis=1))
+            self._cum_sq[:, idx] = np.cumsum((unit**2).sum(axis=1))
 
     # ---------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
@@ -259,67 +262,10 @@ class EAMCollection:
         return out
 
 
-class RequestEAM:
-    """The EAM of one running request, with per-row dot products against a collection cached so that
-    matching at layer ``l`` costs O(N·E) (only row ``l`` changed since the previous layer), and an admission into
-    the collection costs O(L·E) per changed entry (``EAMCollection.changed_since``)."""
-
-    def __init__(self, num_layers: int, num_experts: int):
-        self.counts = np.zeros((num_layers, num_experts), np.float64)  # [L, E]
-        self._dots: np.ndarray | None = None  # [N, L] entry-row · normalised query row
-        self._q = np.zeros((num_layers, num_experts))  # [L, E] normalised query rows (as of the last update)
-        self._q_sq = np.zeros(num_layers)  # [L] squared norm of each normalised query row
-        self._version = -1
-        self._dirty: set[int] = set()
-        self._prefix: tuple[int, np.ndarray] | None = None  # (upto, [N] dots summed over rows 0..upto)
-
-    def add(self, layer: int, experts: np.ndarray) -> None:
-        """Count the routing ``experts`` [T, K] of ``layer`` (ids < 0 ignored)."""
-        ids = experts[experts >= 0].astype(np.int64)
-        np.add.at(self.counts[layer], ids, 1.0)
-        self._dirty.add(layer)
-
-    def similarity(self, eamc: EAMCollection, upto: int) -> np.ndarray:
-        """Cosine similarity [N] to each entry over rows 0..upto (same as ``eamc.similarity``, cached)."""
-        if self._version != eamc.version:
-            self._catch_up(eamc)
-            self._prefix = None
-        extends = self._prefix is not None and self._prefix[0] == upto - 1 and self._dirty <= {upto}
-        for row in self._dirty:
-            self._update_row(eamc, row)
-        self._dirty.clear()
-        assert self._dots is not None
-        # layer by layer through a step: one more row onto the last sum
-        dots = self._prefix[1] + self._dots[:, upto] if extends else self._dots[:, : upto + 1].sum(axis=1)  # type: ignore[index]
-        self._prefix = (upto, dots)
-        return _cosine(dots, float(self._q_sq[: upto + 1].sum()), eamc.cum_sq[:, upto])
-
-    def _catch_up(self, eamc: EAMCollection) -> None:
-        """Recompute the dot products of the entries changed since the last match (all of them if unknown)."""
-        changed = None if self._dots is None else eamc.changed_since(self._version)
-        self._version = eamc.version
-        if changed is None:
-            self._dots = np.zeros((len(eamc), self.counts.shape[0]))
-            self._dirty = set(range(self.counts.shape[0]))
-            return
-        assert self._dots is not None
-        if len(self._dots) < len(eamc):
-            self._dots = np.concatenate(
-                [self._dots, np.zeros((len(eamc) - len(self._dots), self._dots.shape[1]))]
-            )
-        clean = [r for r in range(self.counts.shape[0]) if r not in self._dirty]
-        unit = eamc.unit_by_layer
-        for idx in sorted(set(changed)):
-            self._dots[idx, clean] = np.einsum("le,le->l", unit[clean, idx], self._q[clean])
-
-    def _update_row(self, eamc: EAMCollection, row: int) -> None:
-        q = row_normalise(self.counts[row])  # [E]
-        self._q[row] = q
-        self._q_sq[row] = float((q**2).sum())
-        assert self._dots is not None
-        self._dots[:, row] = eamc.unit_by_layer[row] @ q
-
-
-def _cosine(dots: np.ndarray, q_sq: float, e_sq: np.ndarray) -> np.ndarray:
+def cosine(dots: np.ndarray, q_sq: float | np.ndarray, e_sq: np.ndarray) -> np.ndarray:
+    """Cosine similarities from dot products ``dots`` [..., N] and squared norms: of the query ``q_sq`` (a float, or
+    [B, 1] for [B, N] dots) and of the entries ``e_sq`` [N] (0 where either norm is 0)."""
     denom = np.sqrt(q_sq * e_sq)
+    if denom.all():  # the usual case: no mask
+        return np.divide(dots, denom, out=denom)
     return np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from moeflow.errors import MoeflowError
-from moeflow.routing.eam import EAMCollection, RequestEAM, row_normalise
+from moeflow.routing.eam import EAMCollection, row_normalise
+from moeflow.routing.eam_match import RequestEAM
 
 EAMC_FILE = Path("moeflow") / "eamc.npz"
 """Where the collection lives, relative to the model directory."""
@@ -99,11 +100,9 @@ class RunningActivations:
             sizes = list(lengths)
         else:  # padded or unexpected rows
             sizes = [len(ex) // n + (i < len(ex) % n) for i in range(n)]
-        start = 0
-        for rid, size in zip(self.rids, sizes):
-            self.eams[rid].add(layer, ex[start : start + size])  # ids >= E raise there
-            start += size
         ok = ex >= 0
+        if ok.any() and int(ex[ok].max()) >= num_experts:  # it would count for the next request's experts
+            raise IndexError(f"expert id {int(ex[ok].max())} out of range for {num_experts} experts")
         if n == 1:
             added = np.bincount(ex[ok].astype(np.int64), minlength=num_experts)[None]  # [1, E]
         else:
@@ -112,6 +111,8 @@ class RunningActivations:
             )  # [T] first bin of the row's request
             added = np.bincount((ex + bins[:, None])[ok], minlength=n * num_experts)
             added = added.reshape(n, num_experts)  # [B, E]
+        for rid, row in zip(self.rids, added):
+            self.eams[rid].add_counts(layer, row)
         self.counts[:, layer] += added
         self.recent[:, layer] += added
         self.own[:, layer] = self._own_rows(layer)  # only this row changed

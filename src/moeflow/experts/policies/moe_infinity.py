@@ -43,7 +43,9 @@ from moeflow.experts.policies.activations import (
 from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
 from moeflow.experts.policies.ranking import first_lexsorted, top_stable
-from moeflow.routing.eam import DEFAULT_CAPACITY, EAMCollection, RequestEAM
+from moeflow.routing.eam import DEFAULT_CAPACITY, EAMCollection
+from moeflow.routing.eam_match import RequestEAM, predict_batch
+from moeflow.routing.eam_match import match as match_eams
 
 __all__ = ["EAMC_FILE", "MoEInfinityPolicy"]
 
@@ -160,11 +162,11 @@ class MoEInfinityPolicy(CachePolicy):
         if matched.any():
             upto = layer if layer >= 0 else self.num_layers - 1
             preds = np.zeros_like(acts.own)  # [B, L, E] the collection's match (of the matched requests)
-            for i in np.flatnonzero(matched).tolist():
-                preds[i] = self.eamc.predict(
-                    acts.eams[self._rids[i]].similarity(self.eamc, upto), self.match_k
-                )
-                if not self.predict_own:
+            rows = np.flatnonzero(matched)
+            sims = match_eams([acts.eams[self._rids[i]] for i in rows.tolist()], self.eamc, upto)  # [M, N]
+            preds[rows] = predict_batch(self.eamc, sims, self.match_k)
+            if not self.predict_own:
+                for i in rows.tolist():  # in step order, as one running sum
                     match += preds[i]
             hw = self.history_weight
             blend = np.where(acts.seen, hw * acts.own + (1 - hw) * preds, preds)

@@ -133,9 +133,9 @@ fi
 if done_sys moeflow-lru own; then
   :
 elif [ "$(left)" -ge 90 ]; then
-  say "moeflow, the checkpoint's own routing: lru at $FRACTIONS, 512 prompt, 64 generated"
+  say "moeflow, the checkpoint's own routing: lru at $FRACTIONS and 1.0 (every expert resident), 512 prompt, 64 generated"
   timeout "$(cap 200)" python3 benchmarks/peers/moeflow_runs.py --model $M --routing own --out $J --policies lru \
-    --fractions $FRACTIONS --batches 1,8 --requests 8 --prompt 512 --gen 64 --deadline "$DEADLINE" 2>&1 | grep -v Warn | tee -a "$LOG"
+    --fractions $FRACTIONS,1.0 --batches 1,8 --requests 8 --prompt 512 --gen 64 --deadline "$DEADLINE" 2>&1 | grep -v Warn | tee -a "$LOG"
 else
   skip moeflow-own-routing "not run: $(left) s left"
 fi

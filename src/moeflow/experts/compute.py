@@ -72,11 +72,13 @@ GROUPED_MAX_SLOTS = 1000
 
 def auto_backend(pairs: int, expert_bytes: int, cuda: bool) -> str:
     """The "auto" choice for a layer of ``pairs`` routed pairs: gather + bmm when decode-sized and its copies stay
-    within ``GATHER_BYTES``; else on a GPU grouped_mm over the slot pool (each expert read once, no copies, as
-    transformers' own default), on a CPU the per-expert loop (``CPU_GATHER_BYTES`` bounds the gather there)."""
+    within ``GATHER_BYTES``; else grouped_mm over the slot pool (each expert read once, no copies, as transformers'
+    own default), except a decode-sized layer on a CPU, which runs the per-expert loop (``CPU_GATHER_BYTES`` bounds
+    the gather there). On the 2-core CPU machine a prefill took 1.2-2.1x less time grouped than in the loop
+    (``benchmarks/results/cpu-backends-*.json``, BENCHMARKS.md)."""
     if pairs <= SMALL_LAYER_PAIRS and pairs * expert_bytes <= (GATHER_BYTES if cuda else CPU_GATHER_BYTES):
         return "batched"
-    return "grouped" if cuda else "loop"
+    return "grouped" if cuda or pairs > SMALL_LAYER_PAIRS else "loop"
 
 
 def _grouped(

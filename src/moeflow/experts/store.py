@@ -23,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from moeflow.experts.cache import Key, Load
+from moeflow.experts.quant_tiers import compute_views, low_copies, preload_quantised
 from moeflow.model.loader import LoadedModel
-from moeflow.model.rows import read_rows
 
 
 @dataclass
@@ -101,13 +101,15 @@ class ExpertStore:
         self._host_busy: dict[int, torch.cuda.Event] = {}
         self._in_flight: set[int] = set()  # slots with a copy that may not have landed
         total = len(loaded.layers) * loaded.num_experts
-        self.low = share_host.low if share_host is not None else self._low_copies(total, progress)
+        self.low = (
+            share_host.low if share_host is not None else low_copies(loaded, total, self.cuda, progress)
+        )
         """[L*E, row] every expert's low-precision copy (``--miss-dtype``), row l*E+e; None without one."""
         keys = serves
         if keys is None:
             keys = [(layer, e) for layer in range(len(loaded.layers)) for e in range(loaded.num_experts)]
         if share_host is None and host_capacity >= total and loaded.quantises_on_read:
-            self._preload_quantised(progress)
+            self.stats.bytes_from_disk += preload_quantised(loaded, self.host, self.host_row, progress)
         elif share_host is None and host_capacity >= len(keys):
             for key in tqdm(
                 keys, desc="experts -> host RAM", unit="expert", disable=not progress, leave=False
@@ -120,48 +122,11 @@ class ExpertStore:
     def num_slots(self) -> int:
         return self.slots.shape[0]
 
-    def _preload_quantised(self, progress: bool) -> None:
-        """Every expert quantised once, a layer at a time (the fit runs over a layer's experts together)."""
-        num_experts, experts = self.loaded.num_experts, list(range(self.loaded.num_experts))
-        name = self.codec.fmt.name if self.codec is not None else ""
-        for layer in tqdm(range(len(self.loaded.layers)), desc=f"experts -> {name} in host RAM", unit="layer",
-                          disable=not progress, leave=False):  # fmt: skip
-            first = layer * num_experts
-            rows = self.host[first : first + num_experts]
-            self.stats.bytes_from_disk += read_rows(self.loaded, layer, experts, rows, self.codec)
-            self.host_row.update(((layer, e), first + e) for e in experts)
-
-    def _low_copies(self, total: int, progress: bool) -> torch.Tensor | None:
-        if self.low_codec is None:
-            return None
-        low = torch.empty(total, self.low_codec.nbytes, dtype=torch.uint8, pin_memory=self.cuda)
-        num_experts, experts = self.loaded.num_experts, list(range(self.loaded.num_experts))
-        for layer in tqdm(range(len(self.loaded.layers)), desc=f"experts -> {self.low_codec.fmt.name} miss copies",
-                          unit="layer", disable=not progress, leave=False):  # fmt: skip
-            rows = low[layer * num_experts : (layer + 1) * num_experts]
-            read_rows(self.loaded, layer, experts, rows, self.low_codec)
-        return low
-
     def compute_views(
         self, slots: list[int], missed: dict[int, Key]
     ) -> tuple[dict[str, torch.Tensor], list[int]]:
-        """Weights to compute ``slots`` with, and the index of each slot in them: the slot pool's own views, or
-        for quantised slots their rows dequantised; with a miss copy, the slots in ``missed`` (slot -> key just
-        loaded) compute with their expert's dequantised low-precision copy instead of the full one."""
-        if self.codec is not None:
-            rows = self.codec.decode(self.slots[torch.tensor(slots, device=self.device)], self.loaded.dtype)
-        elif self.low is not None and missed:
-            rows = self.slots[
-                torch.tensor(slots, device=self.device)
-            ]  # a copy: the slots keep the full experts
-            pos = [i for i, s in enumerate(slots) if s in missed]
-            num_experts = self.loaded.num_experts
-            keys = [missed[slots[i]][0] * num_experts + missed[slots[i]][1] for i in pos]
-            low = self.low[torch.tensor(keys)].to(self.device, non_blocking=True)
-            rows[torch.tensor(pos, device=self.device)] = self.low_codec.decode(low, self.loaded.dtype)
-        else:
-            return self.views, slots
-        return self.loaded.layout.views(rows), list(range(len(slots)))
+        """Weights to compute ``slots`` with, and the index of each slot in them (``quant_tiers.compute_views``)."""
+        return compute_views(self, slots, missed)
 
     # --------------------------------------------------------------------------------- host tier
     def _host_get(self, key: Key) -> torch.Tensor:

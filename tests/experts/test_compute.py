@@ -36,6 +36,8 @@ def test_auto_gathers_within_its_bound() -> None:
     assert compute.auto_backend(8, per, cuda=True) == "batched"  # 96 MiB of copies
     assert compute.auto_backend(16, per, cuda=True) == "grouped"  # 192 MiB would exceed GATHER_BYTES
     assert compute.auto_backend(2, 336 * 2**20, cuda=True) == "grouped"  # Mixtral-sized experts: never copied
-    assert compute.auto_backend(4096, 1024, cuda=False) == "grouped"  # a CPU prefill: one grouped call, no copies
+    assert (
+        compute.auto_backend(4096, 1024, cuda=False) == "grouped"
+    )  # a CPU prefill: one grouped call, no copies
     assert compute.auto_backend(8, 2**20, cuda=False) == "batched"  # small experts gather on a CPU too
     assert compute.auto_backend(8, per, cuda=False) == "loop"  # 96 MiB would be RSS beyond the budget

@@ -3,13 +3,9 @@ run in Triton's interpreter on the CPU (skipped where Triton is not installed)."
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
-import pytest
+from tests.experts.interpreted import needs_triton, run_interpreted
 
 SCRIPT = textwrap.dedent(
     """
@@ -48,8 +44,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@needs_triton
 def test_fused_route_equals_torch_ops() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    run_interpreted(SCRIPT)

@@ -4,27 +4,13 @@ experts from slots and from the host pool, with fills, for every launch layout (
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
-import pytest
+from tests.experts.interpreted import needs_triton, run_interpreted
 
 SCRIPT = textwrap.dedent(
     """
     import torch
-    import triton.runtime.interpreter as interp
-
-    # Triton 3.6's interpreter turns a loaded loop bound into an int with int(1-element array), which NumPy 2.4
-    # refuses: index through the element instead (the compiled kernel is unaffected)
-    patch = interp._patch_lang_tensor
-    def _patch(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    interp._patch_lang_tensor = _patch
-
     from moeflow.experts.ops import project
     from moeflow.experts.slot_kernel import slot_linear
 
@@ -68,8 +54,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@needs_triton
 def test_slot_kernel_equals_reference() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    run_interpreted(SCRIPT)

@@ -5,10 +5,6 @@ Triton is not installed). The descriptor the kernel reads agrees with ``RowCodec
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,6 +14,7 @@ from moeflow.experts.quant_proj import SLOT_FORMATS, dequant, quant_proj, raw, r
 from moeflow.model.loader import ExpertLayout, ParamSlice
 from moeflow.quant.formats import FORMATS
 from moeflow.quant.row import RowCodec
+from tests.experts.interpreted import needs_triton, run_interpreted
 
 
 def layout(h: int, i: int, bias: bool) -> ExpertLayout:
@@ -114,11 +111,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@needs_triton
 def test_quant_kernel_equals_torch_reference() -> None:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.pathsep.join(p for p in (os.path.join(root, "src"), root, os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900,
-                         cwd=root)  # fmt: skip
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    run_interpreted(SCRIPT)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from moeflow import LLM, SamplingParams
 from moeflow.config import EngineConfig
 from moeflow.errors import ConfigError
-from moeflow.model.loader import ExpertLayout
+from moeflow.model.layout import ExpertLayout
 from moeflow.quant.formats import FORMATS
 from moeflow.quant.row import RowCodec
 from tests.cli.helpers import one_error_line, run

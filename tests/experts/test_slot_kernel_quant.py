@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moeflow.experts.quant_proj import SLOT_FORMATS, dequant, quant_proj, raw, raw_offset, unsupported
-from moeflow.model.loader import ExpertLayout, ParamSlice
+from moeflow.model.layout import ExpertLayout, ParamSlice
 from moeflow.quant.formats import FORMATS
 from moeflow.quant.row import RowCodec
 from tests.experts.interpreted import needs_triton, run_interpreted

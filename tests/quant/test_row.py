@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeflow.model.loader import ExpertLayout, ParamSlice
+from moeflow.model.layout import ExpertLayout, ParamSlice
 from moeflow.quant import fit
 from moeflow.quant.formats import FORMATS
 from moeflow.quant.row import RowCodec

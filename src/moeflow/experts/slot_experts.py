@@ -24,7 +24,7 @@ from moeflow.experts import ops  # noqa: F401  (registers the moeflow:: ops)
 from moeflow.experts.claims import route_layer
 from moeflow.experts.ops import BLOCK_KEYS, project
 from moeflow.experts.quant_proj import project_quant, quant_proj, raw_offset
-from moeflow.model.loader import ExpertLayout
+from moeflow.model.layout import ExpertLayout
 from moeflow.quant.row import RowCodec
 
 HostRow = Callable[[int, int], torch.Tensor]

@@ -25,38 +25,9 @@ from moeflow.model.conversion import WeightMap
 from moeflow.model.direct import direct_params, read_direct
 from moeflow.model.dispatch import IMPLEMENTATION
 from moeflow.model.families import experts_modules, refusal, top_k_of
+from moeflow.model.layout import ExpertLayout, ParamSlice
 from moeflow.model.rows import Codecs, check_stored_rows, choose_codecs, read_row
 from moeflow.model.stored import Stored, dense_reader, detect
-
-
-@dataclass(frozen=True)
-class ParamSlice:
-    """One parameter of an expert inside the expert's flat buffer."""
-
-    name: str
-    shape: tuple[int, ...]
-    offset: int
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
-@dataclass(frozen=True)
-class ExpertLayout:
-    """Flat layout of one expert (identical for every expert of the model)."""
-
-    params: tuple[ParamSlice, ...]
-    numel: int
-
-    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Parameter views into ``flat`` [N, numel] -> {name: [N, *shape]}."""
-        return {
-            p.name: flat[:, p.offset : p.offset + p.numel].view(flat.shape[0], *p.shape) for p in self.params
-        }
 
 
 @dataclass

@@ -19,7 +19,8 @@ from moeflow.quant.formats import FORMATS
 from moeflow.quant.row import RowCodec
 
 if TYPE_CHECKING:
-    from moeflow.model.loader import ExpertLayout, LoadedModel
+    from moeflow.model.layout import ExpertLayout
+    from moeflow.model.loader import LoadedModel
 
 
 @dataclass(frozen=True)

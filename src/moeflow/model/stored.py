@@ -27,7 +27,8 @@ from moeflow.quant.formats import FORMATS, QuantFormat
 from moeflow.quant.row import RowCodec
 
 if TYPE_CHECKING:
-    from moeflow.model.loader import ExpertLayout, LoadedModel
+    from moeflow.model.layout import ExpertLayout
+    from moeflow.model.loader import LoadedModel
 
 ROWS_SUFFIX = "moeflow_rows"
 CONFIG_KEY = "moeflow_quantization"

@@ -3,7 +3,7 @@
 A 2-D parameter is stored [N out, D in] (transposed first when the family keeps it [in, out], as gpt-oss does) in
 pieces: ``codes`` (packed integers, e4m3 bytes or MXFP4 nibbles) and ``scale`` (+ ``offset`` for integers); any other
 parameter (biases) is stored raw in float32. :meth:`RowCodec.decode` turns rows back into the flat compute-dtype
-rows of the model's :class:`~moeflow.model.loader.ExpertLayout`, so the expert functions run unchanged on them.
+rows of the model's :class:`~moeflow.model.layout.ExpertLayout`, so the expert functions run unchanged on them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from moeflow.quant.formats import QuantFormat, group_of
 from moeflow.quant.pack import pack, packed_bytes, unpack
 
 if TYPE_CHECKING:  # the model package uses this one, not the other way round
-    from moeflow.model.loader import ExpertLayout, ParamSlice
+    from moeflow.model.layout import ExpertLayout, ParamSlice
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,33 @@
 #!/usr/bin/env bash
-# Device calls for the static / CUDA-graph decode (each fits one 600 s call; pass MOEFLOW_COMMIT=<sha>):
-#   bash benchmarks/gpu_decode_h200.sh floor      # benchmarks/decode_floor.py (kernel stage: tile options over every
-#       # layer, then each batch size runs its fastest; LRU / ExpertFlow / MoE-Infinity at 10/25/50%, batch 1 and 8,
-#       # demo routing replayed), then benchmarks/resident_step.py with the chosen tiles (compiled step, replay vs
-#       # host time, kernels per replay; TTFT of a 512-token prompt against transformers)
-#   bash benchmarks/gpu_decode_h200.sh buildtests # the peers' build phase (benchmarks/peers/run_h200.sh build) on
-#       # cores 0-11 while the GPU tests run on cores 12-15 (correctness and peak memory only: nothing timed there)
-#   bash benchmarks/gpu_decode_h200.sh tests      # the GPU tests alone
-#   bash benchmarks/gpu_decode_h200.sh mixtral    # Mixtral geometry (first 8 layers), the real Mixtral trace, batch 1
-#   bash benchmarks/gpu_decode_h200.sh quant      # quantised experts (issue 14): bf16 / int4 / fp8 rows at 10% and 25%,
-#       # batch 1 and 8, LRU and ExpertFlow, in decode-floor-quant-h200.json (rows carry expert_dtype)
+# Device calls for the static / CUDA-graph decode. Stages run in the order given, in one call, each under `timeout`
+# and none past the call's deadline (GPU_LIMIT_S, default 570 s after the start); pass MOEFLOW_COMMIT=<sha>:
+#   MOEFLOW_COMMIT=<sha> bash benchmarks/gpu_decode_h200.sh tests ttft serve mixtral
+# Stages:
+#   floor      benchmarks/decode_floor.py (kernel stage: tile options over every layer, then each batch size runs its
+#              fastest; LRU / ExpertFlow / MoE-Infinity at 10/25/50%, batch 1 and 8, demo routing replayed), then
+#              benchmarks/resident_step.py with the chosen tiles (compiled step, replay vs host time, kernels per
+#              replay; TTFT against transformers)                                                  (~500 s)
+#   buildtests the peers' build phase (benchmarks/peers/run_h200.sh build) on cores 0-11 while the GPU tests run on
+#              cores 12-15 (correctness and peak memory only: nothing timed there)                 (~540 s)
+#   tests      the GPU tests ($GPU_TESTS to choose; default: all the GPU test files)
+#   ttft       resident_step.py --ttft-only: time to first token, prefill through the slot table (each tile option)
+#              and eager, 128/512/2048 tokens, against transformers                                 (~90 s)
+#   serve      benchmarks/serve_throughput.py: 32 streams against LLM.generate at batch 32 (issue 13) (~150 s)
+#   mixtral    Mixtral geometry (first 8 layers), the real Mixtral trace, batch 1 (carry .data/traces after
+#              `moeflow trace-import`; its synth starts in the background at the call's start)     (~350 s)
+#   quant      quantised experts (issue 14): bf16 / int4 / fp8 rows at 10% and 25%, batch 1 and 8, LRU and
+#              ExpertFlow, in decode-floor-quant-h200.json (rows carry expert_dtype)               (~520 s)
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 M=/dev/shm/olmoe
 T=benchmarks/traces
-STAGE=${1:-tests}
-GPU_TESTS="tests/engine/test_static_gpu.py tests/engine/test_static_memory_gpu.py tests/test_engine_gpu.py tests/engine/test_gpu_paths.py"
+START=$(date +%s)
+DEADLINE=$((START + ${GPU_LIMIT_S:-570}))
+GPU_TESTS=${GPU_TESTS:-"tests/engine/test_static_gpu.py tests/engine/test_static_memory_gpu.py tests/test_engine_gpu.py tests/engine/test_gpu_paths.py tests/engine/test_slot_prefill_gpu.py tests/engine/test_batch_gpu.py tests/engine/test_static_quant_gpu.py"}
+X=/dev/shm/mixtral8
+cap() { local l=$((DEADLINE - $(date +%s))); [ "$1" -lt "$l" ] && echo "$1" || echo $((l > 5 ? l : 5)); }  # min(cap, time left)
+say() { echo "[+$(($(date +%s) - START))s] $*" | tee -a "$OUT/stages.log"; }
 mkdir -p "$OUT"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 synth() {
@@ -25,8 +36,19 @@ synth() {
   fi
   mkdir -p $M/moeflow && cp models/demo/moeflow/eamc.npz models/demo/moeflow/predictor.pt $M/moeflow/
 }
+MIXTRAL_SYNTH=
+case " $* " in *" mixtral "*)  # the 22 GB Mixtral checkpoint is written while the earlier stages run (4 cores, niced)
+  if [ ! -f $X/config.json ]; then
+    (rm -rf $X; timeout 300 nice -n 19 taskset -c 12-15 python3 -m moeflow synth --like mixtral --layers 8 --out $X > "$OUT/synth-mixtral.log" 2>&1;
+     echo "synth rc $?" >> "$OUT/synth-mixtral.log") &
+    MIXTRAL_SYNTH=$!
+  fi;;
+esac
+run_stage() {
+  local STAGE=$1
 if [ "$STAGE" = tests ]; then
-  timeout 540 python3 -m pytest -q -p no:cacheprovider -rf $GPU_TESTS 2>&1 | tee "$OUT/gpu-tests.log" | grep -v Warning | tail -30
+  # shellcheck disable=SC2086
+  timeout "$(cap 540)" python3 -m pytest -q -p no:cacheprovider -rf $GPU_TESTS 2>&1 | tee "$OUT/gpu-tests.log" | grep -v Warning | tail -30
 elif [ "$STAGE" = buildtests ]; then
   taskset -c 12-15 timeout 540 python3 -m pytest -q -p no:cacheprovider -rf $GPU_TESTS > "$OUT/gpu-tests.log" 2>&1 &
   TESTS=$!
@@ -38,15 +60,30 @@ elif [ "$STAGE" = floor ]; then
     2>&1 | grep -v Warn | cut -c1-240 | tail -42
   timeout 140 python3 benchmarks/resident_step.py --model $M --trace $T/demo-eval.npz --modes compiled \
     --blocks "$OUT/decode-floor-h200.json" --out "$OUT/resident-step-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -8
+elif [ "$STAGE" = ttft ]; then
+  synth
+  timeout "$(cap 150)" python3 benchmarks/resident_step.py --model $M --trace $T/demo-eval.npz --ttft-only \
+    --out "$OUT/ttft-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -24
+elif [ "$STAGE" = serve ]; then
+  synth
+  timeout "$(cap 240)" python3 benchmarks/serve_throughput.py --model $M --trace $T/demo-eval.npz \
+    --out "$OUT/serve-throughput-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -16
 elif [ "$STAGE" = quant ]; then
   synth
   timeout 560 python3 benchmarks/decode_floor.py --model $M --trace $T/demo-eval.npz --expert-dtypes bf16,int4,fp8 \
     --fractions 0.1,0.25 --policies lru,expertflow --no-kernel-stage --out "$OUT/decode-floor-quant-h200.json" \
     2>&1 | grep -v Warn | cut -c1-240 | tail -30
 elif [ "$STAGE" = mixtral ]; then
-  X=/dev/shm/mixtral8
-  timeout 200 python3 -m moeflow synth --like mixtral --layers 8 --out $X > "$OUT/synth-mixtral.log" 2>&1; tail -1 "$OUT/synth-mixtral.log"
-  timeout 330 python3 benchmarks/decode_floor.py --model $X --trace .data/traces/mixtral.npz --geometry mixtral-8-layers \
-    --batches 1 --requests 2 --max-tokens 48 --max-prompt 1 --no-kernel-stage --out "$OUT/decode-floor-mixtral-h200.json" \
+  if [ -n "$MIXTRAL_SYNTH" ]; then wait $MIXTRAL_SYNTH; fi
+  tail -1 "$OUT/synth-mixtral.log" 2>/dev/null
+  timeout "$(cap 330)" python3 benchmarks/decode_floor.py --model $X --trace .data/traces/mixtral.npz --geometry mixtral-8-layers \
+    --batches 1 --requests 2 --max-tokens 48 --max-prompt 1 --no-kernel-stage --fractions ${MIXTRAL_FRACTIONS:-0.25,0.5} --out "$OUT/decode-floor-mixtral-h200.json" \
     2>&1 | grep -v Warn | cut -c1-240 | tail -20
 fi
+}
+for stage in "${@:-tests}"; do
+  if [ $((DEADLINE - $(date +%s))) -lt 30 ]; then say "stage $stage skipped: past the deadline"; continue; fi
+  say "stage $stage"
+  run_stage "$stage"
+  say "stage $stage done"
+done

@@ -64,38 +64,86 @@ def decode_rows(args: argparse.Namespace, trace: Trace, compiled: bool) -> list[
     return rows
 
 
-def ttft(args: argparse.Namespace) -> dict:
-    """Median prefill-to-first-token time of one prompt: moeflow (all resident) and transformers' own forward."""
-    from transformers import AutoModelForCausalLM
+PREFILL_TILES = [
+    None,  # engine/slot_prefill.py's PREFILL_BLOCKS
+    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 4, "COMPACT": 1},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3, "COMPACT": 1},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3, "COMPACT": 1},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128, "num_warps": 4, "num_stages": 3, "COMPACT": 1},
+]
+"""Slot-kernel tiles tried for a prefill through the slot table."""
 
-    prompt = [(7 * i + 3) % 1000 + 10 for i in range(args.prompt_tokens)]
-    llm = LLM(args.model, device="cuda", progress=False)
-    params = SamplingParams(max_tokens=1, ignore_eos=True)
+
+def _median_ms(fn, reps: int) -> float:
+    """Median wall ms of ``fn`` over ``reps`` calls after one untimed call (compiles, first touches)."""
     times = []
-    for _ in range(args.reps + 1):
+    for _ in range(reps + 1):
         sync()
         t0 = time.perf_counter()
-        llm.generate([prompt], params)
+        fn()
         sync()
         times.append(time.perf_counter() - t0)
-    ours = sorted(times[1:])[len(times[1:]) // 2]
+    return 1e3 * sorted(times[1:])[len(times[1:]) // 2]
+
+
+def ttft(args: argparse.Namespace) -> dict:
+    """Median time to first token of one prompt, every expert resident: moeflow with the prefill through the slot
+    table (each tile option) and eager (the per-layer path), against transformers' own forward, at each prompt
+    length; the headline row is ``--prompt-tokens`` with the default tiles."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from moeflow.engine.slot_prefill import PREFILL_BLOCKS
+
+    lengths = sorted({args.prompt_tokens, *args.ttft_lengths})
+    prompts = {n: [(7 * i + 3) % 1000 + 10 for i in range(n)] for n in lengths}
+    llm = LLM(args.model, device="cuda", progress=False)
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    rows: list[dict] = []
+    base = llm.config
+    for n, prompt in prompts.items():
+        for mode, tiles in [("eager", None)] + [("slots", t) for t in PREFILL_TILES]:
+            llm.config = dataclasses.replace(base, prefill=mode)
+            llm.static.prefill_blocks = dict(tiles or PREFILL_BLOCKS)
+            try:
+                ms = _median_ms(lambda p=prompt, m=llm: m.generate([p], params), args.reps)
+            except Exception as err:  # a tile needing more shared memory than an SM has
+                rows.append({"prompt_tokens": n, "prefill": mode, "blocks": tiles, "error": str(err)[:200]})
+                continue
+            rows.append(
+                {"prompt_tokens": n, "prefill": mode, "blocks": tiles or PREFILL_BLOCKS, "moeflow_ms": ms}
+            )
+            print(json.dumps(rows[-1]), flush=True)
     del llm
     torch.cuda.empty_cache()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).to("cuda").eval()
-    ids = torch.tensor([prompt], device="cuda")
-    times = []
+    theirs = {}
     with torch.no_grad():
-        for _ in range(args.reps + 1):
-            sync()
-            t0 = time.perf_counter()
-            int(model(ids, logits_to_keep=1).logits[0, -1].argmax())
-            times.append(time.perf_counter() - t0)
-    theirs = sorted(times[1:])[len(times[1:]) // 2]
+        for n, prompt in prompts.items():
+            ids = torch.tensor([prompt], device="cuda")
+            theirs[n] = _median_ms(
+                lambda ids=ids, m=model: int(m(ids, logits_to_keep=1).logits[0, -1].argmax()), args.reps
+            )
     impl = getattr(model.config, "_experts_implementation", None)
     del model
     torch.cuda.empty_cache()
-    return {"prompt_tokens": args.prompt_tokens, "moeflow_ms": 1e3 * ours, "transformers_ms": 1e3 * theirs,
-            "ratio": ours / theirs, "transformers_experts_implementation": impl}  # fmt: skip
+    for row in rows:
+        if "moeflow_ms" in row:
+            row["transformers_ms"] = theirs[row["prompt_tokens"]]
+            row["ratio"] = row["moeflow_ms"] / row["transformers_ms"]
+    head = next(
+        r
+        for r in rows
+        if r["prompt_tokens"] == args.prompt_tokens and r["prefill"] == "slots" and "ratio" in r
+    )
+    best = min(
+        (r for r in rows if r["prompt_tokens"] == args.prompt_tokens and "ratio" in r),
+        key=lambda r: r["ratio"],
+    )
+    return {"prompt_tokens": args.prompt_tokens, "moeflow_ms": head["moeflow_ms"], "transformers_ms": head["transformers_ms"],
+            "ratio": head["ratio"], "prefill": "slots (default tiles)", "best": best, "rows": rows,
+            "transformers_experts_implementation": impl}  # fmt: skip
 
 
 def main() -> None:
@@ -107,6 +155,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--ttft-lengths", type=lambda s: [int(n) for n in s.split(",")], default=[128, 2048])
+    ap.add_argument("--ttft-only", action="store_true", help="skip the decode rows")
     ap.add_argument("--modes", default="compiled,plain")
     ap.add_argument(
         "--blocks",
@@ -123,7 +173,7 @@ def main() -> None:
                  "device": torch.cuda.get_device_name(), "commit": os.environ.get("MOEFLOW_COMMIT", ""),
                  "torch": torch.__version__, "transformers": transformers.__version__, "decode": []}  # fmt: skip
     path = Path(args.out)
-    for mode in args.modes.split(","):
+    for mode in [] if args.ttft_only else args.modes.split(","):
         out["decode"] += decode_rows(args, trace, mode == "compiled")
         path.write_text(json.dumps(out, indent=2))
     out["ttft"] = ttft(args)

@@ -99,6 +99,12 @@ class EngineConfig:
     device), "eager" (one host sync per MoE layer; demand loads before each layer), or "auto" ("graph" on a GPU
     whose host pool holds every expert, else "eager")."""
 
+    prefill: str = "auto"
+    """How a static decoder's prompts are prefilled: "slots" (the MoE layers through the slot table, as a decode
+    step runs them: no host sync inside the prefill; the policy learns its routing afterwards), "eager" (the
+    per-layer path: the policy plans and loads before each layer), or "auto" ("slots" on a GPU when the slot pool
+    holds every expert and the prompt is short enough for the routing kernel, else "eager")."""
+
     compile: bool | None = None
     """Compile the static decode step with ``torch.compile`` before it is captured: the dense layers' many small
     kernels (norms, rotary, residuals, the experts' gating and combine) are fused. It costs a compilation per batch
@@ -142,6 +148,8 @@ class EngineConfig:
         check_backend(self.expert_backend, self.device)
         if self.decode not in ("auto", "graph", "static", "eager"):
             raise ConfigError(f"unknown decode mode {self.decode!r}: use auto, graph, static or eager")
+        if self.prefill not in ("auto", "slots", "eager"):
+            raise ConfigError(f"unknown prefill mode {self.prefill!r}: use auto, slots or eager")
         if self.compile not in (None, True, False):
             raise ConfigError(f"compile must be True, False or None (auto), got {self.compile!r}")
         if self.schedule not in ("auto", "fifo", "expert"):

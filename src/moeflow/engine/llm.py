@@ -19,6 +19,7 @@ from moeflow.config import EngineConfig
 from moeflow.detok import extend_text
 from moeflow.engine.decode_mode import choose_static
 from moeflow.engine.setup import ModelInfo, load_tokenizer, resolve_device
+from moeflow.engine.slot_prefill import prefill_buffers, real_rows, wants_slots
 from moeflow.engine.static import Bucket
 from moeflow.engine.step import Steps
 from moeflow.errors import RequestError
@@ -279,11 +280,24 @@ class LLM:
         tokens = sum(len(t) for t in x.new_tokens)
         bar = tqdm(total=len(self.loaded.layers), desc=f"prefill {tokens} tokens", unit="layer", leave=False, mininterval=0,
                    disable=not (self.config.progress and x.prefill and tokens >= LONG_PREFILL))  # fmt: skip
-        self.steps.begin(live, x.new_tokens, x.new_positions, x.prefill, x.keep, None, lambda _: bar.update())
-        self.runtime.prefetch_after(-1)  # what the step's first layers will need, from the token ids alone
+        slots = None  # the prefill's MoE layers through the slot table (engine/slot_prefill.py)
+        if batch.bucket is not None and wants_slots(
+            self.config.prefill, self.static, x.ids.numel() * self.loaded.top_k
+        ):
+            slots = prefill_buffers(self.static, x.ids.numel(), x.keep)
+        self.steps.begin(
+            live, x.new_tokens, x.new_positions, x.prefill, x.keep, slots, lambda _: bar.update()
+        )
+        if slots is None:
+            self.runtime.prefetch_after(
+                -1
+            )  # what the step's first layers will need, from the token ids alone
         if batch.bucket is not None:
             assert self.static is not None
-            logits = self.static.prefill(batch.bucket, x.ids, x.mask, x.positions)
+            rows = real_rows(slots, x.keep) if slots is not None else None
+            logits = self.static.prefill(batch.bucket, x.ids, x.mask, x.positions, slots, rows)
+            if slots is not None:
+                self.runtime.policy.settle_step(self.static.settle_rows(slots, rows))
         else:
             # the prefill lets the model build its own cache (hybrid families, MiniMax's own class); decode reuses it
             cache = {self._cache_kw: batch.cache} if batch.cache is not None else {}

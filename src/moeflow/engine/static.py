@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from moeflow.config import format_size
 from moeflow.engine.kv import StaticKV
+from moeflow.engine.slot_prefill import PREFILL_BLOCKS, upload_replay
 from moeflow.engine.static_rows import StaticRowKV
 from moeflow.errors import BudgetError
 from moeflow.experts.layer import Runtime, StaticBuffers
@@ -73,6 +74,8 @@ class StaticDecoder:
         must_compile: bool = False,
     ):
         self.lm, self.rt, self.graphs, self.blocks = loaded, runtime, graphs, blocks
+        self.prefill_blocks = dict(PREFILL_BLOCKS)
+        """Tiles of a prefill through the slot table (``engine/slot_prefill.py``)."""
         self.compiled = compiled
         self.step = (torch.compile(self._forward, dynamic=False, fullgraph=True, backend=COMPILE_BACKEND)
                      if compiled else self._forward)  # fmt: skip
@@ -166,11 +169,28 @@ class StaticDecoder:
 
     # ------------------------------------------------------------------------------------ steps
     def prefill(
-        self, bucket: Bucket, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+        self,
+        bucket: Bucket,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        slots: StaticBuffers | None = None,
+        rows: list[int] | None = None,
     ) -> torch.Tensor:  # [B, V]
-        """Run the (left-padded) prompts eagerly into the bucket's cache; the MoE layers take the eager path."""
+        """Run the (left-padded) prompts eagerly into the bucket's cache. The MoE layers take the eager path, or with
+        ``slots`` (the step's context holds them) the slot table, for the real ``rows`` of the flattened prompts:
+        the policy's boundary plan first, ``settle_rows`` after (``engine/slot_prefill.py``)."""
         bucket.kv.reset(mask)
         fresh = not bucket.kv.bytes()
+        if slots is not None:
+            assert rows is not None
+            if self.rt.replay is not None:
+                upload_replay(self, slots, rows)
+            self.table.apply(self.rt.policy.plan_boundary(len(rows)))
+            t = slots.tensors
+            t.taken.zero_()
+            t.served.zero_()
+            t.filled.fill_(-1)
         out = self.lm.model(
             input_ids=ids,
             attention_mask=bucket.kv.prefill_masks(ids.shape[1]),
@@ -221,15 +241,23 @@ class StaticDecoder:
 
     def settle(self, bucket: Bucket, live: list[int]) -> StepRouting:
         """After the step (its tokens sampled): what it routed and served, for the policy and the statistics."""
-        bufs = bucket.bufs
-        route = bufs.route_ids
+        route = bucket.bufs.route_ids
         if bucket.route_host is None:
             bucket.route_host = torch.empty_like(route, device="cpu", pin_memory=route.is_cuda)
-        bucket.route_host.copy_(route, non_blocking=route.is_cuda)
+        return self.settle_rows(bucket.bufs, live, bucket.route_host)
+
+    def settle_rows(
+        self, bufs: StaticBuffers, live: list[int], route_host: torch.Tensor | None = None
+    ) -> StepRouting:
+        """What a step through ``bufs`` routed and served for its ``live`` rows, read back in one wait
+        (``route_host``: a pinned host copy of ``route_ids`` to reuse)."""
+        route = bufs.route_ids
         served, filled = self.table.copy_back()
+        host = torch.empty_like(route, device="cpu") if route_host is None else route_host
+        host.copy_(route, non_blocking=host.is_pinned())
         if route.is_cuda:
             torch.cuda.current_stream(route.device).synchronize()  # the one wait for all the step's results
-        experts = bucket.route_host[:, live].numpy()  # [L, T, K] (fancy indexing copies)
+        experts = host[:, live].numpy()  # [L, T, K] (fancy indexing copies)
         routing = StepRouting(experts, served.copy(), filled.copy())
         store = self.rt.store
         missed = int((served == 2).sum())

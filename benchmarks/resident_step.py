@@ -111,9 +111,8 @@ def ttft(args: argparse.Namespace) -> dict:
             except Exception as err:  # a tile needing more shared memory than an SM has
                 rows.append({"prompt_tokens": n, "prefill": mode, "blocks": tiles, "error": str(err)[:200]})
                 continue
-            rows.append(
-                {"prompt_tokens": n, "prefill": mode, "blocks": tiles or PREFILL_BLOCKS, "moeflow_ms": ms}
-            )
+            tiles = (tiles or PREFILL_BLOCKS) if mode == "slots" else None
+            rows.append({"prompt_tokens": n, "prefill": mode, "blocks": tiles, "moeflow_ms": ms})
             print(json.dumps(rows[-1]), flush=True)
     del llm
     torch.cuda.empty_cache()

@@ -62,7 +62,7 @@ elif [ "$STAGE" = floor ]; then
     --blocks "$OUT/decode-floor-h200.json" --out "$OUT/resident-step-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -8
 elif [ "$STAGE" = ttft ]; then
   synth
-  timeout "$(cap 150)" python3 benchmarks/resident_step.py --model $M --trace $T/demo-eval.npz --ttft-only \
+  timeout "$(cap 150)" python3 benchmarks/resident_step.py --model $M --trace $T/demo-eval.npz --ttft-only ${TTFT_ARGS:-} \
     --out "$OUT/ttft-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -24
 elif [ "$STAGE" = serve ]; then
   synth

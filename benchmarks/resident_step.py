@@ -66,9 +66,9 @@ def decode_rows(args: argparse.Namespace, trace: Trace, compiled: bool) -> list[
 
 PREFILL_TILES = [
     None,  # engine/slot_prefill.py's PREFILL_BLOCKS
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 4, "COMPACT": 1},
     {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 4, "COMPACT": 1},
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3, "COMPACT": 1},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3, "COMPACT": 1},
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128, "num_warps": 4, "num_stages": 3, "COMPACT": 1},
 ]
 """Slot-kernel tiles tried for a prefill through the slot table."""

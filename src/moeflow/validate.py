@@ -138,3 +138,19 @@ def check_request(ids: list[int], max_tokens: int, config: Any, truncate: bool =
 def check_batch_size(batch_size: Any) -> int:
     """``batch_size`` if it is a positive integer."""
     return check_int("batch_size", batch_size, 1)
+
+
+def request_ids_of(
+    prompt: str | list[int], tokenizer: Any, model_dir: str, config: Any, params: Any
+) -> tuple[list[int], str]:
+    """(token ids, text) of one request's prompt: text tokenised (a model without tokenizer files takes token ids
+    only), ids checked against the vocabulary, and the whole request against the context (``check_request``)."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise RequestError(f"{model_dir} has no tokenizer files: pass token ids instead of text")
+        ids, text = tokenizer(prompt)["input_ids"], prompt
+    else:
+        ids, text = prompt_token_ids(prompt, config.vocab_size), ""
+    if not ids:
+        raise RequestError("empty prompt: give at least one token of text")
+    return list(check_request(ids, params.max_tokens, config, params.truncate_prompt)), text

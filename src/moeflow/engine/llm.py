@@ -22,6 +22,7 @@ from moeflow.engine.setup import ModelInfo, load_tokenizer, resolve_device
 from moeflow.engine.slot_prefill import prefill_buffers, real_rows, wants_slots
 from moeflow.engine.static import Bucket
 from moeflow.engine.step import Steps
+from moeflow.engine.step_io import read_back
 from moeflow.errors import RequestError
 from moeflow.experts.cache import CachePolicy, PolicyContext
 from moeflow.experts.layer import Runtime, attach
@@ -34,7 +35,7 @@ from moeflow.model.loader import LoadedModel, load_dense, open_model
 from moeflow.routing.trace import Trace, TraceRecorder, TraceReplay
 from moeflow.sampling import SamplingParams, sample
 from moeflow.sequence import RequestOutput, Sequence, StreamDelta
-from moeflow.validate import check_batch_size, check_request, prompt_token_ids
+from moeflow.validate import check_batch_size, request_ids_of
 
 LONG_PREFILL = 1024
 """Prefills of at least this many tokens show a progress bar over the MoE layers (with progress on)."""
@@ -210,18 +211,8 @@ class LLM:
         for i, prompt in enumerate(prompts):
             if request_ids is not None:
                 self._next_id = request_ids[i]
-            if isinstance(prompt, str):
-                if self.tokenizer is None:
-                    raise RequestError(
-                        f"{self.model_dir} has no tokenizer files: pass token ids instead of text"
-                    )
-                ids, text = self.tokenizer(prompt)["input_ids"], prompt
-            else:
-                ids, text = prompt_token_ids(prompt, self.loaded.config.vocab_size), ""
-            if not ids:
-                raise RequestError("empty prompt: give at least one token of text")
-            ids = check_request(ids, params.max_tokens, self.loaded.config, params.truncate_prompt)
-            seqs.append(Sequence(self._next_id, text, list(ids), params))
+            ids, text = request_ids_of(prompt, self.tokenizer, self.model_dir, self.loaded.config, params)
+            seqs.append(Sequence(self._next_id, text, ids, params))
             if self.runtime.recorder is not None:
                 self.runtime.recorder.prompts[self._next_id] = text
             self._next_id += 1
@@ -297,7 +288,7 @@ class LLM:
             rows = real_rows(slots, x.keep) if slots is not None else None
             logits = self.static.prefill(batch.bucket, x.ids, x.mask, x.positions, slots, rows)
             if slots is not None:
-                self.runtime.policy.settle_step(self.static.settle_rows(slots, rows))
+                self.runtime.policy.settle_step(read_back(self.runtime, self.static.table, slots, rows))
         else:
             # the prefill lets the model build its own cache (hybrid families, MiniMax's own class); decode reuses it
             cache = {self._cache_kw: batch.cache} if batch.cache is not None else {}

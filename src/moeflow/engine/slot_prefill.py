@@ -62,15 +62,3 @@ def real_rows(bufs: StaticBuffers, keep: torch.Tensor | None) -> list[int]:
     """Indices of the prefill's real rows (host side: known before the forward, so reading them costs no wait)."""
     tokens = bufs.route_ids.shape[1]
     return list(range(tokens)) if keep is None else np.flatnonzero(keep.cpu().numpy()).tolist()
-
-
-def upload_replay(decoder: StaticDecoder, bufs: StaticBuffers, rows: list[int]) -> None:
-    """The replayed routing of the prefill's real rows into ``bufs`` (padding rows keep expert 0, weight 0)."""
-    rt = decoder.rt
-    assert rt.replay is not None and bufs.replay_ids is not None and bufs.replay_w is not None
-    experts, weights = rt.replay.route_all(rt.ctx.replay_rows)  # [L, T_real, K]
-    ids = np.zeros(bufs.replay_ids.shape, np.int64)
-    w = np.zeros(bufs.replay_w.shape, np.float32)
-    ids[:, rows], w[:, rows] = experts, weights
-    bufs.replay_ids.copy_(torch.from_numpy(ids))
-    bufs.replay_w.copy_(torch.from_numpy(w))

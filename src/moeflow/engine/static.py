@@ -19,8 +19,9 @@ from transformers import DynamicCache
 
 from moeflow.config import format_size
 from moeflow.engine.kv import StaticKV
-from moeflow.engine.slot_prefill import PREFILL_BLOCKS, upload_replay
+from moeflow.engine.slot_prefill import PREFILL_BLOCKS
 from moeflow.engine.static_rows import StaticRowKV
+from moeflow.engine.step_io import read_back, upload_replay
 from moeflow.errors import BudgetError
 from moeflow.experts.layer import Runtime, StaticBuffers
 from moeflow.experts.plan import StepRouting
@@ -179,13 +180,13 @@ class StaticDecoder:
     ) -> torch.Tensor:  # [B, V]
         """Run the (left-padded) prompts eagerly into the bucket's cache. The MoE layers take the eager path, or with
         ``slots`` (the step's context holds them) the slot table, for the real ``rows`` of the flattened prompts:
-        the policy's boundary plan first, ``settle_rows`` after (``engine/slot_prefill.py``)."""
+        the policy's boundary plan first, ``step_io.read_back`` after (``engine/slot_prefill.py``)."""
         bucket.kv.reset(mask)
         fresh = not bucket.kv.bytes()
         if slots is not None:
             assert rows is not None
             if self.rt.replay is not None:
-                upload_replay(self, slots, rows)
+                upload_replay(self.rt, slots, rows)
             self.table.apply(self.rt.policy.plan_boundary(len(rows)))
             t = slots.tensors
             t.taken.zero_()
@@ -244,46 +245,16 @@ class StaticDecoder:
         route = bucket.bufs.route_ids
         if bucket.route_host is None:
             bucket.route_host = torch.empty_like(route, device="cpu", pin_memory=route.is_cuda)
-        return self.settle_rows(bucket.bufs, live, bucket.route_host)
-
-    def settle_rows(
-        self, bufs: StaticBuffers, live: list[int], route_host: torch.Tensor | None = None
-    ) -> StepRouting:
-        """What a step through ``bufs`` routed and served for its ``live`` rows, read back in one wait
-        (``route_host``: a pinned host copy of ``route_ids`` to reuse)."""
-        route = bufs.route_ids
-        served, filled = self.table.copy_back()
-        host = torch.empty_like(route, device="cpu") if route_host is None else route_host
-        host.copy_(route, non_blocking=host.is_pinned())
-        if route.is_cuda:
-            torch.cuda.current_stream(route.device).synchronize()  # the one wait for all the step's results
-        experts = host[:, live].numpy()  # [L, T, K] (fancy indexing copies)
-        routing = StepRouting(experts, served.copy(), filled.copy())
-        store = self.rt.store
-        missed = int((served == 2).sum())
-        store.stats.bytes_to_device += missed * self.lm.expert_bytes
-        store.stats.bytes_zero_copy += missed * self.lm.expert_bytes
-        rec = self.rt.recorder
-        if rec is not None and bufs.route_w is not None:
-            weights = bufs.route_w[:, live].cpu().numpy()
-            for layer in range(len(self.lm.layers)):
-                rec.record(layer, experts[layer], weights[layer])
-        return routing
+        return read_back(self.rt, self.table, bucket.bufs, live, bucket.route_host)
 
     def _upload_replay(self, bucket: Bucket, live: list[int]) -> None:
-        rt, bufs = self.rt, bucket.bufs
-        assert rt.replay is not None and bufs.replay_ids is not None and bufs.replay_w is not None
+        bufs = bucket.bufs
+        assert bufs.replay_ids is not None and bufs.replay_w is not None
         if bucket.replay_host is None:  # pinned on a GPU: the upload does not block the host
             pin = bufs.replay_ids.is_cuda
             bucket.replay_host = (torch.zeros(bufs.replay_ids.shape, dtype=torch.long, pin_memory=pin),
                                   torch.zeros(bufs.replay_w.shape, dtype=torch.float32, pin_memory=pin))  # fmt: skip
-        ids, weights = bucket.replay_host
-        if bufs.replay_ids.is_cuda:
-            torch.cuda.current_stream(bufs.replay_ids.device).synchronize()  # the last upload has been read
-        experts, w = rt.replay.route_all(rt.ctx.replay_rows)  # [L, T, K] each
-        ids.numpy()[:, live], weights.numpy()[:, live] = experts, w
-        bufs.replay_ids.copy_(ids, non_blocking=True)
-        bufs.replay_w.copy_(weights, non_blocking=True)
+        upload_replay(self.rt, bufs, live, bucket.replay_host)
 
     def _forward(self, bucket: Bucket) -> None:
         """The step itself: device work only (this is what the graph captures)."""

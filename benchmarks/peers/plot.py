@@ -1,5 +1,7 @@
 """Bar chart of the peers result file: decode tokens per second of every system, one panel per geometry and batch
-size, bars grouped by the share of the experts the GPU budget holds (1.0: everything on the GPU).
+size, bars grouped by the GPU budget: dense + this share of the experts (1.0: everything on the GPU). Rows group by
+``budget_fraction`` where they have one (moeflow's: the engine fits KV and activations inside the budget, so its
+``cache_fraction``, the share of experts in slots, is smaller), else by ``cache_fraction``.
 
     python3 benchmarks/peers/plot.py benchmarks/results/peers-h200.json --out benchmarks/results/peers-h200.png
 """
@@ -22,6 +24,11 @@ def label(row: dict) -> str:
     return row["system"] + (" (own routing)" if row.get("routing") == "own" else "")
 
 
+def group(row: dict) -> float:
+    """The budget a row ran under, as a share of the experts."""
+    return round(row.get("budget_fraction", row["cache_fraction"]), 3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("result", type=Path)
@@ -35,12 +42,12 @@ def main() -> None:
     colours = plt.get_cmap("tab20")(range(len(systems)))
     for ax, (geometry, batch) in zip(axes[0], panels):
         rows = [r for r in runs if r["geometry"] == geometry and r["batch"] == batch]
-        groups = sorted({round(r["cache_fraction"], 3) for r in rows})
+        groups = sorted({group(r) for r in rows})
         width = 0.8 / len(systems)
         for i, system in enumerate(systems):
             xs, ys = [], []
             for g, frac in enumerate(groups):
-                hit = [r for r in rows if label(r) == system and round(r["cache_fraction"], 3) == frac]
+                hit = [r for r in rows if label(r) == system and group(r) == frac]
                 if hit:
                     xs.append(g + (i - (len(systems) - 1) / 2) * width)
                     ys.append(hit[0]["tokens_per_s"])
@@ -48,7 +55,7 @@ def main() -> None:
                 ax.bar(xs, ys, width, label=system, color=colours[i])
         ax.set_xticks(range(len(groups)), [f"{f:g}" for f in groups])
         ax.set_xlim(-0.5, len(groups) - 0.5)
-        ax.set_xlabel("share of the experts in the GPU budget")
+        ax.set_xlabel("GPU budget: dense + this share of the experts")
         ax.set_ylabel("decode tokens / s (all sequences)")
         ax.set_yscale("log")
         ax.set_title(f"{geometry}, batch {batch} ({data.get('device', '?')})")

@@ -1,8 +1,11 @@
 """The peers result file: one JSON (``device``, ``commit``, ``versions``, ``runs``, ``skipped``) that every peer
 runner appends to as it goes, so a run stopped at its time limit still leaves what it measured; plus a GPU memory
-sampler for peers that run in another process (nvidia-smi), and ``merge`` for the files two device calls return.
+sampler for peers that run in another process (nvidia-smi), ``merge`` for the files two device calls return, and
+``replace`` for re-running some systems only: their rows come from the new run, each keeping its provenance.
 
     python3 benchmarks/peers/record.py merge A.json B.json --out benchmarks/results/peers-h200.json
+    python3 benchmarks/peers/record.py replace benchmarks/results/peers-h200.json moeflow.json --systems moeflow- \
+        --out benchmarks/results/peers-h200.json
 """
 
 from __future__ import annotations
@@ -147,14 +150,57 @@ def merge(paths: list[Path], out: Path) -> None:
     save(out, result)
 
 
+def replace(old_path: Path, new_path: Path, prefixes: list[str], out: Path, note: str | None = None) -> None:
+    """``old_path``'s result file with every run and skip whose system starts with one of ``prefixes`` taken from
+    ``new_path`` instead (its runs where the first replaced one stood); ``llama_bench`` and ``versions`` stay the old
+    file's. A taken row gets a ``commit`` field (the new run's) where that differs from the file's; ``provenance``
+    says which rows came from which commit and run (a replacement that the new prefixes cover wholly is dropped)."""
+    old, new = json.loads(old_path.read_text()), json.loads(new_path.read_text())
+    base, commit, keys = old.get("commit", "unknown"), new.get("commit", "unknown"), tuple(prefixes)
+    taken = [dict(r) for r in new["runs"] if r["system"].startswith(keys)]
+    if commit != base:
+        for row in taken:
+            row.setdefault("commit", commit)  # a row the new file took from elsewhere keeps its own
+    kept = [r for r in old["runs"] if not r["system"].startswith(keys)]
+    first = next((i for i, r in enumerate(old["runs"]) if r["system"].startswith(keys)), len(old["runs"]))
+    at = sum(1 for r in old["runs"][:first] if not r["system"].startswith(keys))
+    skips = [s for s in new.get("skipped", []) if s["system"].startswith(keys)]
+    prov = old.get("provenance") or [
+        {"commit": base, "source": old_path.name, "systems": "every row not named below",
+         "device": old.get("device"), "command": old.get("command")}
+    ]  # fmt: skip
+    covered = [
+        p for p in prov[1:] if all(any(q.startswith(k) for k in keys) for q in p["systems"])
+    ]  # every row of these replacements is replaced now
+    entry = {"commit": commit, "source": new_path.name, "systems": list(prefixes), "runs": len(taken),
+             "skipped": len(skips), "device": new.get("device"), "versions": new.get("versions", {}),
+             "command": new.get("command"), "note": note}  # fmt: skip
+    result = {
+        **old,
+        "runs": kept[:at] + taken + kept[at:],
+        "skipped": [s for s in old.get("skipped", []) if not s["system"].startswith(keys)] + skips,
+        "provenance": [p for p in prov if p not in covered] + [entry],
+    }
+    save(out, result)
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description="merge peers result files")
+    ap = argparse.ArgumentParser(description="merge peers result files, or replace some systems' rows")
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge")
     m.add_argument("files", nargs="+", type=Path)
     m.add_argument("--out", required=True, type=Path)
+    r = sub.add_parser("replace", help="rows of the systems named by --systems prefixes come from NEW")
+    r.add_argument("old", type=Path)
+    r.add_argument("new", type=Path)
+    r.add_argument("--systems", nargs="+", required=True, help="system-name prefixes, e.g. moeflow-")
+    r.add_argument("--out", required=True, type=Path)
+    r.add_argument("--note", default=None, help="why the rows were re-run (kept in provenance)")
     args = ap.parse_args()
-    merge(args.files, args.out)
+    if args.cmd == "merge":
+        merge(args.files, args.out)
+    else:
+        replace(args.old, args.new, args.systems, args.out, args.note)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,13 @@
 #   MOEFLOW_COMMIT=<sha> bash benchmarks/peers/run_h200.sh run     # <= 9.3 min: the build's rest (<= 150 s) and
 #                          # llama.cpp's runs if the build phase left them, moeflow (each policy, replayed routing),
 #                          # transformers on the GPU, transformers + accelerate, moeflow on its own routing, as time allows
+#   MOEFLOW_COMMIT=<sha> bash benchmarks/peers/run_h200.sh moeflow # <= 7 min (PEERS_LIMIT_S 420): moeflow alone,
+#                          # into a fresh $OUT/peers-moeflow-h200.json: the checkpoint if /dev/shm lacks it (~45 s),
+#                          # replayed routing (4 policies x 0.25, 0.125 x batch 1, 8: ~3-3.5 min, one engine load),
+#                          # own routing (lru x 1.0, 0.25, 0.125 x batch 1, 8: ~1.5-2 min, a second load); estimate
+#                          # 5.5-6.5 min in all. The replayed block starts nothing new 150 s before the deadline, so
+#                          # the own-routing block keeps at least that; rows cut by a deadline are recorded as skipped.
+#                          # Put the rows into the committed file with record.py replace (README.md).
 # Everything lands in $OUT/peers-h200.json (+ logs). The build (.work/peers, gitignored), the checkpoint and the GGUF
 # (/dev/shm) persist only while the machine stays warm between the calls; a cold second call redoes the synth and
 # the conversion and, without a build, records llama.cpp as skipped. Merge two returned JSONs with
@@ -16,26 +23,30 @@ export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 PHASE=${1:-run}
 START=$(date +%s)
-DEADLINE=$((START + ${PEERS_LIMIT_S:-560}))
+LIMIT=560; [ "$PHASE" = moeflow ] && LIMIT=420
+DEADLINE=$((START + ${PEERS_LIMIT_S:-$LIMIT}))
 W=$PWD/.work/peers
 SRC=$W/llama.cpp
 BUILD=${PEERS_BUILD:-$W/llama-cuda}
 M=${PEERS_MODEL:-/dev/shm/olmoe}       # overrides for a rehearsal on a CPU machine
 G=${PEERS_GGUF:-}
-J=${PEERS_JSON:-/dev/shm/peers-h200.json}
+NAME=peers-h200.json; [ "$PHASE" = moeflow ] && NAME=peers-moeflow-h200.json  # the moeflow phase: its own file
+J=${PEERS_JSON:-/dev/shm/$NAME}
 LOG=$OUT/peers.log
 NCMOE=${PEERS_NCMOE:-0,12,14}   # OLMoE: 16 layers; 12 -> 4/16 = 25% of the experts on the GPU, 14 -> 12.5%
 FRACTIONS=0.25,0.125            # the same expert fractions for moeflow and accelerate
+XARGS=${PEERS_MOEFLOW_ARGS:-}   # appended to the moeflow phase's runs (a CPU rehearsal: --device cpu --decode eager ...)
 mkdir -p "$OUT" "$W"
 if [ -z "$G" ]; then  # /dev/shm when it has room for the GGUF (and the checkpoint, if not made yet), else the disk
   G=/dev/shm/olmoe.gguf; NEED=$((15 << 20)); [ -f $M/config.json ] || NEED=$((30 << 20))
   [ -f $G ] || [ "$(df -k --output=avail /dev/shm | tail -1)" -ge $NEED ] || G=$W/olmoe.gguf
 fi
 left() { echo $((DEADLINE - $(date +%s))); }
+upto() { local t=$(($(left) - $1)); echo $((t > 5 ? t : 5)); }  # seconds left before the last $1 of the phase
 cap() { local l; l=$(left); [ "$1" -lt "$l" ] && echo "$1" || echo $((l > 5 ? l : 5)); }  # min(cap, time left)
 say() { echo "[$(date +%T) +$(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
 save() {
-  cp -f "$J" "$OUT/peers-h200.json" 2>/dev/null
+  cp -f "$J" "$OUT/$NAME" 2>/dev/null
   [ -f "$(dirname "$J")/llama-runs.log" ] && cp -f "$(dirname "$J")/llama-runs.log" "$OUT/"
   [ -f "$W/build.log" ] && tail -150 "$W/build.log" > "$OUT/build.log"
 }
@@ -72,7 +83,8 @@ llama() {  # llama.cpp's runs, if built and converted
 }
 
 [ "$PHASE" = build ] && rm -f "$J" "$(dirname "$J")/llama-runs.log"
-python3 -c "from pathlib import Path; from benchmarks.peers.record import load, save; p=Path('$J'); save(p, load(p))"
+[ "$PHASE" = moeflow ] && rm -f "$J"
+python3 -c "from pathlib import Path; from benchmarks.peers.record import load, save; p=Path('$J'); r=load(p); r.setdefault('command', 'bash benchmarks/peers/run_h200.sh $PHASE'); save(p, r)"
 record "gpu" "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
 record "nvcc" "$(nvcc --version 2>&1 | tail -2 | tr '\n' ' ')"
 
@@ -101,6 +113,21 @@ if [ "$PHASE" = build ]; then
   # PEERS_BUILD_ONLY=1: something else uses the GPU meanwhile (gpu_decode_h200.sh buildtests), so time nothing here
   if [ "${PEERS_BUILD_ONLY:-0}" = 0 ] && [ "$(left)" -ge 150 ]; then llama; else say "llama.cpp runs left to the run phase ($(left) s left)"; fi
   say "phase build done; now call the run phase at once (the machine stays warm ~30 s)"
+  exit 0
+fi
+
+if [ "$PHASE" = moeflow ]; then  # moeflow alone, under the peers' budgets (moeflow_runs.py), into a fresh file
+  say "phase moeflow: expect synth ~45 s if the checkpoint is not in /dev/shm, replayed routing ~3-3.5 min, own routing ~1.5-2 min; deadline in $(left) s"
+  synth
+  if [ ! -f $M/config.json ]; then skip moeflow "no checkpoint: $(tail -c 300 "$W/synth.log")"; exit 0; fi
+  say "moeflow, replayed routing: lru, lfu, expertflow, moe-infinity at $FRACTIONS, batch 1 and 8 (nothing new after $(upto 150) s)"
+  timeout -k 5 "$(upto 150)" python3 benchmarks/peers/moeflow_runs.py --model $M --trace benchmarks/traces/demo-eval.npz \
+    --out $J --fractions $FRACTIONS --batches 1,8 --requests 8 --gen 24 --deadline $((DEADLINE - 150)) $XARGS 2>&1 | grep -v Warn | tee -a "$LOG"
+  save
+  say "moeflow, the checkpoint's own routing: lru at 1.0 (every expert resident, no budget), $FRACTIONS, batch 1 and 8"
+  timeout -k 5 "$(upto 3)" python3 benchmarks/peers/moeflow_runs.py --model $M --routing own --out $J --policies lru \
+    --fractions 1.0,$FRACTIONS --batches 1,8 --requests 8 --prompt 512 --gen 64 --deadline "$DEADLINE" $XARGS 2>&1 | grep -v Warn | tee -a "$LOG"
+  say "phase moeflow done"
   exit 0
 fi
 

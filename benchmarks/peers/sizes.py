@@ -1,6 +1,6 @@
 """Byte counts of a Hugging Face MoE checkpoint read from its safetensors headers (no weights loaded): the dense
 weights, the routed experts, and the layer count, which fix what a GPU budget of "dense + a fraction of the
-experts" is in bytes for every peer alike."""
+experts" is in bytes for every peer alike; and, from the config, how many KV-cache values one token adds."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ class CheckpointSizes:
     num_experts: int
     dense_bytes: int
     expert_bytes_total: int
+    kv_values_per_token: int = 0
+    """Keys and values one token adds to the KV cache over every layer (2 x layers x KV heads x head size)."""
 
     @property
     def expert_bytes(self) -> int:
@@ -47,4 +49,8 @@ def checkpoint_sizes(model: Path) -> CheckpointSizes:
                 routed += end - start
             else:
                 dense += end - start
-    return CheckpointSizes(int(config["num_hidden_layers"]), int(experts), dense, routed)
+    layers = int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv = 2 * layers * int(config.get("num_key_value_heads") or heads) * int(head_dim)
+    return CheckpointSizes(layers, int(experts), dense, routed, kv)

@@ -12,7 +12,8 @@
 #   tests      the GPU tests ($GPU_TESTS to choose; default: all the GPU test files)
 #   ttft       resident_step.py --ttft-only: time to first token, prefill through the slot table (each tile option)
 #              and eager, 128/512/2048 tokens, against transformers                                 (~90 s)
-#   serve      benchmarks/serve_throughput.py: 32 streams against LLM.generate at batch 32 (issue 13) (~150 s)
+#   serve      benchmarks/serve_throughput.py: 32 streams against LLM.generate at batch 32 (issue 13); two warm-ups
+#              compile the step for both batch shapes (~60-90 s each)                                (~300 s)
 #   mixtral    Mixtral geometry (first 8 layers), the real Mixtral trace, batch 1 (carry .data/traces after
 #              `moeflow trace-import`; its synth starts in the background at the call's start)     (~350 s)
 #   quant      quantised experts (issue 14): bf16 / int4 / fp8 rows at 10% and 25%, batch 1 and 8, LRU and
@@ -66,7 +67,7 @@ elif [ "$STAGE" = ttft ]; then
     --out "$OUT/ttft-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -24
 elif [ "$STAGE" = serve ]; then
   synth
-  timeout "$(cap 240)" python3 benchmarks/serve_throughput.py --model $M --trace $T/demo-eval.npz \
+  timeout "$(cap 330)" python3 benchmarks/serve_throughput.py --model $M --trace $T/demo-eval.npz \
     --out "$OUT/serve-throughput-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -16
 elif [ "$STAGE" = quant ]; then
   synth

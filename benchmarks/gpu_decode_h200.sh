@@ -9,7 +9,14 @@
 #   bash benchmarks/gpu_decode_h200.sh tests      # the GPU tests alone
 #   bash benchmarks/gpu_decode_h200.sh mixtral    # Mixtral geometry (first 8 layers), the real Mixtral trace, batch 1
 #   bash benchmarks/gpu_decode_h200.sh quant      # quantised experts (issue 14): bf16 / int4 / fp8 rows at 10% and 25%,
-#       # batch 1 and 8, LRU and ExpertFlow, in decode-floor-quant-h200.json (rows carry expert_dtype)
+#       # batch 1 and 8, LRU and ExpertFlow, in decode-floor-quant-h200.json (rows carry expert_dtype); int4 and fp8
+#       # first get a kernel stage of the quantised kernel (benchmarks/kernel_tiles.py QUANT_VARIANTS, 5 tile options;
+#       # bf16 keeps slot_kernel.BLOCKS, the floor stage's choice); load_s_by_dtype: engine build (GPU quant fit incl.)
+#       # Time estimate, from the floor stage (decode-floor-h200.json: a bf16 load, a 9-option kernel stage and 20 runs
+#       # in ~360 s, i.e. ~15 s a run with its warm-up and graph captures, 2-8 s of it decode): bf16 10 runs ~150 s;
+#       # int4 / fp8 10 runs each ~120 s (fewer bytes per miss), a load with the GPU fit ~30 s and a kernel stage ~20 s
+#       # each: ~490 s, less ~25 s of decode at --max-tokens 24: ~465 s, + synth ~20 s on a fresh machine (850 MB/s).
+#       # Not measured yet: --budget-s 460 starts no row after 460 s, so the JSON is whole before the timeout
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -40,9 +47,9 @@ elif [ "$STAGE" = floor ]; then
     --blocks "$OUT/decode-floor-h200.json" --out "$OUT/resident-step-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -8
 elif [ "$STAGE" = quant ]; then
   synth
-  timeout 560 python3 benchmarks/decode_floor.py --model $M --trace $T/demo-eval.npz --expert-dtypes bf16,int4,fp8 \
-    --fractions 0.1,0.25 --policies lru,expertflow --no-kernel-stage --out "$OUT/decode-floor-quant-h200.json" \
-    2>&1 | grep -v Warn | cut -c1-240 | tail -30
+  timeout 540 python3 benchmarks/decode_floor.py --model $M --trace $T/demo-eval.npz --expert-dtypes bf16,int4,fp8 \
+    --kernel-dtypes int4,fp8 --fractions 0.1,0.25 --policies lru,expertflow --max-tokens 24 --budget-s 460 \
+    --out "$OUT/decode-floor-quant-h200.json" 2>&1 | grep -v Warn | cut -c1-240 | tail -60
 elif [ "$STAGE" = mixtral ]; then
   X=/dev/shm/mixtral8
   timeout 200 python3 -m moeflow synth --like mixtral --layers 8 --out $X > "$OUT/synth-mixtral.log" 2>&1; tail -1 "$OUT/synth-mixtral.log"

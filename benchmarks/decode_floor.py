@@ -4,8 +4,10 @@ For each configuration: the measured decode ms/token (prefill excluded) with rou
 and two floors computed in the same run from the measured host->device bandwidth and the all-resident step time:
 the policy's own floor (its bytes moved per token / bandwidth + resident time) and Belady's floor (the bytes the
 offline optimum would move for the same steps, batched as the engine batched them, / bandwidth + resident time).
-A kernel stage first times tile options of the slot-table experts kernel over every layer (from slots); the
-steps then run the fastest option of their batch size.
+A kernel stage first times tile options of the slot-table experts kernel over every layer (from slots,
+``benchmarks/kernel_tiles.py``; for each quantised dtype its own kernel and options); the steps then run the fastest
+option of their batch size. ``load_s_by_dtype``: wall seconds of building the engine (quantising every expert
+included, on the GPU), ``kernel_s_by_dtype``: of the kernel stage.
 
     python benchmarks/decode_floor.py --model /dev/shm/olmoe --trace benchmarks/traces/demo-eval.npz \
         --out benchmarks/results/decode-floor-h200.json
@@ -20,89 +22,16 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common import graph_ms, h2d_bandwidth
+from benchmarks.common import h2d_bandwidth
+from benchmarks.kernel_tiles import kernel_stage
 from benchmarks.policy_decode import TimedLLM, requests_of, run
 from moeflow.routing.trace import Trace
-
-VARIANTS = [
-    {
-        "BLOCK_N": 32,
-        "BLOCK_D": 64,
-        "num_warps": 2,
-        "num_stages": 4,
-    },  # the default before this kernel stage chose 64x128
-    {"BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 2, "num_stages": 4, "COMPACT": 1},
-    {"BLOCK_N": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 4, "COMPACT": 1},
-    {"BLOCK_N": 64, "BLOCK_D": 128, "num_warps": 4, "num_stages": 4, "COMPACT": 1},
-    {"BLOCK_N": 16, "BLOCK_D": 256, "num_warps": 4, "num_stages": 4, "COMPACT": 1},
-    {"BLOCK_N": 32, "BLOCK_D": 256, "num_warps": 4, "num_stages": 3, "COMPACT": 1},
-    {"BLOCK_N": 64, "BLOCK_D": 256, "num_warps": 8, "num_stages": 3, "COMPACT": 1},
-    {"BLOCK_N": 16, "BLOCK_D": 128, "num_warps": 2, "num_stages": 6, "COMPACT": 1},
-    {"BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 4, "COMPACT": 1},
-]
-
-
-def kernel_stage(llm: TimedLLM, batches: list[int]) -> tuple[dict[int, dict], list[dict]]:
-    """Time both projections of the slot-table kernel over every layer, every expert read from its slot, inside a
-    CUDA graph, for each tile option and batch size. A replay reads each layer's own experts (far more bytes than
-    the L2 cache holds), as a decode step does, so the L2 cache does not flatter small tiles. Returns the fastest
-    option per batch size and all rows. (Reads from host are bound by the link whatever the tiles: 50.5-51.2 GB/s
-    for every option, decode-floor-h200-compile-in-timing.json.)"""
-    from moeflow.experts.slot_experts import group_pairs
-
-    t, lm = llm.static.table.tensors, llm.loaded
-    num_layers, e, k = len(lm.layers), lm.num_experts, lm.top_k
-    first = next(p for p in lm.layout.params if p.name == "gate_up_proj")
-    down = next(p for p in lm.layout.params if p.name == "down_proj")
-    (n1, d1), (n2, d2) = first.shape, down.shape
-    saved = t.table.clone()
-    keys = torch.arange(num_layers * e, dtype=torch.int32, device="cuda")
-    t.table.copy_((keys % t.pool.shape[0]).view(num_layers, e))
-    t.cand.fill_(-1)  # no fills: time the reads alone
-    rows, best = [], {}
-    for batch in batches:
-        layers, distinct = [], 0
-        for layer in range(num_layers):
-            ids = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(batch)])
-            layers.append(group_pairs(t, layer, ids, None))
-            distinct += len(set(ids.flatten().tolist()))
-        x = torch.randn(batch, d1, device="cuda").to(lm.dtype)
-        h = torch.randn(batch * k, d2, device="cuda").to(lm.dtype)
-        y1 = torch.empty(batch * k, n1, device="cuda", dtype=lm.dtype)
-        y2 = torch.zeros(batch * k, n2, device="cuda", dtype=lm.dtype)
-        nbytes = distinct * (n1 * d1 + n2 * d2) * lm.dtype.itemsize
-
-        for v in VARIANTS:
-            try:
-                ms = graph_ms(lambda v=v, a=(layers, x, h, y1, y2): _projections(t, *a, first, down, k, v))
-            except Exception as err:  # e.g. a tile that needs more shared memory than an SM has
-                rows.append({"batch": batch, **v, "error": f"{type(err).__name__}: {str(err)[:160]}"})
-                continue
-            rows.append({"batch": batch, **v, "ms": ms, "GBps": nbytes / ms / 1e6, "layers": num_layers})
-            print(json.dumps(rows[-1]), flush=True)
-            if ms < best.get(batch, (float("inf"), {}))[0]:
-                best[batch] = (ms, v)
-    t.table.copy_(saved)
-    return {b: v for b, (_, v) in best.items()}, rows
-
-
-def _projections(t, layers, x, h, y1, y2, first, down, k: int, v: dict) -> None:
-    """Both projections of every layer through the slot-table kernel (the kernel stage's timed step)."""
-    from moeflow.experts.slot_kernel import slot_linear
-
-    (_, d1), (_, d2) = first.shape, down.shape
-    for groups, slot, claim in layers:
-        slot_linear(
-            x, y1, groups, slot, claim, t.pool, t.host, 0, (first.offset, d1, 1), None, k, False, False, v
-        )
-        slot_linear(
-            h, y2, groups, slot, claim, t.pool, t.host, 0, (down.offset, d2, 1), None, k, True, False, v
-        )
 
 
 def belady_misses(steps: list[list[set[int]]], slots: int, counted: list[bool]) -> int:
@@ -170,6 +99,14 @@ def main() -> None:
     )
     ap.add_argument("--no-kernel-stage", action="store_true")
     ap.add_argument(
+        "--kernel-dtypes",
+        default="",
+        help="expert dtypes that get a kernel stage (default: all of --expert-dtypes)",
+    )
+    ap.add_argument(
+        "--budget-s", type=float, default=0, help="start no row after this many seconds (0: no limit)"
+    )
+    ap.add_argument(
         "--device", default="cuda", help="cpu: a check of the script (--decode static), not a timing"
     )
     ap.add_argument("--out", required=True)
@@ -188,35 +125,54 @@ def main() -> None:
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "geometry": args.geometry, "trace": args.trace, "decode": args.decode, "expert_bytes": 0,
         "requests": len(reqs), "h2d_GBps": (h2d_bandwidth() if args.device == "cuda" else 52e9) / 1e9, "resident_ms": {}, "resident_ms_by_dtype": {},
-        "kernel": [], "runs": [],
+        "kernel": [], "runs": [], "load_s_by_dtype": {}, "kernel_s_by_dtype": {}, "blocks_by_dtype": {},
     }  # fmt: skip
+    args.start = time.perf_counter()
     for dtype in args.expert_dtypes.split(","):
+        if past_budget(args):
+            result.setdefault("skipped", []).append(f"{dtype}: every row")
+            continue
         measure(args, trace, reqs, dtype, result)
         if args.device == "cuda":
             torch.cuda.empty_cache()
+    result["wall_s"] = time.perf_counter() - args.start
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+def past_budget(args: argparse.Namespace) -> bool:
+    """More than ``--budget-s`` seconds since the start (a row started now might not finish within the call)."""
+    return bool(args.budget_s) and time.perf_counter() - args.start > args.budget_s
 
 
 def measure(args: argparse.Namespace, trace: Trace, reqs: list, dtype: str, result: dict) -> None:
-    """The kernel stage (full precision only), the resident step and every (fraction, batch, policy) row of one
-    expert dtype, appended to ``result`` and written to ``--out`` after each row."""
+    """The kernel stage, the resident step and every (fraction, batch, policy) row of one expert dtype, appended to
+    ``result`` and written to ``--out`` after each row."""
     quant = (
         {} if dtype == "bf16" else {"expert_dtype": dtype}
     )  # bf16: the checkpoint's own experts, as stored
+    t0 = time.perf_counter()
     llm = TimedLLM(args.model, device=args.device, replay=trace, progress=False, decode=args.decode, **quant)
+    result["load_s_by_dtype"][dtype] = time.perf_counter() - t0
+    print("load", dtype, f"{result['load_s_by_dtype'][dtype]:.1f} s", flush=True)
     info, bw, out = llm.info, result["h2d_GBps"] * 1e9, Path(args.out)
     total = info.num_layers * info.num_experts
     batches = [int(b) for b in args.batches.split(",")]
     if dtype == "bf16":
         result["expert_bytes"] = info.expert_bytes
     best: dict[int, dict] = {}
-    if dtype == "bf16" and not args.no_kernel_stage and llm.static is not None and args.device == "cuda":
+    staged = args.kernel_dtypes.split(",") if args.kernel_dtypes else args.expert_dtypes.split(",")
+    if dtype in staged and not args.no_kernel_stage and llm.static is not None and args.device == "cuda":
+        t0 = time.perf_counter()
         try:
-            best, result["kernel"] = kernel_stage(llm, batches)
-            result["blocks"] = {
-                str(b): v for b, v in best.items()
-            }  # the steps below run the fastest per batch
+            best, rows = kernel_stage(llm, batches, dtype)
+            result["kernel"] += rows
+            # the rows below run these
+            result["blocks_by_dtype"][dtype] = {str(b): v for b, v in best.items()}
+            if dtype == "bf16":
+                result["blocks"] = result["blocks_by_dtype"][dtype]  # resident_step.py --blocks reads these
         except Exception as err:  # the floor runs anyway, with the default tiles
-            result.setdefault("errors", []).append(f"kernel stage: {type(err).__name__}: {err}")
+            result.setdefault("errors", []).append(f"{dtype} kernel stage: {type(err).__name__}: {err}")
+        result["kernel_s_by_dtype"][dtype] = time.perf_counter() - t0
 
     def warm(policy: str, slots: int, batch: int) -> None:
         """Compile the kernels for this shape (Triton specialises on batch and pool sizes) on a short run, then
@@ -243,6 +199,10 @@ def measure(args: argparse.Namespace, trace: Trace, reqs: list, dtype: str, resu
             bel_bytes = belady_misses(steps, slots, decode) * info.expert_bytes
             resident = resident_ms[str(batch)]
             for policy in args.policies.split(","):
+                if past_budget(args):
+                    result.setdefault("skipped", []).append(f"{dtype} {policy} {frac} {batch}")
+                    print("past --budget-s, skipped:", result["skipped"][-1], flush=True)
+                    continue
                 try:
                     warm(policy, slots, batch)
                     row = run(llm, reqs, batch, bw)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import event_ms, graph_ms
-from benchmarks.decode_floor import VARIANTS
+from benchmarks.kernel_tiles import VARIANTS
 from benchmarks.policy_decode import TimedLLM, requests_of, run
 from moeflow.routing.trace import Trace
 

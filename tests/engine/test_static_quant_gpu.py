@@ -1,6 +1,7 @@
 """On a CUDA device, quantised experts (fp8, int8, int4, int2): the captured-graph decode (the quantised slot kernel
 of ``slot_kernel_quant.py``, zero-copy misses of quantised bytes, read-through fills) gives the eager CUDA decode's
-tokens with the same ``expert_dtype``, and the kernel equals the torch reference, fills included."""
+tokens with the same ``expert_dtype``, and the kernel equals the torch reference, fills included, at several tiles
+(COMPACT among them). The experts are quantised on the GPU at load (``RowCodec.encode_many``'s ``device``)."""
 
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ def test_quant_slot_kernel_matches_reference_and_fills(
     biased_gpt_oss: Path, fmt: str, dtype: torch.dtype
 ) -> None:
     """Random routing over a pool where some experts are resident and some are read from host: the Triton kernel
-    and the torch reference give the same output, serve and fill the same experts, and a filled slot holds the
-    expert's quantised bytes."""
+    (default tiles, and wider ones with COMPACT) and the torch reference give the same output, serve and fill the
+    same experts, and a filled slot holds the expert's quantised bytes."""
     from moeflow.experts.slot_experts import slot_experts_forward
 
     llm = LLM(biased_gpt_oss, device="cuda", dtype="float32" if dtype == torch.float32 else "bfloat16",
@@ -61,7 +62,10 @@ def test_quant_slot_kernel_matches_reference_and_fills(
     t, codec, host_pool = llm.static.table.tensors, llm.store.codec, llm.store.host
     module = llm.loaded.layers[1].module
     gen = torch.Generator(device="cuda").manual_seed(1)
-    for batch in (1, 5, 40):  # 40 tokens: experts with more pairs than one BLOCK_M
+    tiles = (None, {"BLOCK_N": 64, "BLOCK_D": 128, "num_warps": 4, "COMPACT": 1},
+             {"BLOCK_N": 32, "BLOCK_D": 256, "num_warps": 4, "num_stages": 3, "COMPACT": 1})  # fmt: skip
+    # 40 tokens: experts with more pairs than one BLOCK_M
+    for batch, blocks in ((b, v) for b in (1, 5, 40) for v in tiles):
         t.pool.zero_()
         t.table.fill_(-1)
         t.table[1, :3] = torch.tensor([0, 1, 2], dtype=torch.int32)  # experts 0-2 resident in slots 0-2
@@ -77,7 +81,7 @@ def test_quant_slot_kernel_matches_reference_and_fills(
             t.taken.zero_()
             t.pool[4:].zero_()
             src = t if not reference else dataclasses.replace(t, host=None)
-            y = slot_experts_forward(module, src, 1, hidden, ids, w, None, codec=codec)
+            y = slot_experts_forward(module, src, 1, hidden, ids, w, None, blocks=blocks, codec=codec)
             outs.append((y, t.served[1].clone(), t.filled[1].clone(), t.pool[4:].clone()))
         (y, served, filled, pool), (y_ref, served_ref, filled_ref, pool_ref) = outs
         tol = 1e-4 if dtype == torch.float32 else 2e-2

@@ -69,18 +69,27 @@ SCRIPT = textwrap.dedent(
 
     torch.manual_seed(0)
     L, E, K, T, S = 2, 4, 2, 40, 6
-    cases = [(fmt, 160, 24, True, 64) for fmt in ("fp8", "int4", "int8", "int2")]
-    cases += [("int4", 128, 32, False, 64), ("fp8", 128, 32, False, 32), ("int2", 96, 16, True, 64)]
+    every = tuple(range(E))
+    cases = [(fmt, 160, 24, True, {"BLOCK_D": 64}, T, every) for fmt in ("fp8", "int4", "int8", "int2")]
+    cases += [("int4", 128, 32, False, {"BLOCK_D": 64}, T, every),
+              ("fp8", 128, 32, False, {"BLOCK_D": 32}, T, every), ("int2", 96, 16, True, {"BLOCK_D": 64}, T, every)]
+    # COMPACT (programs for the used experts only; one token: 2 pairs, fewer programs than experts) and tiles
+    # wider than a group or than the inputs (BLOCK_D 256 over 160 inputs), narrow and wide in N
+    cases += [("int4", 160, 24, True, {"BLOCK_D": 128, "BLOCK_N": 16, "COMPACT": 1}, 1, (1, 2)),
+              ("int2", 96, 16, True, {"BLOCK_D": 64, "BLOCK_N": 64, "COMPACT": 1}, 5, (1, 2, 3)),
+              ("fp8", 160, 24, False, {"BLOCK_D": 256, "BLOCK_N": 32, "COMPACT": 1, "num_warps": 4}, T, every),
+              ("int8", 128, 32, True, {"BLOCK_D": 32, "BLOCK_N": 32, "BLOCK_M": 32, "COMPACT": 1}, 3, (1, 3))]
     for dtype in (torch.float32, torch.float16):  # the interpreter computes bf16 dots wrongly (GPU tests: bf16)
-        for fmt, h, i, bias, block_d in cases:
+        for fmt, h, i, bias, blocks, t, used in cases:
             lay = layout(h, i, bias)
             codec = RowCodec(lay, FORMATS[fmt])
             host = codec.encode_many(torch.randn(L * E, lay.numel) * 0.1)
             layer = 1
             slot = torch.tensor([2, -1, 0, -1], dtype=torch.int32)  # experts 0 and 2 resident, 1 and 3 from host
             claim = torch.tensor([-1, 4, -1, -1], dtype=torch.int32)  # expert 1 fills slot 4
-            hidden = torch.randn(T, h).to(dtype)
-            ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+            hidden = torch.randn(t, h).to(dtype)
+            pick = torch.tensor(used)
+            ids = torch.stack([pick[torch.randperm(len(used))[:K]] for _ in range(t)])
             groups = groups_of(ids, E)
             outs = []
             for use_kernel in (False, True):
@@ -92,9 +101,9 @@ SCRIPT = textwrap.dedent(
                     q = quant_proj(codec, name)
                     b_off = raw_offset(codec, b if bias else None)
                     if use_kernel:
-                        y = (torch.zeros if pair_rows else torch.empty)(T * K, q.n, dtype=dtype)
+                        y = (torch.zeros if pair_rows else torch.empty)(t * K, q.n, dtype=dtype)
                         kernel(x, y, groups, slot, claim, pool, host, layer * E, q, b_off, K, pair_rows, True,
-                               {"BLOCK_D": block_d})
+                               blocks)
                     else:
                         y = op(x, *groups, slot, claim, pool, host, layer * E, q.as_list(),
                                -1 if b_off is None else b_off, K, pair_rows, True, [])
@@ -104,7 +113,7 @@ SCRIPT = textwrap.dedent(
             tol = 1e-5 if dtype == torch.float32 else 3e-2
             torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol, atol=tol)
             assert y_ref.abs().max() > 0.01
-            assert torch.equal(pool, pool_ref), fmt
+            assert torch.equal(pool, pool_ref), (fmt, blocks)
             assert torch.equal(pool[4], host[layer * E + 1]) and not pool[[1, 3, 5]].any(), fmt
     print("ok")
     """
@@ -114,3 +123,18 @@ SCRIPT = textwrap.dedent(
 @needs_triton
 def test_quant_kernel_equals_torch_reference() -> None:
     run_interpreted(SCRIPT)
+
+
+@needs_triton
+def test_tiles_a_format_cannot_run_are_refused() -> None:
+    """Tiles meant for the full-precision kernel reach this one too (one ``blocks`` dict): a BLOCK_D holding fewer
+    than 16 code bytes per output, or a tile that is no power of two, is a ValueError, not a wrong result."""
+    from moeflow.experts.slot_kernel_quant import BLOCKS, options
+
+    lay = layout(128, 32, bias=False)
+    int2, int4 = (quant_proj(RowCodec(lay, FORMATS[f]), "gate_up_proj") for f in ("int2", "int4"))
+    assert options(int4, {"BLOCK_D": 32, "COMPACT": 1}) == {**BLOCKS, "BLOCK_D": 32, "COMPACT": 1}
+    with pytest.raises(ValueError, match="BLOCK_D >= 64 for int2"):
+        options(int2, {"BLOCK_D": 32})
+    with pytest.raises(ValueError, match="BLOCK_N 24 must be a power of two"):
+        options(int4, {"BLOCK_N": 24})

@@ -24,8 +24,9 @@ from moeflow.experts.claims import route_layer
 from moeflow.experts.quant_proj import QuantProj, project_quant
 
 BLOCK_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages", "COMPACT")
-"""The kernel options ``slot_linear`` takes as a list of ints (a custom op takes no dicts), in this order; -1 (or
-an empty list) keeps ``slot_kernel.BLOCKS``."""
+"""The kernel options ``slot_linear`` and ``slot_linear_quant`` take as a list of ints (a custom op takes no dicts),
+in this order; -1 (or an empty list) keeps the kernel's own default (``slot_kernel.BLOCKS``,
+``slot_kernel_quant.BLOCKS``). One list serves both kernels; the quantised one refuses a tile its format cannot run."""
 
 
 @torch.library.custom_op("moeflow::route", mutates_args=("taken", "served", "filled", "scratch"))

@@ -22,16 +22,19 @@ def preload_quantised(
     loaded: LoadedModel, host: torch.Tensor, host_row: OrderedDict[Key, int], progress: bool
 ) -> int:
     """Every expert quantised once into ``host`` (row l*E+e), a layer at a time (the fit runs over a layer's
-    experts together); returns the bytes read from disk."""
+    experts together, in chunks, on the model's GPU when it has one); returns the bytes read from disk."""
     codec = loaded.codecs.host
     num_experts, experts = loaded.num_experts, list(range(loaded.num_experts))
     name = codec.fmt.name if codec is not None else ""
+    where = " (fit on the GPU)" if loaded.device.type == "cuda" else ""
     read = 0
-    for layer in tqdm(range(len(loaded.layers)), desc=f"experts -> {name} in host RAM", unit="layer",
+    for layer in tqdm(range(len(loaded.layers)), desc=f"experts -> {name} in host RAM{where}", unit="layer",
                       disable=not progress, leave=False):  # fmt: skip
         first = layer * num_experts
         read += read_rows(loaded, layer, experts, host[first : first + num_experts], codec)
         host_row.update(((layer, e), first + e) for e in experts)
+    if where:
+        torch.cuda.empty_cache()  # the fit's temporaries: give them back before the KV cache and graphs are sized
     return read
 
 

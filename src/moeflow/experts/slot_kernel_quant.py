@@ -3,10 +3,11 @@
 program structure, reading each weight as its :class:`~moeflow.quant.row.RowCodec` bytes and dequantising them in
 registers before ``tl.dot``.
 
-Program ``(e, n-block)`` serves expert ``e`` for all its routed pairs: the row comes from its device slot
-(``table[e] >= 0``) or zero-copy from the pinned host pool (a byte offset from the slot pool's base), so a miss
-moves the quantised bytes over the link, not the full-precision ones; a missed expert with a claimed slot has the
-raw bytes it read (codes, scales, zero points, bias) written into that slot (read-through fill).
+Program ``(e, n-block)`` serves expert ``e`` (with ``COMPACT``: the e-th used expert) for all its routed pairs: the
+row comes from its device slot (``table[e] >= 0``) or zero-copy from the pinned host pool (a byte offset from the
+slot pool's base), so a miss moves the quantised bytes over the link, not the full-precision ones; a missed expert
+with a claimed slot has the raw bytes it read (codes, scales, zero points, bias) written into that slot
+(read-through fill).
 
 Layout (see :mod:`moeflow.experts.quant_proj`): weight (n, d) is code ``n * D + d``; ``PER = 8 // BITS`` codes per
 byte, code ``j`` of a byte in bits ``[j * BITS, (j + 1) * BITS)``. A D-tile of ``BLOCK_D`` inputs is read as
@@ -48,6 +49,7 @@ def _slot_linear_quant(
     K,
     GROUP,
     G,
+    E,
     D: tl.constexpr,  # constexpr: a static loop bound (pipelined; Triton's interpreter runs it)
     FP8: tl.constexpr,
     BITS: tl.constexpr,
@@ -57,15 +59,24 @@ def _slot_linear_quant(
     ONE_GROUP: tl.constexpr,
     PAIR_ROWS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    COMPACT: tl.constexpr,
+    E_POW2: tl.constexpr,
     FILL: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    e = tl.program_id(0)
     nb = tl.program_id(1)
-    cnt = tl.load(counts_ptr + e)
+    if COMPACT:  # program i serves the i-th used expert (the grid covers at most P experts, not all E)
+        offs_e = tl.arange(0, E_POW2)
+        used = (tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0) > 0).to(tl.int32)
+        mine = (used > 0) & (tl.cumsum(used, 0) - used == tl.program_id(0))
+        e = tl.sum(tl.where(mine, offs_e, 0))
+        cnt = tl.where(tl.sum(mine.to(tl.int32)) > 0, tl.load(counts_ptr + e), 0)
+    else:
+        e = tl.program_id(0)
+        cnt = tl.load(counts_ptr + e)
     if cnt > 0:
         start = tl.load(starts_ptr + e)
         slot = tl.load(slot_ptr + e).to(tl.int64)
@@ -158,9 +169,33 @@ def _slot_linear_quant(
             m0 += BLOCK_M
 
 
-BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 2, "num_stages": 4}
-"""Tile sizes and launch options (the full-precision kernel's former defaults, not yet tuned for quantised rows;
-this kernel has no ``COMPACT`` launch, so that option of the full-precision kernel is ignored here)."""
+BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 2, "num_stages": 4, "COMPACT": 0}
+"""Tile sizes and launch options, the keys of the full-precision kernel's ``slot_kernel.BLOCKS`` (so one ``blocks``
+dict serves both): the full-precision kernel's former defaults, not yet tuned for quantised rows (at int4 a 64-input
+tile reads 32 bytes per output row). ``COMPACT`` (1) launches programs for at most P experts, each finding its used
+expert by a prefix sum over the counts, as the full-precision kernel does."""
+
+
+def options(q: QuantProj, blocks: dict | None) -> dict:
+    """``BLOCKS`` updated with ``blocks`` (e.g. tiles tuned for the full-precision kernel), checked for ``q``'s
+    format: a ValueError names an option this kernel cannot run rather than computing something else."""
+    opts = {**BLOCKS, **(blocks or {})}
+    per = 8 // q.bits
+    name = "fp8" if q.kind == KIND_FP8 else f"int{q.bits}"
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_D"):
+        v = opts[key]
+        if v < 16 or v & (v - 1):
+            raise ValueError(
+                f"quantised slot kernel: {key} {v} must be a power of two of at least 16 (tl.dot)"
+            )
+    if opts["BLOCK_D"] // per < 16:
+        raise ValueError(
+            f"quantised slot kernel: BLOCK_D {opts['BLOCK_D']} holds {opts['BLOCK_D'] // per} bytes of {name} "
+            f"codes per output, tl.dot needs 16: use BLOCK_D >= {16 * per} for {name} rows"
+        )
+    if q.d % per:
+        raise ValueError(f"quantised slot kernel: {q.d} inputs do not pack whole into {name} bytes")
+    return opts
 
 
 def slot_linear_quant(
@@ -180,19 +215,19 @@ def slot_linear_quant(
     blocks: dict | None = None,
 ) -> None:
     order, counts, starts = groups
-    opts = {key: v for key, v in {**BLOCKS, **(blocks or {})}.items() if key != "COMPACT"}
-    per = 8 // q.bits
-    block_d = opts["BLOCK_D"]
+    opts = options(q, blocks)
     assert pool.dtype == torch.uint8 and host.dtype == torch.uint8 and x.shape[1] == q.d and y.shape[1] == q.n
-    assert block_d // per >= 16 and q.d % per == 0, "a D-tile must hold 16 bytes of whole codes"
     delta = host.data_ptr() - pool.data_ptr()
     assert delta % 16 == 0 and pool.stride(0) % 16 == 0, "expert rows must start 16-byte aligned"
-    grid = (counts.shape[0], triton.cdiv(q.n, opts["BLOCK_N"]))
+    num_experts = counts.shape[0]
+    compact = bool(opts.pop("COMPACT"))
+    grid = (min(num_experts, order.shape[0]) if compact else num_experts, triton.cdiv(q.n, opts["BLOCK_N"]))
     _slot_linear_quant[grid](
         x, x.stride(0), y, y.stride(0), order, counts, starts, slot, claim, pool, delta, host_row0,
         pool.stride(0), q.codes, q.scale, max(q.zero, 0), bias_off if bias_off is not None else 0,
-        q.n, k, q.group, q.groups, D=q.d, FP8=q.kind == KIND_FP8, BITS=q.bits, PER=per, MASK=2**q.bits - 1,
-        SCALE_F16=bool(q.scale_f16), ONE_GROUP=q.group % block_d == 0,
-        PAIR_ROWS=pair_rows, HAS_BIAS=bias_off is not None, FILL=fill, IEEE=x.dtype == torch.float32,
+        q.n, k, q.group, q.groups, num_experts, D=q.d, FP8=q.kind == KIND_FP8, BITS=q.bits, PER=8 // q.bits,
+        MASK=2**q.bits - 1, SCALE_F16=bool(q.scale_f16), ONE_GROUP=q.group % opts["BLOCK_D"] == 0,
+        PAIR_ROWS=pair_rows, HAS_BIAS=bias_off is not None, COMPACT=compact,
+        E_POW2=triton.next_power_of_2(num_experts), FILL=fill, IEEE=x.dtype == torch.float32,
         **opts,
     )  # fmt: skip

@@ -16,7 +16,7 @@ import torch
 from moeflow.errors import CheckpointError, ConfigError
 from moeflow.model.stored import Stored, read_stored
 from moeflow.quant.formats import FORMATS
-from moeflow.quant.row import RowCodec
+from moeflow.quant.row import FIT_CHUNK_BYTES, RowCodec
 
 if TYPE_CHECKING:
     from moeflow.model.layout import ExpertLayout
@@ -100,17 +100,22 @@ def read_row(lm: LoadedModel, layer: int, e: int, out: torch.Tensor, codec: RowC
 def read_rows(
     lm: LoadedModel, layer: int, experts: list[int], out: torch.Tensor, codec: RowCodec | None
 ) -> int:
-    """:func:`read_row` for several experts of one layer into ``out`` [n, row]; a quantisation fit runs over all of
-    them at once (much faster than one by one). Returns the bytes read."""
+    """:func:`read_row` for several experts of one layer into ``out`` [n, row]; a quantisation fit runs over as many
+    of them at once as ``FIT_CHUNK_BYTES`` of float32 weights allow (much faster than one by one), on the model's
+    device when that is a GPU (the rows copied back into ``out``). Returns the bytes read."""
     own = lm.codecs.stored
     if codec is None or codec is own:
         return sum(read_row(lm, layer, e, out[i], codec) for i, e in enumerate(experts))
-    full = torch.empty(len(experts), lm.layout.numel, dtype=torch.float32)
-    if own is None:
-        nbytes = sum(lm.read_full(layer, e, full[i]) for i, e in enumerate(experts))
-    else:
-        raw = torch.zeros(len(experts), own.nbytes, dtype=torch.uint8)
-        nbytes = sum(read_stored(lm, own, layer, e, raw[i]) for i, e in enumerate(experts))
-        full = own.decode(raw, torch.float32)
-    codec.encode_many(full, out)
+    device = lm.device if lm.device.type == "cuda" else None
+    step, nbytes = max(1, FIT_CHUNK_BYTES // (lm.layout.numel * 4)), 0
+    for first in range(0, len(experts), step):
+        chunk = experts[first : first + step]
+        full = torch.empty(len(chunk), lm.layout.numel, dtype=torch.float32)
+        if own is None:
+            nbytes += sum(lm.read_full(layer, e, full[i]) for i, e in enumerate(chunk))
+        else:
+            raw = torch.zeros(len(chunk), own.nbytes, dtype=torch.uint8)
+            nbytes += sum(read_stored(lm, own, layer, e, raw[i]) for i, e in enumerate(chunk))
+            full = own.decode(raw, torch.float32)
+        codec.encode_many(full, out[first : first + len(chunk)], device=device)
     return nbytes

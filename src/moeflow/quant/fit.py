@@ -33,7 +33,8 @@ def fit_int(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tens
     """[N, D] -> codes uint8 [N, D], scale and offset [N, D // g] (``fmt.param_dtype``)."""
     n, d = w.shape
     g = group_of(fmt, d)
-    x = w.detach().to(torch.float32).reshape(-1, g)  # [M, g] one group per row
+    # [M, g] one group per row, contiguous: sums over a strided view run in another order (other last bits)
+    x = w.detach().to(torch.float32).reshape(-1, g).contiguous()
     levels = fmt.levels
     lo, hi = x.amin(1), x.amax(1)
     mid, half = (hi + lo) / 2, (hi - lo) / 2
@@ -127,7 +128,7 @@ def fit_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     )
     exp = exp.clamp(-127, 127)
     y = x / torch.exp2(exp)[..., None]
-    magnitudes = torch.tensor(FP4_VALUES[:8])
+    magnitudes = torch.tensor(FP4_VALUES[:8], device=x.device)
     idx = (y.abs()[..., None] - magnitudes).abs().argmin(-1)  # nearest magnitude (ties: the smaller code)
     codes = (idx + 8 * (y < 0)).to(torch.uint8).view(n, d)
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)

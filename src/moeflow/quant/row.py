@@ -9,6 +9,8 @@ rows of the model's :class:`~moeflow.model.layout.ExpertLayout`, so the expert f
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,6 +19,13 @@ import torch
 from moeflow.quant import fit
 from moeflow.quant.formats import QuantFormat, group_of
 from moeflow.quant.pack import pack, packed_bytes, unpack
+
+FIT_CHUNK_BYTES = 256 << 20
+"""Most float32 weight bytes one quantisation fit takes at once: bounds the memory of quantising experts at load
+(the integer fit's temporaries peak near 5x this, ~1.3 GB; MXFP4 is read as stored, not fitted at load). On a GPU
+the slot pool is allocated first; sized automatically it leaves 10% of the free memory plus the 5% KV reserve, ~3 GB
+on a 24 GB card, so a Mixtral-size expert (176M parameters, 704 MB in float32) is fitted in pieces well within that
+(should a hand-sized pool leave less, the fit falls back to the CPU with a warning)."""
 
 if TYPE_CHECKING:  # the model package uses this one, not the other way round
     from moeflow.model.layout import ExpertLayout, ParamSlice
@@ -102,22 +111,45 @@ class RowCodec:
         """One expert's flat full-precision row [numel] -> its quantised row uint8 [nbytes]."""
         return self.encode_many(flat[None], None if out is None else out[None])[0]
 
-    def encode_many(self, flats: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Flat full-precision rows [R, numel] -> quantised rows uint8 [R, nbytes] (fitted together: fast)."""
+    def encode_many(
+        self,
+        flats: torch.Tensor,
+        out: torch.Tensor | None = None,
+        device: torch.device | None = None,
+        chunk_bytes: int = FIT_CHUNK_BYTES,
+    ) -> torch.Tensor:
+        """Flat full-precision rows [R, numel] -> quantised rows uint8 [R, nbytes] (fitted together: fast), a
+        piece of at most ``chunk_bytes`` float32 weights at a time (whole experts, else output rows of one);
+        ``device``: fit there, the pieces copied back into ``out`` (on the CPU), else fit where ``flats`` are."""
         r = flats.shape[0]
         out = torch.zeros(r, self.nbytes, dtype=torch.uint8) if out is None else out
         for c in self.params:
             value = flats[:, c.param.offset : c.param.offset + c.param.numel].reshape(r, *c.param.shape)
-            self.write_many(out, c, self.quantise(c, value))
+            for experts, rows in _chunks(c, r, chunk_bytes):
+                part = value[experts]
+                if rows is not None:
+                    part = part[:, :, rows] if c.transposed else part[:, rows]
+                try:
+                    parts = self.quantise(c, part if device is None else part.to(device))
+                except torch.cuda.OutOfMemoryError:  # a slot pool sized to fill the GPU: fit the rest here
+                    warnings.warn(
+                        f"no GPU memory left for the {self.fmt.name} fit: fitting on the CPU", stacklevel=2
+                    )
+                    device = None
+                    torch.cuda.empty_cache()
+                    parts = self.quantise(c, part)
+                self.write_many(out[experts], c, parts, rows)
         return out
 
     def quantise(self, c: ParamCodec, value: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The pieces of parameter ``c`` holding ``value`` [R, *model shape], each [R, ...]."""
+        """The pieces of parameter ``c`` holding ``value`` [R, *model shape] (or some of its output rows: the
+        stored matrix's N out dimension cut), each [R, ...]."""
         r = value.shape[0]
         if c.fmt is None:
             return {"raw": value.to(torch.float32)}
-        n, d = c.matrix
-        w = (value.transpose(1, 2) if c.transposed else value).reshape(r * n, d)
+        w = value.transpose(1, 2) if c.transposed else value
+        n, d = w.shape[1:]
+        w = w.reshape(r * n, d)
         if c.fmt.kind == "int":
             q, s, m = fit.fit_int(w, c.fmt)
             codes = pack(q.reshape(r, -1), c.fmt.bits, batched=True)
@@ -132,16 +164,20 @@ class RowCodec:
         """Store ``parts`` (piece name -> tensor of the piece's shape, any dtype of its size) into row ``out``."""
         self.write_many(out[None], c, {k: v[None] for k, v in parts.items()})
 
-    def write_many(self, out: torch.Tensor, c: ParamCodec, parts: dict[str, torch.Tensor]) -> None:
-        """:meth:`write` for rows ``out`` [R, nbytes], each part [R, ...]."""
+    def write_many(
+        self, out: torch.Tensor, c: ParamCodec, parts: dict[str, torch.Tensor], rows: slice | None = None
+    ) -> None:
+        """:meth:`write` for rows ``out`` [R, nbytes], each part [R, ...]; ``rows``: the parts hold only these
+        output rows of the stored matrix (a start that is a multiple of 8, so packed codes start a whole byte)."""
         r = out.shape[0]
         for piece in c.pieces:
+            lo, hi = (0, piece.nbytes) if rows is None else _row_bytes(c, piece, rows)
             data = parts[piece.name].to(piece.dtype).contiguous().reshape(r, -1).view(torch.uint8)
-            if data.shape[1] != piece.nbytes:
+            if data.shape[1] != hi - lo:
                 raise ValueError(
-                    f"{c.param.name}.{piece.name}: {data.shape[1]} bytes for a piece of {piece.nbytes}"
+                    f"{c.param.name}.{piece.name}: {data.shape[1]} bytes for a piece of {hi - lo}"
                 )
-            out[:, piece.offset : piece.offset + piece.nbytes].copy_(data)
+            out[:, piece.offset + lo : piece.offset + hi].copy_(data)
 
     # ------------------------------------------------------------------------------------------ decode
     def decode(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -169,6 +205,32 @@ class RowCodec:
         else:
             w = fit.dequant_mxfp4(get["codes"], get["scale"])
         return w.transpose(1, 2) if c.transposed else w
+
+
+def _chunks(c: ParamCodec, r: int, chunk_bytes: int) -> Iterator[tuple[slice, slice | None]]:
+    """(experts, output rows or None for all) of ``c`` in pieces of at most ``chunk_bytes`` float32 weights: whole
+    experts while one fits, else one expert's rows in multiples of 8 (so each piece's packed codes are whole bytes,
+    3-bit words included); at least 8 rows, whatever ``chunk_bytes``."""
+    per_expert = c.param.numel * 4
+    if c.fmt is None or per_expert <= chunk_bytes:
+        step = max(1, chunk_bytes // max(per_expert, 1))
+        yield from ((slice(e, min(e + step, r)), None) for e in range(0, r, step))
+        return
+    n, d = c.matrix
+    step = max(8, chunk_bytes // (d * 4) // 8 * 8)
+    for e in range(r):
+        yield from ((slice(e, e + 1), slice(n0, min(n0 + step, n))) for n0 in range(0, n, step))
+
+
+def _row_bytes(c: ParamCodec, piece: Piece, rows: slice) -> tuple[int, int]:
+    """The byte range of ``piece`` holding output rows ``rows`` of the stored matrix (every piece is row-major in
+    the output rows; integer codes are packed over the flat [N, D] code array)."""
+    n, d = c.matrix
+    assert c.fmt is not None and rows.start % 8 == 0, (c.param.name, rows)
+    if piece.name == "codes" and c.fmt.kind == "int":
+        return packed_bytes(rows.start * d, c.fmt.bits), packed_bytes(rows.stop * d, c.fmt.bits)
+    per_row = piece.nbytes // n
+    return rows.start * per_row, rows.stop * per_row
 
 
 def _view(rows: torch.Tensor, piece: Piece, r: int) -> torch.Tensor:

@@ -75,7 +75,7 @@ elif [ "$STAGE" = serve ]; then
     --out "$OUT/serve-throughput-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -16
 elif [ "$STAGE" = quant ]; then
   synth
-  timeout 540 python3 benchmarks/decode_floor.py --model $M --trace $T/demo-eval.npz --expert-dtypes bf16,int4,fp8 \
+  timeout "$(cap 540)" python3 benchmarks/decode_floor.py --model $M --trace $T/demo-eval.npz --expert-dtypes bf16,int4,fp8 \
     --kernel-dtypes int4,fp8 --fractions 0.1,0.25 --policies lru,expertflow --max-tokens 24 --budget-s 460 \
     --out "$OUT/decode-floor-quant-h200.json" 2>&1 | grep -v Warn | cut -c1-240 | tail -60
 elif [ "$STAGE" = mixtral ]; then

@@ -36,3 +36,19 @@ def test_generate_closes_the_engine_so_the_policy_saves(
     assert main(args + (["--json"] if json_out else [])) == 0
     capsys.readouterr()
     assert out.is_file()
+
+
+def test_prefill_and_decode_flags_reach_the_engine(checkpoints: dict[str, Path]) -> None:
+    """``--decode static --prefill slots`` builds a static decoder whose prompts go through the slot table; the
+    flag defaults to auto."""
+    import argparse
+
+    from moeflow.cli import build_parser
+    from moeflow.cli.run import engine_from_args
+
+    flags = ["generate", "--model", str(checkpoints["olmoe"]), "--device", "cpu", "--prompt", "x"]
+    args = build_parser().parse_args([*flags, "--decode", "static", "--prefill", "slots"])
+    assert isinstance(args, argparse.Namespace)
+    llm = engine_from_args(args)
+    assert llm.static is not None and llm.config.prefill == "slots"
+    assert build_parser().parse_args(flags).prefill == "auto"

@@ -71,6 +71,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="decode eagerly (same as --decode eager; for debugging)",
     )  # fmt: skip
     p.add_argument(
+        "--prefill", default="auto", choices=("auto", "slots", "eager"),
+        help="prompts of a static/graph decoder: slots (the MoE layers through the slot table, no host sync inside "
+        "the prefill), eager (the policy loads before each layer); auto: slots on a GPU whose pool holds every expert",
+    )  # fmt: skip
+    p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None,
         help="torch.compile the static decode step before capturing it (default: on with CUDA graphs)",
     )  # fmt: skip
@@ -110,6 +115,7 @@ def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
         expert_backend=args.expert_backend,
         decode=getattr(args, "decode", "auto"),
         compile=getattr(args, "compile", None),
+        prefill=getattr(args, "prefill", "auto"),
         expert_dtype=getattr(args, "expert_dtype", "auto"),
         miss_dtype=getattr(args, "miss_dtype", "none"),
         progress=sys.stderr.isatty(),

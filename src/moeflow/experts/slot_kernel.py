@@ -16,6 +16,22 @@ import triton.language as tl
 
 
 @triton.jit
+def program_expert(counts_ptr, E, COMPACT: tl.constexpr, E_POW2: tl.constexpr):
+    """(expert, its pair count) that program row ``program_id(0)`` serves: with ``COMPACT`` the i-th used expert (the
+    grid covers at most P experts, not all E; past the used ones the count is 0), else expert ``program_id(0)``."""
+    if COMPACT:
+        offs_e = tl.arange(0, E_POW2)
+        used = (tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0) > 0).to(tl.int32)
+        mine = (used > 0) & (tl.cumsum(used, 0) - used == tl.program_id(0))
+        e = tl.sum(tl.where(mine, offs_e, 0))
+        cnt = tl.where(tl.sum(mine.to(tl.int32)) > 0, tl.load(counts_ptr + e), 0)
+    else:
+        e = tl.program_id(0)
+        cnt = tl.load(counts_ptr + e)
+    return e, cnt
+
+
+@triton.jit
 def _slot_linear(
     x_ptr,  # [R, D] inputs: tokens (first projection) or pairs (second)
     stride_x,
@@ -49,15 +65,7 @@ def _slot_linear(
     BLOCK_D: tl.constexpr,
 ):
     nb = tl.program_id(1)
-    if COMPACT:  # program i serves the i-th used expert (the grid covers at most P experts, not all E)
-        offs_e = tl.arange(0, E_POW2)
-        used = (tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0) > 0).to(tl.int32)
-        mine = (used > 0) & (tl.cumsum(used, 0) - used == tl.program_id(0))
-        e = tl.sum(tl.where(mine, offs_e, 0))
-        cnt = tl.where(tl.sum(mine.to(tl.int32)) > 0, tl.load(counts_ptr + e), 0)
-    else:
-        e = tl.program_id(0)
-        cnt = tl.load(counts_ptr + e)
+    e, cnt = program_expert(counts_ptr, E, COMPACT, E_POW2)
     if cnt > 0:
         start = tl.load(starts_ptr + e)
         slot = tl.load(slot_ptr + e).to(tl.int64)

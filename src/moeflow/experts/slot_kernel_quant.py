@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from moeflow.experts.quant_proj import KIND_FP8, QuantProj
+from moeflow.experts.slot_kernel import program_expert
 
 
 @triton.jit
@@ -68,15 +69,7 @@ def _slot_linear_quant(
     BLOCK_D: tl.constexpr,
 ):
     nb = tl.program_id(1)
-    if COMPACT:  # program i serves the i-th used expert (the grid covers at most P experts, not all E)
-        offs_e = tl.arange(0, E_POW2)
-        used = (tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0) > 0).to(tl.int32)
-        mine = (used > 0) & (tl.cumsum(used, 0) - used == tl.program_id(0))
-        e = tl.sum(tl.where(mine, offs_e, 0))
-        cnt = tl.where(tl.sum(mine.to(tl.int32)) > 0, tl.load(counts_ptr + e), 0)
-    else:
-        e = tl.program_id(0)
-        cnt = tl.load(counts_ptr + e)
+    e, cnt = program_expert(counts_ptr, E, COMPACT, E_POW2)
     if cnt > 0:
         start = tl.load(starts_ptr + e)
         slot = tl.load(slot_ptr + e).to(tl.int64)

@@ -71,7 +71,7 @@ elif [ "$STAGE" = ttft ]; then
     --out "$OUT/ttft-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -24
 elif [ "$STAGE" = serve ]; then
   synth
-  timeout "$(cap 330)" python3 benchmarks/serve_throughput.py --model $M --trace $T/demo-eval.npz \
+  timeout "$(cap 360)" python3 benchmarks/serve_throughput.py --model $M --trace $T/demo-eval.npz --profile \
     --out "$OUT/serve-throughput-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -16
 elif [ "$STAGE" = quant ]; then
   synth

@@ -120,6 +120,21 @@ def row(
             "hit_ratio": hits / max(hits + misses, 1)}  # fmt: skip
 
 
+def host_profile(fn, top: int = 25) -> list[dict]:
+    """The ``top`` functions by own host time while ``fn`` runs (cProfile), with their call counts."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [{"function": f"{Path(f).name}:{line}({name})", "calls": nc, "own_s": tt, "cumulative_s": ct}
+            for (f, line, name), (_, nc, tt, ct, _) in rows]  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -140,6 +155,7 @@ def main() -> None:
         "--decode", default=None, help="engine decode mode (default: graph on a GPU, else static)"
     )
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also profile each mode's host time (cProfile)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import transformers
@@ -200,6 +216,8 @@ def main() -> None:
             if m != "offline":
                 for key in ("decode_tokens_per_s", "tokens_per_s"):
                     result[f"{m}_over_offline_{key}"] = best[m][key] / best["offline"][key]
+    if args.profile:  # where each mode's host time goes (cProfile over a run of --streams requests)
+        result["profile"] = {mode: host_profile(lambda m=mode: run[m](args.streams)) for mode in modes}
     result["total_s"] = time.perf_counter() - t_start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moeflow.experts import boundary
 from moeflow.experts.accounting import PolicyStats
 from moeflow.experts.plan import Boundary, Key, Load, Plan, PolicyContext, StepInfo, StepRouting
 
@@ -255,59 +256,24 @@ class CachePolicy:
 
     # ------------------------------------------------------------ static decode: decisions between steps
     def settle_step(self, routing: StepRouting) -> None:
-        """A static decode step ran (``routing`` read back from the device): learn its routing layer by layer as
-        ``request`` would (``observe``, ``on_access``, recency), count hits and misses as the device served them,
-        and place the missed experts the kernel wrote into candidate slots (evicting what those held).
-
-        A filled slot's old key was not used in the step (the claim rule), so the fills can go first and the
-        recency of every used key after, in one pass; policies without their own ``observe``/``on_access`` hooks
-        (LRU) skip the per-layer loop."""
-        served, num_experts = routing.served, self.num_experts
-        used = np.flatnonzero(served.reshape(-1))  # keys l*E+e in layer, then expert order
-        missed = used[served.reshape(-1)[used] == 2]
-        offered = set(self._offered)
-        for k in missed.tolist():
-            slot = int(routing.filled.reshape(-1)[k])
-            if slot in offered:
-                offered.discard(slot)
-                self._fill((k // num_experts, k % num_experts), slot)
-        if self._unused_prefetch:
-            for k in used[served.reshape(-1)[used] == 1].tolist():
-                key = (k // num_experts, k % num_experts)
-                if key in self._unused_prefetch:
-                    self._unused_prefetch.discard(key)
-                    self.stats.prefetch_hits += 1
-        self._touch_keys(used)
+        """A static decode step ran (``routing`` read back from the device): see ``boundary.settle``."""
         hooks = (
             type(self).observe is not CachePolicy.observe or type(self).on_access is not CachePolicy.on_access
         )
-        if hooks:
-            for layer in range(self.num_layers):
-                self.observe(layer, routing.experts[layer], None)
-                self.clock += 1
-                for e in np.flatnonzero(served[layer]).tolist():
-                    self.on_access((layer, e))
-        else:
-            self.clock += self.num_layers
-        misses = len(missed)
-        self.stats.hits += len(used) - misses
-        self.stats.misses += misses
-        self._miss_avg = misses if self._miss_avg is None else 0.8 * self._miss_avg + 0.2 * misses
-        self._offered = []
+        boundary.settle(self, routing, hooks)
 
-    def _touch_keys(self, keys: np.ndarray) -> None:
-        """``touch`` every resident key of ``keys`` (l*E+e), in order."""
-        placed = self.slot_layer >= 0
-        slot_of = np.full(self.num_layers * self.num_experts, -1, np.int64)
-        slot_of[self.slot_layer[placed] * self.num_experts + self.slot_expert[placed]] = np.flatnonzero(
-            placed
-        )
-        slots = slot_of[keys]
-        slots = slots[slots >= 0]
-        self.slot_used[slots] = self._ticks + 1 + np.arange(len(slots))
-        self._ticks += len(slots)
+    def plan_boundary(self, batch: int) -> Boundary:
+        """Between static decode steps, after ``begin_step`` of the coming one: see ``boundary.plan``."""
+        return boundary.plan(self, batch)
+
+    def fill_budget(self, batch: int) -> int:
+        """Candidate slots to offer for the coming step's misses: twice the recent misses per step plus one
+        token's routing per layer (unclaimed candidates cost nothing), at most half the pool."""
+        guess = self.num_layers * self.top_k * batch if self._miss_avg is None else 2 * self._miss_avg
+        return int(min(guess + self.num_layers * self.top_k, self.num_slots // 2))
 
     def _fill(self, key: Key, slot: int) -> None:
+        """A missed ``key`` was written into ``slot`` by the device (a read-through fill)."""
         held = self.key_in[slot]
         if held is not None:
             self._vacate(held)
@@ -316,29 +282,6 @@ class CachePolicy:
         if key in self.slot_of:  # resident already (a prefetch still landing): the fill is the copy kept
             self._free.append(self._vacate(key, evicted=False))
         self._occupy(key, slot)
-
-    def plan_boundary(self, batch: int) -> Boundary:
-        """Between static decode steps, after ``begin_step`` of the coming one: its prefetches (``prefetch_next_step``)
-        and the candidate slots for read-through fills (``fill_budget`` of them: free slots, then victims in the
-        policy's eviction order; nothing is evicted until the device claims it)."""
-        loads = tuple(self.prefetch_next_step())
-        n = self.fill_budget(batch)
-        if (
-            self.num_slots >= self.num_layers * self.num_experts
-        ):  # the free slots can hold every miss: no victims
-            n = min(n, len(self._free))
-        free = self._free[::-1][:n]
-        protect = {load.key for load in loads}
-        victims = self.select_victims(n - len(free), protect, 0) if n > len(free) else []
-        self._offered = free + [self.slot_of[key] for key in victims]
-        resident = np.where(self.slot_layer >= 0, self.slot_layer * self.num_experts + self.slot_expert, -1)
-        return Boundary(loads, tuple(self._offered), resident)
-
-    def fill_budget(self, batch: int) -> int:
-        """Candidate slots to offer for the coming step's misses: twice the recent misses per step plus one
-        token's routing per layer (unclaimed candidates cost nothing), at most half the pool."""
-        guess = self.num_layers * self.top_k * batch if self._miss_avg is None else 2 * self._miss_avg
-        return int(min(guess + self.num_layers * self.top_k, self.num_slots // 2))
 
 
 def _demand_load(key: Key, slot: int, evicted: Key | None) -> Load:

@@ -1,5 +1,5 @@
-"""What a cache policy counts as it runs: hits, misses, prefetches and their fate, evictions (kept apart from the
-residency it manages and the scores it keeps)."""
+"""What is counted as the engine runs: by a cache policy (hits, misses, prefetches and their fate, evictions; kept
+apart from the residency it manages and the scores it keeps) and by the expert store (bytes per tier, loads, stalls)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,21 @@ class PolicyStats:
     def hit_ratio(self) -> float:
         n = self.hits + self.misses
         return self.hits / n if n else 0.0
+
+
+@dataclass
+class StoreStats:
+    bytes_to_device: int = 0
+    """Bytes copied host -> device slots (demand + prefetch)."""
+    bytes_zero_copy: int = 0
+    """Of ``bytes_to_device``: experts the static step's kernel read straight from host memory (misses)."""
+    bytes_from_disk: int = 0
+    """Bytes read from the checkpoint into the host pool."""
+    demand_loads: int = 0
+    prefetch_loads: int = 0
+    prefetch_promoted: int = 0
+    """Queued prefetches a layer needed before the reader reached them: copied at once on the demand stream."""
+    prefetch_dropped: int = 0
+    """Queued prefetches dropped unread: their layer had passed, or a later load took their slot."""
+    stall_s: float = 0.0
+    """Wall time the forward pass spent waiting for expert transfers (disk reads included)."""

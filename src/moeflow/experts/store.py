@@ -22,27 +22,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from moeflow.experts.accounting import StoreStats
 from moeflow.experts.cache import Key, Load
 from moeflow.experts.quant_tiers import compute_views, low_copies, preload_quantised
 from moeflow.model.loader import LoadedModel
-
-
-@dataclass
-class StoreStats:
-    bytes_to_device: int = 0
-    """Bytes copied host -> device slots (demand + prefetch)."""
-    bytes_zero_copy: int = 0
-    """Of ``bytes_to_device``: experts the static step's kernel read straight from host memory (misses)."""
-    bytes_from_disk: int = 0
-    """Bytes read from the checkpoint into the host pool."""
-    demand_loads: int = 0
-    prefetch_loads: int = 0
-    prefetch_promoted: int = 0
-    """Queued prefetches a layer needed before the reader reached them: copied at once on the demand stream."""
-    prefetch_dropped: int = 0
-    """Queued prefetches dropped unread: their layer had passed, or a later load took their slot."""
-    stall_s: float = 0.0
-    """Wall time the forward pass spent waiting for expert transfers (disk reads included)."""
 
 
 @dataclass

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import sync
+from benchmarks.common import event_ms, sync
 from benchmarks.policy_decode import TimedLLM, requests_of
 from moeflow import SamplingParams
 from moeflow.engine.batch import BatchEngine, Entry, StepOutput
@@ -216,6 +216,12 @@ def main() -> None:
             if m != "offline":
                 for key in ("decode_tokens_per_s", "tokens_per_s"):
                     result[f"{m}_over_offline_{key}"] = best[m][key] / best["offline"][key]
+    if (
+        static is not None
+    ):  # did a compile fall back, and what does each captured graph cost on the device alone
+        result["step_fell_back"] = static.compiled and static.step == static._forward
+        result["replay_ms"] = {"x".join(map(str, key)): event_ms(b.graph.replay, 20, warmup=3)
+                               for key, b in static._buckets.items() if b.graph is not None and cuda}  # fmt: skip
     if args.profile:  # where each mode's host time goes (cProfile over a run of --streams requests)
         result["profile"] = {mode: host_profile(lambda m=mode: run[m](args.streams)) for mode in modes}
     result["total_s"] = time.perf_counter() - t_start

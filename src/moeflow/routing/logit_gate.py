@@ -12,7 +12,8 @@ one block of features here, next to:
 
 The strength of each map is chosen per (layer, distance) by request-wise cross-validation on the fitting record;
 the out-of-fold logits come back too, so the hybrid's weights are chosen on scores the gate did not see.
-On the device this is a few small matmuls per layer: [H + 1, H], [E, H], [H, r] and one [F + 1, E].
+On the device this is a few small matmuls per layer: [H + 1, H], [E, H], [H, r] and one [F + 1, E] with
+F = 4H + (2 + r)E (4H + E for the embedding as source).
 Legend: N tokens, n tokens of a batch, L MoE layers, E experts, H hidden width, r rank, F features.
 """
 

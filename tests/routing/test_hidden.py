@@ -64,13 +64,20 @@ def test_cli_record_and_eval_by_lookahead(checkpoints: dict[str, Path], tmp_path
                "--grid-step", "0.5", "--json"])  # fmt: skip
     assert rc == 0
     res = json.loads(capsys.readouterr().out)["results"]
-    assert set(res) == {"hybrid", "path", "gate", "last_token", "popularity", "eam_match"}
+    assert set(res) == {"hybrid", "path", "gate", "gate_residual", "last_token", "popularity", "eam_match"}
     for method in res:
         for d in (1, 2, 4):
             assert 0.0 <= res[method][f"lookahead_{d}"]["recall"] <= 1.0
-    assert res["gate"]["before_step"] is None
+    assert res["gate"]["before_step"] is None and res["gate_residual"]["before_step"] is None
     # fitted and judged on the same tokens, the hybrid is at least as good as the path predictor it can fall back on
     assert res["hybrid"]["lookahead_1"]["recall"] >= res["path"]["lookahead_1"]["recall"]
+    # --dev: fitted on the even-numbered requests of the training record, judged on the odd ones
+    rc = main(["predictor", "eval", "--predictor", str(pred), "--train-hidden", str(out), "--dev", "--gate",
+               "residual", "--grid-step", "0.5", "--json"])  # fmt: skip
+    dev = json.loads(capsys.readouterr().out)
+    assert rc == 0 and dev["gate"] == {"gate": "residual"} and "gate_residual" not in dev["results"]
+    odd = np.isin(rec.trace.request, rec.trace.requests()[1::2])
+    assert dev["results"]["path"]["lookahead_1"]["tokens"] == odd.sum() < rec.trace.num_tokens
 
 
 def test_eval_needs_both_records(tmp_path: Path) -> None:

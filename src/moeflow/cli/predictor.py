@@ -77,6 +77,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--grid-step", type=number(0, 1, lo_open=True), default=0.1, help="hybrid weight grid step"
     )
     e.add_argument(
+        "--gate",
+        choices=("logit", "residual"),
+        default="logit",
+        help="the hybrid's gate: ridge maps to the router logits (default) or the residual maps alone",
+    )
+    e.add_argument(
+        "--dev",
+        action="store_true",
+        help="no held-out: fit on the even-numbered requests of --train-hidden, judge on the odd ones",
+    )
+    e.add_argument(
         "--train-traces", nargs="*", default=None, help="traces the EAM-match baseline learns from"
     )
     e.add_argument(
@@ -195,21 +206,30 @@ def _eval_lookahead(args: argparse.Namespace) -> int:
     from moeflow.routing.lookahead_eval import evaluate_lookahead
     from moeflow.routing.predictor import load_net
 
-    if not (args.hidden and args.train_hidden):
+    if not args.train_hidden or not (args.hidden or args.dev):
         raise MoeflowError(
-            "look-ahead evaluation needs both --hidden (held-out) and --train-hidden (training split)"
+            "look-ahead evaluation needs --train-hidden (training split) and --hidden (held-out) or --dev"
         )
     path = _predictor_path(args, "predictor")
     net, vocab, _ = load_net(path)
-    held, train = HiddenRecord.load(args.hidden), HiddenRecord.load(args.train_hidden)
+    train = HiddenRecord.load(args.train_hidden)
+    if args.dev:
+        order = {r: i for i, r in enumerate(train.trace.requests())}
+        odd = np.asarray([order[int(r)] % 2 == 1 for r in train.trace.request])
+        held, train = train.select(odd), train.select(~odd)
+    else:
+        held = HiddenRecord.load(args.hidden)
     t = held.trace
     if (t.num_layers, t.num_experts, t.top_k) != (net.cfg.num_layers, net.cfg.num_experts, net.cfg.top_k):
         raise MoeflowError(
             f"{path} predicts {net.cfg.num_layers}×{net.cfg.num_experts} routing, {args.hidden} is {t.num_layers}×{t.num_experts}"
         )
-    results, weights = evaluate_lookahead(held, train, pe.net_scorer(net, vocab), args.grid_step)
-    report = {"predictor": str(path), "hidden": args.hidden, "train_hidden": args.train_hidden, "k": t.top_k,
-              "results": results, "hybrid_weights": {"components": ["gate", "path", "last_token"], **weights.to_dict()}}  # fmt: skip
+    results, weights, info = evaluate_lookahead(
+        held, train, pe.net_scorer(net, vocab), args.grid_step, gate=args.gate
+    )
+    report = {"predictor": str(path), "hidden": args.hidden, "train_hidden": args.train_hidden, "dev": args.dev,
+              "k": t.top_k, "results": results, "gate": info,
+              "hybrid_weights": {"components": ["gate", "path", "last_token"], **weights.to_dict()}}  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=1))
         return 0

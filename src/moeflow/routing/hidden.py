@@ -67,6 +67,11 @@ class HiddenRecord:
             return cls(trace, z["residual"], z["embed"], z["norm_weight"].astype(np.float32), float(z["norm_eps"]),
                        z["gate_weight"].astype(np.float32))  # fmt: skip
 
+    def select(self, mask: np.ndarray) -> HiddenRecord:
+        """The rows where ``mask`` [N] is True (the routers kept)."""
+        return HiddenRecord(self.trace.select(mask), self.residual[mask], self.embed[mask], self.norm_weight,
+                            self.norm_eps, self.gate_weight)  # fmt: skip
+
     def source(self, rows: np.ndarray | slice, layer: int) -> np.ndarray:
         """[n, H] float32 residual entering MoE layer ``layer`` (-1: the embedding, before the first layer)."""
         return (self.embed[rows] if layer < 0 else self.residual[rows, layer]).astype(np.float32)

@@ -47,17 +47,24 @@ def first_layer(distance: int) -> int:
 
 
 def fit_gate(
-    rec: HiddenRecord, distances: Sequence[int] = (1, 2, 4), ridge: float = 1.0, fit: bool = True
+    rec: HiddenRecord,
+    distances: Sequence[int] = (1, 2, 4),
+    ridge: float = 1.0,
+    fit: bool = True,
+    rows: np.ndarray | None = None,
 ) -> SpeculativeGate:
-    """Fit the residual maps on ``rec`` (every recorded token); ``fit=False``: identity maps (raw residuals)."""
-    n, num_layers, hid = rec.residual.shape
+    """Fit the residual maps on ``rec`` (every recorded token, or the ``rows`` where a bool mask is True);
+    ``fit=False``: identity maps (raw residuals)."""
+    sel = slice(None) if rows is None else np.flatnonzero(rows)
+    num_layers, hid = rec.residual.shape[1:]
+    n = rec.residual.shape[0] if rows is None else int(np.count_nonzero(rows))
     eye = np.vstack([np.eye(hid, dtype=np.float32), np.zeros((1, hid), np.float32)])  # [H + 1, H]
     maps = {}
     for d in distances:
         m = np.broadcast_to(eye, (num_layers, hid + 1, hid)).copy()
         for j in range(d - 1, num_layers) if fit else ():
-            x = np.hstack([rec.source(slice(None), j - d).astype(np.float64), np.ones((n, 1))])  # [n, H + 1]
-            y = rec.residual[:, j].astype(np.float64)
+            x = np.hstack([rec.source(sel, j - d).astype(np.float64), np.ones((n, 1))])  # [n, H + 1]
+            y = rec.residual[sel, j].astype(np.float64)
             reg = ridge * np.eye(hid + 1)
             reg[-1, -1] = 0.0  # the bias is not shrunk
             m[j] = np.linalg.solve(x.T @ x + reg, x.T @ y).astype(np.float32)

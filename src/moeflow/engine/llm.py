@@ -271,18 +271,13 @@ class LLM:
         tokens = sum(len(t) for t in x.new_tokens)
         bar = tqdm(total=len(self.loaded.layers), desc=f"prefill {tokens} tokens", unit="layer", leave=False, mininterval=0,
                    disable=not (self.config.progress and x.prefill and tokens >= LONG_PREFILL))  # fmt: skip
-        slots = None  # the prefill's MoE layers through the slot table (engine/slot_prefill.py)
-        if batch.bucket is not None and wants_slots(
-            self.config.prefill, self.static, x.ids.numel() * self.loaded.top_k
-        ):
-            slots = prefill_buffers(self.static, x.ids.numel(), x.keep)
-        self.steps.begin(
-            live, x.new_tokens, x.new_positions, x.prefill, x.keep, slots, lambda _: bar.update()
-        )
-        if slots is None:
-            self.runtime.prefetch_after(
-                -1
-            )  # what the step's first layers will need, from the token ids alone
+        # the prefill's MoE layers through the slot table (engine/slot_prefill.py), or layer by layer
+        slots, n, on_layer = None, x.ids.numel(), lambda _: bar.update()
+        if batch.bucket is not None and wants_slots(self.config.prefill, self.static, n * self.loaded.top_k):
+            slots = prefill_buffers(self.static, n, x.keep)
+        self.steps.begin(live, x.new_tokens, x.new_positions, x.prefill, x.keep, slots, on_layer)
+        if slots is None:  # what the step's first layers will need, from the token ids alone
+            self.runtime.prefetch_after(-1)
         if batch.bucket is not None:
             assert self.static is not None
             rows = real_rows(slots, x.keep) if slots is not None else None

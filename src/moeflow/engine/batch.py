@@ -242,10 +242,10 @@ class BatchEngine:
         llm = self.llm
         greedy = [i for i, e in enumerate(entries) if e.seq.params.temperature == 0
                   and e.seq.params.repetition_penalty == 1]  # fmt: skip
-        tokens = [0] * len(entries)
+        tokens, argmax = [0] * len(entries), set(greedy)
         picked = logits[greedy].argmax(dim=-1) if greedy else None
         for i, e in enumerate(entries):
-            if i not in greedy:
+            if i not in argmax:
                 s = e.seq
                 tokens[i] = int(sample(logits[i : i + 1], s.params, e.gen, [s.prompt_ids + s.output_ids])[0])
         if sampled is not None:

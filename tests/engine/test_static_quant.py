@@ -100,7 +100,7 @@ def test_compiled_static_quantised_equals_eager(
     ("options", "message"),
     [
         (dict(expert_dtype="int3"), "decode='static' cannot run int3 experts; it runs experts in full precision or "
-                                    "fp8, int8, int4, int2: use decode='eager' (or auto)"),
+                                    "fp8, int8, int4, int2, mxfp4: use decode='eager' (or auto)"),
         (dict(miss_dtype="int4"), "decode='static' cannot run a --miss-dtype int4 copy"),
     ],
 )  # fmt: skip
@@ -113,3 +113,18 @@ def test_unsupported_forms_are_one_line_errors(
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
     auto = LLM(path, device="cpu", num_slots=3, decode="auto", progress=False, **options)
     assert auto.static is None  # auto decodes eagerly instead
+
+
+def test_static_native_mxfp4_equals_eager(tmp_path: Path) -> None:
+    """gpt-oss's native MXFP4 experts, read as stored: the static decode (the quantised slot-table experts, misses
+    read from the host rows) gives the eager decode's tokens at a small and a full pool."""
+    from tests.model.test_native_quant import mxfp4_pair
+
+    quantised, _ = mxfp4_pair(tmp_path)
+    for slots in (3, None):
+        kw = dict(device="cpu", num_slots=slots, progress=False)
+        want = _tokens(LLM(quantised, decode="eager", **kw))
+        llm = LLM(quantised, decode="static", **kw)
+        assert llm.static is not None and llm.store.codec is not None and llm.store.codec.fmt.name == "mxfp4"
+        assert _tokens(llm) == want, slots
+        assert llm.store.stats.bytes_zero_copy > 0 or slots is None

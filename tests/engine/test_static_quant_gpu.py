@@ -1,7 +1,8 @@
-"""On a CUDA device, quantised experts (fp8, int8, int4, int2): the captured-graph decode (the quantised slot kernel
-of ``slot_kernel_quant.py``, zero-copy misses of quantised bytes, read-through fills) gives the eager CUDA decode's
-tokens with the same ``expert_dtype``, and the kernel equals the torch reference, fills included, at several tiles
-(COMPACT among them). The experts are quantised on the GPU at load (``RowCodec.encode_many``'s ``device``)."""
+"""On a CUDA device, quantised experts (fp8, int8, int4, int2, native MXFP4): the captured-graph decode (the
+quantised slot kernel of ``slot_kernel_quant.py``, zero-copy misses of quantised bytes, read-through fills) gives
+the eager CUDA decode's tokens with the same ``expert_dtype``, and the kernel equals the torch reference, fills
+included, at several tiles (COMPACT among them). The experts are quantised on the GPU at load
+(``RowCodec.encode_many``'s ``device``)."""
 
 from __future__ import annotations
 
@@ -103,3 +104,18 @@ def test_demo_model_quantised_graph_greedy_64_tokens(fmt: str) -> None:
     llm = LLM(DEMO, decode="graph", **kw)
     assert llm.static is not None and llm.static.graphs
     assert _tokens(llm, [prompt], 64) == want
+
+
+def test_graph_decode_native_mxfp4_equals_eager(tmp_path: Path) -> None:
+    """gpt-oss's native MXFP4 experts through the quantised slot kernel (e2m1 codes, e8m0 scales dequantised in
+    registers; misses read as stored from pinned host memory) give the eager CUDA decode's tokens."""
+    from tests.model.test_native_quant import mxfp4_pair
+
+    quantised, _ = mxfp4_pair(tmp_path)
+    for slots, compiled in ((3, False), (None, True)):
+        kw = dict(device="cuda", dtype="float32", num_slots=slots, progress=False)
+        want = _tokens(LLM(quantised, decode="eager", **kw), BATCH)
+        llm = LLM(quantised, decode="graph", compile=compiled, **kw)
+        assert llm.static is not None and llm.static.graphs and llm.store.codec.fmt.name == "mxfp4"
+        assert _tokens(llm, BATCH) == want, slots
+        assert llm.store.stats.bytes_zero_copy > 0 or slots is None

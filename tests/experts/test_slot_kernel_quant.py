@@ -1,4 +1,4 @@
-"""The quantised slot-table kernel (Triton) equals the torch reference (rows dequantised by the codec) for fp8 and
+"""The quantised slot-table kernel (Triton) equals the torch reference (rows dequantised by the codec) for fp8, MXFP4 and
 the byte-packed integer formats, reading experts from slots and zero-copy from the host pool, and its read-through
 fill writes the raw quantised row into the claimed slot: run in Triton's interpreter on the CPU (skipped where
 Triton is not installed). The descriptor the kernel reads agrees with ``RowCodec.decode``."""
@@ -32,7 +32,7 @@ def layout(h: int, i: int, bias: bool) -> ExpertLayout:
 @pytest.mark.parametrize("fmt", SLOT_FORMATS)
 def test_descriptor_dequantises_as_the_codec(fmt: str) -> None:
     torch.manual_seed(0)
-    lay = layout(160, 24, bias=True)
+    lay = layout(160, 32 if fmt == "mxfp4" else 24, bias=True)  # MXFP4: inputs in blocks of 32
     codec = RowCodec(lay, FORMATS[fmt])
     assert unsupported(codec) is None
     flat = torch.randn(3, lay.numel)
@@ -48,7 +48,7 @@ def test_descriptor_dequantises_as_the_codec(fmt: str) -> None:
 def test_unsupported_formats_are_named() -> None:
     lay = layout(64, 32, bias=False)
     assert unsupported(RowCodec(lay, FORMATS["int3"])) == "int3 experts"
-    assert unsupported(RowCodec(lay, FORMATS["mxfp4"])) == "mxfp4 experts"
+    assert unsupported(RowCodec(lay, FORMATS["mxfp4"])) is None
 
 
 SCRIPT = textwrap.dedent(
@@ -79,6 +79,9 @@ SCRIPT = textwrap.dedent(
               ("int2", 96, 16, True, {"BLOCK_D": 64, "BLOCK_N": 64, "COMPACT": 1}, 5, (1, 2, 3)),
               ("fp8", 160, 24, False, {"BLOCK_D": 256, "BLOCK_N": 32, "COMPACT": 1, "num_warps": 4}, T, every),
               ("int8", 128, 32, True, {"BLOCK_D": 32, "BLOCK_N": 32, "BLOCK_M": 32, "COMPACT": 1}, 3, (1, 3))]
+    # MXFP4 (e2m1 codes, e8m0 scales per 32 inputs): a tile of two blocks, and a tile of four with COMPACT
+    cases += [("mxfp4", 160, 32, True, {"BLOCK_D": 64}, T, every),
+              ("mxfp4", 128, 64, False, {"BLOCK_D": 128, "BLOCK_N": 32, "COMPACT": 1}, 3, (1, 3))]
     for dtype in (torch.float32, torch.float16):  # the interpreter computes bf16 dots wrongly (GPU tests: bf16)
         for fmt, h, i, bias, blocks, t, used in cases:
             lay = layout(h, i, bias)

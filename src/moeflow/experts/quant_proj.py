@@ -2,9 +2,10 @@
 ints the ``moeflow::slot_linear_quant`` op takes, and the torch reference that dequantises it from a row.
 
 A quantised 2-D parameter is stored [N out, D in] row-major (transposed first when the family keeps it [in, out]):
-``codes`` (integers packed ``8 // bits`` per byte, lowest bits first, or one e4m3 byte each), then ``scale`` [N, G]
-(+ ``offset`` [N, G] for integers), group ``g`` along D. Biases are raw float32. Offsets are bytes into the row.
-Supported here: fp8 and the integer formats whose codes pack whole into bytes (int8, int4, int2).
+``codes`` (integers packed ``8 // bits`` per byte, lowest bits first, one e4m3 byte each, or two e2m1 codes per
+byte for MXFP4), then ``scale`` [N, G] (+ ``offset`` [N, G] for integers; e8m0 bytes for MXFP4, groups of 32), group
+``g`` along D. Biases are raw float32. Offsets are bytes into the row.
+Supported here: fp8, MXFP4 and the integer formats whose codes pack whole into bytes (int8, int4, int2).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from moeflow.quant.formats import group_of
 from moeflow.quant.pack import unpack
 from moeflow.quant.row import RowCodec
 
-SLOT_FORMATS = ("fp8", "int8", "int4", "int2")
+SLOT_FORMATS = ("fp8", "int8", "int4", "int2", "mxfp4")
 """Row formats the slot-table experts (static and graph decode) compute with."""
 
-KIND_INT, KIND_FP8 = 0, 1
+KIND_INT, KIND_FP8, KIND_MX = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class QuantProj:
     """One quantised weight inside an expert row (byte offsets)."""
 
     kind: int
-    """KIND_INT (w = q * scale + offset) or KIND_FP8 (w = e4m3 * scale)."""
+    """KIND_INT (w = q * scale + offset), KIND_FP8 (w = e4m3 * scale) or KIND_MX (w = e2m1 * 2**(e8m0 - 127))."""
     bits: int
     codes: int
     scale: int
@@ -62,7 +63,7 @@ def unsupported(codec: RowCodec) -> str | None:
                 return f"{name} experts with {c.param.name} at a misaligned offset"
             continue
         d = c.matrix[1]
-        size = 2 if c.fmt.param_dtype == torch.float16 else 4
+        size = c.fmt.param_dtype.itemsize
         if d % (8 // c.fmt.bits) or any(p.offset % size for p in c.pieces if p.name != "codes"):
             return f"{name} experts with {c.param.name} of shape {c.param.shape}"
     return None
@@ -77,6 +78,8 @@ def quant_proj(codec: RowCodec, name: str) -> QuantProj:
     scale = c.piece("scale")
     if fmt.kind == "fp8":
         kind, zero = KIND_FP8, -1
+    elif fmt.kind == "mxfp4":
+        kind, zero = KIND_MX, -1
     else:
         kind, zero = KIND_INT, c.piece("offset").offset
     return QuantProj(kind, fmt.bits, c.piece("codes").offset, scale.offset, zero,
@@ -99,6 +102,9 @@ def dequant(row: torch.Tensor, q: QuantProj) -> torch.Tensor:
 
     if q.kind == KIND_FP8:
         return fit.dequant_fp8(row[q.codes : q.codes + n * d].view(n, d), params(q.scale), q.group)
+    if q.kind == KIND_MX:
+        scales = row[q.scale : q.scale + n * q.groups].view(n, q.groups)
+        return fit.dequant_mxfp4(row[q.codes : q.codes + n * d // 2].view(n, d // 2), scales)
     per = 8 // q.bits
     codes = unpack(row[q.codes : q.codes + n * d // per], q.bits, n * d).view(n, d)
     return fit.dequant_int(codes, params(q.scale), params(q.zero), d)

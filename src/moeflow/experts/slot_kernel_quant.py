@@ -23,8 +23,26 @@ import torch
 import triton
 import triton.language as tl
 
-from moeflow.experts.quant_proj import KIND_FP8, QuantProj
+from moeflow.experts.quant_proj import KIND_FP8, KIND_MX, QuantProj
 from moeflow.experts.slot_kernel import program_expert
+
+
+@triton.jit
+def _scale(s, MX: tl.constexpr):
+    """A loaded scale as float32: an e8m0 byte (MXFP4) is the power of two ``2**(s - 127)``."""
+    if MX:
+        return tl.exp2(s.to(tl.float32) - 127.0)
+    return s.to(tl.float32)
+
+
+@triton.jit
+def _e2m1(code):
+    """The e2m1 value of 4-bit codes (bit 3 the sign): magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6."""
+    m = (code & 7).to(tl.int32)
+    e = (m >> 1).to(tl.float32)
+    big = (1.0 + 0.5 * (m & 1).to(tl.float32)) * tl.exp2(e - 1.0)
+    v = tl.where(m < 2, 0.5 * m.to(tl.float32), big)
+    return tl.where((code & 8) != 0, -v, v)
 
 
 @triton.jit
@@ -53,6 +71,7 @@ def _slot_linear_quant(
     E,
     D: tl.constexpr,  # constexpr: a static loop bound (pipelined; Triton's interpreter runs it)
     FP8: tl.constexpr,
+    MX: tl.constexpr,  # MXFP4: e2m1 codes, e8m0 (uint8) scales, no zero points
     BITS: tl.constexpr,
     PER: tl.constexpr,  # 8 // BITS codes per byte
     MASK: tl.constexpr,  # 2**BITS - 1
@@ -78,7 +97,9 @@ def _slot_linear_quant(
         row = pool_ptr + tl.multiple_of(tl.where(slot >= 0, slot * row_stride, host_row), 16)
         fill = claim >= 0
         dst = pool_ptr + tl.multiple_of(tl.maximum(claim, 0) * row_stride, 16)
-        if SCALE_F16:
+        if MX:
+            sdt = tl.uint8
+        elif SCALE_F16:
             sdt = tl.float16
         else:
             sdt = tl.float32
@@ -114,8 +135,8 @@ def _slot_linear_quant(
                     s = tl.load(s_src + s_idx, mask=n_ok, other=0.0)
                     if FILL:
                         tl.store(s_dst + s_idx, s, mask=n_ok & put)
-                    s = s.to(tl.float32)[None, :]
-                    if not FP8:
+                    s = _scale(s, MX)[None, :]
+                    if not FP8 and not MX:
                         z = tl.load(z_src + s_idx, mask=n_ok, other=0.0)
                         if FILL:
                             tl.store(z_dst + s_idx, z, mask=n_ok & put)
@@ -127,14 +148,16 @@ def _slot_linear_quant(
                         s = tl.load(s_src + s_idx, mask=w_ok, other=0.0)
                         if FILL:
                             tl.store(s_dst + s_idx, s, mask=w_ok & put)
-                        s = s.to(tl.float32)
-                        if not FP8:
+                        s = _scale(s, MX)
+                        if not FP8 and not MX:
                             z = tl.load(z_src + s_idx, mask=w_ok, other=0.0)
                             if FILL:
                                 tl.store(z_dst + s_idx, z, mask=w_ok & put)
                             z = z.to(tl.float32)
                     if FP8:
                         w = byte.to(tl.float8e4nv, bitcast=True).to(tl.float32) * s
+                    elif MX:
+                        w = _e2m1((byte >> (j * BITS)) & MASK) * s
                     else:
                         q = ((byte >> (j * BITS)) & MASK).to(tl.float32)
                         w = q * s + z
@@ -174,7 +197,7 @@ def options(q: QuantProj, blocks: dict | None) -> dict:
     format: a ValueError names an option this kernel cannot run rather than computing something else."""
     opts = {**BLOCKS, **(blocks or {})}
     per = 8 // q.bits
-    name = "fp8" if q.kind == KIND_FP8 else f"int{q.bits}"
+    name = {KIND_FP8: "fp8", KIND_MX: "mxfp4"}.get(q.kind, f"int{q.bits}")
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_D"):
         v = opts[key]
         if v < 16 or v & (v - 1):
@@ -218,7 +241,7 @@ def slot_linear_quant(
     _slot_linear_quant[grid](
         x, x.stride(0), y, y.stride(0), order, counts, starts, slot, claim, pool, delta, host_row0,
         pool.stride(0), q.codes, q.scale, max(q.zero, 0), bias_off if bias_off is not None else 0,
-        q.n, k, q.group, q.groups, num_experts, D=q.d, FP8=q.kind == KIND_FP8, BITS=q.bits, PER=8 // q.bits,
+        q.n, k, q.group, q.groups, num_experts, D=q.d, FP8=q.kind == KIND_FP8, MX=q.kind == KIND_MX, BITS=q.bits, PER=8 // q.bits,
         MASK=2**q.bits - 1, SCALE_F16=bool(q.scale_f16), ONE_GROUP=q.group % opts["BLOCK_D"] == 0,
         PAIR_ROWS=pair_rows, HAS_BIAS=bias_off is not None, COMPACT=compact,
         E_POW2=triton.next_power_of_2(num_experts), FILL=fill, IEEE=x.dtype == torch.float32,

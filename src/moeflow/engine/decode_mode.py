@@ -14,7 +14,6 @@ from moeflow.experts.quant_proj import SLOT_FORMATS, unsupported
 from moeflow.memory import MemoryPlan
 from moeflow.model.loader import LoadedModel
 
-
 NOT_YET_ON_GPU = ("mxfp4",)
 """Row formats the quantised slot kernel reads in Triton's interpreter (tested on the CPU) but that have not run on a
 GPU yet: "auto" decodes them eagerly on a GPU; ``decode="graph"`` takes the kernel."""

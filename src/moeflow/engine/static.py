@@ -191,10 +191,7 @@ class StaticDecoder:
             if self.rt.replay is not None:
                 upload_replay(self.rt, slots, rows)
             self.table.apply(self.rt.policy.plan_boundary(len(rows)))
-            t = slots.tensors
-            t.taken.zero_()
-            t.served.zero_()
-            t.filled.fill_(-1)
+            slots.tensors.begin_step()
         out = self.lm.model(
             input_ids=ids,
             attention_mask=bucket.kv.prefill_masks(ids.shape[1]),
@@ -261,10 +258,7 @@ class StaticDecoder:
 
     def _forward(self, bucket: Bucket) -> None:
         """The step itself: device work only (this is what the graph captures)."""
-        t = bucket.bufs.tensors
-        t.taken.zero_()
-        t.served.zero_()
-        t.filled.fill_(-1)
+        bucket.bufs.tensors.begin_step()
         bucket.bufs.live.copy_(bucket.inputs[2] != 0)
         out = self.lm.model(
             input_ids=bucket.inputs[0, :, None],
@@ -305,8 +299,6 @@ class StaticDecoder:
         for layer, n in zip(bucket.kv.cache.layers, lengths):
             layer.cumulative_length.copy_(n)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(
-            graph, pool=self._pool, stream=side
-        ):  # not a fresh stream (and workspace) each time
+        with torch.cuda.graph(graph, pool=self._pool, stream=side):  # not a fresh stream (and workspace)
             self.step(bucket)
         return graph

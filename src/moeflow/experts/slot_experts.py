@@ -55,6 +55,12 @@ class SlotTensors:
     """[L, E] int32: the slot a missed expert was written into, -1 for none."""
     layout: ExpertLayout
 
+    def begin_step(self) -> None:
+        """Device ops at the start of a step (captured with it): no candidate claimed, nothing served or filled."""
+        self.taken.zero_()
+        self.served.zero_()
+        self.filled.fill_(-1)
+
 
 @dataclass(frozen=True)
 class Projections:

@@ -14,10 +14,6 @@ from moeflow.experts.quant_proj import SLOT_FORMATS, unsupported
 from moeflow.memory import MemoryPlan
 from moeflow.model.loader import LoadedModel
 
-NOT_YET_ON_GPU = ("mxfp4",)
-"""Row formats the quantised slot kernel reads in Triton's interpreter (tested on the CPU) but that have not run on a
-GPU yet: "auto" decodes them eagerly on a GPU; ``decode="graph"`` takes the kernel."""
-
 
 def choose_static(
     cfg: EngineConfig, device: torch.device, loaded: LoadedModel, runtime: Runtime, memory: MemoryPlan
@@ -34,8 +30,6 @@ def choose_static(
         return None
     if mode == "eager":
         return None
-    if mode == "auto" and cuda and host is not None and host.fmt.name in NOT_YET_ON_GPU:
-        return None  # asked for explicitly (--decode graph), it runs; auto waits for the GPU tests
     if mode == "graph" and not cuda:
         raise RequestError("decode='graph' needs a CUDA device; use decode='static' or 'eager' on a CPU")
     # a CPU budget reserves nothing for activations (they are ordinary RAM) unless asked

@@ -204,7 +204,7 @@ class BatchEngine:
         ready = [i for i, e in enumerate(entries) if e.prefilled == len(e.seq.prompt_ids)]
         if not prefill:
             rt.report_timing(time.perf_counter() - t0, stall0)
-        return self._settle([entries[i] for i in ready], logits[ready]) if ready else []
+        return self._settle([entries[i] for i in ready], logits, ready) if ready else []
 
     def _decode(self, entries: list[Entry]) -> list[StepOutput]:
         """One static decode step: every row of the bucket runs, the rows of ``entries`` count."""
@@ -233,26 +233,29 @@ class BatchEngine:
             llm.steps.end()
             rt.report_timing(time.perf_counter() - t0, stall0)
 
-        return self._settle(entries, logits[live], settle)
+        return self._settle(entries, logits, live, settle)
 
-    def _settle(self, entries: list[Entry], logits: torch.Tensor,
+    def _settle(self, entries: list[Entry], logits: torch.Tensor, rows: list[int],
                 sampled: Callable[[], None] | None = None) -> list[StepOutput]:  # fmt: skip
-        """Sample each entry's next token from its row of ``logits`` [n, V], append it, and report it;
-        ``sampled()`` runs once the tokens are sampled (on the device) and before they are read."""
+        """Sample each entry's next token from its row ``rows[i]`` of ``logits`` [R, V], append it, and report it;
+        ``sampled()`` runs once the tokens are sampled (on the device) and before they are read. Rows are taken by
+        slicing, and greedy entries by one argmax over every row: indexing with a list would copy the index from
+        pageable memory, a host wait for the step before any of the host work below could start."""
         llm = self.llm
         greedy = [i for i, e in enumerate(entries) if e.seq.params.temperature == 0
                   and e.seq.params.repetition_penalty == 1]  # fmt: skip
         tokens, argmax = [0] * len(entries), set(greedy)
-        picked = logits[greedy].argmax(dim=-1) if greedy else None
+        picked = logits.argmax(dim=-1) if greedy else None
         for i, e in enumerate(entries):
             if i not in argmax:
-                s = e.seq
-                tokens[i] = int(sample(logits[i : i + 1], s.params, e.gen, [s.prompt_ids + s.output_ids])[0])
+                s, r = e.seq, rows[i]
+                tokens[i] = int(sample(logits[r : r + 1], s.params, e.gen, [s.prompt_ids + s.output_ids])[0])
         if sampled is not None:
             sampled()
         if picked is not None:
-            for i, t in zip(greedy, picked.tolist()):
-                tokens[i] = t
+            every = picked.tolist()
+            for i in greedy:
+                tokens[i] = every[rows[i]]
         seqs = [e.seq for e in entries]
         llm.steps.settle(seqs, tokens, llm._text, llm.eos_ids)
         now, outputs = time.perf_counter(), []

@@ -7,6 +7,7 @@ included, at several tiles (COMPACT among them). The experts are quantised on th
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,9 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 DEMO = Path(__file__).resolve().parents[2] / "models" / "demo"
+LOGIT_TOL = 1.0
+"""Largest |logit difference| between graph and eager decode allowed in bf16 (logits of the demo model reach ~20,
+where bf16 steps by 0.125; the CPU static step differs from eager by up to 0.8 over 64 tokens)."""
 
 
 @pytest.fixture(scope="module")
@@ -94,16 +98,47 @@ def test_quant_slot_kernel_matches_reference_and_fills(
                 assert torch.equal(t.pool[slot], host_pool[8 + e].to(t.pool.device))
 
 
+def _greedy_with_logits(llm: LLM, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and each step's logits [V] (float32, host): the prefill's, then every decode step's."""
+    kept: list[torch.Tensor] = []
+    forward, decode = llm._eager_forward, llm.static.decode if llm.static is not None else None
+
+    def keep(run: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def wrapped(*a: object) -> torch.Tensor:
+            out = run(*a)
+            kept.append(out[0].float().cpu())
+            return out
+
+        return wrapped
+
+    llm._eager_forward = keep(forward)  # type: ignore[method-assign]
+    if decode is not None:
+        llm.static.decode = keep(decode)  # type: ignore[method-assign,union-attr]
+    (out,) = llm.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))
+    return out.token_ids, kept
+
+
 @pytest.mark.parametrize("fmt", ["int4", "fp8"])
 def test_demo_model_quantised_graph_greedy_64_tokens(fmt: str) -> None:
+    """64 bf16 greedy tokens equal eager's, up to a tie: the graph step rounds differently (its logits stay within
+    LOGIT_TOL of eager's at every step compared), so where eager's top two logits are closer than that the two may
+    pick different tokens and the texts part there. Measured on the H200 (``quant-parity-h200.json``): fp8 parts
+    at the first decode step, where eager's top two logits are equal (a tie in bf16), with the logits 0.07 apart."""
     kw = dict(device="cuda", dtype="bfloat16", num_slots=256, expert_dtype=fmt, progress=False)  # 25% cached
     eager = LLM(DEMO, decode="eager", **kw)
     prompt = eager.tokenizer("def fibonacci(n):\n    ")["input_ids"]
-    want = _tokens(eager, [prompt], 64)
-    del eager
+    want, want_logits = _greedy_with_logits(eager, prompt, 64)
+    eager.close()
     llm = LLM(DEMO, decode="graph", **kw)
     assert llm.static is not None and llm.static.graphs
-    assert _tokens(llm, [prompt], 64) == want
+    got, got_logits = _greedy_with_logits(llm, prompt, 64)
+    part = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), len(want))
+    diffs = [float((a - b).abs().max()) for a, b in zip(want_logits[: part + 1], got_logits[: part + 1])]
+    assert max(diffs) <= LOGIT_TOL, diffs
+    if part < len(want):  # the texts part only at a near tie of eager's logits
+        top = want_logits[part].topk(2).values
+        assert float(top[0] - top[1]) <= 2 * max(diffs), (part, float(top[0] - top[1]), diffs[-1])
+        assert float(want_logits[part][got[part]]) >= float(top[0]) - 2 * max(diffs)
 
 
 def test_graph_decode_native_mxfp4_equals_eager(tmp_path: Path) -> None:

@@ -120,6 +120,27 @@ def row(
             "hit_ratio": hits / max(hits + misses, 1)}  # fmt: skip
 
 
+def replay_timeline(events: list) -> dict:
+    """Per decode replay of a run: its device time, the host time the step spent before launching it, and the
+    device's gap from one replay's end to the next one's start (host work the device waited for, and anything
+    queued between two decode steps, such as a prompt chunk's forward). Means, and medians of the gaps."""
+    sync()
+    dev = [a.elapsed_time(b) for a, b, _ in events]
+    gaps = sorted(events[i][1].elapsed_time(events[i + 1][0]) for i in range(len(events) - 1))
+    n = max(len(events), 1)
+    return {"replays": len(events), "device_ms_mean": sum(dev) / n, "host_before_ms_mean": 1e3 * sum(h for *_, h in events) / n,
+            "gap_ms_mean": sum(gaps) / max(len(gaps), 1), "gap_ms_median": gaps[len(gaps) // 2] if gaps else 0.0}  # fmt: skip
+
+
+def all_live_ms(bucket) -> float:
+    """One replay of ``bucket``'s graph with every row live (the state after a run may have few), on the device."""
+    saved = bucket.inputs.clone()
+    bucket.inputs[2].fill_(1)
+    ms = event_ms(bucket.graph.replay, 20, warmup=3)
+    bucket.inputs.copy_(saved)
+    return ms
+
+
 def host_profile(fn, top: int = 25) -> list[dict]:
     """The ``top`` functions by own host time while ``fn`` runs (cProfile), with their call counts."""
     import cProfile
@@ -206,7 +227,12 @@ def main() -> None:
     }  # fmt: skip
     for rep in range(args.repeats):
         for mode in modes:
+            if cuda and static is not None and static.graphs:
+                static.replay_events = []  # per replay: device time, host time before it, the device's gaps
             r = {"mode": mode, "repeat": rep, **run[mode](len(reqs))}
+            if static is not None and static.replay_events is not None:
+                r["replays"] = replay_timeline(static.replay_events)
+                static.replay_events = None
             result["runs"].append(r)
             print(json.dumps(r), flush=True)
     best = {m: max((r for r in result["runs"] if r["mode"] == m), key=lambda r: r["decode_tokens_per_s"])
@@ -222,6 +248,8 @@ def main() -> None:
         result["step_fell_back"] = static.compiled and static.step == static._forward
         result["replay_ms"] = {"x".join(map(str, key)): event_ms(b.graph.replay, 20, warmup=3)
                                for key, b in static._buckets.items() if b.graph is not None and cuda}  # fmt: skip
+        result["replay_ms_all_rows_live"] = {"x".join(map(str, key)): all_live_ms(b)
+                                             for key, b in static._buckets.items() if b.graph is not None and cuda}  # fmt: skip
     if args.profile:  # where each mode's host time goes (cProfile over a run of --streams requests)
         result["profile"] = {mode: host_profile(lambda m=mode: run[m](args.streams)) for mode in modes}
     result["total_s"] = time.perf_counter() - t_start

@@ -11,6 +11,7 @@ Legend: B rows, L MoE layers, K top-k, V vocabulary.
 from __future__ import annotations
 
 import inspect
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -97,6 +98,9 @@ class StaticDecoder:
         self._table: SlotTable | None = None
         self._pool = torch.cuda.graph_pool_handle() if graphs else None
         self._side: torch.cuda.Stream | None = None
+        self.replay_events: list[tuple[torch.cuda.Event, torch.cuda.Event, float]] | None = None
+        """Benchmarks set a list: each graph replay then appends CUDA events around it and the host seconds the
+        step spent before it (inputs, replayed routing, the boundary plan)."""
         """The stream captures warm up and capture on (a new one per capture would leave a cuBLAS workspace per
         stream: +64 MiB per capture on the H200, seen in the peers' peak memory)."""
 
@@ -223,6 +227,7 @@ class StaticDecoder:
         self, bucket: Bucket, tokens: list[int], positions: list[int], live: list[int]
     ) -> torch.Tensor:  # [B, V]
         """One decode step, row ``b`` feeding ``tokens[b]`` at ``positions[b]``; only the ``live`` rows count."""
+        t0 = time.perf_counter()
         st = bucket.staging.numpy()  # the last step's upload has been read (its results were waited for)
         st[0] = tokens
         st[1] = positions
@@ -237,7 +242,15 @@ class StaticDecoder:
         else:
             if bucket.graph is None:
                 bucket.graph = self._capture(bucket)
-            bucket.graph.replay()
+            if self.replay_events is None:
+                bucket.graph.replay()
+            else:
+                host_s = time.perf_counter() - t0
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                bucket.graph.replay()
+                end.record()
+                self.replay_events.append((start, end, host_s))
         return bucket.logits
 
     def settle(self, bucket: Bucket, live: list[int]) -> StepRouting:

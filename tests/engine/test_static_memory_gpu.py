@@ -23,8 +23,10 @@ def geometry(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     return synthesize(request.param, tmp_path_factory.mktemp(request.param), num_layers=2)
 
 
-@pytest.mark.parametrize("batch", [1, 8, 32])
-def test_graph_decode_peak_memory_within_the_budget(geometry: Path, batch: int) -> None:
+@pytest.mark.parametrize(("batch", "prompt_len"), [(1, 0), (8, 0), (32, 0), (8, 480)])
+def test_graph_decode_peak_memory_within_the_budget(geometry: Path, batch: int, prompt_len: int) -> None:
+    """``prompt_len`` > 0: prompts of that many tokens, whose prefill activations (8 x 480 tokens: ~0.5 GB at OLMoE
+    geometry) do not fit the 256 MiB reserve in one forward: the prefill runs in column blocks."""
     probe = LLM(geometry, device="cuda", dtype="bfloat16", num_slots=8, decode="eager", progress=False)
     dense, per, total = (
         probe.info.dense_bytes,
@@ -32,6 +34,7 @@ def test_graph_decode_peak_memory_within_the_budget(geometry: Path, batch: int) 
         probe.info.num_layers * probe.info.num_experts,
     )
     prompt = probe.tokenizer("def fibonacci(n):")["input_ids"] if probe.tokenizer else list(range(3, 20))
+    prompt = list(range(3, 3 + prompt_len)) if prompt_len else prompt
     del probe
     torch.cuda.empty_cache()
     budget = (

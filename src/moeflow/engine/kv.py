@@ -49,8 +49,9 @@ class StaticKV:
         layer = self.cache.layers[0]
         return layer.cumulative_length if layer.is_initialized else torch.zeros((), dtype=torch.long)
 
-    def prefill_masks(self, width: int) -> torch.Tensor | dict[str, torch.Tensor]:
-        q = torch.arange(width, device=self.device)
+    def prefill_masks(self, width: int, start: int = 0) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Masks for ``width`` prompt columns from column ``start`` (a block of a chunked prefill)."""
+        q = torch.arange(start, start + width, device=self.device)
         return self._masks(q)
 
     def decode_masks(self) -> torch.Tensor | dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from moeflow.batching import plan_batches
 from moeflow.config import EngineConfig
 from moeflow.detok import extend_text
 from moeflow.engine.decode_mode import choose_static
+from moeflow.engine.prefill_chunks import chunk_inputs
 from moeflow.engine.setup import ModelInfo, load_tokenizer, resolve_device
 from moeflow.engine.slot_prefill import prefill_buffers, real_rows, wants_slots
 from moeflow.engine.static import Bucket
@@ -28,7 +29,7 @@ from moeflow.experts.cache import CachePolicy, PolicyContext
 from moeflow.experts.layer import Runtime, attach
 from moeflow.experts.policies import make_policy
 from moeflow.experts.store import ExpertStore
-from moeflow.inputs import decode_inputs, prefill_inputs
+from moeflow.inputs import StepInputs, decode_inputs, prefill_inputs
 from moeflow.memory import MemoryPlan, plan_memory
 from moeflow.metrics import Counters, batch_stats
 from moeflow.model.loader import LoadedModel, load_dense, open_model
@@ -267,6 +268,11 @@ class LLM:
             x = decode_inputs(seqs, batch.mask, self.device)
         else:
             x = prefill_inputs(seqs, self.device)
+            if (
+                batch.bucket is not None
+                and self.static.prefill_columns(batch.bucket, x.ids.shape[1]) < x.ids.shape[1]
+            ):
+                return self._chunked_prefill(seqs, batch, x)
         live = [s for s in seqs if not s.finished]
         tokens = sum(len(t) for t in x.new_tokens)
         bar = tqdm(total=len(self.loaded.layers), desc=f"prefill {tokens} tokens", unit="layer", leave=False, mininterval=0,
@@ -299,6 +305,22 @@ class LLM:
             logits = out.logits[:, -1, :]
         self.steps.end()
         bar.close()
+        batch.mask = x.mask
+        return logits
+
+    def _chunked_prefill(self, seqs: list[Sequence], batch: Batch, x: StepInputs) -> torch.Tensor:  # [B, V]
+        """The static path's prefill a block of prompt columns at a time, each block one step through the eager
+        MoE layers, sized so its activations fit the device budget (``engine/prefill_chunks.py``)."""
+        assert self.static is not None and batch.bucket is not None
+        start, width = 0, x.ids.shape[1]
+        while start < width:
+            stop = start + self.static.prefill_columns(batch.bucket, width - start)
+            live, block = chunk_inputs(x, seqs, start, stop)
+            self.steps.begin(live, block.new_tokens, block.new_positions, True, block.keep)
+            self.runtime.prefetch_after(-1)
+            logits = self.static.prefill(batch.bucket, block.ids, x.mask, block.positions, start=start)
+            self.steps.end()
+            start = stop
         batch.mask = x.mask
         return logits
 

@@ -20,6 +20,12 @@ from transformers import DynamicCache
 
 from moeflow.config import format_size
 from moeflow.engine.kv import StaticKV
+from moeflow.engine.prefill_chunks import (
+    activation_bytes_per_token,
+    columns,
+    kv_bytes_estimate,
+    room_for_activations,
+)
 from moeflow.engine.slot_prefill import PREFILL_BLOCKS
 from moeflow.engine.static_rows import StaticRowKV
 from moeflow.engine.step_io import read_back, upload_replay
@@ -184,11 +190,15 @@ class StaticDecoder:
         positions: torch.Tensor,
         slots: StaticBuffers | None = None,
         rows: list[int] | None = None,
+        start: int = 0,
     ) -> torch.Tensor:  # [B, V]
         """Run the (left-padded) prompts eagerly into the bucket's cache. The MoE layers take the eager path, or with
         ``slots`` (the step's context holds them) the slot table, for the real ``rows`` of the flattened prompts:
-        the policy's boundary plan first, ``step_io.read_back`` after (``engine/slot_prefill.py``)."""
-        bucket.kv.reset(mask)
+        the policy's boundary plan first, ``step_io.read_back`` after (``engine/slot_prefill.py``). ``start`` > 0:
+        ``ids`` are the prompts' columns from ``start`` on (a chunked prefill, ``engine/prefill_chunks.py``; ``mask``
+        is always every column's)."""
+        if start == 0:
+            bucket.kv.reset(mask)
         fresh = not bucket.kv.bytes()
         if slots is not None:
             assert rows is not None
@@ -198,7 +208,7 @@ class StaticDecoder:
             slots.tensors.begin_step()
         out = self.lm.model(
             input_ids=ids,
-            attention_mask=bucket.kv.prefill_masks(ids.shape[1]),
+            attention_mask=bucket.kv.prefill_masks(ids.shape[1], start),
             position_ids=positions,
             use_cache=True,
             logits_to_keep=1,
@@ -207,6 +217,18 @@ class StaticDecoder:
         if fresh:
             self._check_kv()
         return out.logits[:, -1, :]
+
+    def prefill_columns(self, bucket: Bucket, width: int) -> int:
+        """Prompt columns one prefill forward into ``bucket`` may take: all ``width``, unless the KV reserve of the
+        device budget, less the static caches, cannot hold their activations (``engine/prefill_chunks.py``)."""
+        if self.kv_budget is None:
+            return width
+        kv = bucket.kv
+        pending = 0 if kv.bytes() else kv_bytes_estimate(self.lm, kv.rows, kv.max_len)
+        room = room_for_activations(
+            self.kv_budget, sum(b.kv.bytes() for b in self._buckets.values()), pending
+        )
+        return columns(room, kv.rows, activation_bytes_per_token(self.lm, kv.max_len), width)
 
     def _check_kv(self) -> None:
         """The static caches allocated so far must fit the KV reserve of the device budget."""

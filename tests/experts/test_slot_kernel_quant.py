@@ -56,7 +56,7 @@ SCRIPT = textwrap.dedent(
     import torch
     from moeflow.experts.ops import slot_linear_quant as op
     from moeflow.experts.quant_proj import quant_proj, raw_offset
-    from moeflow.experts.slot_kernel_quant import slot_linear_quant as kernel
+    from moeflow.experts.slot_kernel_quant import fast as fast_path, options, slot_linear_quant as kernel
     from moeflow.quant.formats import FORMATS
     from moeflow.quant.row import RowCodec
     from tests.experts.test_slot_kernel_quant import layout
@@ -79,9 +79,16 @@ SCRIPT = textwrap.dedent(
               ("int2", 96, 16, True, {"BLOCK_D": 64, "BLOCK_N": 64, "COMPACT": 1}, 5, (1, 2, 3)),
               ("fp8", 160, 24, False, {"BLOCK_D": 256, "BLOCK_N": 32, "COMPACT": 1, "num_warps": 4}, T, every),
               ("int8", 128, 32, True, {"BLOCK_D": 32, "BLOCK_N": 32, "BLOCK_M": 32, "COMPACT": 1}, 3, (1, 3))]
+    # int4 tiles within one group (fp16: the fast integer path, slot_kernel_quant.fast): a tile per group (BLOCK_D
+    # 128 over two groups of 128, 64 over one of 64) and two tiles per group (BLOCK_D 64 over groups of 128)
+    cases += [("int4", 256, 64, True, {"BLOCK_D": 128, "BLOCK_N": 32, "COMPACT": 1}, T, every),
+              ("int4", 256, 64, False, {"BLOCK_D": 64, "BLOCK_N": 64}, T, every),
+              ("int4", 128, 64, True, {"BLOCK_D": 128, "BLOCK_N": 64, "BLOCK_M": 32, "COMPACT": 1}, 3, (1, 3)),
+              ("int4", 128, 64, False, {"BLOCK_D": 64, "BLOCK_N": 16, "num_warps": 4}, 1, (0, 1))]
     # MXFP4 (e2m1 codes, e8m0 scales per 32 inputs): a tile of two blocks, and a tile of four with COMPACT
     cases += [("mxfp4", 160, 32, True, {"BLOCK_D": 64}, T, every),
               ("mxfp4", 128, 64, False, {"BLOCK_D": 128, "BLOCK_N": 32, "COMPACT": 1}, 3, (1, 3))]
+    taken = []
     for dtype in (torch.float32, torch.float16):  # the interpreter computes bf16 dots wrongly (GPU tests: bf16)
         for fmt, h, i, bias, blocks, t, used in cases:
             lay = layout(h, i, bias)
@@ -94,7 +101,7 @@ SCRIPT = textwrap.dedent(
             pick = torch.tensor(used)
             ids = torch.stack([pick[torch.randperm(len(used))[:K]] for _ in range(t)])
             groups = groups_of(ids, E)
-            outs = []
+            outs, fast = [], []
             for use_kernel in (False, True):
                 pool = torch.zeros(S, codec.nbytes, dtype=torch.uint8)
                 pool[2], pool[0] = host[layer * E], host[layer * E + 2]
@@ -104,6 +111,7 @@ SCRIPT = textwrap.dedent(
                     q = quant_proj(codec, name)
                     b_off = raw_offset(codec, b if bias else None)
                     if use_kernel:
+                        fast.append(fast_path(q, options(q, blocks), dtype))
                         y = (torch.zeros if pair_rows else torch.empty)(t * K, q.n, dtype=dtype)
                         kernel(x, y, groups, slot, claim, pool, host, layer * E, q, b_off, K, pair_rows, True,
                                blocks)
@@ -118,6 +126,8 @@ SCRIPT = textwrap.dedent(
             assert y_ref.abs().max() > 0.01
             assert torch.equal(pool, pool_ref), (fmt, blocks)
             assert torch.equal(pool[4], host[layer * E + 1]) and not pool[[1, 3, 5]].any(), fmt
+            taken += fast
+    assert sum(taken) == 7  # fp16 int4 projections with a tile within one group take the fast path
     print("ok")
     """
 )
@@ -141,3 +151,27 @@ def test_tiles_a_format_cannot_run_are_refused() -> None:
         options(int2, {"BLOCK_D": 32})
     with pytest.raises(ValueError, match="BLOCK_N 24 must be a power of two"):
         options(int4, {"BLOCK_N": 24})
+
+
+@needs_triton
+def test_fast_path_constants_are_exact() -> None:
+    """The fast integer path's constants (the bf16 one is not run by the interpreter): ``bits | q`` read as the
+    dtype is exactly MAGIC + q for every code the path takes (q < 128), and the path is taken only for integer
+    codes of at most 4 bits in a tile within one group, with bf16 or fp16 inputs."""
+    from moeflow.experts.slot_kernel_quant import MAGICS, fast, options
+
+    codes = torch.arange(128, dtype=torch.int16)
+    for dtype, (bits, magic) in MAGICS.items():
+        assert torch.equal((codes | bits).view(dtype).double(), magic + codes.double()), dtype
+    lay = layout(256, 64, bias=False)
+    q = {f: quant_proj(RowCodec(lay, FORMATS[f]), "gate_up_proj") for f in ("int4", "int8", "int2", "fp8")}
+    assert q["int4"].group == 128
+
+    def takes(fmt: str, block_d: int, dtype: torch.dtype) -> bool:
+        return fast(q[fmt], options(q[fmt], {"BLOCK_D": block_d}), dtype)
+
+    assert takes("int4", 128, torch.bfloat16) and takes("int4", 64, torch.float16)
+    assert not takes("int4", 256, torch.bfloat16)  # two groups in a tile
+    assert not takes("int4", 128, torch.float32)  # fp32 keeps the IEEE dequantising path
+    assert not takes("int8", 128, torch.bfloat16) and not takes("fp8", 128, torch.bfloat16)
+    assert not takes("int2", 64, torch.bfloat16)  # int2's group (32) is below its smallest tile

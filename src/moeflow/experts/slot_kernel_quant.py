@@ -14,6 +14,16 @@ byte, code ``j`` of a byte in bits ``[j * BITS, (j + 1) * BITS)``. A D-tile of `
 ``BLOCK_D / PER`` bytes per output; each of the ``PER`` code planes is dequantised and multiplied with the inputs
 ``d0 + PER * i + j`` (a strided read of x), so every byte is loaded once. Scale (and zero) of (n, d) at
 ``n * G + d // GROUP``; with ``ONE_GROUP`` (the group a multiple of the tile) one [BLOCK_N] vector per tile.
+
+Fast integer path (``FAST``, see :func:`fast`), taken for integer codes below 128 (int4; int2's groups, at most 32
+inputs, are narrower than its smallest tile, 64) when each D-tile lies in one group (``ONE_GROUP``) and the inputs
+are bf16 or fp16: no weight is dequantised. Each plane's codes become ``MAGIC + q`` in x's dtype by OR-ing them into
+the bits of ``MAGIC`` (bf16 0x4300 = 128.0 with 7 mantissa bits, fp16 0x6400 = 1024.0 with 10: exact), the tile
+accumulates ``t = sum_j x_j @ (MAGIC + q_j)`` in float32 and ``xs``, its inputs summed per row, and the group's
+scale and zero apply once per tile: ``w = q * s + z = (MAGIC + q) * s + (z - MAGIC * s)``, so
+``acc += t * s + xs * (z - MAGIC * s)``. No int-to-float conversion, multiply-add or rounding per weight (w is never
+rounded to x's dtype, so closer to exact than dequantising). fp32 inputs, fp8, MXFP4, int8 and groups smaller than
+the tile dequantise each weight as above.
 Legend: P pairs, N output features, D input features, E experts, G groups per output row.
 """
 
@@ -23,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeflow.experts.quant_proj import KIND_FP8, KIND_MX, QuantProj
+from moeflow.experts.quant_proj import KIND_FP8, KIND_INT, KIND_MX, QuantProj
 from moeflow.experts.slot_kernel import program_expert
 
 
@@ -43,6 +53,26 @@ def _e2m1(code):
     big = (1.0 + 0.5 * (m & 1).to(tl.float32)) * tl.exp2(e - 1.0)
     v = tl.where(m < 2, 0.5 * m.to(tl.float32), big)
     return tl.where((code & 8) != 0, -v, v)
+
+
+@triton.jit
+def _fast_tile(acc, byte, x_ptr, stride_x, rows, m_ok, d_first, i_ok, s, z, BITS: tl.constexpr, PER: tl.constexpr,
+               MASK: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):  # fmt: skip
+    """``acc`` plus one D-tile of one group (scale ``s``, zero ``z``, [1, BLOCK_N] float32) by the fast integer
+    path (module docstring): the codes' planes as ``MAGIC + q`` in x's dtype, the scale and zero applied once."""
+    t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # sum_j x_j @ (MAGIC + q_j)
+    xsum = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+    b16 = byte.to(tl.int16)
+    for j in tl.static_range(PER):
+        biased = (((b16 >> (j * BITS)) & MASK) | MAGIC_BITS).to(tl.int16)  # the bits of MAGIC + q
+        w = biased.to(x_ptr.dtype.element_ty, bitcast=True)  # masked bytes (MAGIC) meet masked (zero) inputs
+        xt = tl.load(x_ptr + rows[:, None] * stride_x + (d_first + j)[None, :], mask=m_ok[:, None] & i_ok[None, :],
+                     other=0.0)  # fmt: skip
+        t = tl.dot(xt, w, t)
+        xsum += xt.to(tl.float32)
+    xs = tl.sum(xsum, axis=1)  # [BLOCK_M] the tile's inputs summed per row
+    return acc + t * s + xs[:, None] * (z - MAGIC * s)
 
 
 @triton.jit
@@ -77,6 +107,9 @@ def _slot_linear_quant(
     MASK: tl.constexpr,  # 2**BITS - 1
     SCALE_F16: tl.constexpr,
     ONE_GROUP: tl.constexpr,
+    FAST: tl.constexpr,  # the fast integer path (module docstring); implies ONE_GROUP
+    MAGIC_BITS: tl.constexpr,  # FAST: the bits of MAGIC in x's dtype
+    MAGIC: tl.constexpr,
     PAIR_ROWS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     COMPACT: tl.constexpr,
@@ -141,36 +174,40 @@ def _slot_linear_quant(
                         if FILL:
                             tl.store(z_dst + s_idx, z, mask=n_ok & put)
                         z = z.to(tl.float32)[None, :]
-                for j in tl.static_range(PER):
-                    d_j = d_first + j
-                    if not ONE_GROUP:
-                        s_idx = n64[None, :] * G + (d_j // GROUP)[:, None]  # [BLOCK_D / PER, BLOCK_N]
-                        s = tl.load(s_src + s_idx, mask=w_ok, other=0.0)
-                        if FILL:
-                            tl.store(s_dst + s_idx, s, mask=w_ok & put)
-                        s = _scale(s, MX)
-                        if not FP8 and not MX:
-                            z = tl.load(z_src + s_idx, mask=w_ok, other=0.0)
+                if FAST:
+                    acc = _fast_tile(acc, byte, x_ptr, stride_x, rows, m_ok, d_first, i_ok, s, z, BITS, PER, MASK,
+                                     MAGIC_BITS, MAGIC, BLOCK_M, BLOCK_N, BLOCK_D // PER)  # fmt: skip
+                else:
+                    for j in tl.static_range(PER):
+                        d_j = d_first + j
+                        if not ONE_GROUP:
+                            s_idx = n64[None, :] * G + (d_j // GROUP)[:, None]  # [BLOCK_D / PER, BLOCK_N]
+                            s = tl.load(s_src + s_idx, mask=w_ok, other=0.0)
                             if FILL:
-                                tl.store(z_dst + s_idx, z, mask=w_ok & put)
-                            z = z.to(tl.float32)
-                    if FP8:
-                        w = byte.to(tl.float8e4nv, bitcast=True).to(tl.float32) * s
-                    elif MX:
-                        w = _e2m1((byte >> (j * BITS)) & MASK) * s
-                    else:
-                        q = ((byte >> (j * BITS)) & MASK).to(tl.float32)
-                        w = q * s + z
-                    w = w.to(x_ptr.dtype.element_ty)  # masked bytes meet masked (zero) inputs
-                    xt = tl.load(
-                        x_ptr + rows[:, None] * stride_x + d_j[None, :],
-                        mask=m_ok[:, None] & i_ok[None, :],
-                        other=0.0,
-                    )
-                    if IEEE:
-                        acc = tl.dot(xt, w, acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(xt, w, acc)
+                                tl.store(s_dst + s_idx, s, mask=w_ok & put)
+                            s = _scale(s, MX)
+                            if not FP8 and not MX:
+                                z = tl.load(z_src + s_idx, mask=w_ok, other=0.0)
+                                if FILL:
+                                    tl.store(z_dst + s_idx, z, mask=w_ok & put)
+                                z = z.to(tl.float32)
+                        if FP8:
+                            w = byte.to(tl.float8e4nv, bitcast=True).to(tl.float32) * s
+                        elif MX:
+                            w = _e2m1((byte >> (j * BITS)) & MASK) * s
+                        else:
+                            q = ((byte >> (j * BITS)) & MASK).to(tl.float32)
+                            w = q * s + z
+                        w = w.to(x_ptr.dtype.element_ty)  # masked bytes meet masked (zero) inputs
+                        xt = tl.load(
+                            x_ptr + rows[:, None] * stride_x + d_j[None, :],
+                            mask=m_ok[:, None] & i_ok[None, :],
+                            other=0.0,
+                        )
+                        if IEEE:
+                            acc = tl.dot(xt, w, acc, input_precision="ieee")
+                        else:
+                            acc = tl.dot(xt, w, acc)
             if HAS_BIAS:
                 b_src = (row + b_off).to(tl.pointer_type(tl.float32))
                 b = tl.load(b_src + offs_n, mask=n_ok, other=0.0)
@@ -214,6 +251,17 @@ def options(q: QuantProj, blocks: dict | None) -> dict:
     return opts
 
 
+MAGICS = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
+"""The fast integer path's constant per input dtype: (its bits, MAGIC); ``bits | q`` is MAGIC + q exactly for q < 128
+(bf16) or q < 1024 (fp16)."""
+
+
+def fast(q: QuantProj, opts: dict, dtype: torch.dtype) -> bool:
+    """Whether the kernel takes the fast integer path (module docstring) for ``q`` with tiles ``opts`` and inputs
+    of ``dtype``: integer codes below 128 (at most 4 bits), each D-tile within one group, bf16 or fp16 inputs."""
+    return q.kind == KIND_INT and q.bits <= 4 and q.group % opts["BLOCK_D"] == 0 and dtype in MAGICS
+
+
 def slot_linear_quant(
     x: torch.Tensor,  # [R, D]
     y: torch.Tensor,  # [P, N]
@@ -238,11 +286,13 @@ def slot_linear_quant(
     num_experts = counts.shape[0]
     compact = bool(opts.pop("COMPACT"))
     grid = (min(num_experts, order.shape[0]) if compact else num_experts, triton.cdiv(q.n, opts["BLOCK_N"]))
+    magic_bits, magic = MAGICS.get(x.dtype, (0, 0.0))
     _slot_linear_quant[grid](
         x, x.stride(0), y, y.stride(0), order, counts, starts, slot, claim, pool, delta, host_row0,
         pool.stride(0), q.codes, q.scale, max(q.zero, 0), bias_off if bias_off is not None else 0,
         q.n, k, q.group, q.groups, num_experts, D=q.d, FP8=q.kind == KIND_FP8, MX=q.kind == KIND_MX, BITS=q.bits, PER=8 // q.bits,
         MASK=2**q.bits - 1, SCALE_F16=bool(q.scale_f16), ONE_GROUP=q.group % opts["BLOCK_D"] == 0,
+        FAST=fast(q, opts, x.dtype), MAGIC_BITS=magic_bits, MAGIC=magic,
         PAIR_ROWS=pair_rows, HAS_BIAS=bias_off is not None, COMPACT=compact,
         E_POW2=triton.next_power_of_2(num_experts), FILL=fill, IEEE=x.dtype == torch.float32,
         **opts,

@@ -18,7 +18,7 @@ from moeflow.batching import plan_batches
 from moeflow.config import EngineConfig
 from moeflow.detok import extend_text
 from moeflow.engine.decode_mode import choose_static
-from moeflow.engine.prefill_chunks import chunk_inputs
+from moeflow.engine.prefill_chunks import chunk_inputs, prefill_columns
 from moeflow.engine.setup import ModelInfo, load_tokenizer, resolve_device
 from moeflow.engine.slot_prefill import prefill_buffers, real_rows, wants_slots
 from moeflow.engine.static import Bucket
@@ -267,11 +267,8 @@ class LLM:
             assert batch.mask is not None
             x = decode_inputs(seqs, batch.mask, self.device)
         else:
-            x = prefill_inputs(seqs, self.device)
-            if (
-                batch.bucket is not None
-                and self.static.prefill_columns(batch.bucket, x.ids.shape[1]) < x.ids.shape[1]
-            ):
+            x, width = prefill_inputs(seqs, self.device), max(len(s.prompt_ids) for s in seqs)
+            if batch.bucket is not None and prefill_columns(self.static, batch.bucket, width) < width:
                 return self._chunked_prefill(seqs, batch, x)
         live = [s for s in seqs if not s.finished]
         tokens = sum(len(t) for t in x.new_tokens)
@@ -313,14 +310,19 @@ class LLM:
         MoE layers, sized so its activations fit the device budget (``engine/prefill_chunks.py``)."""
         assert self.static is not None and batch.bucket is not None
         start, width = 0, x.ids.shape[1]
+        tokens = sum(len(t) for t in x.new_tokens)
+        bar = tqdm(total=width, desc=f"prefill {tokens} tokens", unit="column", leave=False, mininterval=0,
+                   disable=not (self.config.progress and tokens >= LONG_PREFILL))  # fmt: skip
         while start < width:
-            stop = start + self.static.prefill_columns(batch.bucket, width - start)
+            stop = start + prefill_columns(self.static, batch.bucket, width - start)
             live, block = chunk_inputs(x, seqs, start, stop)
             self.steps.begin(live, block.new_tokens, block.new_positions, True, block.keep)
             self.runtime.prefetch_after(-1)
             logits = self.static.prefill(batch.bucket, block.ids, x.mask, block.positions, start=start)
             self.steps.end()
+            bar.update(stop - start)
             start = stop
+        bar.close()
         batch.mask = x.mask
         return logits
 

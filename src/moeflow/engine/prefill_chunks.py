@@ -13,10 +13,14 @@ Legend: B sequences, S padded prompt width, H hidden size, K top-k.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from moeflow.inputs import StepInputs
 from moeflow.model.loader import LoadedModel
 from moeflow.sequence import Sequence
+
+if TYPE_CHECKING:  # the static decoder calls into this module, not the other way round
+    from moeflow.engine.static import Bucket, StaticDecoder
 
 SAFETY = 2
 """The per-token activation estimate is multiplied by this (allocator rounding, temporaries it does not count)."""
@@ -73,7 +77,13 @@ def chunk_inputs(
     return live, block
 
 
-def room_for_activations(kv_budget: int, allocated_kv: int, bucket_kv: int) -> int:
-    """What the KV reserve ``kv_budget`` leaves for activations once every static cache (``allocated_kv``, plus
-    ``bucket_kv`` for a cache not allocated yet) is in it."""
-    return max(0, kv_budget - allocated_kv - bucket_kv)
+def prefill_columns(decoder: StaticDecoder, bucket: Bucket, width: int) -> int:
+    """Prompt columns one prefill forward into ``bucket`` may take: all ``width``, unless the KV reserve of the device
+    budget, less the static caches (this bucket's estimated while not allocated yet), cannot hold their
+    activations."""
+    if decoder.kv_budget is None:
+        return width
+    kv, lm = bucket.kv, decoder.lm
+    pending = 0 if kv.bytes() else kv_bytes_estimate(lm, kv.rows, kv.max_len)
+    room = max(0, decoder.kv_budget - decoder.kv_bytes() - pending)
+    return columns(room, kv.rows, activation_bytes_per_token(lm, kv.max_len), width)

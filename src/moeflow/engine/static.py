@@ -20,12 +20,6 @@ from transformers import DynamicCache
 
 from moeflow.config import format_size
 from moeflow.engine.kv import StaticKV
-from moeflow.engine.prefill_chunks import (
-    activation_bytes_per_token,
-    columns,
-    kv_bytes_estimate,
-    room_for_activations,
-)
 from moeflow.engine.slot_prefill import PREFILL_BLOCKS
 from moeflow.engine.static_rows import StaticRowKV
 from moeflow.engine.step_io import read_back, upload_replay
@@ -105,8 +99,7 @@ class StaticDecoder:
         self._pool = torch.cuda.graph_pool_handle() if graphs else None
         self._side: torch.cuda.Stream | None = None
         self.replay_events: list[tuple[torch.cuda.Event, torch.cuda.Event, float]] | None = None
-        """Benchmarks set a list: each graph replay then appends CUDA events around it and the host seconds the
-        step spent before it (inputs, replayed routing, the boundary plan)."""
+        """Set a list (benchmarks): each replay appends CUDA events around it and the host seconds before it."""
         """The stream captures warm up and capture on (a new one per capture would leave a cuBLAS workspace per
         stream: +64 MiB per capture on the H200, seen in the peers' peak memory)."""
 
@@ -218,21 +211,13 @@ class StaticDecoder:
             self._check_kv()
         return out.logits[:, -1, :]
 
-    def prefill_columns(self, bucket: Bucket, width: int) -> int:
-        """Prompt columns one prefill forward into ``bucket`` may take: all ``width``, unless the KV reserve of the
-        device budget, less the static caches, cannot hold their activations (``engine/prefill_chunks.py``)."""
-        if self.kv_budget is None:
-            return width
-        kv = bucket.kv
-        pending = 0 if kv.bytes() else kv_bytes_estimate(self.lm, kv.rows, kv.max_len)
-        room = room_for_activations(
-            self.kv_budget, sum(b.kv.bytes() for b in self._buckets.values()), pending
-        )
-        return columns(room, kv.rows, activation_bytes_per_token(self.lm, kv.max_len), width)
+    def kv_bytes(self) -> int:
+        """Bytes the static KV caches of the buckets take so far."""
+        return sum(b.kv.bytes() for b in self._buckets.values())
 
     def _check_kv(self) -> None:
         """The static caches allocated so far must fit the KV reserve of the device budget."""
-        used = sum(b.kv.bytes() for b in self._buckets.values())
+        used = self.kv_bytes()
         if self.kv_budget is not None and used > self.kv_budget:
             rows, length = max((b.kv.rows, b.kv.max_len) for b in self._buckets.values())
             raise BudgetError(

@@ -109,6 +109,10 @@ def main() -> None:
     ap.add_argument(
         "--device", default="cuda", help="cpu: a check of the script (--decode static), not a timing"
     )
+    ap.add_argument(
+        "--precopy", default="0", help="PRECOPY options of the offloaded rows: 0, 1 or 0,1 (rows carry 'precopy'): "
+        "claimed misses copied into their slots before the projections (experts/precopy.py)"
+    )  # fmt: skip
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import transformers
@@ -174,11 +178,11 @@ def measure(args: argparse.Namespace, trace: Trace, reqs: list, dtype: str, resu
             result.setdefault("errors", []).append(f"{dtype} kernel stage: {type(err).__name__}: {err}")
         result["kernel_s_by_dtype"][dtype] = time.perf_counter() - t0
 
-    def warm(policy: str, slots: int, batch: int) -> None:
+    def warm(policy: str, slots: int, batch: int, precopy: int = 0) -> None:
         """Compile the kernels for this shape (Triton specialises on batch and pool sizes) on a short run, then
         start the timed run from a fresh pool of the same size (its graph is captured again; nothing compiles)."""
         if llm.static is not None:
-            llm.static.blocks = best.get(batch)
+            llm.static.blocks = {**best[batch], "PRECOPY": precopy} if batch in best else {"PRECOPY": precopy}
         llm.reconfigure(policy=policy, num_slots=slots)
         run(llm, [(r, p, 3) for r, p, _ in reqs[:batch]], batch, bw)
         llm.reconfigure(policy=policy, num_slots=slots)
@@ -198,13 +202,17 @@ def measure(args: argparse.Namespace, trace: Trace, reqs: list, dtype: str, resu
             steps, decode = engine_steps(trace, reqs, chunks, info.num_experts, info.num_layers)
             bel_bytes = belady_misses(steps, slots, decode) * info.expert_bytes
             resident = resident_ms[str(batch)]
-            for policy in args.policies.split(","):
+            for policy, precopy in [
+                (p, int(c)) for p in args.policies.split(",") for c in args.precopy.split(",")
+            ]:
                 if past_budget(args):
-                    result.setdefault("skipped", []).append(f"{dtype} {policy} {frac} {batch}")
+                    result.setdefault("skipped", []).append(
+                        f"{dtype} {policy} {frac} {batch} precopy {precopy}"
+                    )
                     print("past --budget-s, skipped:", result["skipped"][-1], flush=True)
                     continue
                 try:
-                    warm(policy, slots, batch)
+                    warm(policy, slots, batch, precopy)
                     row = run(llm, reqs, batch, bw)
                 except (
                     Exception
@@ -222,6 +230,7 @@ def measure(args: argparse.Namespace, trace: Trace, reqs: list, dtype: str, resu
                     "ms_per_token": row["decode_ms_per_token"], "own_floor_ms": 1e3 * bytes_tok / bw + resident,
                     "belady_floor_ms": 1e3 * bel_bytes / tokens / bw + resident, "hit_ratio": row["decode_hit_ratio"],
                     "bytes_per_token": bytes_tok, "belady_bytes_per_token": bel_bytes / tokens, "slots": slots,
+                    "precopy": bool(precopy),
                 })  # fmt: skip
                 print(json.dumps(result["runs"][-1]), flush=True)
                 out.write_text(json.dumps(result, indent=2))

@@ -6,6 +6,8 @@ step through them (one graph, no graph break per layer) while the kernels themse
 - ``moeflow::slot_linear``: one projection for every routed pair, reading each expert's weights from its slot or
   from the host pool, writing a missed expert into its claimed slot as it is read (read-through fill): the Triton
   kernel of ``slot_kernel.py`` on CUDA, a torch loop over the used experts on the CPU.
+- ``moeflow::fill_claimed``: with the option ``PRECOPY``, a layer's claimed misses copied into their slots ahead of
+  the projections (``precopy.py`` on CUDA, row copies on the CPU).
 - ``moeflow::slot_linear_quant``: the same over quantised rows (uint8 pools, ``quant_proj.QuantProj``): the Triton
   kernel of ``slot_kernel_quant.py`` on CUDA; on the CPU each row dequantised and the same torch reference.
 
@@ -123,6 +125,34 @@ def _used_rows(
             if fill and claims[e] >= 0:
                 pool[claims[e]].copy_(row)
             yield row, order[start : start + cnt]
+
+
+@torch.library.custom_op("moeflow::fill_claimed", mutates_args=())
+def fill_claimed(
+    counts: torch.Tensor,  # [E] int32
+    slot: torch.Tensor,  # [E] int32 the layer's slot row
+    claim: torch.Tensor,  # [E] int32
+    pool: torch.Tensor,  # [S, row]
+    host: torch.Tensor,  # [L*E, row]
+    host_row0: int,
+) -> torch.Tensor:  # [E] int32
+    """Copy every used, missed expert with a claimed slot into it (``precopy.py``); returns the slot row with those
+    experts at their claimed slots, for the projections to read them as hits. The pool's mutation is not declared,
+    as the fill's is not (above): the slot written is one the step cannot read again."""
+    moved = (counts > 0) & (slot < 0) & (claim >= 0)
+    if counts.is_cuda:
+        from moeflow.experts.precopy import fill_claimed as kernel
+
+        kernel(counts, slot, claim, pool, host, host_row0)
+    else:
+        for e in torch.nonzero(moved).flatten().tolist():
+            pool[int(claim[e])].copy_(host[host_row0 + e])
+    return torch.where(moved, claim, slot)
+
+
+@fill_claimed.register_fake
+def _fill_claimed_fake(counts: torch.Tensor, slot: torch.Tensor, *rest: object) -> torch.Tensor:
+    return torch.empty_like(slot)
 
 
 @slot_linear.register_fake

@@ -158,17 +158,20 @@ def _op_layer(module, src, layer, proj, hidden, groups, slot, claim, k, blocks, 
     rows (Triton on a GPU, torch on the host)."""
     opts = [blocks.get(key, -1) for key in BLOCK_KEYS] if blocks else []
     row0, x = layer * src.table.shape[1], hidden
+    fill = not (blocks or {}).get("PRECOPY", 0)
+    if not fill:  # claimed misses copied whole into their slots first, then read there (``precopy.py``)
+        slot = torch.ops.moeflow.fill_claimed(groups[1], slot, claim, src.pool, src.host, row0)
     for name, bias, pair_rows in ((proj.first, proj.first_bias, False), ("down_proj", proj.down_bias, True)):
         if codec is not None:
             b_off = raw_offset(codec, bias)
             y = torch.ops.moeflow.slot_linear_quant(x, *groups, slot, claim, src.pool, src.host, row0,
                                                     quant_proj(codec, name).as_list(),
-                                                    -1 if b_off is None else b_off, k, pair_rows, True, opts)  # fmt: skip
+                                                    -1 if b_off is None else b_off, k, pair_rows, fill, opts)  # fmt: skip
         else:
             weight, n, _ = _weight(src, proj, name)
             b_off = _bias(src, bias)
             y = torch.ops.moeflow.slot_linear(x, *groups, slot, claim, src.pool, src.host, row0, weight,
-                                              -1 if b_off is None else b_off, n, k, pair_rows, True, opts)  # fmt: skip
+                                              -1 if b_off is None else b_off, n, k, pair_rows, fill, opts)  # fmt: skip
         x = _gate(module, proj, y).contiguous() if not pair_rows else y
     return x
 

@@ -52,6 +52,21 @@ def test_graph_decode_quantised_equals_eager(
         assert llm.store.stats.bytes_zero_copy > 0 or slots is None
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_graph_decode_with_precopy_equals_read_through(checkpoints: dict[str, Path], fmt: str) -> None:
+    """``PRECOPY`` (``experts/precopy.py``): the claimed misses copied into their slots by the copy kernel before
+    the projections give the read-through fill's tokens, misses and slot bytes, compiled and captured."""
+    runs = []
+    for precopy in (0, 1):
+        llm = LLM(checkpoints["olmoe"], device="cuda", dtype="bfloat16", num_slots=3, decode="graph", progress=False,
+                  expert_dtype=fmt if fmt != "bf16" else "auto")  # fmt: skip
+        assert llm.static is not None and llm.static.table.zero_copy
+        llm.static.blocks = {"PRECOPY": precopy}
+        runs.append((_tokens(llm, BATCH), llm.policy.stats.misses, llm.store.slots.clone()))
+    assert runs[0][:2] == runs[1][:2] and runs[0][1] > 0
+    assert torch.equal(runs[0][2], runs[1][2])
+
+
 @pytest.mark.parametrize("fmt", ["int4", "fp8", "int8", "int2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quant_slot_kernel_matches_reference_and_fills(

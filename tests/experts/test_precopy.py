@@ -18,7 +18,9 @@ from tests.test_engine import PROMPT
 
 def _case() -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
-    host = torch.randint(0, 255, (6, 40), dtype=torch.uint8, generator=g)  # 2 layers x 3 experts, rows of 40 bytes
+    host = torch.randint(
+        0, 255, (6, 40), dtype=torch.uint8, generator=g
+    )  # 2 layers x 3 experts, rows of 40 bytes
     pool = torch.zeros(4, 40, dtype=torch.uint8)
     counts = torch.tensor([2, 0, 1], dtype=torch.int32)  # layer 1: experts 0 and 2 used, 1 not
     slot = torch.tensor([-1, -1, -1], dtype=torch.int32)  # none resident
@@ -77,5 +79,7 @@ def test_static_decode_with_precopy_equals_read_through(checkpoints: dict[str, P
     *first, pool = runs[0]
     *second, pool2 = runs[1]
     assert first == second
-    assert torch.equal(pool, pool2)  # every slot holds the same bytes: the claimed misses were written either way
+    assert torch.equal(
+        pool, pool2
+    )  # every slot holds the same bytes: the claimed misses were written either way
     assert first[2] > 0  # misses happened, so claimed slots were filled (by the kernel, or by the copy first)

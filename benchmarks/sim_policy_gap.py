@@ -16,7 +16,7 @@ Execution ``static`` is the engine's graph decode (boundaries, zero-copy misses,
 slots); ``eager`` the per-layer demand path. Belady is the eager demand-only optimum of the same steps in both:
 the floor ``decode_floor.py`` computes; ``belady/engine-fill-rule`` is Belady's eviction order run under the
 engine's static fill rule (no bypass, no emptied slots), for reference. ``--select TRACE`` first scores a grid of the new policy's settings on a
-training trace (engine cut, static, batch 1) and uses the best; otherwise the settings given by ``--reuse``.
+training trace (engine cut, static, each batch size) and uses the best of each batch size; otherwise the settings given by ``--reuse``.
 
     python benchmarks/sim_policy_gap.py --select .data/traces/demo-train-24.npz \
         --out benchmarks/results/sim-policy-gap.json
@@ -51,6 +51,9 @@ BASE = [
     ("expertflow", "expertflow", {}),
     ("expertflow/byte-aware", "expertflow", {"byte_aware": True}),
 ]
+H200 = {"h2d_GBps": 55.37, "resident_ms": {1: 2.196, 8: 0.859}}
+"""``decode-floor-h200.json``'s bandwidth and all-resident step: a floor is resident ms + bytes per token / bandwidth
+(how that benchmark states its own and Belady's floors)."""
 GRID = {
     "req_prior": [1.0, 4.0, 16.0],
     "req_decay": [1.0, 0.95],
@@ -86,12 +89,17 @@ def row(trace: Trace, label: str, name: str, opts: dict, batch: int, execution: 
     }  # fmt: skip
 
 
-def summary(rows: list[dict]) -> dict:
+def summary(rows: list[dict], batch: int) -> dict:
     """Per label: hit ratio, decode bytes per token and their ratios to LRU's and Belady's, the share of the
-    LRU->Belady byte gap closed, modelled ms per token."""
+    LRU->Belady byte gap closed, modelled ms per token, and the H200 floor (``H200``) against Belady's."""
     by = {r["label"]: r for r in rows}
     per_tok = {k: r["decode_loads"] / r["decode_tokens"] for k, r in by.items()}
     lru, opt = per_tok["lru"], per_tok["belady"]
+    resident = H200["resident_ms"].get(batch, 0.0)
+
+    def floor(loads: float) -> float:
+        return resident + loads * TIMING.expert_bytes / (H200["h2d_GBps"] * 1e6)
+
     out = {}
     for label, r in by.items():
         out[label] = {
@@ -101,6 +109,8 @@ def summary(rows: list[dict]) -> dict:
             "bytes_vs_belady": round(per_tok[label] / opt, 3),
             "byte_gap_closed": round((lru - per_tok[label]) / (lru - opt), 3) if lru > opt else None,
             "modelled_ms_per_token": round(1e3 * r["decode_time_s"] / r["decode_tokens"], 2),
+            "h200_floor_ms": round(floor(per_tok[label]), 2),
+            "floor_vs_belady": round(floor(per_tok[label]) / floor(opt), 3),
             "prefetches": r["prefetches"],
         }
     return out
@@ -116,12 +126,12 @@ def pooled(parts: list[list[dict]]) -> list[dict]:
     return out
 
 
-def select(trace: Trace, predictor: str) -> tuple[dict, list]:
-    """The grid's best settings of ``expertflow-reuse`` by decode bytes (engine cut, static, batch 1)."""
+def select(trace: Trace, predictor: str, batch: int) -> tuple[dict, list]:
+    """The grid's best settings of ``expertflow-reuse`` by decode bytes (engine cut, static, ``batch``)."""
     scores = []
     for values in itertools.product(*GRID.values()):
         opts = dict(zip(GRID, values))
-        r = row(trace, "reuse", "expertflow-reuse", {**opts, "predictor": predictor}, 1, "static")
+        r = row(trace, "reuse", "expertflow-reuse", {**opts, "predictor": predictor}, batch, "static")
         scores.append({**opts, "decode_loads": r["decode_loads"], "hits": r["hits"], "misses": r["misses"]})
         print("select", scores[-1], flush=True)
     best = min(scores, key=lambda s: s["decode_loads"])
@@ -141,14 +151,17 @@ def main() -> int:
     doc: dict = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": commit,
                  "machine": f"{platform.node()} {platform.machine()} {platform.processor()} (CPU, simulator)",
                  "cache_fraction": 0.25, "timing": TIMING.constants(), "cases": {}}  # fmt: skip
-    reuse = dict(kv.split("=") for kv in args.reuse.split(",") if kv)
+    batches = [int(b) for b in args.batches.split(",")]
+    given = dict(kv.split("=") for kv in args.reuse.split(",") if kv)
+    reuse = {b: given for b in batches}
     if args.select:
         train = engine_cut(Trace.load(args.select))
-        reuse, scores = select(train, PREDICTOR)
-        doc["selection"] = {"trace": args.select, "cut": "engine", "execution": "static", "batch": 1,
-                            "predictor": PREDICTOR, "grid": GRID, "scores": scores, "chosen": reuse}  # fmt: skip
-    doc["reuse_settings"] = reuse
-    policies = [*BASE, ("expertflow-reuse", "expertflow-reuse", reuse), ("belady", "belady", {})]
+        doc["selection"] = {"trace": args.select, "cut": "engine", "execution": "static", "predictor": PREDICTOR,
+                            "criterion": "fewest decode loads", "grid": GRID, "by_batch": {}}  # fmt: skip
+        for b in batches:
+            reuse[b], scores = select(train, PREDICTOR, b)
+            doc["selection"]["by_batch"][str(b)] = {"scores": scores, "chosen": reuse[b]}
+    doc["reuse_settings"] = {str(b): v for b, v in reuse.items()}
     static_belady = ("belady/engine-fill-rule", "belady", {"static_belady": True})
     eval_trace = Trace.load(ROOT / "benchmarks/traces/demo-eval.npz")
     heldout = [Trace.load(ROOT / f"benchmarks/traces/demo-heldout-{d}-8.npz") for d in ("code", "prose")]
@@ -161,17 +174,22 @@ def main() -> int:
     for case in args.cases.split(","):
         traces, predictor = cases[case]
         for execution in args.executions.split(","):
-            for batch in [int(b) for b in args.batches.split(",")]:
+            for batch in batches:
                 if case == "full" and batch != 1:
                     continue  # the long prompts make the batch-8 rows slow here; the engine cut has them
                 opts = {"predictor": predictor, "eamc": EAMC}
+                policies = [
+                    *BASE,
+                    ("expertflow-reuse", "expertflow-reuse", reuse[batch]),
+                    ("belady", "belady", {}),
+                ]
                 pols = policies + ([static_belady] if execution == "static" and case != "full" else [])
                 parts = [
                     [row(t, lab, name, {**opts, **o}, batch, execution) for lab, name, o in pols]
                     for t in traces
                 ]
                 key = f"{case}/{execution}/batch{batch}"
-                doc["cases"][key] = {"predictor": predictor, "summary": summary(pooled(parts))}
+                doc["cases"][key] = {"predictor": predictor, "summary": summary(pooled(parts), batch)}
                 print(json.dumps({key: doc["cases"][key]["summary"]}), flush=True)
                 Path(args.out).write_text(json.dumps(doc, indent=1))
     return 0

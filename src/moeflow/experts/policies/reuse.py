@@ -20,7 +20,10 @@ returning to the experts it has used, prompt included.
   as they missed). A miss whose expert would displace a key more likely to be reused is then read from host memory
   and not kept: it costs its bytes once either way (the kernel reads a miss zero-copy), and the better key stays.
 
-Prefetching is ExpertFlow's (its options apply; ``max_lookahead=0`` turns it off). Pure NumPy bookkeeping.
+Prefetching is ExpertFlow's (its options apply), off by default here (``min_prob`` 2). The defaults (``req_decay``
+0.95, ``vacate`` 0.5, no bypass, no prefetch) are the fewest decode bytes of a grid on a training-split trace at
+batch 1 (``benchmarks/sim_policy_gap.py``); at batch 8 the same grid chose ``bypass=1 vacate=0 req_prior=1``.
+Pure NumPy bookkeeping.
 """
 
 from __future__ import annotations
@@ -51,14 +54,16 @@ class ReusePolicy(ExpertFlowPolicy):
     req_prior: float = 4.0
     """Pseudo-tokens of the long-run frequency in each request's estimate (how fast a new request's own counts
     take over)."""
-    req_decay: float = 1.0
+    req_decay: float = 0.95
     """Each request's counts keep this much per token (1: every token of the request weighs the same)."""
     next_weight: float = 0.5
     """Weight of the predictor's latest-token probabilities in the next step's estimate (the rest: ``q_r``)."""
     bypass: float = 0.0
     """Static decode: offer a key for a fill only if its step frequency is below this × the mean over recent
     misses (0: off, every victim in order is offered, as ExpertFlow does)."""
-    vacate: float = 0.0
+    min_prob: float = 2.0
+    """ExpertFlow's prefetch threshold; above 1 nothing is prefetched (misses are read zero-copy and filled)."""
+    vacate: float = 0.5
     """Static decode: between steps, empty the best victims' slots, this × the recent misses per step of them
     (0: none). The device lets a miss of layer ``l`` claim only a free slot or a key of a layer that already ran
     (``claims``), so the misses of early layers find few slots to fill; an empty slot takes a miss of any layer."""

@@ -58,6 +58,13 @@ def belady_misses(steps: list[list[set[int]]], slots: int, counted: list[bool]) 
     return misses
 
 
+def policy_spec(spec: str) -> tuple[str, dict | None]:
+    """``--policies`` entry ``name`` or ``name:key=value:key=value`` (options for that row's policy only, e.g.
+    ``expertflow-reuse:bypass=1:vacate=0``): the name and its options (None: the engine's own)."""
+    name, *pairs = spec.split(":")
+    return name, (dict(p.split("=", 1) for p in pairs) or None)
+
+
 def engine_steps(
     trace: Trace, reqs: list, batches: list[list[int]], num_experts: int, layers: int
 ) -> tuple[list, list]:
@@ -87,7 +94,11 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--trace", required=True)
     ap.add_argument("--geometry", default="olmoe")
-    ap.add_argument("--policies", default="lru,expertflow,moe-infinity")
+    ap.add_argument(
+        "--policies",
+        default="lru,expertflow,moe-infinity",
+        help="comma-separated; an entry may carry its own options: name:key=value:key=value",
+    )
     ap.add_argument("--fractions", default="0.1,0.25,0.5")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--requests", type=int, default=8)
@@ -183,9 +194,10 @@ def measure(args: argparse.Namespace, trace: Trace, reqs: list, dtype: str, resu
         start the timed run from a fresh pool of the same size (its graph is captured again; nothing compiles)."""
         if llm.static is not None:
             llm.static.blocks = {**best[batch], "PRECOPY": precopy} if batch in best else {"PRECOPY": precopy}
-        llm.reconfigure(policy=policy, num_slots=slots)
+        name, options = policy_spec(policy)
+        llm.reconfigure(policy=name, num_slots=slots, options=options)
         run(llm, [(r, p, 3) for r, p, _ in reqs[:batch]], batch, bw)
-        llm.reconfigure(policy=policy, num_slots=slots)
+        llm.reconfigure(policy=name, num_slots=slots, options=options)
 
     resident_ms = result["resident_ms_by_dtype"].setdefault(dtype, {})
     for batch in batches:  # the resident step: every expert in a slot

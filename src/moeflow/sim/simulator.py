@@ -124,6 +124,8 @@ class SimResult:
     bytes_moved: int | None
     timing: dict | None
     options: dict = field(default_factory=dict)
+    decode_loads: int = 0
+    """Demand misses + prefetches counted in decode steps only (what a decode benchmark's bytes per token count)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -204,6 +206,7 @@ def simulate(
             else None
         ),
         options={k: v for k, v in (options or {}).items() if isinstance(v, (str, int, float, bool))},
+        decode_loads=int((demand + prefetch)[~prefill].sum()),
     )
 
 

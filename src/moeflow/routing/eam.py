@@ -13,7 +13,8 @@ stands for a cluster of similar requests, kept current by its most recent member
 
 Matching: the query and the entries are compared on row-normalised matrices (each layer's row is the share of
 that layer's routing going to each expert, so long prompts do not outweigh short ones), flattened over the
-rows ``0..upto`` only (the layers the running request has executed), by cosine similarity.
+rows ``0..upto`` only (the layers the running request has executed), by cosine similarity, in the canonical
+form of ``routing.eam_index`` (which also holds the entries' matching views, refreshed per admission).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+
+from moeflow.routing.eam_index import EntryIndex, cosine, row_normalise
+
+__all__ = ["EAMCollection", "cosine", "eam_from_experts", "eams_from_trace", "row_normalise"]
 
 FORMAT = "moeflow-eamc/1"
 DEFAULT_CAPACITY = 1000
@@ -49,14 +54,6 @@ def eams_from_trace(trace: object) -> dict[int, np.ndarray]:
     return out
 
 
-def row_normalise(m: np.ndarray) -> np.ndarray:
-    """Each layer row [..., L, E] divided by its sum (all-zero rows stay zero)."""
-    s = m.sum(axis=-1, keepdims=True)
-    if m.dtype == np.float64 and s.all():  # the usual case: no mask (the same quotients)
-        return m / s
-    return np.divide(m, s, out=np.zeros_like(m, dtype=np.float64), where=s > 0)
-
-
 class EAMCollection:
     """A bounded set of past EAMs (see the module docstring for the admission rule)."""
 
@@ -72,8 +69,11 @@ class EAMCollection:
         self.version = 0
         """Bumped whenever an entry changes (matchers holding cached dot products catch up, see ``changed_since``)."""
         self._changes: list[int] = []  # entry index changed by each version bump
-        self._unit_t: np.ndarray | None = None  # [L, >=N, E] row-normalised entries, layer-major
-        self._cum_sq: np.ndarray | None = None  # [L, >=N] running sum over rows of squared norms, layer-major
+        self._index: EntryIndex | None = None  # matching views, built on first use
+        self._unit_t: np.ndarray | None = (
+            None  # [L, >=N, E] row-normalised entries, layer-major (on first use)
+        )
+        self._cum_sq: np.ndarray | None = None  # [L, >=N] running sum over rows of their squared norms
 
     @property
     def entries(self) -> np.ndarray:
@@ -84,7 +84,7 @@ class EAMCollection:
     def entries(self, value: np.ndarray) -> None:
         self._buf = np.array(value, np.float32)
         self._n = len(self._buf)
-        self._unit_t = self._cum_sq = None
+        self._index = self._unit_t = self._cum_sq = None
 
     def __len__(self) -> int:
         return self._n
@@ -102,8 +102,17 @@ class EAMCollection:
 
     # ------------------------------------------------------------------------------ matching
     @property
+    def index(self) -> EntryIndex:
+        """The entries' matching views (``routing.eam_index``), built on first use and refreshed per admission."""
+        if self._index is None or self._index.capacity != len(self._buf):
+            self._index = EntryIndex(self._buf)
+        return self._index
+
+    @property
     def unit_by_layer(self) -> np.ndarray:
-        """Row-normalised entries, layer-major [L, N, E] (contiguous per layer: one layer's rows of every entry)."""
+        """Row-normalised entries, layer-major [L, N, E] (contiguous per layer: one layer's rows of every entry).
+        Built on first use and refreshed per admission; only the per-request products of ``routing.eam_unit``
+        use it (the canonical matching reads ``index``)."""
         if self._unit_t is None:
             self._unit_t = np.ascontiguousarray(
                 row_normalise(self._buf.astype(np.float64)).transpose(1, 0, 2)
@@ -117,18 +126,20 @@ class EAMCollection:
 
     @property
     def cum_sq_by_layer(self) -> np.ndarray:
-        """[L, N]: squared norm of each entry's normalised rows 0..l (row ``l`` contiguous)."""
+        """[L, N]: squared norm of each entry's normalised rows 0..l (row ``l`` contiguous; with ``unit_by_layer``)."""
         if self._cum_sq is None:
             _ = self.unit_by_layer  # builds the layer-major buffer
-            full = self._unit_t  # [L, >=N, E] every buffered entry
-            self._cum_sq = np.cumsum((full**2).sum(axis=2), axis=0)
+            self._cum_sq = np.cumsum((self._unit_t**2).sum(axis=2), axis=0)  # type: ignore[operator]
         return self._cum_sq[:, : self._n]
 
+    def unit_rows(self, idx: int) -> np.ndarray:
+        """Entry ``idx``'s normalised rows [L, E] (read only; ``unit_by_layer[:, idx]``'s values)."""
+        return self.index.unit(self._buf, idx)
+
     def similarity(self, query: np.ndarray, upto: int) -> np.ndarray:
-        """Cosine similarity [N] between ``query`` [L, E] and every entry over rows 0..upto."""
-        q = row_normalise(np.asarray(query, np.float64)[: upto + 1])  # [l+1, E]
-        dots = np.einsum("lne,le->n", self.unit_by_layer[: upto + 1], q)
-        return cosine(dots, float((q**2).sum()), self.cum_sq_by_layer[upto])
+        """Cosine similarity [N] between ``query`` [L, E] and every entry over rows 0..upto (the canonical form
+        of ``routing.eam_index``: for integer counts, exactly what a running request's cached match gives)."""
+        return self.index.similarity(query, upto, self._n)
 
     def nearest(self, sims: np.ndarray, k: int = 1) -> np.ndarray:
         """Indices of the ``k`` largest similarities, best first."""
@@ -146,8 +157,9 @@ class EAMCollection:
         if w.sum() <= 0:
             w = np.ones_like(w)
         if len(idx) == 1:
-            return self.unit_by_layer[:, idx[0]] * (w[0] / w.sum())
-        return np.einsum("n,lne->le", w / w.sum(), self.unit_by_layer[:, idx])
+            return self.unit_rows(int(idx[0])) * (w[0] / w.sum())
+        rows = np.stack([self.unit_rows(int(i)) for i in idx], axis=1)  # [L, k, E]
+        return np.einsum("n,lne->le", w / w.sum(), rows)
 
     # ----------------------------------------------------------------------------- admission
     def add(self, eam: np.ndarray) -> int:
@@ -165,7 +177,7 @@ class EAMCollection:
                 grown = np.zeros((min(self.capacity, max(4, 2 * idx)), *eam.shape), np.float32)
                 grown[:idx] = self._buf
                 self._buf = grown
-                self._unit_t = self._cum_sq = None
+                self._index = self._unit_t = self._cum_sq = None
             self._n += 1
             self.members = np.concatenate([self.members, [1]])
         else:
@@ -202,6 +214,8 @@ class EAMCollection:
         self.version += 1
         self._changes.append(idx)
         del self._changes[: -self.capacity]
+        if self._index is not None:
+            self._index.refresh(self._buf, idx)
         if self._unit_t is not None and self._cum_sq is not None:
             unit = row_normalise(self._buf[idx].astype(np.float64))  # [L, E]
             self._unit_t[:, idx] = unit
@@ -260,12 +274,3 @@ class EAMCollection:
         keep = min(out.capacity, entries.shape[0])
         out.entries, out.members = entries[:keep], members[:keep]
         return out
-
-
-def cosine(dots: np.ndarray, q_sq: float | np.ndarray, e_sq: np.ndarray) -> np.ndarray:
-    """Cosine similarities from dot products ``dots`` [..., N] and squared norms: of the query ``q_sq`` (a float, or
-    [B, 1] for [B, N] dots) and of the entries ``e_sq`` [N] (0 where either norm is 0)."""
-    denom = np.sqrt(q_sq * e_sq)
-    if denom.all():  # the usual case: no mask
-        return np.divide(dots, denom, out=denom)
-    return np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)

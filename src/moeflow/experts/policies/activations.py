@@ -61,13 +61,17 @@ def save_collection(eamc: EAMCollection, path: Path) -> None:
 class RunningActivations:
     """Activations of the running requests (see the module docstring)."""
 
-    def __init__(self, num_layers: int, num_experts: int):
+    def __init__(self, num_layers: int, num_experts: int, eam: type = RequestEAM):
         self.shape = (num_layers, num_experts)
+        self.eam_type = eam
+        """The running requests' EAM class: ``RequestEAM`` (canonical matching) or ``eam_unit.UnitRequestEAM``."""
         self.recent_weight = 0.5
         self.eams: dict[int, RequestEAM] = {}
         self._recent: dict[int, np.ndarray] = {}  # [L, E] recency-weighted counts (a row of ``recent``)
         self.rids: tuple[int, ...] = ()
-        self.counts = np.zeros((0, *self.shape))  # [B, L, E] the step's requests' EAM counts (copies)
+        self.counts = np.zeros(
+            (0, *self.shape)
+        )  # [B, L, E] the step's requests' EAM counts (theirs are views)
         self.recent = np.zeros((0, *self.shape))  # [B, L, E] their recency-weighted counts
         self.own = np.zeros((0, *self.shape))  # [B, L, E] their own activation ratios (rows kept current)
         self.seen = np.zeros((0, num_layers, 1), bool)  # [B, L, 1] rows each has routed
@@ -79,11 +83,13 @@ class RunningActivations:
         self.recent_weight = recent_weight
         for rid in rids:
             if rid not in self.eams:
-                self.eams[rid] = RequestEAM(*self.shape)
+                self.eams[rid] = self.eam_type(*self.shape)
                 self._recent[rid] = np.zeros(self.shape)
         self.rids = tuple(rids)
         n = len(self.rids)
         self.counts = np.stack([self.eams[r].counts for r in self.rids]) if n else np.zeros((0, *self.shape))
+        for i, rid in enumerate(self.rids):  # each EAM's counts: a row of ``counts`` (updated with it)
+            self.eams[rid].counts = self.counts[i]
         self.recent = np.stack([self._recent[r] for r in self.rids]) if n else np.zeros((0, *self.shape))
         self.recent *= recency
         for i, rid in enumerate(self.rids):
@@ -111,9 +117,9 @@ class RunningActivations:
             )  # [T] first bin of the row's request
             added = np.bincount((ex + bins[:, None])[ok], minlength=n * num_experts)
             added = added.reshape(n, num_experts)  # [B, E]
-        for rid, row in zip(self.rids, added):
-            self.eams[rid].add_counts(layer, row)
-        self.counts[:, layer] += added
+        self.counts[:, layer] += added  # the EAMs' own counts (views)
+        for rid in self.rids:
+            self.eams[rid].changed(layer)
         self.recent[:, layer] += added
         self.own[:, layer] = self._own_rows(layer)  # only this row changed
         self.seen[:, layer, 0] = self.counts[:, layer].sum(axis=1) > 0
@@ -123,7 +129,7 @@ class RunningActivations:
         eam = self.eams.pop(rid, None)
         self._recent.pop(rid, None)
         if eam is not None:
-            self.finished.append(eam.counts)
+            self.finished.append(eam.counts.copy())
 
     def admit_finished(self, eamc: EAMCollection | None) -> None:
         """Admit the EAMs of the requests finished since the last call (each refreshes one entry's caches)."""

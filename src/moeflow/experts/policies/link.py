@@ -49,7 +49,10 @@ class LinkLedger:
         self.refused += not ok
         return ok
 
-    def queue(self, after_layer: int) -> None:
-        """A copy issued after ``after_layer`` joins the queue."""
-        self.busy_until = max(self.busy_until, max(after_layer, 0) * self.layer_s) + self.copy_s
-        self.issued += 1
+    def queue(self, after_layer: int, copies: int = 1) -> None:
+        """``copies`` copies issued after ``after_layer`` join the queue, one after another."""
+        start, busy = max(after_layer, 0) * self.layer_s, self.busy_until
+        for _ in range(copies):
+            busy = max(busy, start) + self.copy_s
+        self.busy_until = busy
+        self.issued += copies

@@ -34,18 +34,21 @@ from pathlib import Path
 import numpy as np
 
 from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
+from moeflow.experts.placement import admit_run
 from moeflow.experts.policies.activations import (
     EAMC_FILE,
     RunningActivations,
     load_collection,
     save_collection,
 )
+from moeflow.experts.policies.eam_scores import UNMATCHED, BlendedRatios
 from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
-from moeflow.experts.policies.ranking import first_lexsorted, top_stable
+from moeflow.experts.policies.ranking import admitted_run, first_lexsorted, top_stable
 from moeflow.routing.eam import DEFAULT_CAPACITY, EAMCollection
-from moeflow.routing.eam_match import RequestEAM, predict_batch
+from moeflow.routing.eam_match import RequestEAM, best_match, predict_batch
 from moeflow.routing.eam_match import match as match_eams
+from moeflow.routing.eam_unit import UnitRequestEAM, match_unit
 
 __all__ = ["EAMC_FILE", "MoEInfinityPolicy"]
 
@@ -88,6 +91,7 @@ class MoEInfinityPolicy(CachePolicy):
 
     def _reset(self) -> None:
         self.acts = RunningActivations(self.num_layers, self.num_experts)
+        self._blends = BlendedRatios()
         self._prefetched = 0  # prefetch loads issued in this step
         self._rids: tuple[int, ...] = ()
         self._lengths: list[int] = []
@@ -138,7 +142,9 @@ class MoEInfinityPolicy(CachePolicy):
         self.link.begin_step()
         self._rids = tuple(info.request_ids)
         self._lengths = [len(t) for t in info.token_ids]
+        self.acts.eam_type = RequestEAM if self.match_k == 1 else UnitRequestEAM
         self.acts.begin_step(self._rids, self.recency, self.recent_weight)
+        self._blends.invalidate()
         self._layer, self._pred, self._keep, self._prefetched = -1, None, None, 0
         self._needed = set()  # nothing is in use before the first layer
         if self.prefetch_before and self.acts.any_routed():
@@ -153,34 +159,41 @@ class MoEInfinityPolicy(CachePolicy):
         self._update_scores(layer)
 
     def _update_scores(self, layer: int) -> None:
-        """Prediction and keep-scores [L, E] for the step's requests at ``layer``."""
+        """Prediction and keep-scores [L, E] for the step's requests at ``layer`` (the blends kept incrementally by
+        ``eam_scores``; the keep-score as ratio × its row's factor, the larger of the two decays: rounding is
+        monotonic, so that equals the larger of the two products bit for bit)."""
         assert self.eamc is not None
-        acts, shape = self.acts, (self.num_layers, self.num_experts)
-        ratio, match = np.zeros(shape), np.zeros(shape) if len(self.eamc) else None
-        matched = acts.seen.any(axis=(1, 2)) if match is not None else np.zeros(len(self._rids), bool)  # [B]
-        blend = acts.own
+        acts, eamc, n = self.acts, self.eamc, len(self._rids)
+        preds: list[np.ndarray | None] = [None] * n
+        keys: list[object] = [UNMATCHED] * n
+        matched = acts.seen.any(axis=(1, 2)) if len(eamc) else np.zeros(n, bool)  # [B]
         if matched.any():
             upto = layer if layer >= 0 else self.num_layers - 1
-            preds = np.zeros_like(acts.own)  # [B, L, E] the collection's match (of the matched requests)
-            rows = np.flatnonzero(matched)
-            sims = match_eams([acts.eams[self._rids[i]] for i in rows.tolist()], self.eamc, upto)  # [M, N]
-            preds[rows] = predict_batch(self.eamc, sims, self.match_k)
-            if not self.predict_own:
-                for i in rows.tolist():  # in step order, as one running sum
-                    match += preds[i]
-            hw = self.history_weight
-            blend = np.where(acts.seen, hw * acts.own + (1 - hw) * preds, preds)
-            if not matched.all():  # no collection, or nothing routed yet to match: the own ratios
-                blend[~matched] = acts.own[~matched]
-        for row in blend:  # in step order, as one running sum
-            ratio += row
-        depth = np.arange(self.num_layers)[:, None]  # [L, 1]
-        keep = ratio * (1 - depth / self.num_layers)
-        pred = None if match is None else ratio if self.predict_own else match
-        if pred is not None:
-            soon = np.where(depth > layer, pred * (1 - (depth - layer) / self.num_layers), 0.0)
-            keep = np.maximum(keep, soon)
-        self._pred, self._keep = pred, keep
+            rows = np.flatnonzero(matched).tolist()
+            eams = [acts.eams[self._rids[i]] for i in rows]
+            if self.match_k == 1:
+                for i, best in zip(rows, best_match(eamc, match_eams(eams, eamc, upto)).tolist()):
+                    preds[i], keys[i] = eamc.unit_rows(best), best
+            else:  # the similarities' values reach the prediction: the products they were recorded with
+                for i, pred in zip(rows, predict_batch(eamc, match_unit(eams, eamc, upto), self.match_k)):
+                    preds[i], keys[i] = pred, None
+        track = len(eamc) > 0 and not self.predict_own  # the matches' sum is the prediction
+        self._blends.update(acts.own, acts.seen, preds, keys, layer, self.history_weight, track)
+        ratio = self._blends.ratio
+        assert ratio is not None
+        depth = np.arange(self.num_layers)  # [L]
+        fac = 1 - depth / self.num_layers
+        if not len(eamc):
+            self._pred, self._keep = None, ratio * fac[:, None]
+        elif self.predict_own:
+            soon = np.where(depth > layer, 1 - (depth - layer) / self.num_layers, 0.0)
+            self._pred, self._keep = ratio, ratio * np.maximum(fac, soon)[:, None]
+        else:
+            match = self._blends.match
+            soon = np.where(
+                depth[:, None] > layer, match * (1 - (depth - layer) / self.num_layers)[:, None], 0.0
+            )
+            self._pred, self._keep = match, np.maximum(ratio * fac[:, None], soon)
 
     def keep_score(self, key: Key) -> float:
         return 0.0 if self._keep is None else float(self._keep[key])
@@ -239,21 +252,36 @@ class MoEInfinityPolicy(CachePolicy):
         resident = np.zeros((self.num_layers, self.num_experts), bool)
         occupied = self.slot_layer >= 0
         resident[self.slot_layer[occupied], self.slot_expert[occupied]] = True
-        pri = np.where(resident[ahead], 0.0, pri)  # nothing to load for resident keys
         budget = min(self.max_prefetch or self.top_k * len(self._rids), self._call_budget(layer))
         keep = self._slot_keep(set(self._needed))  # [S] inf: not evictable (in use, or admitted just now)
-        # every step below admits one load or stops, so only the ``budget`` likeliest candidates can matter; the
-        # victims come in one fixed order (lowest keep-score, then least recently requested), since an admitted
-        # slot leaves the order and nothing else changes
-        cands = top_stable(pri.ravel(), pri.size if self.byte_aware else int(min(budget, pri.size)))
+        # every step below admits one load or stops, so only the ``budget`` likeliest candidates can matter, and
+        # only those above the lowest keep-score once no slot is free (the victims come in one fixed order: lowest
+        # keep-score, then least recently requested, since an admitted slot leaves the order and nothing else
+        # changes); resident keys have nothing to load
+        floor = 0.0 if self._free else float(keep.min(initial=np.inf))
+        live = np.flatnonzero((pri > floor) & ~resident[ahead])  # in index order: ties stay in it
+        pri = pri.ravel()
+        cands = live[top_stable(pri[live], len(live) if self.byte_aware else int(min(budget, len(live))))]
         evictable = np.flatnonzero(keep < np.inf)
-        # a load displaces at most one victim, so only the first ``budget`` of them can be used
-        first = first_lexsorted(keep[evictable], self.slot_used[evictable], int(min(budget, len(evictable))))
+        # a load displaces at most one victim, so only the first ``budget`` (and candidates) of them can be used
+        wanted = int(min(budget, len(evictable), len(cands)))
+        first = first_lexsorted(keep[evictable], self.slot_used[evictable], wanted)
         victims = evictable[first]
+        if not self.byte_aware:  # the loop below, at once: a leading run of the candidates is admitted
+            p = pri[cands]
+            count = admitted_run(p, len(self._free), keep[victims])
+            keys = [
+                (int(ahead[f // self.num_experts]), int(f % self.num_experts)) for f in cands[:count].tolist()
+            ]
+            olds = [self.key_in[s] for s in victims[: max(0, count - len(self._free))].tolist()]
+            loads = admit_run(self, keys, p[:count].tolist(), olds)  # type: ignore[arg-type]
+            self.link.queue(layer, len(loads))
+            self._prefetched += len(loads)
+            return loads
         loads: list[Load] = []
         used = 0
         for flat in cands.tolist():
-            p = float(pri.flat[flat])
+            p = float(pri[flat])
             if p <= 0 or len(loads) >= budget:
                 break
             victim = None
@@ -262,7 +290,7 @@ class MoEInfinityPolicy(CachePolicy):
                     break
                 victim = self.key_in[victims[used]]
             key = (int(ahead[flat // self.num_experts]), int(flat % self.num_experts))
-            if self.byte_aware and not self._pays(key, victim, layer):
+            if not self._pays(key, victim, layer):
                 continue
             used += victim is not None
             load = self.admit(key, p, victim=victim)

@@ -23,11 +23,27 @@ def first_lexsorted(primary: np.ndarray, secondary: np.ndarray, n: int) -> np.nd
 
 def top_stable(values: np.ndarray, n: int) -> np.ndarray:
     """Indices of the ``n`` largest ``values``, largest first, ties in index order: the first ``n`` of
-    ``np.argsort(-values, kind="stable")`` without sorting them all."""
+    ``np.argsort(-values, kind="stable")`` without sorting them all (NaN last, as there)."""
     if n <= 0:
         return np.zeros(0, np.int64)
     if n >= len(values):
         return np.argsort(-values, kind="stable")
-    cut = np.partition(values, len(values) - n)[len(values) - n]  # the n-th largest value
+    # the n-th largest value, selected from the small end of -values: NumPy's selection slows down by an order
+    # of magnitude near the end where many equal values (e.g. zeros) sit, not at the other end
+    cut = -np.partition(-values, n - 1)[n - 1]
+    if cut != cut:  # fewer than n values that are not NaN
+        return np.argsort(-values, kind="stable")[:n]
     idx = np.flatnonzero(values >= cut)
     return idx[np.argsort(-values[idx], kind="stable")][:n]
+
+
+def admitted_run(priority: np.ndarray, free: int, victim_keep: np.ndarray) -> int:
+    """How many of the candidates (``priority`` best first) a prefetch admits, one after another until the first
+    that fails: its priority must be positive and, once the ``free`` slots are used, above the keep-score of the
+    next victim (``victim_keep``, in eviction order; none left: it fails)."""
+    ok = priority > 0
+    beyond = priority[free:]
+    m = min(len(beyond), len(victim_keep))
+    ok[free:] &= np.concatenate([beyond[:m] > victim_keep[:m], np.zeros(len(beyond) - m, bool)])
+    bad = np.flatnonzero(~ok)
+    return int(bad[0]) if len(bad) else len(priority)

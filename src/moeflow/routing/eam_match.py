@@ -23,7 +23,30 @@ from moeflow.routing.eam import EAMCollection
 from moeflow.routing.eam_index import row_sq, sequential_sum
 
 
-class RequestEAM:
+class CountRows:
+    """A request's expert counts per layer (``counts`` [L, E]) and the rows changed since its last match
+    (``_dirty``): what both matchers (this module's and ``eam_unit.py``'s) keep the same way."""
+
+    counts: np.ndarray
+    _dirty: set[int]
+
+    def add(self, layer: int, experts: np.ndarray) -> None:
+        """Count the routing ``experts`` [T, K] of ``layer`` (ids < 0 ignored)."""
+        ids = experts[experts >= 0].astype(np.int64)
+        np.add.at(self.counts[layer], ids, 1.0)
+        self._dirty.add(layer)
+
+    def changed(self, layer: int) -> None:
+        """Row ``layer`` of ``counts`` was changed in place (by whoever holds them, e.g. as a view)."""
+        self._dirty.add(layer)
+
+    def add_counts(self, layer: int, counts: np.ndarray) -> None:
+        """Add ``counts`` [E] (integer-valued: the same sums as ``add`` of the routing they count) to ``layer``."""
+        self.counts[layer] += counts
+        self._dirty.add(layer)
+
+
+class RequestEAM(CountRows):
     """The EAM of one running request, with its per-row integer products against a collection cached so that
     matching at layer ``l`` reads only the entry counts of the experts row ``l`` gained since the previous match,
     and an admission into the collection costs O(L·E) per changed entry (``EAMCollection.changed_since``)."""
@@ -40,21 +63,6 @@ class RequestEAM:
         self._q = 0.0  # squared norms summed over rows 0.._upto
         self._upto = -1
         self._dirty_rows: set[int] = set()  # rows refreshed by the match in progress
-
-    def add(self, layer: int, experts: np.ndarray) -> None:
-        """Count the routing ``experts`` [T, K] of ``layer`` (ids < 0 ignored)."""
-        ids = experts[experts >= 0].astype(np.int64)
-        np.add.at(self.counts[layer], ids, 1.0)
-        self._dirty.add(layer)
-
-    def changed(self, layer: int) -> None:
-        """Row ``layer`` of ``counts`` was changed in place (by whoever holds them, e.g. as a view)."""
-        self._dirty.add(layer)
-
-    def add_counts(self, layer: int, counts: np.ndarray) -> None:
-        """Add ``counts`` [E] (integer-valued: the same sums as ``add`` of the routing they count) to ``layer``."""
-        self.counts[layer] += counts
-        self._dirty.add(layer)
 
     def similarity(self, eamc: EAMCollection, upto: int) -> np.ndarray:
         """Cosine similarity [N] to each entry over rows 0..upto (as ``eamc.similarity``, cached)."""

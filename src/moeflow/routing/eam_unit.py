@@ -17,9 +17,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from moeflow.routing.eam import EAMCollection, cosine, row_normalise
+from moeflow.routing.eam_match import CountRows
 
 
-class UnitRequestEAM:
+class UnitRequestEAM(CountRows):
     """The EAM of one running request, with per-row dot products against a collection cached so that matching at
     layer ``l`` costs O(N·E) (only row ``l`` changed since the previous layer), and an admission into the collection
     costs O(L·E) per changed entry (``EAMCollection.changed_since``)."""
@@ -33,21 +34,6 @@ class UnitRequestEAM:
         self._dirty: set[int] = set()
         self._sum: np.ndarray | None = None  # [N] dots summed over rows 0.._upto
         self._upto = -1
-
-    def add(self, layer: int, experts: np.ndarray) -> None:
-        """Count the routing ``experts`` [T, K] of ``layer`` (ids < 0 ignored)."""
-        ids = experts[experts >= 0].astype(np.int64)
-        np.add.at(self.counts[layer], ids, 1.0)
-        self._dirty.add(layer)
-
-    def changed(self, layer: int) -> None:
-        """Row ``layer`` of ``counts`` was changed in place (by whoever holds them, e.g. as a view)."""
-        self._dirty.add(layer)
-
-    def add_counts(self, layer: int, counts: np.ndarray) -> None:
-        """Add ``counts`` [E] (integer-valued: the same sums as ``add`` of the routing they count) to ``layer``."""
-        self.counts[layer] += counts
-        self._dirty.add(layer)
 
     def similarity(self, eamc: EAMCollection, upto: int) -> np.ndarray:
         """Cosine similarity [N] to each entry over rows 0..upto (as ``eamc.similarity``, cached)."""

@@ -197,7 +197,7 @@ def prefill_step_cost(name: str, shape: tuple[int, int, int], tokens: int, repea
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--policies", default="lru,lfu,moe-infinity,expertflow,belady")
+    ap.add_argument("--policies", default="lru,lfu,moe-infinity,expertflow,expertflow-reuse,belady")
     ap.add_argument("--shapes", default="olmoe,qwen3-30b")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--steps", type=int, default=24)

@@ -17,6 +17,7 @@ import numpy as np
 
 from moeflow.experts import boundary
 from moeflow.experts.accounting import PolicyStats
+from moeflow.experts.placement import make_loads
 from moeflow.experts.plan import Boundary, Key, Load, Plan, PolicyContext, StepInfo, StepRouting
 
 __all__ = [
@@ -141,7 +142,7 @@ class CachePolicy:
     def request(self, layer: int, experts: Sequence[int]) -> Plan:
         """Experts ``layer`` needs now (distinct ids, at most ``num_slots``). Misses evict victims (chosen at once,
         before any placement); misses take the free slots first, then the victims in order. Every requested key is
-        then touched and passed to ``on_access`` in request order."""
+        then touched and passed to ``on_access`` in request order (``on_access_keys``)."""
         if len(experts) > self.num_slots:
             raise ValueError(
                 f"layer {layer} asks for {len(experts)} experts but only {self.num_slots} slots exist"
@@ -154,15 +155,15 @@ class CachePolicy:
         victims = self.select_victims(short, set(keys), layer) if short > 0 else []
         if len(victims) < short:
             raise RuntimeError("no evictable slot: more experts needed at once than slots")
-        loads = []
+        loads: list[Load] = []
         if missed:
             n_free = len(missed) - len(victims)
-            taken = [free.pop() for _ in range(n_free)] + [self._vacate(v) for v in victims]
-            evicted: list[Key | None] = [None] * n_free + list(victims)
-            for key, slot, old in zip(missed, taken, evicted):
+            taken = [free.pop() for _ in range(n_free)] + self._evict(victims)
+            key_in = self.key_in
+            for key, slot in zip(missed, taken):
                 slot_of[key] = slot
-                self.key_in[slot] = key
-                loads.append(_demand_load(key, slot, old))
+                key_in[slot] = key
+            loads = make_loads(missed, taken, [None] * n_free + victims, False, float("inf"))
             self.slot_layer[taken] = layer
             self.slot_expert[taken] = [k[1] for k in missed]
         slots = [slot_of[k] for k in keys]
@@ -173,13 +174,28 @@ class CachePolicy:
             used = unused.intersection(keys)
             self.stats.prefetch_hits += len(used)
             unused -= used
-        if type(self).on_access is not CachePolicy.on_access:
-            for key in keys:
-                self.on_access(key)
+        self.on_access_keys(keys)
         hits = len(keys) - len(loads)
         self.stats.hits += hits
         self.stats.misses += len(loads)
         return Plan(layer, tuple(slots), tuple(loads), hits, len(loads))
+
+    def on_access_keys(self, keys: list[Key]) -> None:
+        """``on_access`` of each of ``request``'s keys (distinct, one layer) in order; overridden to do it at once."""
+        if type(self).on_access is not CachePolicy.on_access:
+            for key in keys:
+                self.on_access(key)
+
+    def _evict(self, victims: list[Key]) -> list[int]:
+        """``_vacate`` of ``victims`` (resident, distinct) at once; their slots (returned) are refilled by the caller."""
+        slot_of = self.slot_of
+        slots = [slot_of.pop(v) for v in victims]
+        self.stats.evictions += len(victims)
+        if self._unused_prefetch and victims:
+            wasted = self._unused_prefetch.intersection(victims)
+            self.stats.prefetch_wasted += len(wasted)
+            self._unused_prefetch -= wasted
+        return slots
 
     def admit(
         self,
@@ -282,14 +298,6 @@ class CachePolicy:
         if key in self.slot_of:  # resident already (a prefetch still landing): the fill is the copy kept
             self._free.append(self._vacate(key, evicted=False))
         self._occupy(key, slot)
-
-
-def _demand_load(key: Key, slot: int, evicted: Key | None) -> Load:
-    """``Load(key, slot, evicted, False, inf)`` without the frozen dataclass's per-field ``__init__`` (a third of
-    its cost; ``request`` builds one per miss)."""
-    load = object.__new__(Load)
-    load.__dict__.update(key=key, slot=slot, evicted=evicted, prefetch=False, priority=float("inf"))
-    return load
 
 
 POLICIES: dict[str, Callable[[], CachePolicy]] = {}

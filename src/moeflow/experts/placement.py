@@ -19,11 +19,27 @@ if TYPE_CHECKING:
     from moeflow.experts.cache import CachePolicy
 
 
-def prefetch_load(key: Key, slot: int, evicted: Key | None, priority: float) -> Load:
-    """``Load(key, slot, evicted, True, priority)`` without the frozen dataclass's per-field ``__init__``."""
-    load = object.__new__(Load)
-    load.__dict__.update(key=key, slot=slot, evicted=evicted, prefetch=True, priority=priority)
-    return load
+def make_loads(
+    keys: Sequence[Key],
+    slots: Sequence[int],
+    evicted: Sequence[Key | None],
+    prefetch: bool,
+    priorities: Sequence[float] | float,
+) -> list[Load]:
+    """``[Load(key, slot, old, prefetch, priority) ...]`` without the frozen dataclass's per-field ``__init__``
+    (each field written straight into the instance dict: a third of its cost; a layer's misses build one each);
+    ``priorities`` one per key, or one for all."""
+    pri = [priorities] * len(keys) if isinstance(priorities, float) else priorities
+    new = object.__new__
+    loads = [new(Load) for _ in keys]
+    for load, key, slot, old, p in zip(loads, keys, slots, evicted, pri):
+        d = load.__dict__
+        d["key"] = key
+        d["slot"] = slot
+        d["evicted"] = old
+        d["prefetch"] = prefetch
+        d["priority"] = p
+    return loads
 
 
 def admit_run(
@@ -37,27 +53,19 @@ def admit_run(
     evicted = list(victims[: len(keys) - n_free])
     if len(evicted) < len(keys) - n_free:
         raise ValueError("fewer victims than the keys the free slots leave")
-    slots = [p._free.pop() for _ in range(n_free)] + [p.slot_of.pop(v) for v in evicted]
-    unused = p._unused_prefetch
-    if evicted:
-        p.stats.evictions += len(evicted)
-        if unused:
-            wasted = unused.intersection(evicted)
-            p.stats.prefetch_wasted += len(wasted)
-            unused -= wasted
-    loads = []
-    olds: list[Key | None] = [None] * n_free + evicted
-    for key, slot, old, pri in zip(keys, slots, olds, priorities):
-        p.slot_of[key] = slot
-        p.key_in[slot] = key
-        loads.append(prefetch_load(key, slot, old, pri))
+    slots = [p._free.pop() for _ in range(n_free)] + p._evict(evicted)
+    key_in, slot_of = p.key_in, p.slot_of
+    for key, slot in zip(keys, slots):
+        slot_of[key] = slot
+        key_in[slot] = key
+    loads = make_loads(keys, slots, [None] * n_free + evicted, True, list(priorities))
     if slots:
         idx = np.array(slots, np.int64)
         p.slot_layer[idx] = [k[0] for k in keys]
         p.slot_expert[idx] = [k[1] for k in keys]
         p.slot_used[idx] = -1
     p.stats.prefetches += len(keys)
-    unused.update(keys)
+    p._unused_prefetch.update(keys)
     if type(p).on_admit is not _base_on_admit():
         for key in keys:
             p.on_admit(key)

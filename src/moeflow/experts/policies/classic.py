@@ -8,14 +8,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from moeflow.experts.cache import CachePolicy, Key, register_policy
+from moeflow.experts.policies.ranking import first_sorted
 
 
 @dataclass
 class _RankedSlots(CachePolicy):
     """A policy whose victims are the lowest-ranked resident keys, chosen over every slot at once in NumPy."""
 
-    def slot_ranks(self) -> tuple[np.ndarray, ...]:
-        """[S] int64 arrays that order the slots for eviction, most significant last (as ``np.lexsort`` takes)."""
+    partial_sort = True
+    """Select the victims by a partition first (else a full stable sort: faster where the ranks come in long
+    sorted runs, as orders of use do)."""
+
+    def slot_rank(self) -> np.ndarray:
+        """[S] int64 >= 0 that orders the slots for eviction, lowest first (ties: the lowest slot)."""
         raise NotImplementedError
 
     def select_victim(
@@ -27,17 +32,24 @@ class _RankedSlots(CachePolicy):
         return chosen[0] if chosen else None
 
     def select_victims(self, n: int, protect: set[Key], layer: int) -> list[Key]:
+        """The first ``n`` unblocked slots in ``slot_rank`` order (a stable partial sort, with the blocked slots
+        ranked last: empty slots and ``protect``-ed keys)."""
         blocked = self.slot_layer < 0  # [S] empty slots hold nothing to evict
-        for key in protect:  # the smaller set: intersecting with the keys view copies every key
-            if key in self.slot_of:
-                blocked[self.slot_of[key]] = True
-        order = np.lexsort((*self.slot_ranks(), blocked))[:n]  # stable: ties go to the lowest slot
-        return [self.key_in[s] for s in order if not blocked[s]]
+        get = self.slot_of.get  # the smaller set: intersecting with the keys view copies every key
+        blocked[[s for s in map(get, protect) if s is not None]] = True
+        rank = np.where(blocked, _LAST, self.slot_rank())  # above every rank: blocked slots come last
+        order = first_sorted(rank, n) if self.partial_sort else np.argsort(rank, kind="stable")[:n]
+        return [self.key_in[s] for s in order.tolist() if rank[s] != _LAST]
+
+
+_LAST = np.iinfo(np.int64).max
 
 
 @dataclass
 class LRUPolicy(_RankedSlots):
     """Evict the expert whose last request (or admission) is oldest."""
+
+    partial_sort = False
 
     def __post_init__(self) -> None:
         self.name = "lru"
@@ -48,8 +60,8 @@ class LRUPolicy(_RankedSlots):
     def on_admit(self, key: Key) -> None:
         self.touch(key)  # a prefetched expert counts as just used
 
-    def slot_ranks(self) -> tuple[np.ndarray, ...]:
-        return (self.slot_used,)
+    def slot_rank(self) -> np.ndarray:
+        return self.slot_used  # unique orders of use, -1 (placed, not used since) first
 
 
 @dataclass
@@ -68,12 +80,26 @@ class LFUPolicy(_RankedSlots):
         self._count[key] += 1
         self._last[key] = self.clock
 
+    def on_access_keys(self, keys: list[Key]) -> None:
+        """``on_access`` of each of one layer's keys, at once (the clock is the same for all)."""
+        if keys:
+            experts = np.array([k[1] for k in keys], np.int64)
+            np.add.at(self._count[keys[0][0]], experts, 1)
+            self._last[keys[0][0], experts] = self.clock
+
     def victim(self, candidates: Sequence[Key], layer: int) -> Key:
         return min(candidates, key=lambda k: (self._count[k], self._last[k]))
 
-    def slot_ranks(self) -> tuple[np.ndarray, ...]:
-        lay, exp = np.maximum(self.slot_layer, 0), np.maximum(self.slot_expert, 0)
-        return self._last[lay, exp], self._count[lay, exp]  # by count, then by last request
+    def slot_rank(self) -> np.ndarray:
+        """By count, then by last request: both packed into one int64 (count above 32 bits, last request + 1
+        below), or, past those bounds, each slot's place in ``np.lexsort((last, count))``."""
+        flat = np.maximum(self.slot_layer, 0) * self.num_experts + np.maximum(self.slot_expert, 0)
+        count, last = self._count.take(flat), self._last.take(flat)
+        if self.clock < 2**32 - 1 and int(count.max(initial=0)) < 2**31 - 1:
+            return (count << 32) | (last + 1)
+        rank = np.empty(len(flat), np.int64)
+        rank[np.lexsort((last, count))] = np.arange(len(flat))
+        return rank
 
 
 register_policy("lru", LRUPolicy)

@@ -95,6 +95,7 @@ class ExpertFlowPolicy(CachePolicy):
         self._fstep = np.zeros(shape)  # [L, E] per-step frequency demand
         self._pos = -1  # layer routed last in this step
         self._table: np.ndarray | None = None  # [L, E] expected distance at self._pos
+        self._later: tuple[np.ndarray, np.ndarray] | None = None  # the terms ``distances`` adds to d1
         self._pending: set[Key] = set()
         self._prefetched = 0  # prefetch loads issued in this step
         self._demoted: set[Key] = set()
@@ -131,7 +132,7 @@ class ExpertFlowPolicy(CachePolicy):
     def _plan_step(self, batch: int) -> None:
         """Demand of this step and of the next, mixed with frequency by each layer's accuracy."""
         self._demand, self._next, self._fstep = step_demand(self._fc, self.freq, self.accuracy, batch)
-        self._pos, self._table, self._in_use, self._prefetched = -1, None, set(), 0
+        self._pos, self._table, self._in_use, self._prefetched, self._later = -1, None, set(), 0, None
         self.link.begin_step()
 
     def observe(self, layer: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
@@ -165,13 +166,19 @@ class ExpertFlowPolicy(CachePolicy):
             budget = self.decay * self.prefetch_per_layer + (1 - self.decay) * budget
         self.prefetch_per_layer, self._timed = budget, True
 
-    def request(self, layer: int, experts: Sequence[int]):
-        self._in_use |= {(layer, int(e)) for e in experts}
-        return super().request(layer, experts)
-
     def on_access(self, key: Key) -> None:
+        self._in_use.add(key)
         self._pending.discard(key)
         self._demoted.discard(key)
+
+    def on_access_keys(self, keys: list[Key]) -> None:
+        """``on_access`` of each of ``request``'s keys, at once (the victims were chosen before: ``_in_use`` is
+        not read by them)."""
+        self._in_use.update(keys)
+        if self._pending:
+            self._pending.difference_update(keys)
+        if self._demoted:
+            self._demoted.difference_update(keys)
 
     def end_step(self) -> None:
         self.forecast.end_step()
@@ -181,12 +188,21 @@ class ExpertFlowPolicy(CachePolicy):
         """[L, E] expected layers until each key is next used, seen from the layer routed last."""
         if self._table is None:
             nl, c = self.num_layers, self._pos
+            if (
+                self._later is None
+            ):  # (1 − p1) · L / f for p1 = this step's demand and the next step's, per step
+                f = np.maximum(self._fstep, 1e-3)
+                self._later = ((1 - self._demand) * nl / f, (1 - self._next) * nl / f)
             depth = np.arange(nl)[:, None]  # [L, 1]
             ahead = depth > c
             d1 = np.where(ahead, depth - c, nl - c + depth)
-            p1 = np.where(ahead, self._demand, self._next)
-            self._table = d1 + (1 - p1) * nl / np.maximum(self._fstep, 1e-3)
+            self._table = d1 + np.where(ahead, *self._later)
         return self._table
+
+    def slot_distances(self) -> np.ndarray:
+        """[S] ``distances`` of each slot's key (of key (0, 0) for an empty slot), a new array."""
+        flat = np.maximum(self.slot_layer, 0) * self.num_experts + np.maximum(self.slot_expert, 0)
+        return self.distances().take(flat)
 
     def _distance(self, key: Key) -> float:
         return float(self.distances()[key]) + (DEMOTED if key in self._demoted else 0.0)
@@ -210,13 +226,11 @@ class ExpertFlowPolicy(CachePolicy):
         """The ``n`` best victims: longest expected distance first, then least recently used; only keys
         expected later than ``floor`` when given."""
         ok = self.slot_layer >= 0  # [S]
-        dist = self.distances()[np.maximum(self.slot_layer, 0), np.maximum(self.slot_expert, 0)]  # [S]
-        for key in self._demoted:  # the smaller set: intersecting with the keys view copies every key
-            if key in self.slot_of:
-                dist[self.slot_of[key]] += DEMOTED
-        for key in protect:  # the smaller set: intersecting with the keys view copies every key
-            if key in self.slot_of:
-                ok[self.slot_of[key]] = False
+        dist = self.slot_distances()  # [S]
+        get = self.slot_of.get  # the smaller sets: intersecting with the keys view copies every key
+        if self._demoted:
+            dist[[s for s in map(get, self._demoted) if s is not None]] += DEMOTED  # distinct slots
+        ok[[s for s in map(get, protect) if s is not None]] = False
         if floor is not None:
             ok &= dist > floor
         idx = np.flatnonzero(ok)

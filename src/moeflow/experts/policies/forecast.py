@@ -72,6 +72,9 @@ class Forecaster:
         self.requests: OrderedDict[int, RequestState] = OrderedDict()
         self.segments: list[tuple[RequestState, int, int]] = []
         """The step's requests and their token rows [start, end) in the step's concatenated tokens."""
+        self._routing: np.ndarray | None = None  # [B, L, E] the requests' ``routing`` (theirs are its rows)
+        self._last_rows = np.zeros(0, np.int64)  # [B'] each request's last token row (requests with tokens)
+        self._with_tokens = np.zeros(0, np.int64)  # [B'] which requests those are
 
     def begin_step(self, info: StepInfo, freq: np.ndarray, top_k: int) -> StepForecast | None:
         """The forecast of the step's new tokens (requests concatenated in ``info`` order); ``freq`` [L, E] stands
@@ -105,9 +108,9 @@ class Forecaster:
                 ends.append(np.clip(last, 0.0, CLIP))
             self.segments.append((req, start, start + len(toks)))
             req.next_pos, start = pos + len(toks), start + len(toks)
-            req.routing, req.seen = np.zeros(self.shape, np.float32), 0
         if not self.segments:
             return None
+        self._stack_routing()
         if log_miss is None:
             log_miss = np.zeros(self.shape, np.float32)
         end = np.stack(ends) if ends else np.zeros((0, *self.shape), np.float32)
@@ -137,8 +140,31 @@ class Forecaster:
         self.predictor = pred
         return source
 
+    def _stack_routing(self) -> None:
+        """A fresh ``routing`` for each of the step's requests: rows of one [B, L, E] array when the requests are
+        distinct (then ``record`` writes them at once), else one array each."""
+        reqs = [req for req, _, _ in self.segments]
+        self._routing = None
+        if len({id(r) for r in reqs}) == len(reqs):
+            self._routing = np.zeros((len(reqs), *self.shape), np.float32)
+            for i, req in enumerate(reqs):
+                req.routing, req.seen = self._routing[i], 0
+            self._with_tokens = np.array([i for i, (_, s, e) in enumerate(self.segments) if e > s], np.int64)
+            self._last_rows = np.array([e - 1 for _, s, e in self.segments if e > s], np.int64)
+        else:
+            for req in reqs:
+                req.routing, req.seen = np.zeros(self.shape, np.float32), 0
+
     def record(self, layer: int, experts: np.ndarray) -> None:
         """The router of ``layer`` chose ``experts`` [T, K]: note each request's latest token's routing."""
+        if self._routing is not None:
+            last = experts[self._last_rows]  # [B', K]
+            ok = (last >= 0).all(axis=1)
+            reqs = self._with_tokens[ok]
+            self._routing[reqs[:, None], layer, last[ok]] = 1.0
+            for i in reqs.tolist():
+                self.segments[i][0].seen += 1
+            return
         for req, s, e in self.segments:
             if e > s and req.routing is not None and (experts[e - 1] >= 0).all():
                 req.routing[layer, experts[e - 1]] = 1.0

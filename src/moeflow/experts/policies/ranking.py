@@ -21,6 +21,18 @@ def first_lexsorted(primary: np.ndarray, secondary: np.ndarray, n: int) -> np.nd
     return np.lexsort((secondary, primary))[:n]
 
 
+def first_sorted(values: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` indices of ``np.argsort(values, kind="stable")`` (ascending, ties in index order; NaN last)."""
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    if n < len(values) and len(values) > 64:
+        cut = np.partition(values, n - 1)[n - 1]
+        if cut == cut:
+            near = np.flatnonzero(values <= cut)
+            return near[np.argsort(values[near], kind="stable")[:n]]
+    return np.argsort(values, kind="stable")[:n]
+
+
 def top_stable(values: np.ndarray, n: int) -> np.ndarray:
     """Indices of the ``n`` largest ``values``, largest first, ties in index order: the first ``n`` of
     ``np.argsort(-values, kind="stable")`` without sorting them all (NaN last, as there)."""

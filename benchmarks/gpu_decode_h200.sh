@@ -14,6 +14,8 @@
 #              and eager, 128/512/2048 tokens, against transformers                                 (~90 s)
 #   serve      benchmarks/serve_throughput.py: 32 streams against LLM.generate at batch 32 (issue 13); two warm-ups
 #              compile the step for both batch shapes (~60-90 s each)                                (~300 s)
+#   overlap    resident_step.py, compiled graph decode without and with EngineConfig.overlap (engine/overlap.py:
+#              step N+1 launched before step N is settled), batch 1 and 8, no TTFT; then its GPU tests   (~250 s)
 #   mixtral    Mixtral geometry (first 8 layers), the real Mixtral trace, batch 1 (carry .data/traces after
 #              `moeflow trace-import`; its synth starts in the background at the call's start)     (~350 s)
 #   quant      quantised experts (issue 14): bf16 / int4 / fp8 rows at 10% and 25%, batch 1 and 8, LRU and
@@ -80,6 +82,12 @@ elif [ "$STAGE" = quant ]; then
   timeout "$(cap 540)" python3 benchmarks/decode_floor.py --model $M --trace $T/demo-eval.npz --expert-dtypes ${QUANT_DTYPES:-int4,bf16,fp8} \
     --kernel-dtypes int4,fp8 --fractions 0.25,0.1 --policies lru,expertflow --max-tokens 24 --budget-s 460 --precopy ${PRECOPY:-0,1} \
     --out "$OUT/decode-floor-quant-h200.json" 2>&1 | grep -v Warn | cut -c1-240 | tail -60
+elif [ "$STAGE" = overlap ]; then
+  synth
+  timeout "$(cap 240)" python3 benchmarks/resident_step.py --model $M --trace $T/demo-eval.npz --modes compiled,compiled+overlap \
+    --no-ttft --out "$OUT/resident-step-overlap-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -8
+  timeout "$(cap 200)" python3 -m pytest -q -p no:cacheprovider -rf tests/engine/test_overlap_gpu.py 2>&1 \
+    | tee "$OUT/gpu-tests-overlap.log" | grep -v Warning | tail -12
 elif [ "$STAGE" = mixtral ]; then
   if [ -n "$MIXTRAL_SYNTH" ]; then wait $MIXTRAL_SYNTH; fi
   tail -1 "$OUT/synth-mixtral.log" 2>/dev/null

@@ -11,6 +11,7 @@ every expert resident, against transformers' own forward on the same GPU (its de
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -37,10 +38,11 @@ def kernels_per_replay(graph: torch.cuda.CUDAGraph) -> tuple[int, list[dict]]:
     return len(events), [{"name": e.key[:90], "us": e.self_device_time_total, "calls": e.count} for e in top]
 
 
-def decode_rows(args: argparse.Namespace, trace: Trace, compiled: bool) -> list[dict]:
+def decode_rows(args: argparse.Namespace, trace: Trace, compiled: bool, overlap: bool = False) -> list[dict]:
     reqs = requests_of(trace, max(args.batches), args.max_prompt, args.max_tokens)
     t0 = time.perf_counter()
-    llm = TimedLLM(args.model, device="cuda", replay=trace, progress=False, decode="graph", compile=compiled)
+    llm = TimedLLM(args.model, device="cuda", replay=trace, progress=False, decode="graph", compile=compiled,
+                   overlap=overlap)  # fmt: skip
     total = llm.info.num_layers * llm.info.num_experts
     llm.reconfigure(policy="lru", num_slots=total)
     rows = []
@@ -54,7 +56,8 @@ def decode_rows(args: argparse.Namespace, trace: Trace, compiled: bool) -> list[
         replay = event_ms(bucket.graph.replay, 20, warmup=3)
         launches, top = kernels_per_replay(bucket.graph)
         step = row["decode_ms_per_token"] * batch
-        rows.append({"compiled": compiled, "batch": batch, "ms_per_token": row["decode_ms_per_token"],
+        ahead = dataclasses.asdict(llm.overlap.stats) if llm.overlap is not None else None
+        rows.append({"compiled": compiled, "overlap": overlap, "overlap_stats": ahead, "batch": batch, "ms_per_token": row["decode_ms_per_token"],
                      "step_ms": step, "replay_ms": replay, "host_ms": step - replay, "kernels_per_replay": launches,
                      "first_run_s": first, "blocks": llm.static.blocks, "top_kernels": top, "step_fell_back": llm.static.step == llm.static._forward})  # fmt: skip
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "top_kernels"}), flush=True)
@@ -90,8 +93,6 @@ def ttft(args: argparse.Namespace) -> dict:
     """Median time to first token of one prompt, every expert resident: moeflow with the prefill through the slot
     table (each tile option) and eager (the per-layer path), against transformers' own forward, at each prompt
     length; the headline row is ``--prompt-tokens`` with the default tiles."""
-    import dataclasses
-
     from transformers import AutoModelForCausalLM
 
     from moeflow.engine.slot_prefill import PREFILL_BLOCKS
@@ -156,7 +157,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--ttft-lengths", type=lambda s: [int(n) for n in s.split(",")], default=[128, 2048])
     ap.add_argument("--ttft-only", action="store_true", help="skip the decode rows")
-    ap.add_argument("--modes", default="compiled,plain")
+    ap.add_argument("--no-ttft", action="store_true", help="skip the time to first token")
+    ap.add_argument("--modes", default="compiled,plain",
+                    help="decode modes: compiled, plain (not compiled), each with +overlap to overlap the host's "
+                    "work between steps (engine/overlap.py)")  # fmt: skip
     ap.add_argument(
         "--blocks",
         type=lambda f: json.loads(Path(f).read_text()).get("blocks", {}) if Path(f).exists() else {},
@@ -173,11 +177,13 @@ def main() -> None:
                  "torch": torch.__version__, "transformers": transformers.__version__, "decode": []}  # fmt: skip
     path = Path(args.out)
     for mode in [] if args.ttft_only else args.modes.split(","):
-        out["decode"] += decode_rows(args, trace, mode == "compiled")
+        base, _, extra = mode.partition("+")
+        out["decode"] += decode_rows(args, trace, base == "compiled", extra == "overlap")
         path.write_text(json.dumps(out, indent=2))
-    out["ttft"] = ttft(args)
-    print(json.dumps(out["ttft"]), flush=True)
-    path.write_text(json.dumps(out, indent=2))
+    if not args.no_ttft:
+        out["ttft"] = ttft(args)
+        print(json.dumps(out["ttft"]), flush=True)
+        path.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -105,6 +105,12 @@ class EngineConfig:
     per-layer path: the policy plans and loads before each layer), or "auto" ("slots" on a GPU when the slot pool
     holds every expert and the prompt is short enough for the routing kernel, else "eager")."""
 
+    overlap: bool = False
+    """Overlap the host's work between static decode steps with the device's: step N+1 is launched before step N
+    is settled, where its inputs and slot table can be known (greedy sampling, a slot pool holding every expert;
+    ``engine/overlap.py``), and launched again when the guess was wrong. The same outputs and policy calls as
+    without; off until measured on a GPU."""
+
     compile: bool | None = None
     """Compile the static decode step with ``torch.compile`` before it is captured: the dense layers' many small
     kernels (norms, rotary, residuals, the experts' gating and combine) are fused. It costs a compilation per batch
@@ -150,6 +156,8 @@ class EngineConfig:
             raise ConfigError(f"unknown decode mode {self.decode!r}: use auto, graph, static or eager")
         if self.prefill not in ("auto", "slots", "eager"):
             raise ConfigError(f"unknown prefill mode {self.prefill!r}: use auto, slots or eager")
+        if not isinstance(self.overlap, bool):
+            raise ConfigError(f"overlap must be True or False, got {self.overlap!r}")
         if self.compile not in (None, True, False):
             raise ConfigError(f"compile must be True, False or None (auto), got {self.compile!r}")
         if self.schedule not in ("auto", "fifo", "expert"):

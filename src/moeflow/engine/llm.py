@@ -18,8 +18,9 @@ from moeflow.batching import plan_batches
 from moeflow.config import EngineConfig
 from moeflow.detok import extend_text
 from moeflow.engine.decode_mode import choose_static
-from moeflow.engine.prefill_chunks import chunk_inputs, prefill_columns
-from moeflow.engine.setup import ModelInfo, load_tokenizer, resolve_device
+from moeflow.engine.overlap import Launched, Overlap
+from moeflow.engine.prefill_chunks import LONG_PREFILL, chunked_prefill, prefill_columns
+from moeflow.engine.setup import ModelInfo, load_tokenizer, make_recorder, resolve_device
 from moeflow.engine.slot_prefill import prefill_buffers, real_rows, wants_slots
 from moeflow.engine.static import Bucket
 from moeflow.engine.step import Steps
@@ -29,7 +30,7 @@ from moeflow.experts.cache import CachePolicy, PolicyContext
 from moeflow.experts.layer import Runtime, attach
 from moeflow.experts.policies import make_policy
 from moeflow.experts.store import ExpertStore
-from moeflow.inputs import StepInputs, decode_inputs, prefill_inputs
+from moeflow.inputs import decode_inputs, prefill_inputs
 from moeflow.memory import MemoryPlan, plan_memory
 from moeflow.metrics import Counters, batch_stats
 from moeflow.model.loader import LoadedModel, load_dense, open_model
@@ -37,9 +38,6 @@ from moeflow.routing.trace import Trace, TraceRecorder, TraceReplay
 from moeflow.sampling import SamplingParams, sample
 from moeflow.sequence import RequestOutput, Sequence, StreamDelta
 from moeflow.validate import check_batch_size, request_ids_of
-
-LONG_PREFILL = 1024
-"""Prefills of at least this many tokens show a progress bar over the MoE layers (with progress on)."""
 
 
 @dataclass
@@ -52,6 +50,8 @@ class Batch:
     mask: torch.Tensor | None = None
     decoding: bool = False
     """The prefill has run."""
+    running: Launched | None = None
+    """A decode step launched ahead and not yet settled (``engine/overlap.py``)."""
 
 
 class LLM:
@@ -76,24 +76,8 @@ class LLM:
         self.memory: MemoryPlan = plan_memory(self.loaded, cfg)  # budget errors before any weight is read
         load_dense(self.loaded, cfg.progress)
         lm = self.loaded
-        self.info = ModelInfo(
-            lm.config.model_type,
-            len(lm.layers),
-            lm.num_experts,
-            lm.top_k,
-            tuple(layer.layer_id for layer in lm.layers),
-            lm.expert_bytes,
-            lm.dense_bytes,
-        )
-        recorder = None
-        if record_trace:
-            recorder = TraceRecorder(
-                Path(self.model_dir).name,
-                len(lm.layers),
-                lm.num_experts,
-                lm.top_k,
-                list(self.info.moe_layer_ids),
-            )
+        self.info = ModelInfo.of(lm)
+        recorder = make_recorder(self.model_dir, lm) if record_trace else None
         if isinstance(replay, Trace):
             replay = TraceReplay(replay, len(lm.layers), lm.num_experts, lm.top_k)
         self.runtime = self._runtime(recorder, replay)
@@ -106,6 +90,7 @@ class LLM:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self._next_id = 0
         self.steps = Steps(self.runtime)
+        self.overlap = Overlap(self.static, self.runtime, self.steps) if cfg.overlap and self.static else None
 
     def _runtime(self, recorder: TraceRecorder | None, replay: TraceReplay | None) -> Runtime:
         """The store, policy and MoE-layer handlers (``moeflow.distributed.engine`` overrides it per rank)."""
@@ -230,10 +215,15 @@ class LLM:
             width = max(len(s.prompt_ids) for s in seqs)
             batch.bucket = self.static.bucket(len(seqs), width + max(s.params.max_tokens for s in seqs))
         t0, t_first = time.perf_counter(), 0.0
-        while not all(s.finished for s in seqs):
-            self.step(seqs, batch, gen)
-            t_first = t_first or time.perf_counter()
-            yield False
+        try:
+            while not all(s.finished for s in seqs):
+                self.step(seqs, batch, gen)
+                t_first = t_first or time.perf_counter()
+                yield False
+        finally:  # a consumer that stops early leaves no step unsettled
+            if self.overlap is not None and batch.bucket is not None:
+                self.overlap.drain(batch.bucket, batch.running)
+                batch.running = None
         self._last_outputs = self._outputs(seqs, before, t0, t_first, time.perf_counter())
         yield True
 
@@ -243,9 +233,12 @@ class LLM:
         t0, stall0 = time.perf_counter(), self.runtime.store.stats.stall_s
         live = [i for i, s in enumerate(seqs) if not s.finished]
         static = self.static is not None and batch.bucket is not None and batch.decoding
+        if static and self.overlap is not None and self.overlap.applies(seqs, batch.running):
+            batch.running = self.overlap.step(seqs, batch.bucket, batch.running, self._text, self.eos_ids)
+            self.runtime.report_timing(time.perf_counter() - t0, stall0)
+            return
         if static:
-            self.steps.begin([seqs[i] for i in live], [[seqs[i].output_ids[-1]] for i in live],
-                             [[seqs[i].position] for i in live], False, None, batch.bucket.bufs)  # fmt: skip
+            self.steps.begin_decode(seqs, live, batch.bucket.bufs)
             logits = self.static.decode(batch.bucket, seqs, live)
         else:
             logits = self._eager_forward(seqs, batch)
@@ -269,7 +262,8 @@ class LLM:
         else:
             x, width = prefill_inputs(seqs, self.device), max(len(s.prompt_ids) for s in seqs)
             if batch.bucket is not None and prefill_columns(self.static, batch.bucket, width) < width:
-                return self._chunked_prefill(seqs, batch, x)
+                batch.mask = x.mask
+                return chunked_prefill(self.static, self.steps, batch.bucket, seqs, x, self.config.progress)
         live = [s for s in seqs if not s.finished]
         tokens = sum(len(t) for t in x.new_tokens)
         bar = tqdm(total=len(self.loaded.layers), desc=f"prefill {tokens} tokens", unit="layer", leave=False, mininterval=0,
@@ -301,27 +295,6 @@ class LLM:
             batch.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
             logits = out.logits[:, -1, :]
         self.steps.end()
-        bar.close()
-        batch.mask = x.mask
-        return logits
-
-    def _chunked_prefill(self, seqs: list[Sequence], batch: Batch, x: StepInputs) -> torch.Tensor:  # [B, V]
-        """The static path's prefill a block of prompt columns at a time, each block one step through the eager
-        MoE layers, sized so its activations fit the device budget (``engine/prefill_chunks.py``)."""
-        assert self.static is not None and batch.bucket is not None
-        start, width = 0, x.ids.shape[1]
-        tokens = sum(len(t) for t in x.new_tokens)
-        bar = tqdm(total=width, desc=f"prefill {tokens} tokens", unit="column", leave=False, mininterval=0,
-                   disable=not (self.config.progress and tokens >= LONG_PREFILL))  # fmt: skip
-        while start < width:
-            stop = start + prefill_columns(self.static, batch.bucket, width - start)
-            live, block = chunk_inputs(x, seqs, start, stop)
-            self.steps.begin(live, block.new_tokens, block.new_positions, True, block.keep)
-            self.runtime.prefetch_after(-1)
-            logits = self.static.prefill(batch.bucket, block.ids, x.mask, block.positions, start=start)
-            self.steps.end()
-            bar.update(stop - start)
-            start = stop
         bar.close()
         batch.mask = x.mask
         return logits

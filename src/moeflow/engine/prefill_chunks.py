@@ -15,12 +15,19 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import torch
+from tqdm.auto import tqdm
+
+from moeflow.engine.step import Steps
 from moeflow.inputs import StepInputs
 from moeflow.model.loader import LoadedModel
 from moeflow.sequence import Sequence
 
 if TYPE_CHECKING:  # the static decoder calls into this module, not the other way round
     from moeflow.engine.static import Bucket, StaticDecoder
+
+LONG_PREFILL = 1024
+"""Prefills of at least this many tokens show a progress bar (with progress on)."""
 
 SAFETY = 2
 """The per-token activation estimate is multiplied by this (allocator rounding, temporaries it does not count)."""
@@ -87,3 +94,25 @@ def prefill_columns(decoder: StaticDecoder, bucket: Bucket, width: int) -> int:
     pending = 0 if kv.bytes() else kv_bytes_estimate(lm, kv.rows, kv.max_len)
     room = max(0, decoder.kv_budget - decoder.kv_bytes() - pending)
     return columns(room, kv.rows, activation_bytes_per_token(lm, kv.max_len), width)
+
+
+def chunked_prefill(
+    decoder: StaticDecoder, steps: Steps, bucket: Bucket, seqs: list[Sequence], x: StepInputs, progress: bool
+) -> torch.Tensor:  # [B, V]
+    """The static path's prefill ``x`` of ``seqs`` a block of prompt columns at a time, each block one step through
+    the eager MoE layers, sized so its activations fit the device budget; the last block's logits."""
+    start, width = 0, x.ids.shape[1]
+    tokens = sum(len(t) for t in x.new_tokens)
+    bar = tqdm(total=width, desc=f"prefill {tokens} tokens", unit="column", leave=False, mininterval=0,
+               disable=not (progress and tokens >= LONG_PREFILL))  # fmt: skip
+    while start < width:
+        stop = start + prefill_columns(decoder, bucket, width - start)
+        live, block = chunk_inputs(x, seqs, start, stop)
+        steps.begin(live, block.new_tokens, block.new_positions, True, block.keep)
+        decoder.rt.prefetch_after(-1)
+        logits = decoder.prefill(bucket, block.ids, x.mask, block.positions, start=start)
+        steps.end()
+        bar.update(stop - start)
+        start = stop
+    bar.close()
+    return logits

@@ -1,5 +1,6 @@
 """What an engine is built from, besides its config: the device it runs on (``resolve_device``), the shape of the
-model it loaded (``ModelInfo``) and the checkpoint's tokenizer, if it has one (``load_tokenizer``)."""
+model it loaded (``ModelInfo``), the trace recorder of its MoE layers (``make_recorder``) and the checkpoint's
+tokenizer, if it has one (``load_tokenizer``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 import torch
 
 from moeflow.errors import RequestError
+from moeflow.model.loader import LoadedModel
+from moeflow.routing.trace import TraceRecorder
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,18 @@ class ModelInfo:
     moe_layer_ids: tuple[int, ...]
     expert_bytes: int
     dense_bytes: int
+
+    @staticmethod
+    def of(lm: LoadedModel) -> ModelInfo:
+        ids = tuple(layer.layer_id for layer in lm.layers)
+        return ModelInfo(lm.config.model_type, len(lm.layers), lm.num_experts, lm.top_k, ids, lm.expert_bytes,
+                         lm.dense_bytes)  # fmt: skip
+
+
+def make_recorder(model_dir: str, lm: LoadedModel) -> TraceRecorder:
+    """A recorder of the routing of ``lm``'s MoE layers (``record_trace=True``)."""
+    ids = [layer.layer_id for layer in lm.layers]
+    return TraceRecorder(Path(model_dir).name, len(lm.layers), lm.num_experts, lm.top_k, ids)
 
 
 def resolve_device(name: str) -> torch.device:

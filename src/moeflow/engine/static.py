@@ -13,16 +13,16 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from moeflow.config import format_size
+from moeflow.engine.bucket import Bucket, feed
 from moeflow.engine.kv import StaticKV
 from moeflow.engine.slot_prefill import PREFILL_BLOCKS
 from moeflow.engine.static_rows import StaticRowKV
-from moeflow.engine.step_io import read_back, upload_replay
+from moeflow.engine.step_io import HostCopies, read_back, upload_replay
 from moeflow.errors import BudgetError
 from moeflow.experts.layer import Runtime, StaticBuffers
 from moeflow.experts.plan import StepRouting
@@ -42,24 +42,6 @@ RECOMPILE_LIMIT = 64
 
 MIN_LEN = 256
 """Smallest KV length of a bucket (lengths are rounded up to a power of two, so few graphs are captured)."""
-
-
-@dataclass
-class Bucket:
-    """Static state of one batch shape; its tensors keep their addresses for the graph."""
-
-    kv: StaticKV
-    bufs: StaticBuffers
-    inputs: torch.Tensor  # [3, B] input token, position and liveness (0/1) of each row, uploaded in one copy
-    logits: torch.Tensor  # [B, V]
-    staging: torch.Tensor  # [3, B] its host copy (pinned on a GPU)
-    graph: torch.cuda.CUDAGraph | None = None
-    route_host: torch.Tensor | None = None  # pinned host copy of the step's routing
-    replay_host: tuple[torch.Tensor, torch.Tensor] | None = None  # pinned staging of replayed routing
-
-    @property
-    def pos(self) -> torch.Tensor:  # [B, 1] each row's position (a view of ``inputs``: its address is fixed)
-        return self.inputs[1, :, None]
 
 
 class StaticDecoder:
@@ -235,36 +217,42 @@ class StaticDecoder:
     ) -> torch.Tensor:  # [B, V]
         """One decode step, row ``b`` feeding ``tokens[b]`` at ``positions[b]``; only the ``live`` rows count."""
         t0 = time.perf_counter()
-        st = bucket.staging.numpy()  # the last step's upload has been read (its results were waited for)
-        st[0] = tokens
-        st[1] = positions
-        st[2] = 0
-        st[2, live] = 1
+        # the staging's last upload has been read: the last step's results were waited for
+        feed(bucket.staging, tokens, positions, live)
         bucket.inputs.copy_(bucket.staging, non_blocking=True)  # read inside the step (the graph)
         if self.rt.replay is not None:
             self._upload_replay(bucket, live)
         self.table.apply(self.rt.policy.plan_boundary(len(live)))
+        self.run_step(bucket, t0)
+        return bucket.logits
+
+    def run_step(self, bucket: Bucket, t0: float | None = None) -> None:
+        """The step over what the bucket's inputs hold: run eagerly, or one replay of its graph (captured the first
+        time); ``t0``: when the host started preparing it (``replay_events``)."""
         if not self.graphs:
             self._run(bucket)
-        else:
-            if bucket.graph is None:
-                bucket.graph = self._capture(bucket)
-            if self.replay_events is None:
-                bucket.graph.replay()
-            else:
-                host_s = time.perf_counter() - t0
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                bucket.graph.replay()
-                end.record()
-                self.replay_events.append((start, end, host_s))
-        return bucket.logits
+            return
+        if bucket.graph is None:
+            bucket.graph = self._capture(bucket)
+        if self.replay_events is None:
+            bucket.graph.replay()
+            return
+        host_s = 0.0 if t0 is None else time.perf_counter() - t0
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        bucket.graph.replay()
+        end.record()
+        self.replay_events.append((start, end, host_s))
+
+    def undo_step(self, bucket: Bucket) -> None:
+        """Take back the KV write position a step advanced (a launched step whose results are dropped: its keys
+        are overwritten by the step that replaces it)."""
+        torch._foreach_sub_([layer.cumulative_length for layer in bucket.kv.cache.layers], 1)
 
     def settle(self, bucket: Bucket, live: list[int]) -> StepRouting:
         """After the step (its tokens sampled): what it routed and served, for the policy and the statistics."""
-        route = bucket.bufs.route_ids
         if bucket.route_host is None:
-            bucket.route_host = torch.empty_like(route, device="cpu", pin_memory=route.is_cuda)
+            bucket.route_host = HostCopies.like(self.table, bucket.bufs)
         return read_back(self.rt, self.table, bucket.bufs, live, bucket.route_host)
 
     def _upload_replay(self, bucket: Bucket, live: list[int]) -> None:

@@ -41,6 +41,13 @@ class Steps:
         if rt.recorder is not None:
             rt.recorder.begin_step(self.index, ids, positions, tokens, prefill)
 
+    def begin_decode(
+        self, seqs: list[Sequence], live: list[int], static: StaticBuffers | None = None
+    ) -> None:
+        """A decode step of the ``live`` rows of ``seqs`` starts: each feeds its last token at its position."""
+        self.begin([seqs[i] for i in live], [[seqs[i].output_ids[-1]] for i in live],
+                   [[seqs[i].position] for i in live], False, None, static)  # fmt: skip
+
     def end(self) -> None:
         """The step's forward is done (a forward outside the engine's steps then runs eagerly)."""
         self.rt.ctx = StepContext(step=self.index + 1)

@@ -81,5 +81,21 @@ def plan(policy: CachePolicy, batch: int) -> Boundary:
     protect = {load.key for load in loads}
     victims = p.select_victims(n - len(free), protect, 0) if n > len(free) else []
     p._offered = free + [p.slot_of[key] for key in victims]
-    resident = np.where(p.slot_layer >= 0, p.slot_layer * p.num_experts + p.slot_expert, -1)
-    return Boundary(loads, tuple(p._offered), resident)
+    return Boundary(loads, tuple(p._offered), residency(p))
+
+
+def residency(policy: CachePolicy) -> np.ndarray:
+    """[S] the key l*E+e each slot holds in the policy's view (-1: empty)."""
+    p = policy
+    return np.where(p.slot_layer >= 0, p.slot_layer * p.num_experts + p.slot_expert, -1)
+
+
+def fill_pool(policy: CachePolicy) -> Boundary | None:
+    """A pool that can hold every expert: prefetches of every expert not resident (None: none to copy, or the pool
+    is smaller than the experts)."""
+    p = policy
+    if p.num_slots < p.num_layers * p.num_experts:
+        return None
+    keys = [(layer, e) for layer in range(p.num_layers) for e in range(p.num_experts)]
+    loads = tuple(load for key in keys if (load := p.admit(key)) is not None)
+    return Boundary(loads, (), residency(p)) if loads else None

@@ -36,12 +36,10 @@ class SlotTable:
             (n + 3 * fill_cap,), -1, dtype=torch.int32, device=dev
         )  # table, then candidates
         self._staging = torch.full_like(self._buf, -1, device="cpu").pin_memory() if store.cuda else None
-        self._host_served: torch.Tensor | None = (
-            None  # pinned mirrors the step's results are copied back into
-        )
-        self._host_filled: torch.Tensor | None = None
         self._uploaded: np.ndarray | None = None
         """The residency last uploaded with no copies in flight and no candidates (None: anything else)."""
+        self._held: np.ndarray | None = None
+        """The residency of the table on the device when it was uploaded with no copies queued (None: copies)."""
         self.tensors = SlotTensors(
             pool=store.slots,
             host=store.host if self.zero_copy else None,
@@ -62,6 +60,7 @@ class SlotTable:
         if settled and self._uploaded is not None and np.array_equal(self._uploaded, boundary.resident):
             return  # the device holds this table already, and no candidates: nothing to upload or copy
         self._uploaded = boundary.resident.copy() if settled else None
+        self._held = boundary.resident.copy() if not boundary.loads and not store.in_flight() else None
         loading = np.zeros(store.num_slots, bool)
         loading[[load.slot for load in boundary.loads]] = True
         landed = ~loading
@@ -88,6 +87,20 @@ class SlotTable:
             self._buf.copy_(self._staging, non_blocking=True)
         self._copy(boundary.loads)
 
+    def holds_every_expert(self) -> bool:
+        """Every expert of every layer is in a slot the device's table points to, with no copy in flight: no step
+        can miss, so none claims a slot or changes the table."""
+        held = self._held
+        n = self.num_layers * self.num_experts
+        return held is not None and not self.store.in_flight() and int((held >= 0).sum()) == n
+
+    def unchanged_by(self, boundary: Boundary) -> bool:
+        """Applying ``boundary`` would change nothing a step does: the table holds every expert and the boundary
+        keeps it (no copies; its candidates cannot be claimed, since no step misses)."""
+        held = self._held
+        return (not boundary.loads and self.holds_every_expert() and held is not None
+                and np.array_equal(held, boundary.resident))  # fmt: skip
+
     def _copy(self, loads: tuple[Load, ...]) -> None:
         ordered = sorted(loads, key=lambda ld: -ld.priority)
         for start in range(0, len(ordered), COPY_GROUP):
@@ -95,18 +108,13 @@ class SlotTable:
             keys = [ld.key[0] * self.num_experts + ld.key[1] for ld in group]
             self.store.copy_published(group, self._buf[: self.num_layers * self.num_experts], keys)
 
-    def copy_back(self) -> tuple[np.ndarray, np.ndarray]:
-        """(served [L, E], filled [L, E]) of the last step: on a GPU copied without waiting into pinned buffers,
-        valid once the caller has synchronised the stream (one wait for everything the step returns)."""
+    def copy_back(self, into: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Queue copies of the last step's (served [L, E], filled [L, E]) into the host tensors ``into`` (pinned on a
+        GPU: without waiting; valid once the caller has waited for the step)."""
         t = self.tensors
-        if self._staging is None:
-            return t.served.numpy().copy(), t.filled.numpy().copy()
-        if self._host_served is None:
-            self._host_served = torch.empty_like(t.served, device="cpu").pin_memory()
-            self._host_filled = torch.empty_like(t.filled, device="cpu").pin_memory()
-        self._host_served.copy_(t.served, non_blocking=True)
-        self._host_filled.copy_(t.filled, non_blocking=True)
-        return self._host_served.numpy(), self._host_filled.numpy()
+        pinned = into[0].is_pinned()
+        into[0].copy_(t.served, non_blocking=pinned)
+        into[1].copy_(t.filled, non_blocking=pinned)
 
 
 def _host_is_ordered(store: ExpertStore, num_layers: int, num_experts: int) -> bool:

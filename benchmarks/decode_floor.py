@@ -124,6 +124,11 @@ def main() -> None:
         "--precopy", default="0", help="PRECOPY options of the offloaded rows: 0, 1 or 0,1 (rows carry 'precopy'): "
         "claimed misses copied into their slots before the projections (experts/precopy.py)"
     )  # fmt: skip
+    ap.add_argument(
+        "--profile-rows", action="store_true",
+        help="each row (resident ones too) also gets a torch-profiler run of its first batch, 8 tokens: device time "
+        "per kernel name (row key 'profile'), to see what an offloaded step spends above the resident one",
+    )  # fmt: skip
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import transformers
@@ -152,6 +157,19 @@ def main() -> None:
             torch.cuda.empty_cache()
     result["wall_s"] = time.perf_counter() - args.start
     Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+def kernel_profile(llm: TimedLLM, reqs: list, batch: int, bw: float, top: int = 14) -> dict:
+    """Device time by kernel name over one run of the first ``batch`` requests, 8 tokens each (prefill included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run(llm, [(r, p, 8) for r, p, _ in reqs[:batch]], batch, bw)
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in rows)
+    kernels = [{"name": e.key[:90], "us": e.self_device_time_total, "calls": e.count} for e in rows[:top]]
+    return {"device_us": total, "kernels": kernels}
 
 
 def past_budget(args: argparse.Namespace) -> bool:
@@ -203,6 +221,10 @@ def measure(args: argparse.Namespace, trace: Trace, reqs: list, dtype: str, resu
     for batch in batches:  # the resident step: every expert in a slot
         warm("lru", total, batch)
         resident_ms[str(batch)] = run(llm, reqs, batch, bw)["decode_ms_per_token"]
+        if args.profile_rows and args.device == "cuda":
+            result.setdefault("resident_profile", {})[f"{dtype}-{batch}"] = kernel_profile(
+                llm, reqs, batch, bw
+            )
         if dtype == "bf16":
             result["resident_ms"][str(batch)] = resident_ms[str(batch)]
         print("resident", dtype, batch, resident_ms[str(batch)], flush=True)
@@ -244,6 +266,8 @@ def measure(args: argparse.Namespace, trace: Trace, reqs: list, dtype: str, resu
                     "bytes_per_token": bytes_tok, "belady_bytes_per_token": bel_bytes / tokens, "slots": slots,
                     "precopy": bool(precopy),
                 })  # fmt: skip
+                if args.profile_rows and args.device == "cuda":
+                    result["runs"][-1]["profile"] = kernel_profile(llm, reqs, batch, bw)
                 print(json.dumps(result["runs"][-1]), flush=True)
                 out.write_text(json.dumps(result, indent=2))
 

@@ -12,8 +12,11 @@
 #   tests      the GPU tests ($GPU_TESTS to choose; default: all the GPU test files)
 #   ttft       resident_step.py --ttft-only: time to first token, prefill through the slot table (each tile option)
 #              and eager, 128/512/2048 tokens, against transformers                                 (~90 s)
-#   serve      benchmarks/serve_throughput.py: 32 streams against LLM.generate at batch 32 (issue 13); two warm-ups
-#              compile the step for both batch shapes (~60-90 s each)                                (~300 s)
+#   serve      benchmarks/serve_throughput.py: 32 streams against LLM.generate at batch 32 and against batch-1 serving
+#              (issue 13; SERVE_MODES, default offline,serve,serve-1); warm-ups compile the step for each batch
+#              shape (~60-90 s each)                                                                 (~360 s)
+#   serveload  benchmarks/serve_load.py on the GPU: `moeflow serve` over HTTP at OLMoE geometry (its own routing),
+#              64 streaming clients for 120 s, 32 rows                                               (~250 s)
 #   overlap    resident_step.py, compiled graph decode without and with EngineConfig.overlap (engine/overlap.py:
 #              step N+1 launched before step N is settled), batch 1 and 8, no TTFT; then its GPU tests   (~250 s)
 #   mixtral    Mixtral geometry (first 8 layers), the real Mixtral trace, batch 1 (carry .data/traces after
@@ -75,13 +78,17 @@ elif [ "$STAGE" = ttft ]; then
     --out "$OUT/ttft-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -24
 elif [ "$STAGE" = serve ]; then
   synth
-  timeout "$(cap 360)" python3 benchmarks/serve_throughput.py --model $M --trace $T/demo-eval.npz --profile \
+  timeout "$(cap 360)" python3 benchmarks/serve_throughput.py --model $M --trace $T/demo-eval.npz --profile --modes ${SERVE_MODES:-offline,serve,serve-1} \
     --out "$OUT/serve-throughput-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -16
 elif [ "$STAGE" = quant ]; then
   synth
   timeout "$(cap 540)" python3 benchmarks/decode_floor.py --model $M --trace $T/demo-eval.npz --expert-dtypes ${QUANT_DTYPES:-int4,bf16,fp8} \
     --kernel-dtypes int4,fp8 --fractions 0.25,0.1 --policies lru,expertflow --max-tokens 24 --budget-s 460 --precopy ${PRECOPY:-0,1} \
     --out "$OUT/decode-floor-quant-h200.json" 2>&1 | grep -v Warn | cut -c1-240 | tail -60
+elif [ "$STAGE" = serveload ]; then
+  synth
+  timeout "$(cap 300)" python3 benchmarks/serve_load.py --model $M --device cuda --clients 64 --duration 120 --max-batch 32 \
+    --max-tokens 64 --out "$OUT/serve-load-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -8
 elif [ "$STAGE" = overlap ]; then
   synth
   timeout "$(cap 240)" python3 benchmarks/resident_step.py --model $M --trace $T/demo-eval.npz --modes compiled,compiled+overlap \

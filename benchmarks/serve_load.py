@@ -4,7 +4,7 @@ Starts the server as a subprocess on a free 127.0.0.1 port, runs ``--clients`` c
 completions one after another, with include_usage) for ``--duration`` seconds, stops issuing, waits for the
 requests in flight, then sends SIGTERM. Reports requests served, errors, p50/p99 time to first token and time per
 output token (client side), and the server's resident memory before the load, during it (sampled) and at the end.
-Everything stops by itself (a hard deadline of duration + 120 s). Writes one JSON to ``--out``.
+Everything stops by itself (a hard deadline of --startup-s + duration + 120 s). Writes one JSON to ``--out``.
 
     python benchmarks/serve_load.py --model models/demo --clients 64 --duration 120 \\
         --out benchmarks/results/serve-load-cpu.json
@@ -126,6 +126,15 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--prefill-chunk", type=int, default=256)
     ap.add_argument(
+        "--device", default="cpu", help="the server's device (cuda: graph decode, compiled at startup)"
+    )
+    ap.add_argument(
+        "--startup-s",
+        type=float,
+        default=120.0,
+        help="seconds the server may take to warm up (compile, capture)",
+    )
+    ap.add_argument(
         "--note", default="", help="free text stored in the JSON (e.g. what else shared the machine)"
     )
     ap.add_argument("--out", required=True)
@@ -133,12 +142,12 @@ def main() -> int:
 
     port, root = free_port(), Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "moeflow", "serve", "--model", args.model, "--device", "cpu", "--port", str(port),
+    cmd = [sys.executable, "-m", "moeflow", "serve", "--model", args.model, "--device", args.device, "--port", str(port),
            "--max-batch", str(args.max_batch), "--max-queue", str(args.clients), "--prefill-chunk",
            str(args.prefill_chunk), "--log-level", "warning"]  # fmt: skip
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    hard = threading_deadline(server, args.duration + 120)
+    hard = threading_deadline(server, args.startup_s + args.duration + 120)
     try:
         while True:
             assert server.poll() is None, server.communicate()[0]
@@ -162,12 +171,18 @@ def main() -> int:
     import torch
     import transformers
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root
-    ).stdout.strip()
+    commit = (
+        os.environ.get("MOEFLOW_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root
+        ).stdout.strip()
+    )
+    gpu = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else None
+    )
     result = {
         "command": " ".join(sys.argv), "commit": commit, "server_command": " ".join(cmd[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "note": args.note,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "device": gpu or "cpu", "note": args.note,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "httpx": httpx.__version__},
         "clients": args.clients, "duration_s": args.duration, "max_tokens": args.max_tokens,

@@ -8,7 +8,8 @@ trace (as ``benchmarks/policy_decode.py``), so both modes do the same work:
 * ``offline``: ``LLM.generate`` of all requests, ``--streams`` sequences a batch (the engine forms the batches);
 * ``serve``: ``BatchEngine`` (``--streams`` rows, chunked prefill) fed by a closed loop of ``--streams`` clients: a
   finished request is replaced by the next at the following step (a request id already running waits its turn);
-* ``serve-eager`` (optional): the same on the eager row pool (``BatchEngine(static=False)``).
+* ``serve-eager`` (optional): the same on the eager row pool (``BatchEngine(static=False)``);
+* ``serve-1`` (optional): batch-1 serving, one stream (one client at a time), over ``--streams`` requests.
 
 Per mode: decode tokens/s (decode steps only: forward, sampling, settling; a serving step's prompt chunks
 excluded), end-to-end tokens/s (all generated tokens / wall time, prefill included), mean sequences per decode step,
@@ -167,7 +168,9 @@ def main() -> None:
         "--max-prompt", type=int, default=64, help="keep a prompt's first N tokens (the rest: decode)"
     )
     ap.add_argument("--prefill-chunk", type=int, default=256)
-    ap.add_argument("--modes", default="offline,serve", help="offline, serve, serve-eager (comma-separated)")
+    ap.add_argument(
+        "--modes", default="offline,serve", help="offline, serve, serve-eager, serve-1 (comma-separated)"
+    )
     ap.add_argument("--repeats", type=int, default=1, help="measured runs of each mode (interleaved)")
     ap.add_argument("--fraction", type=float, default=None, help="device slots as a share of all experts")
     ap.add_argument("--policy", default=None)
@@ -202,6 +205,9 @@ def main() -> None:
         "serve": lambda n: serve(llm, reqs[:n], args.streams, args.max_tokens, args.prefill_chunk, True),
         "serve-eager": lambda n: serve(
             llm, reqs[:n], args.streams, args.max_tokens, args.prefill_chunk, False
+        ),
+        "serve-1": lambda n: serve(
+            llm, reqs[: min(n, args.streams)], 1, args.max_tokens, args.prefill_chunk, True
         ),
     }
     warm = {}
@@ -242,6 +248,10 @@ def main() -> None:
             if m != "offline":
                 for key in ("decode_tokens_per_s", "tokens_per_s"):
                     result[f"{m}_over_offline_{key}"] = best[m][key] / best["offline"][key]
+    if "serve" in best and "serve-1" in best:  # what 32 streams gain over batch-1 serving
+        result["serve_over_serve_1_decode_tokens_per_s"] = (
+            best["serve"]["decode_tokens_per_s"] / best["serve-1"]["decode_tokens_per_s"]
+        )
     if (
         static is not None
     ):  # did a compile fall back, and what does each captured graph cost on the device alone
@@ -255,7 +265,7 @@ def main() -> None:
     result["total_s"] = time.perf_counter() - t_start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if "over_offline" in k or k == "total_s"}))
+    print(json.dumps({k: v for k, v in result.items() if "_over_" in k or k == "total_s"}))
     llm.close()
 
 

@@ -20,6 +20,8 @@ def test_offline_and_serving_runs_do_the_same_work(checkpoints: dict[str, Path])
     reqs = [base[i % 4] for i in range(7)]  # cycled: ids come back while others run
     with TimedLLM(path, device="cpu", replay=trace, decode="static", progress=False) as llm:
         rows = [offline(llm, reqs, 3, 6), serve(llm, reqs, 3, 6, 4, True), serve(llm, reqs, 3, 6, 4, False)]
+        alone = serve(llm, reqs[:3], 1, 6, 4, True)  # batch-1 serving: one stream
+    assert alone["tokens"] == 3 * 6 and alone["mean_sequences_per_decode_step"] == 1
     for r in rows:
         assert r["tokens"] == 7 * 6 and r["decode_tokens"] == 7 * 5
         assert 1 <= r["mean_sequences_per_decode_step"] <= 3 and r["decode_tokens_per_s"] > 0

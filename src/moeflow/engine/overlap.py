@@ -16,6 +16,7 @@ buffers whose copies are still queued. Legend: B rows.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -78,8 +79,8 @@ class Overlap:
     def __init__(self, static: StaticDecoder, runtime: Runtime, steps: Steps):
         self.static, self.rt, self.steps = static, runtime, steps
         self.stats = OverlapStats()
-        self._filled: object | None = None
-        """The slot table whose pool was filled (a reconfigure makes a new one)."""
+        self._filled: weakref.ref | None = None
+        """The slot table whose pool was filled (a reconfigure makes a new one; the old one, and its pool, go)."""
 
     def applies(self, seqs: list[Sequence], pending: Launched | None) -> bool:
         """Whether this decode step goes through ``step``: a launched step is waiting, or sampling is greedy."""
@@ -143,11 +144,11 @@ class Overlap:
         """A slot pool that can hold every expert gets each one not yet in it (prefetches, once), so that steps
         stop missing and the next ones can be launched ahead."""
         table = self.static.table
-        if self._filled is not table and not table.holds_every_expert():
+        if (self._filled is None or self._filled() is not table) and not table.holds_every_expert():
             fill = fill_pool(self.rt.policy)
             if fill is not None:
                 table.apply(fill)
-        self._filled = table
+        self._filled = weakref.ref(table)
 
     def _guess(self, bucket: Bucket, lane: Lane, seqs: list[Sequence], live: list[int]) -> Launched | None:
         """Launch step N+1 before step N is read, where its inputs and table can be known: see the module doc."""

@@ -118,13 +118,15 @@ def test_reconfigure_swaps_policy_and_slots_keeping_outputs(checkpoints: dict[st
         llm.reconfigure(num_slots=1)
 
 
-def test_reconfigure_frees_the_old_slot_pool_first(checkpoints: dict[str, Path]) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_reconfigure_frees_the_old_slot_pool_first(checkpoints: dict[str, Path], overlap: bool) -> None:
     """The static decoder's slot table holds the pool it was built on; reconfigure lets go of it before the new
-    pool is allocated, so a budget is never exceeded by two pools alive at once."""
+    pool is allocated, so a budget is never exceeded by two pools alive at once (also with the overlapped decode,
+    which remembers the table whose pool it filled)."""
     import gc
     import weakref
 
-    llm = LLM(checkpoints["olmoe"], device="cpu", num_slots=6, decode="static", progress=False)
+    llm = LLM(checkpoints["olmoe"], device="cpu", num_slots=6, decode="static", overlap=overlap, progress=False)
     llm.generate([PROMPT], SamplingParams(max_tokens=3, ignore_eos=True))  # the step builds its slot table
     assert llm.static is not None and llm.static.table.tensors.pool is llm.store.slots
     old = weakref.ref(llm.store.slots)

@@ -12,6 +12,7 @@ import numpy as np
 
 from moeflow.experts.cache import Key, Load
 from moeflow.experts.placement import admit_run
+from moeflow.experts.policies.budget import call_budget
 from moeflow.experts.policies.ranking import admitted_run, first_lexsorted, top_stable
 
 if TYPE_CHECKING:
@@ -25,7 +26,10 @@ def plan_prefetch(pol: MoEInfinityPolicy, layer: int) -> list[Load]:
     resident = np.zeros((pol.num_layers, pol.num_experts), bool)
     occupied = pol.slot_layer >= 0
     resident[pol.slot_layer[occupied], pol.slot_expert[occupied]] = True
-    budget = min(pol.max_prefetch or pol.top_k * len(pol._rids), _call_budget(pol, layer))
+    budget = min(
+        pol.max_prefetch or pol.top_k * len(pol._rids),
+        call_budget(pol.prefetch_per_layer, pol.num_layers, pol._prefetched, layer),
+    )
     keep = pol._slot_keep(set(pol._needed))  # [S] inf: not evictable (in use, or admitted just now)
     # every step below admits one load or stops, so only the ``budget`` likeliest candidates can matter, and
     # only those above the lowest keep-score once no slot is free (the victims come in one fixed order: lowest
@@ -78,11 +82,3 @@ def _pays(pol: MoEInfinityPolicy, key: Key, victim: Key | None, layer: int) -> b
     p_use = 1.0 - float(np.exp(-pol.top_k * pol._pred[key]))
     p_victim = 0.0 if victim is None else 1.0 - float(np.exp(-pol.top_k * pol._pred[victim]))
     return pol.link.worth(p_use, p_victim, layer, key[0])
-
-
-def _call_budget(pol: MoEInfinityPolicy, layer: int) -> float:
-    """Loads this ``prefetch`` call may issue: the step's remaining budget spread over the calls left."""
-    if pol.prefetch_per_layer <= 0:
-        return float("inf")
-    left = pol.prefetch_per_layer * pol.num_layers - pol._prefetched
-    return float(np.ceil(left / max(1, pol.num_layers - 1 - layer)))

@@ -4,8 +4,8 @@ A policy decides and never touches CUDA or tensors; the store executes its plans
 ``begin_step(info)`` → for each MoE layer ``request(layer, experts)`` (returns a :class:`Plan`),
 ``observe(layer, experts_per_token)`` and ``prefetch(layer)`` (loads for layers ahead) → ``end_step()``.
 The simulator drives the very same calls from a recorded trace. Subclasses choose victims (``victim``, or
-``select_victim(s)`` over all slots at once) and may use the hooks; residency, hit/miss accounting and
-wasted-prefetch accounting live here. The policies themselves are in ``moeflow.experts.policies``.
+``select_victim(s)`` over all slots at once) and may override the hooks (``experts.hooks``); residency, hit/miss
+accounting and wasted-prefetch accounting live here. The policies themselves are in ``moeflow.experts.policies``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 
 from moeflow.experts import boundary
 from moeflow.experts.accounting import PolicyStats
+from moeflow.experts.hooks import PolicyHooks
 from moeflow.experts.placement import make_loads
 from moeflow.experts.plan import Boundary, Key, Load, Plan, PolicyContext, StepInfo, StepRouting
 
@@ -34,7 +35,7 @@ __all__ = [
 
 
 @dataclass
-class CachePolicy:
+class CachePolicy(PolicyHooks):
     """Residency bookkeeping over ``num_slots`` slots shared by all MoE layers. Subclass and override
     ``victim`` (and optionally ``on_access``, ``begin_step``, ``observe``, ``prefetch``, ``end_step``)."""
 
@@ -65,40 +66,6 @@ class CachePolicy:
         self.clock = 0
         self._offered: list[int] = []  # candidate slots of the coming static step's read-through fills
         self._miss_avg: float | None = None  # misses per static decode step (running average)
-
-    # ----------------------------------------------------------------- hooks (override as needed)
-    def setup(self, context: PolicyContext) -> None:
-        """Called once after ``bind`` with what the engine or simulator knows (model dir, trace, options)."""
-
-    def begin_step(self, info: StepInfo) -> None:
-        """A forward step starts (token ids known, nothing routed yet)."""
-
-    def observe(self, layer: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
-        """The router of ``layer`` chose ``experts`` [T, K] (gate ``weights`` [T, K]) for this step's tokens."""
-
-    def prefetch(self, layer: int) -> list[Load]:
-        """After ``layer`` was routed: loads to start now for layers ahead (bookkeeping done via ``admit``)."""
-        return []
-
-    def prefetch_next_step(self) -> list[Load]:
-        """Between static decode steps: loads for the coming step, planned before it starts (default: what
-        ``prefetch(-1)`` plans before a step's first layer)."""
-        return self.prefetch(-1)
-
-    def end_step(self) -> None:
-        """The forward step finished."""
-
-    def end_request(self, request_id: int) -> None:
-        """Request ``request_id`` finished (its routing is complete)."""
-
-    def on_timing(self, layer_s: float, copy_s: float) -> None:
-        """Measured (engine) or modelled (simulator) seconds of one layer's compute and of one expert copy."""
-
-    def on_access(self, key: Key) -> None:
-        """``key`` was requested (hit or miss) at the current clock."""
-
-    def on_admit(self, key: Key) -> None:
-        """``key`` was brought in by a prefetch (not requested yet)."""
 
     def victim(self, candidates: Sequence[Key], layer: int) -> Key:
         """Which resident key to evict (``layer`` is the layer being served)."""

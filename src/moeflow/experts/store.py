@@ -1,30 +1,28 @@
 """Expert tiers and the execution of plans: checkpoint (disk, mmap) -> host pool -> device slots.
 
 The store owns the bytes: a host pool of ``host_capacity`` expert buffers (pinned when the device is a GPU; every
-expert preloaded when all fit) kept by LRU, and ``num_slots`` device slots, one contiguous row per expert so a
-transfer is one copy. It executes :class:`~moeflow.experts.cache.Load` lists from a policy: demand loads block until
-their copy is done (on a high-priority stream); prefetch loads copy on a separate CUDA stream, at once when the
-expert is in the host pool, else after a disk read on a background thread. One event per slot lets compute wait
-only for the slots it uses, and one per slot use keeps a copy from overwriting a slot still being read. Queued
-prefetches whose layer has passed are dropped (the policy frees their slots); a queued prefetch that a layer needs
-is copied at once on the demand stream.
+expert preloaded when all fit) kept by LRU (``experts.host_pool``), and ``num_slots`` device slots, one contiguous
+row per expert so a transfer is one copy. It executes :class:`~moeflow.experts.cache.Load` lists from a policy:
+demand loads block until their copy is done (on a high-priority stream); prefetch loads copy on a separate CUDA
+stream, at once when the expert is in the host pool, else after a disk read on a background thread. One event per
+slot lets compute wait only for the slots it uses, and one per slot use keeps a copy from overwriting a slot still
+being read. Queued prefetches whose layer has passed are dropped (the policy frees their slots); a queued prefetch
+that a layer needs is copied at once on the demand stream.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from moeflow.experts.accounting import StoreStats
 from moeflow.experts.cache import Key, Load
-from moeflow.experts.quant_tiers import compute_views, low_copies, preload_quantised
+from moeflow.experts.host_pool import HostPool
+from moeflow.experts.quant_tiers import compute_views, low_copies
 from moeflow.model.loader import LoadedModel
 
 
@@ -64,24 +62,19 @@ class ExpertStore:
         self.views = (
             loaded.layout.views(self.slots) if self.codec is None else {}
         )  # name -> [S, *param shape]
-        if share_host is not None:  # a new slot pool over the same host tier (benchmarks sweep slot counts)
-            self.host, self.host_row = share_host.host, share_host.host_row
-        else:
-            # a GPU copies through at least one pinned row; on a CPU without a host budget the slots are the only
-            # copy (a miss reads straight into its slot: a row here would be RAM beyond both budgets)
-            rows = max(host_capacity, 1) if self.cuda else host_capacity
-            self.host = torch.empty(rows, numel, dtype=dtype, pin_memory=self.cuda)  # [H, P]
-            self.host_row: OrderedDict[Key, int] = OrderedDict()  # LRU order, oldest first
-        self.host_capacity = self.host.shape[0]
         self.stats = StoreStats()
-        self._lock = threading.RLock()
+        if share_host is not None:  # a new slot pool over the same host tier (benchmarks sweep slot counts)
+            pool = HostPool(loaded, share_host.host, share_host.host_row, self.stats, self.device)
+        else:
+            pool = HostPool.allocate(loaded, host_capacity, numel, dtype, self.stats, self.device)
+        self.host_pool = pool
+        self.host, self.host_row, self.host_capacity = pool.rows, pool.row_of, pool.capacity  # [H, P]
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeflow-disk")
         self._pending: dict[int, _Queued] = {}  # slot -> prefetch queued or in flight
         self.copy_stream = torch.cuda.Stream(self.device, priority=-1) if self.cuda else None
         self.prefetch_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._ready: list[torch.cuda.Event | None] = [None] * num_slots
         self._released: list[torch.cuda.Event | None] = [None] * num_slots
-        self._host_busy: dict[int, torch.cuda.Event] = {}
         self._in_flight: set[int] = set()  # slots with a copy that may not have landed
         total = len(loaded.layers) * loaded.num_experts
         self.low = (
@@ -91,13 +84,8 @@ class ExpertStore:
         keys = serves
         if keys is None:
             keys = [(layer, e) for layer in range(len(loaded.layers)) for e in range(loaded.num_experts)]
-        if share_host is None and host_capacity >= total and loaded.quantises_on_read:
-            self.stats.bytes_from_disk += preload_quantised(loaded, self.host, self.host_row, progress)
-        elif share_host is None and host_capacity >= len(keys):
-            for key in tqdm(
-                keys, desc="experts -> host RAM", unit="expert", disable=not progress, leave=False
-            ):
-                self._host_get(key)
+        if share_host is None:
+            pool.preload(keys, host_capacity, progress)
         self.copy_s = self._probe()
         """Measured seconds to copy one expert host -> device slot (sizes the policies' prefetch budgets)."""
 
@@ -111,30 +99,6 @@ class ExpertStore:
         """Weights to compute ``slots`` with, and the index of each slot in them (``quant_tiers.compute_views``)."""
         return compute_views(self, slots, missed)
 
-    # --------------------------------------------------------------------------------- host tier
-    def _host_get(self, key: Key) -> torch.Tensor:
-        """The host buffer row holding ``key``, read from disk (evicting the LRU row) when absent; without a host
-        pool (a CPU), a new buffer read from disk."""
-        if not self.host_capacity:
-            out = torch.empty_like(self.slots[0])
-            self.stats.bytes_from_disk += self.loaded.read_expert(key[0], key[1], out)
-            return out
-        with self._lock:
-            row = self.host_row.get(key)
-            if row is not None:
-                self.host_row.move_to_end(key)
-                return self.host[row]
-            if len(self.host_row) < self.host_capacity:
-                row = len(self.host_row)
-            else:
-                _, row = self.host_row.popitem(last=False)
-                busy = self._host_busy.pop(row, None)
-                if busy is not None:
-                    busy.synchronize()  # a copy may still read this pinned row
-            self.stats.bytes_from_disk += self.loaded.read_expert(key[0], key[1], self.host[row])
-            self.host_row[key] = row
-            return self.host[row]
-
     # --------------------------------------------------------------------------------- device tier
     def _on(self, stream: torch.cuda.Stream | None) -> AbstractContextManager:
         """Make ``stream`` current (once for a batch of copies: entering a stream context is not free)."""
@@ -147,12 +111,12 @@ class ExpertStore:
     def _copy(self, load: Load, stream: torch.cuda.Stream | None) -> None:
         """Copy ``load`` into its slot on ``stream``, which the caller has made current (see ``_on``)."""
         # The lock spans host lookup and copy issue: no other thread may recycle the host row in between.
-        with self._lock:
+        with self.host_pool.lock:
             if not self.host_capacity:  # a CPU without a host pool: read into the slot, no buffer between
                 self.stats.bytes_from_disk += self.loaded.read_expert(*load.key, self.slots[load.slot])
                 self.stats.bytes_to_device += self.loaded.expert_bytes
                 return
-            src = self._host_get(load.key)
+            src = self.host_pool.get(load.key)
             if stream is None:
                 self.slots[load.slot].copy_(src)
             else:
@@ -166,7 +130,7 @@ class ExpertStore:
                 ready.record(stream)
                 self._ready[load.slot] = ready
                 self._in_flight.add(load.slot)
-                self._host_busy[self.host_row[load.key]] = ready  # the pinned row is read until `ready`
+                self.host_pool.busy[self.host_row[load.key]] = ready  # the pinned row is read until `ready`
         self.stats.bytes_to_device += self.loaded.expert_bytes
 
     def load(self, loads: tuple[Load, ...] | list[Load]) -> None:
@@ -256,7 +220,7 @@ class ExpertStore:
     # ------------------------------------------------------------ static decode (see experts/slot_table.py)
     def host_row_of(self, key: Key) -> torch.Tensor:
         """The host-pool row holding ``key`` (read from disk when absent)."""
-        return self._host_get(key)
+        return self.host_pool.get(key)
 
     def landed(self, slot: int) -> bool:
         """The last copy into ``slot`` (and what was queued after it on its stream) has finished."""

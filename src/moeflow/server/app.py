@@ -6,7 +6,8 @@ Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (JSON, or ser
 error is an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request
 (the engine's :class:`~moeflow.errors.RequestError`, failed validation, malformed JSON), 401 for a missing or
 wrong API key, 404 for an unknown model, 429 with ``Retry-After`` when the queue is full. A request longer than
-the server's ``max_model_len`` is a 400 with code ``context_length_exceeded``.
+the server's ``max_model_len`` is a 400 with code ``context_length_exceeded``. The errors and their handlers live
+in ``server.api_errors``.
 
 Startup (the lifespan, before uvicorn listens, so ``/health`` answers only once it is done): the engine thread
 starts and, unless ``warmup=False``, runs one tiny request (``warm_up``), printing one line with its time.
@@ -25,60 +26,18 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException
+from fastapi.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from moeflow.errors import BudgetError, MoeflowError, RequestError
+from moeflow.errors import BudgetError
 from moeflow.server import protocol as P
+from moeflow.server.api_errors import APIError, add_error_handlers, api_error
 from moeflow.server.loop import EngineLoop, Finished, Job, QueueFull, Sink, Stopped
 from moeflow.server.metrics import ServerMetrics
 
 DISCONNECT_POLL_S = 0.25
 """How often a handler waiting for a non-streamed answer checks that its client is still there."""
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
-
-
-class APIError(Exception):
-    """An error answered as an OpenAI-style body with ``status``."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 headers: dict[str, str] | None = None):  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code, self.headers = status, message, kind, code, headers
-
-
-def api_error(err: BaseException) -> APIError:
-    """The HTTP answer for an exception the engine thread or the queue raised."""
-    if isinstance(err, APIError):
-        return err
-    if isinstance(err, RequestError):
-        return APIError(400, str(err), code=getattr(err, "code", None))
-    if isinstance(err, QueueFull):
-        return APIError(
-            429, f"server busy: {err}; retry later", "rate_limit_error", headers={"Retry-After": "1"}
-        )
-    if isinstance(err, Stopped):
-        return APIError(503, str(err), "server_error")
-    if isinstance(err, MoeflowError):
-        return APIError(500, str(err), "server_error")
-    return APIError(500, f"internal error: {type(err).__name__}: {err}", "server_error")
-
-
-def _error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(P.error_body(err.message, err.kind, err.code), err.status, headers=err.headers)
-
-
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for e in exc.errors():
-        if e.get("type") == "json_invalid":
-            return f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}"
-        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        msg = str(e.get("msg", "")).removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}" if where else msg)
-    return "invalid request: " + "; ".join(parts)
 
 
 class StatusCounter:
@@ -155,18 +114,7 @@ def create_app(
     app.state.warmup = warmup
     app.add_middleware(StatusCounter, metrics=metrics)
 
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return _error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(APIError(400, _validation_message(exc)))
-
-    @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(APIError(exc.status_code, str(exc.detail), kind))
+    add_error_handlers(app)
 
     async def check_key(request: Request) -> None:
         if api_key is None:

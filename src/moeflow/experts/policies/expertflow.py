@@ -20,6 +20,8 @@ Per step (``L`` layers, ``E`` experts, ``T`` tokens, ``B`` sequences):
   slots are thereby reused for later layers) and ``f`` its per-step frequency.
 * Correction (``observe(l)``): misses are loaded at top priority by ``request``; prefetched experts of layer ``l``
   that the router did not choose are demoted (evicted before anything else); the layer's accuracy is updated.
+
+The prefetch planning lives in ``policies.flow_prefetch``, the per-request predictor state in ``policies.forecast``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
+from moeflow.experts.policies.flow_prefetch import Later, plan_prefetch
 from moeflow.experts.policies.forecast import Forecaster, StepForecast, step_demand
 from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
@@ -37,17 +40,6 @@ from moeflow.experts.policies.ranking import first_lexsorted
 
 DEMOTED = 1e9
 """Added to a demoted key's expected distance: demoted keys go first."""
-
-
-@dataclass(frozen=True)
-class _Later:
-    """A prefetch may evict only keys expected to be needed later than ``floor`` layers from now."""
-
-    policy: ExpertFlowPolicy
-    floor: float
-
-    def __call__(self, key: Key) -> bool:
-        return self.policy._distance(key) > self.floor
 
 
 @dataclass
@@ -214,7 +206,7 @@ class ExpertFlowPolicy(CachePolicy):
         self, protect: set[Key], layer: int, may_evict: Callable[[Key], bool] | None
     ) -> Key | None:
         """``victim``'s rule over every slot at once: longest expected distance, then least recently used."""
-        if may_evict is not None and not isinstance(may_evict, _Later):
+        if may_evict is not None and not isinstance(may_evict, Later):
             return super().select_victim(protect, layer, may_evict)
         chosen = self._ranked(1, protect, None if may_evict is None else may_evict.floor)
         return chosen[0] if chosen else None
@@ -261,51 +253,7 @@ class ExpertFlowPolicy(CachePolicy):
         """Loads for the trusted layers after ``layer``, nearest layer first, then likeliest expert first."""
         if self._fc is None:
             return []
-        layers = self.horizon(layer, lookahead)
-        quota = self.quotas(layers)
-        cap = self._call_budget(layer)
-        loads: list[Load] = []
-        protect = set(self._in_use)
-        for ly in layers:
-            order = np.argsort(-self._demand[ly], kind="stable")[: quota[ly]]
-            for e in order:
-                p = float(self._demand[ly, e])
-                if p < self.min_prob or len(loads) >= cap:
-                    break
-                key = (ly, int(e))
-                protect.add(key)
-                if self.resident(key):
-                    continue
-                mine = self._distance(key)
-                if self.byte_aware:
-                    victim = None if self._free else self.select_victim(protect, ly, _Later(self, mine))
-                    if (victim is None and not self._free) or not self._pays(p, victim, layer, ly):
-                        continue
-                    load = self.admit(key, (self.num_layers - ly) + p, protect, victim=victim)
-                else:
-                    load = self.admit(key, (self.num_layers - ly) + p, protect, _Later(self, mine))
-                if load is None:
-                    continue  # nothing resident is expected later than this key
-                self.link.queue(layer)
-                self._pending.add(key)
-                loads.append(load)
-        self._prefetched += len(loads)
-        return loads
-
-    def _pays(self, p_use: float, victim: Key | None, layer: int, target: int) -> bool:
-        """The byte-aware test (``policies.link``) for a prefetch into ``target`` over ``victim`` after ``layer``."""
-        p_victim = 0.0
-        if victim is not None:
-            p_victim = float(self._demand[victim] if victim[0] > self._pos else self._next[victim])
-        return self.link.worth(p_use, p_victim, layer, target)
-
-    def _call_budget(self, layer: int) -> float:
-        """Loads this ``prefetch`` call may issue: the step's remaining budget spread over the calls left."""
-        if self.prefetch_per_layer <= 0:
-            return float("inf")
-        budget = self.prefetch_per_layer * self.num_layers
-        calls_left = max(1, self.num_layers - 1 - layer)
-        return float(np.ceil((budget - self._prefetched) / calls_left))
+        return plan_prefetch(self, layer, lookahead)
 
 
 register_policy("expertflow", ExpertFlowPolicy)

@@ -22,7 +22,8 @@ request's next tokens route more like its latest ones than like its prompt as a 
 The collection comes from ``options["eamc"]`` (an ``EAMCollection`` or a path) or ``<model_dir>/moeflow/eamc.npz``,
 and grows online: a request's EAM is admitted when it ends (``end_request``, or ``finish``); ``finish`` saves it
 to ``options["eamc_save"]`` when given (the file beside the model is never overwritten unless named there). The
-running requests' activations and the collection's loading and saving live in ``policies.activations``.
+running requests' activations and the collection's loading and saving live in ``policies.activations``, the
+prefetch planning in ``policies.eam_prefetch``.
 """
 
 from __future__ import annotations
@@ -34,17 +35,17 @@ from pathlib import Path
 import numpy as np
 
 from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
-from moeflow.experts.placement import admit_run
 from moeflow.experts.policies.activations import (
     EAMC_FILE,
     RunningActivations,
     load_collection,
     save_collection,
 )
+from moeflow.experts.policies.eam_prefetch import plan_prefetch
 from moeflow.experts.policies.eam_scores import UNMATCHED, BlendedRatios
 from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
-from moeflow.experts.policies.ranking import admitted_run, first_lexsorted, top_stable
+from moeflow.experts.policies.ranking import first_lexsorted
 from moeflow.routing.eam import DEFAULT_CAPACITY, EAMCollection
 from moeflow.routing.eam_match import RequestEAM, best_match, predict_batch
 from moeflow.routing.eam_match import match as match_eams
@@ -247,75 +248,10 @@ class MoEInfinityPolicy(CachePolicy):
             or layer >= self.num_layers - 1
         ):
             return []
-        ahead = np.arange(layer + 1, self.num_layers)  # [A]
-        pri = self._pred[ahead] * (1 - (ahead - layer) / self.num_layers)[:, None]  # [A, E]
-        resident = np.zeros((self.num_layers, self.num_experts), bool)
-        occupied = self.slot_layer >= 0
-        resident[self.slot_layer[occupied], self.slot_expert[occupied]] = True
-        budget = min(self.max_prefetch or self.top_k * len(self._rids), self._call_budget(layer))
-        keep = self._slot_keep(set(self._needed))  # [S] inf: not evictable (in use, or admitted just now)
-        # every step below admits one load or stops, so only the ``budget`` likeliest candidates can matter, and
-        # only those above the lowest keep-score once no slot is free (the victims come in one fixed order: lowest
-        # keep-score, then least recently requested, since an admitted slot leaves the order and nothing else
-        # changes); resident keys have nothing to load
-        floor = 0.0 if self._free else float(keep.min(initial=np.inf))
-        live = np.flatnonzero((pri > floor) & ~resident[ahead])  # in index order: ties stay in it
-        pri = pri.ravel()
-        cands = live[top_stable(pri[live], len(live) if self.byte_aware else int(min(budget, len(live))))]
-        evictable = np.flatnonzero(keep < np.inf)
-        # a load displaces at most one victim, so only the first ``budget`` (and candidates) of them can be used
-        wanted = int(min(budget, len(evictable), len(cands)))
-        first = first_lexsorted(keep[evictable], self.slot_used[evictable], wanted)
-        victims = evictable[first]
-        if not self.byte_aware:  # the loop below, at once: a leading run of the candidates is admitted
-            p = pri[cands]
-            count = admitted_run(p, len(self._free), keep[victims])
-            keys = [
-                (int(ahead[f // self.num_experts]), int(f % self.num_experts)) for f in cands[:count].tolist()
-            ]
-            olds = [self.key_in[s] for s in victims[: max(0, count - len(self._free))].tolist()]
-            loads = admit_run(self, keys, p[:count].tolist(), olds)  # type: ignore[arg-type]
-            self.link.queue(layer, len(loads))
-            self._prefetched += len(loads)
-            return loads
-        loads: list[Load] = []
-        used = 0
-        for flat in cands.tolist():
-            p = float(pri[flat])
-            if p <= 0 or len(loads) >= budget:
-                break
-            victim = None
-            if not self._free:
-                if used >= len(victims) or p <= keep[victims[used]]:  # nothing left that this could displace
-                    break
-                victim = self.key_in[victims[used]]
-            key = (int(ahead[flat // self.num_experts]), int(flat % self.num_experts))
-            if not self._pays(key, victim, layer):
-                continue
-            used += victim is not None
-            load = self.admit(key, p, victim=victim)
-            if load is not None:
-                loads.append(load)
-                self.link.queue(layer)
-        self._prefetched += len(loads)
-        return loads
-
-    def _pays(self, key: Key, victim: Key | None, layer: int) -> bool:
-        """The byte-aware test (``policies.link``) for prefetching ``key`` over ``victim`` after ``layer``."""
-        assert self._pred is not None
-        p_use = 1.0 - float(np.exp(-self.top_k * self._pred[key]))
-        p_victim = 0.0 if victim is None else 1.0 - float(np.exp(-self.top_k * self._pred[victim]))
-        return self.link.worth(p_use, p_victim, layer, key[0])
+        return plan_prefetch(self, layer)
 
     def on_timing(self, layer_s: float, copy_s: float) -> None:
         self.link.layer_s, self.link.copy_s = layer_s, copy_s
-
-    def _call_budget(self, layer: int) -> float:
-        """Loads this ``prefetch`` call may issue: the step's remaining budget spread over the calls left."""
-        if self.prefetch_per_layer <= 0:
-            return float("inf")
-        left = self.prefetch_per_layer * self.num_layers - self._prefetched
-        return float(np.ceil(left / max(1, self.num_layers - 1 - layer)))
 
 
 register_policy("moe-infinity", MoEInfinityPolicy)

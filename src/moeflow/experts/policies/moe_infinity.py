@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
+from moeflow.experts.plan import StepRouting
 from moeflow.experts.policies.activations import (
     EAMC_FILE,
     RunningActivations,
@@ -101,6 +102,8 @@ class MoEInfinityPolicy(CachePolicy):
         self._keep: np.ndarray | None = None  # [L, E] keep-scores at the current layer
         self._needed: set[Key] = set()
         self._needed_clock = -1
+        self._settling = False
+        """A static step is being settled: ``observe`` adds each layer's routing, the scores follow once after."""
 
     # ------------------------------------------------------------------------------ lifecycle
     def bind(self, num_slots: int, num_layers: int, num_experts: int, top_k: int) -> None:
@@ -157,7 +160,21 @@ class MoEInfinityPolicy(CachePolicy):
             self.begin_step(StepInfo(0, (-1,), ((0,) * len(experts),), (0,), False))
         self.acts.add(layer, experts, self._lengths)
         self._layer = layer
-        self._update_scores(layer)
+        if not self._settling:
+            self._update_scores(layer)
+
+    def settle_step(self, routing: StepRouting) -> None:
+        """A static step's routing arrives whole, after the step: nothing is decided between its layers, so the
+        scores are computed once, from every layer's routing, instead of after each layer (the blends from scratch:
+        the same values as layer by layer)."""
+        self._settling = True
+        try:
+            super().settle_step(routing)
+        finally:
+            self._settling = False
+        if self._layer >= 0:
+            self._blends.invalidate()
+            self._update_scores(self._layer)
 
     def _update_scores(self, layer: int) -> None:
         """Prediction and keep-scores [L, E] for the step's requests at ``layer`` (the blends kept incrementally by

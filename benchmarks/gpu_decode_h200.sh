@@ -28,7 +28,8 @@
 #              Estimate from the floor stage (~15 s a run with its warm-up and captures): ~465 s, not measured
 #              yet; --budget-s 460 starts no row after 460 s, so the JSON is whole before the timeout  (~465 s)
 #              PRECOPY (default 0,1): each offloaded row with and without experts/precopy.py's copy of the claimed
-#              misses before the projections; QUANT_DTYPES (default int4,bf16,fp8) in that order
+#              misses before the projections; QUANT_DTYPES (default int4,bf16,fp8) in that order; QUANT_FRACTIONS,
+#              QUANT_POLICIES; PROFILE_ROWS=1: each row also gets a torch-profiler run (device time per kernel)
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -83,7 +84,8 @@ elif [ "$STAGE" = serve ]; then
 elif [ "$STAGE" = quant ]; then
   synth
   timeout "$(cap 540)" python3 benchmarks/decode_floor.py --model $M --trace $T/demo-eval.npz --expert-dtypes ${QUANT_DTYPES:-int4,bf16,fp8} \
-    --kernel-dtypes int4,fp8 --fractions 0.25,0.1 --policies lru,expertflow --max-tokens 24 --budget-s 460 --precopy ${PRECOPY:-0,1} \
+    --kernel-dtypes int4,fp8 --fractions ${QUANT_FRACTIONS:-0.25,0.1} --policies ${QUANT_POLICIES:-lru,expertflow} --max-tokens 24 --budget-s 460 \
+    --precopy ${PRECOPY:-0,1} ${PROFILE_ROWS:+--profile-rows} \
     --out "$OUT/decode-floor-quant-h200.json" 2>&1 | grep -v Warn | cut -c1-240 | tail -60
 elif [ "$STAGE" = serveload ]; then
   synth

@@ -124,6 +124,29 @@ class RunningActivations:
         self.own[:, layer] = self._own_rows(layer)  # only this row changed
         self.seen[:, layer, 0] = self.counts[:, layer].sum(axis=1) > 0
 
+    def add_layers(self, experts: np.ndarray, lengths: Sequence[int]) -> None:
+        """Every layer's routing of a step at once (``experts`` [L, T, K], a settled static step): the counts,
+        ratios and routed rows ``add`` gives layer by layer, with one count and one normalisation."""
+        n, (num_layers, num_experts) = len(self.rids), self.shape
+        ex = np.asarray(experts)
+        tokens = ex.shape[1]
+        sizes = (
+            list(lengths) if sum(lengths) == tokens else [tokens // n + (i < tokens % n) for i in range(n)]
+        )
+        ok = ex >= 0
+        if ok.any() and int(ex[ok].max()) >= num_experts:
+            raise IndexError(f"expert id {int(ex[ok].max())} out of range for {num_experts} experts")
+        request = np.repeat(np.arange(n), sizes)  # [T] the request of each row
+        bins = (request[None, :] * num_layers + np.arange(num_layers)[:, None]) * num_experts  # [L, T]
+        added = np.bincount((ex + bins[:, :, None])[ok], minlength=n * num_layers * num_experts)
+        added = added.reshape(n, num_layers, num_experts)  # [B, L, E]
+        self.counts += added  # the EAMs' own counts (views)
+        for rid in self.rids:
+            self.eams[rid]._dirty.update(range(num_layers))
+        self.recent += added
+        self.own = self._own_rows(slice(None))
+        self.seen = self.counts.sum(axis=2, keepdims=True) > 0
+
     def end(self, rid: int) -> None:
         """Request ``rid`` finished: forget it; its EAM waits for ``admit_finished``."""
         eam = self.eams.pop(rid, None)

@@ -103,7 +103,8 @@ class MoEInfinityPolicy(CachePolicy):
         self._needed: set[Key] = set()
         self._needed_clock = -1
         self._settling = False
-        """A static step is being settled: ``observe`` adds each layer's routing, the scores follow once after."""
+        """A static step is being settled: ``observe`` keeps each layer's routing, counted and scored once after."""
+        self._settled: list[np.ndarray] = []
 
     # ------------------------------------------------------------------------------ lifecycle
     def bind(self, num_slots: int, num_layers: int, num_experts: int, top_k: int) -> None:
@@ -158,21 +159,25 @@ class MoEInfinityPolicy(CachePolicy):
         """``experts`` [T, K]: the step's tokens, sequences concatenated in StepInfo order."""
         if not self._rids:  # no StepInfo: one anonymous request
             self.begin_step(StepInfo(0, (-1,), ((0,) * len(experts),), (0,), False))
-        self.acts.add(layer, experts, self._lengths)
         self._layer = layer
-        if not self._settling:
-            self._update_scores(layer)
+        if self._settling:  # counted with the other layers' once the step is settled
+            self._settled.append(experts)
+            return
+        self.acts.add(layer, experts, self._lengths)
+        self._update_scores(layer)
 
     def settle_step(self, routing: StepRouting) -> None:
         """A static step's routing arrives whole, after the step: nothing is decided between its layers, so the
         scores are computed once, from every layer's routing, instead of after each layer (the blends from scratch:
         the same values as layer by layer)."""
-        self._settling = True
+        self._settling, self._settled = True, []
         try:
             super().settle_step(routing)
         finally:
             self._settling = False
-        if self._layer >= 0:
+        if self._settled:
+            assert len(self._settled) == self.num_layers  # ``boundary.settle`` observes every layer, in order
+            self.acts.add_layers(np.stack(self._settled), self._lengths)
             self._blends.invalidate()
             self._update_scores(self._layer)
 

@@ -31,8 +31,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moeflow.experts.cache import CachePolicy, Key, Load, PolicyContext, StepInfo, register_policy
+from moeflow.experts.cache import (
+    CachePolicy,
+    Key,
+    Load,
+    PolicyContext,
+    StepInfo,
+    StepRouting,
+    register_policy,
+)
 from moeflow.experts.policies.flow_prefetch import Later, plan_prefetch
+from moeflow.experts.policies.flow_settle import settle_static
 from moeflow.experts.policies.forecast import Forecaster, StepForecast, step_demand
 from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
@@ -174,6 +183,19 @@ class ExpertFlowPolicy(CachePolicy):
 
     def end_step(self) -> None:
         self.forecast.end_step()
+
+    def settle_step(self, routing: StepRouting) -> None:
+        """A static step's routing arrives whole: ``observe`` and ``on_access`` of every layer in one pass
+        (``policies.flow_settle``; the same values as layer by layer). A subclass with its own ``on_access`` goes
+        layer by layer; one with its own ``observe`` extends ``_observe_rest`` alike."""
+        if type(self).on_access is not ExpertFlowPolicy.on_access:
+            super().settle_step(routing)
+        else:
+            settle_static(self, routing)
+
+    def _observe_rest(self, experts: np.ndarray, valid: np.ndarray) -> None:
+        """What a subclass's ``observe`` adds, for every layer of a static step at once: ``experts`` [L, T, K]
+        int64, ``valid`` [L, T] its rows without -1."""
 
     # ------------------------------------------------------------------------------- planning
     def distances(self) -> np.ndarray:

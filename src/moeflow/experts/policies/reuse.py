@@ -35,6 +35,7 @@ import numpy as np
 from moeflow.experts import boundary
 from moeflow.experts.cache import Boundary, Key, PolicyContext, StepInfo, StepRouting, register_policy
 from moeflow.experts.policies.expertflow import ExpertFlowPolicy
+from moeflow.experts.policies.flow_settle import layer_counts
 from moeflow.experts.policies.options import apply_options
 from moeflow.experts.policies.ranking import first_lexsorted
 
@@ -158,6 +159,15 @@ class ReusePolicy(ExpertFlowPolicy):
                 use.counts[layer] += counts
                 self._global[layer] += counts
                 self._global_tokens[layer] += len(ok)
+
+    def _observe_rest(self, experts: np.ndarray, valid: np.ndarray) -> None:
+        """``observe``'s counts for every layer of a static step at once (the same element-wise additions)."""
+        for use, s, e in self._segments:
+            ok = valid[:, s:e]  # [L, n]
+            counts = layer_counts(experts[:, s:e], ok, self.num_experts)  # [L, E]
+            use.counts += counts
+            self._global += counts
+            self._global_tokens += ok.sum(axis=1)
 
     # ------------------------------------------------------------------------ static decode
     def settle_step(self, routing: StepRouting) -> None:

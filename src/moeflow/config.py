@@ -107,9 +107,9 @@ class EngineConfig:
 
     overlap: bool = False
     """Overlap the host's work between static decode steps with the device's: step N+1 is launched before step N
-    is settled, where its inputs and slot table can be known (greedy sampling, a slot pool holding every expert;
-    ``engine/overlap.py``), and launched again when the guess was wrong. The same outputs and policy calls as
-    without; off until measured on a GPU."""
+    is settled, where its inputs and slot table can be known (greedy sampling, a slot pool holding every expert,
+    filled once up front when it can hold them all; ``engine/overlap.py``), and launched again when the guess was
+    wrong. The same outputs and policy calls as without; off until measured on a GPU."""
 
     compile: bool | None = None
     """Compile the static decode step with ``torch.compile`` before it is captured: the dense layers' many small

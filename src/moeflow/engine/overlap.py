@@ -10,8 +10,9 @@ and a slot table holding every expert with no copy in flight (no step can miss, 
 plan, in the serial order) and checks the guess: a row that finished (end of sequence, a stop string) or a plan
 that changes the table makes the launched step void; it is taken back (its KV write position; its keys are
 overwritten) and launched again as the serial path would. Outputs, policy calls and statistics are the serial
-path's, step for step. Each step has its own lane of host buffers (two, alternating), so a launch never overwrites
-buffers whose copies are still queued. Legend: B rows.
+path's, step for step, but for the one-time fill of a pool that can hold every expert (prefetches, to the policy).
+Each step has its own lane of host buffers (two, alternating), so a launch never overwrites buffers whose copies are
+still queued. Legend: B rows.
 """
 
 from __future__ import annotations

@@ -27,7 +27,13 @@ import torch
 from moeflow.engine.bucket import Bucket, feed
 from moeflow.engine.static import StaticDecoder
 from moeflow.engine.step import Steps
-from moeflow.engine.step_io import HostCopies, finish_read_back, start_read_back, upload_replay
+from moeflow.engine.step_io import (
+    HostCopies,
+    finish_read_back,
+    replay_staging,
+    start_read_back,
+    upload_replay,
+)
 from moeflow.errors import TraceError
 from moeflow.experts.boundary import fill_pool
 from moeflow.experts.layer import Runtime
@@ -212,17 +218,12 @@ class Overlap:
     def _lanes(self, bucket: Bucket) -> Lanes:
         if bucket.lanes is None:
             bufs, pin = bucket.bufs, bucket.inputs.is_cuda
-            replay = bufs.replay_ids is not None and bufs.replay_w is not None
 
             def lane() -> Lane:
                 staging = torch.zeros(bucket.staging.shape, dtype=torch.long, pin_memory=pin)
                 device = torch.zeros(bucket.staging.shape[1], dtype=torch.bool, pin_memory=pin)
                 results = HostCopies.like(self.static.table, bufs, tokens=True)
-                rep = None
-                if replay:
-                    assert bufs.replay_ids is not None and bufs.replay_w is not None
-                    rep = (torch.zeros(bufs.replay_ids.shape, dtype=torch.long, pin_memory=pin),
-                           torch.zeros(bufs.replay_w.shape, dtype=torch.float32, pin_memory=pin))  # fmt: skip
+                rep = replay_staging(bufs, pin) if bufs.replay_ids is not None else None
                 return Lane(staging, device, results, rep)
 
             greedy = torch.zeros(bucket.logits.shape[0], dtype=torch.long, device=bucket.logits.device)

@@ -22,7 +22,7 @@ from moeflow.engine.bucket import Bucket, feed
 from moeflow.engine.kv import StaticKV
 from moeflow.engine.slot_prefill import PREFILL_BLOCKS
 from moeflow.engine.static_rows import StaticRowKV
-from moeflow.engine.step_io import HostCopies, read_back, upload_replay
+from moeflow.engine.step_io import HostCopies, read_back, replay_staging, upload_replay
 from moeflow.errors import BudgetError
 from moeflow.experts.layer import Runtime, StaticBuffers
 from moeflow.experts.plan import StepRouting
@@ -256,13 +256,9 @@ class StaticDecoder:
         return read_back(self.rt, self.table, bucket.bufs, live, bucket.route_host)
 
     def _upload_replay(self, bucket: Bucket, live: list[int]) -> None:
-        bufs = bucket.bufs
-        assert bufs.replay_ids is not None and bufs.replay_w is not None
         if bucket.replay_host is None:  # pinned on a GPU: the upload does not block the host
-            pin = bufs.replay_ids.is_cuda
-            bucket.replay_host = (torch.zeros(bufs.replay_ids.shape, dtype=torch.long, pin_memory=pin),
-                                  torch.zeros(bufs.replay_w.shape, dtype=torch.float32, pin_memory=pin))  # fmt: skip
-        upload_replay(self.rt, bufs, live, bucket.replay_host)
+            bucket.replay_host = replay_staging(bucket.bufs, pin=bucket.inputs.is_cuda)
+        upload_replay(self.rt, bucket.bufs, live, bucket.replay_host)
 
     def _forward(self, bucket: Bucket) -> None:
         """The step itself: device work only (this is what the graph captures)."""

@@ -43,6 +43,13 @@ class HostCopies:
         return HostCopies(host(route), host(t.served), host(t.filled), tok)
 
 
+def replay_staging(bufs: StaticBuffers, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host buffers shaped like ``bufs``' replayed routing (ids, weights) to stage its uploads in."""
+    assert bufs.replay_ids is not None and bufs.replay_w is not None
+    return (torch.zeros(bufs.replay_ids.shape, dtype=torch.long, pin_memory=pin),
+            torch.zeros(bufs.replay_w.shape, dtype=torch.float32, pin_memory=pin))  # fmt: skip
+
+
 def upload_replay(
     rt: Runtime,
     bufs: StaticBuffers,
@@ -57,8 +64,7 @@ def upload_replay(
     last upload was read (the whole stream), unless the caller has ``waited`` for it."""
     assert rt.replay is not None and bufs.replay_ids is not None and bufs.replay_w is not None
     if staging is None:
-        staging = (torch.zeros(bufs.replay_ids.shape, dtype=torch.long),
-                   torch.zeros(bufs.replay_w.shape, dtype=torch.float32))  # fmt: skip
+        staging = replay_staging(bufs, pin=False)
     elif bufs.replay_ids.is_cuda and not waited:
         torch.cuda.current_stream(bufs.replay_ids.device).synchronize()  # the last upload has been read
     ids, weights = staging

@@ -59,8 +59,8 @@ class SlotTable:
         settled = not boundary.loads and not boundary.candidates and not store.in_flight()
         if settled and self._uploaded is not None and np.array_equal(self._uploaded, boundary.resident):
             return  # the device holds this table already, and no candidates: nothing to upload or copy
-        self._uploaded = boundary.resident.copy() if settled else None
         self._held = boundary.resident.copy() if not boundary.loads and not store.in_flight() else None
+        self._uploaded = self._held if settled else None  # settled: no loads, none in flight, no candidates
         loading = np.zeros(store.num_slots, bool)
         loading[[load.slot for load in boundary.loads]] = True
         landed = ~loading
@@ -97,9 +97,9 @@ class SlotTable:
     def unchanged_by(self, boundary: Boundary) -> bool:
         """Applying ``boundary`` would change nothing a step does: the table holds every expert and the boundary
         keeps it (no copies; its candidates cannot be claimed, since no step misses)."""
-        held = self._held
-        return (not boundary.loads and self.holds_every_expert() and held is not None
-                and np.array_equal(held, boundary.resident))  # fmt: skip
+        return (
+            not boundary.loads and self.holds_every_expert() and np.array_equal(self._held, boundary.resident)
+        )
 
     def _copy(self, loads: tuple[Load, ...]) -> None:
         ordered = sorted(loads, key=lambda ld: -ld.priority)

@@ -102,13 +102,7 @@ class RunningActivations:
         concatenated in step order; rows that do not add up are spread evenly, as ``np.array_split`` does)."""
         n, num_experts = len(self.rids), self.shape[1]
         ex = np.asarray(experts)
-        if sum(lengths) == len(ex):
-            sizes = list(lengths)
-        else:  # padded or unexpected rows
-            sizes = [len(ex) // n + (i < len(ex) % n) for i in range(n)]
-        ok = ex >= 0
-        if ok.any() and int(ex[ok].max()) >= num_experts:  # it would count for the next request's experts
-            raise IndexError(f"expert id {int(ex[ok].max())} out of range for {num_experts} experts")
+        sizes, ok = self._checked(ex, len(ex), lengths)
         if n == 1:
             added = np.bincount(ex[ok].astype(np.int64), minlength=num_experts)[None]  # [1, E]
         else:
@@ -129,23 +123,31 @@ class RunningActivations:
         ratios and routed rows ``add`` gives layer by layer, with one count and one normalisation."""
         n, (num_layers, num_experts) = len(self.rids), self.shape
         ex = np.asarray(experts)
-        tokens = ex.shape[1]
-        sizes = (
-            list(lengths) if sum(lengths) == tokens else [tokens // n + (i < tokens % n) for i in range(n)]
-        )
-        ok = ex >= 0
-        if ok.any() and int(ex[ok].max()) >= num_experts:
-            raise IndexError(f"expert id {int(ex[ok].max())} out of range for {num_experts} experts")
+        sizes, ok = self._checked(ex, ex.shape[1], lengths)
         request = np.repeat(np.arange(n), sizes)  # [T] the request of each row
         bins = (request[None, :] * num_layers + np.arange(num_layers)[:, None]) * num_experts  # [L, T]
         added = np.bincount((ex + bins[:, :, None])[ok], minlength=n * num_layers * num_experts)
         added = added.reshape(n, num_layers, num_experts)  # [B, L, E]
         self.counts += added  # the EAMs' own counts (views)
         for rid in self.rids:
-            self.eams[rid]._dirty.update(range(num_layers))
+            for layer in range(num_layers):
+                self.eams[rid].changed(layer)
         self.recent += added
         self.own = self._own_rows(slice(None))
         self.seen = self.counts.sum(axis=2, keepdims=True) > 0
+
+    def _checked(self, ex: np.ndarray, tokens: int, lengths: Sequence[int]) -> tuple[list[int], np.ndarray]:
+        """(rows per request, the pairs to count: ids >= 0) of routing ``ex`` over ``tokens`` rows; rows that do not
+        add up to ``lengths`` (padded or unexpected) are spread evenly, as ``np.array_split`` does. Refuses ids past
+        the experts (they would count for the next request's)."""
+        n, num_experts = len(self.rids), self.shape[1]
+        sizes = (
+            list(lengths) if sum(lengths) == tokens else [tokens // n + (i < tokens % n) for i in range(n)]
+        )
+        ok = ex >= 0
+        if ok.any() and int(ex[ok].max()) >= num_experts:
+            raise IndexError(f"expert id {int(ex[ok].max())} out of range for {num_experts} experts")
+        return sizes, ok
 
     def end(self, rid: int) -> None:
         """Request ``rid`` finished: forget it; its EAM waits for ``admit_finished``."""

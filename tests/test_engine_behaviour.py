@@ -126,7 +126,9 @@ def test_reconfigure_frees_the_old_slot_pool_first(checkpoints: dict[str, Path],
     import gc
     import weakref
 
-    llm = LLM(checkpoints["olmoe"], device="cpu", num_slots=6, decode="static", overlap=overlap, progress=False)
+    llm = LLM(
+        checkpoints["olmoe"], device="cpu", num_slots=6, decode="static", overlap=overlap, progress=False
+    )
     llm.generate([PROMPT], SamplingParams(max_tokens=3, ignore_eos=True))  # the step builds its slot table
     assert llm.static is not None and llm.static.table.tensors.pool is llm.store.slots
     old = weakref.ref(llm.store.slots)

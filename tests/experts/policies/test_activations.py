@@ -33,7 +33,9 @@ def test_add_layers_equals_add_layer_by_layer(lengths: list[int]) -> None:
             assert a.dtype == b.dtype and np.array_equal(a, b), step
         for rid in rids:
             assert runs[0].eams[rid]._dirty == runs[1].eams[rid]._dirty == set(range(LAYERS))
-            assert np.shares_memory(runs[1].eams[rid].counts, runs[1].counts)  # still views of the step's rows
+            assert np.shares_memory(
+                runs[1].eams[rid].counts, runs[1].counts
+            )  # still views of the step's rows
             runs[0].eams[rid]._dirty.clear()
             runs[1].eams[rid]._dirty.clear()
 

@@ -13,10 +13,10 @@
 #   ttft       resident_step.py --ttft-only: time to first token, prefill through the slot table (each tile option)
 #              and eager, 128/512/2048 tokens, against transformers                                 (~90 s)
 #   serve      benchmarks/serve_throughput.py: 32 streams against LLM.generate at batch 32 and against batch-1 serving
-#              (issue 13; SERVE_MODES, default offline,serve,serve-1); warm-ups compile the step for each batch
-#              shape (~60-90 s each)                                                                 (~360 s)
+#              (issue 13; SERVE_MODES, default offline,offline-overlap,serve,serve-1); warm-ups compile the step
+#              for each batch shape (~60-90 s each)                                                  (~420 s)
 #   serveload  benchmarks/serve_load.py on the GPU: `moeflow serve` over HTTP at OLMoE geometry (its own routing),
-#              64 streaming clients for 120 s, 32 rows                                               (~250 s)
+#              64 streaming clients for 120 s, 32 rows; carry .data/wheels (the serve extra's wheels) (~250 s)
 #   overlap    resident_step.py, compiled graph decode without and with EngineConfig.overlap (engine/overlap.py:
 #              step N+1 launched before step N is settled), batch 1 and 8, no TTFT; then its GPU tests   (~250 s)
 #   mixtral    Mixtral geometry (first 8 layers), the real Mixtral trace, batch 1 (carry .data/traces after
@@ -79,7 +79,7 @@ elif [ "$STAGE" = ttft ]; then
     --out "$OUT/ttft-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -24
 elif [ "$STAGE" = serve ]; then
   synth
-  timeout "$(cap 360)" python3 benchmarks/serve_throughput.py --model $M --trace $T/demo-eval.npz --profile --modes ${SERVE_MODES:-offline,serve,serve-1} \
+  timeout "$(cap 420)" python3 benchmarks/serve_throughput.py --model $M --trace $T/demo-eval.npz --profile --modes ${SERVE_MODES:-offline,offline-overlap,serve,serve-1} \
     --out "$OUT/serve-throughput-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -16
 elif [ "$STAGE" = quant ]; then
   synth
@@ -89,6 +89,9 @@ elif [ "$STAGE" = quant ]; then
     --out "$OUT/decode-floor-quant-h200.json" 2>&1 | grep -v Warn | cut -c1-240 | tail -60
 elif [ "$STAGE" = serveload ]; then
   synth
+  # the GPU image has no uvicorn: pure-Python wheels carried in .data/wheels (pip download, see BENCHMARKS.md)
+  python3 -c "import uvicorn, fastapi, prometheus_client, httpx" 2>/dev/null || \
+    pip install -q --no-index --find-links .data/wheels fastapi uvicorn prometheus-client httpx 2>&1 | tail -2
   timeout "$(cap 300)" python3 benchmarks/serve_load.py --model $M --device cuda --clients 64 --duration 120 --max-batch 32 \
     --max-tokens 64 --out "$OUT/serve-load-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -8
 elif [ "$STAGE" = overlap ]; then

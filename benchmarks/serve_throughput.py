@@ -38,6 +38,7 @@ from benchmarks.common import event_ms, sync
 from benchmarks.policy_decode import TimedLLM, requests_of
 from moeflow import SamplingParams
 from moeflow.engine.batch import BatchEngine, Entry, StepOutput
+from moeflow.engine.overlap import Overlap
 from moeflow.routing.trace import Trace
 
 
@@ -84,6 +85,17 @@ def offline(llm: TimedLLM, reqs: list, streams: int, tokens: int) -> dict:
     d, (h, m) = llm.decode_since(d0), stats_of(llm)
     steps = -(-len(reqs) // streams) * (tokens - 1)  # each batch: its first token at the prefill, then decode
     return row(sum(len(o.token_ids) for o in outs), wall, d["tokens"], d["wall_s"], steps, h - h0, m - m0)
+
+
+def offline_overlapped(llm: TimedLLM, reqs: list, streams: int, tokens: int) -> dict:
+    """``offline`` with the overlapped decode (``EngineConfig.overlap``: step N+1 launched before N is settled)."""
+    if llm.static is None:
+        raise SystemExit("offline-overlap needs the static decode (a GPU, or --decode static)")
+    saved, llm.overlap = llm.overlap, Overlap(llm.static, llm.runtime, llm.steps)
+    try:
+        return offline(llm, reqs, streams, tokens)
+    finally:
+        llm.overlap = saved
 
 
 def serve(llm: TimedLLM, reqs: list, streams: int, tokens: int, chunk: int, static: bool) -> dict:
@@ -169,7 +181,9 @@ def main() -> None:
     )
     ap.add_argument("--prefill-chunk", type=int, default=256)
     ap.add_argument(
-        "--modes", default="offline,serve", help="offline, serve, serve-eager, serve-1 (comma-separated)"
+        "--modes",
+        default="offline,serve",
+        help="offline, offline-overlap, serve, serve-eager, serve-1 (comma-separated)",
     )
     ap.add_argument("--repeats", type=int, default=1, help="measured runs of each mode (interleaved)")
     ap.add_argument("--fraction", type=float, default=None, help="device slots as a share of all experts")
@@ -202,6 +216,7 @@ def main() -> None:
     modes = args.modes.split(",")
     run = {
         "offline": lambda n: offline(llm, reqs[:n], args.streams, args.max_tokens),
+        "offline-overlap": lambda n: offline_overlapped(llm, reqs[:n], args.streams, args.max_tokens),
         "serve": lambda n: serve(llm, reqs[:n], args.streams, args.max_tokens, args.prefill_chunk, True),
         "serve-eager": lambda n: serve(
             llm, reqs[:n], args.streams, args.max_tokens, args.prefill_chunk, False
@@ -245,9 +260,13 @@ def main() -> None:
             for m in modes}  # fmt: skip
     if "offline" in best:
         for m in modes:
-            if m != "offline":
+            if m != "offline":  # offline-overlap too: what overlapping gains offline
                 for key in ("decode_tokens_per_s", "tokens_per_s"):
                     result[f"{m}_over_offline_{key}"] = best[m][key] / best["offline"][key]
+    if "serve" in best and "offline-overlap" in best:  # against the overlapped offline decode
+        result["serve_over_offline_overlap_decode_tokens_per_s"] = (
+            best["serve"]["decode_tokens_per_s"] / best["offline-overlap"]["decode_tokens_per_s"]
+        )
     if "serve" in best and "serve-1" in best:  # what 32 streams gain over batch-1 serving
         result["serve_over_serve_1_decode_tokens_per_s"] = (
             best["serve"]["decode_tokens_per_s"] / best["serve-1"]["decode_tokens_per_s"]

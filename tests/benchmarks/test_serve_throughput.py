@@ -1,12 +1,12 @@
 """benchmarks/serve_throughput.py: offline and serving runs of the same replayed requests do the same work (every
-request's tokens, the cycled request ids never running twice at once), on the static and the eager row path."""
+request's tokens, the cycled request ids never running twice at once), on the static and the eager row path, and offline with the overlapped decode."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from benchmarks.policy_decode import TimedLLM, requests_of
-from benchmarks.serve_throughput import offline, serve
+from benchmarks.serve_throughput import offline, offline_overlapped, serve
 from moeflow import LLM, SamplingParams
 from tests.engine.test_batch import PROMPTS
 
@@ -20,6 +20,8 @@ def test_offline_and_serving_runs_do_the_same_work(checkpoints: dict[str, Path])
     reqs = [base[i % 4] for i in range(7)]  # cycled: ids come back while others run
     with TimedLLM(path, device="cpu", replay=trace, decode="static", progress=False) as llm:
         rows = [offline(llm, reqs, 3, 6), serve(llm, reqs, 3, 6, 4, True), serve(llm, reqs, 3, 6, 4, False)]
+        rows.append(offline_overlapped(llm, reqs, 3, 6))
+        assert llm.overlap is None  # the overlapped run's decoder went with it
         alone = serve(llm, reqs[:3], 1, 6, 4, True)  # batch-1 serving: one stream
     assert alone["tokens"] == 3 * 6 and alone["mean_sequences_per_decode_step"] == 1
     for r in rows:

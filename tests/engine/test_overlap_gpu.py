@@ -12,7 +12,7 @@ import torch
 
 from moeflow import LLM, SamplingParams
 from moeflow.routing.trace import Trace
-from tests.engine.test_overlap import Logged, engine, run_both, stats
+from tests.engine.test_overlap import PROMPTS, Logged, engine, run_both, stats
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,11 +36,11 @@ def test_overlapped_graph_decode_equals_serial(
 
 def test_overlapped_graph_decode_relaunches_after_a_finish(checkpoints: dict[str, Path]) -> None:
     path, kw = checkpoints["olmoe"], dict(device="cuda", dtype="float32", decode="graph", compile=False)
-    tokens = (
-        engine(path, False, Logged(), **kw).generate([[5, 6, 7]], SamplingParams(max_tokens=12))[0].token_ids
-    )
+    ref = engine(path, False, Logged(), **kw)
+    tokens = ref.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))[1].token_ids
     serial, overlapped, llm = run_both(path, SamplingParams(max_tokens=12), eos={tokens[4]}, **kw)
     assert overlapped == serial
+    assert any(len(t) < 12 for t in serial[0])  # the second prompt ended early
     assert llm.overlap is not None and llm.overlap.stats.relaunched + llm.overlap.stats.dropped > 0
 
 

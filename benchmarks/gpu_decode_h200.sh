@@ -91,8 +91,8 @@ elif [ "$STAGE" = serveload ]; then
   synth
   # the GPU image has no uvicorn: pure-Python wheels carried in .data/wheels (pip download, see BENCHMARKS.md)
   python3 -c "import uvicorn, fastapi, prometheus_client, httpx" 2>/dev/null || \
-    pip install -q --no-index --find-links .data/wheels fastapi uvicorn prometheus-client httpx 2>&1 | tail -2
-  timeout "$(cap 300)" python3 benchmarks/serve_load.py --model $M --device cuda --clients 64 --duration 120 --max-batch 32 \
+    python3 -m pip install -q --no-index --find-links .data/wheels fastapi uvicorn prometheus-client httpx 2>&1 | tail -2
+  timeout "$(cap 300)" python3 benchmarks/serve_load.py --model $M --device cuda --clients 64 --duration ${SERVELOAD_S:-120} --max-batch 32 \
     --max-tokens 64 --out "$OUT/serve-load-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -8
 elif [ "$STAGE" = overlap ]; then
   synth

@@ -53,8 +53,11 @@ def percentile(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
 
 
-async def one_request(client: httpx.AsyncClient, base: str, rng: random.Random, max_tokens: int) -> dict:
-    body = {"prompt": rng.choice(PROMPTS), "max_tokens": rng.randint(max_tokens // 2, max_tokens),
+async def one_request(
+    client: httpx.AsyncClient, base: str, rng: random.Random, max_tokens: int, tokenizer: bool = True
+) -> dict:
+    prompt = rng.choice(PROMPTS)  # a model without a tokenizer (a synthesised one) takes token ids
+    body = {"prompt": prompt if tokenizer else [ord(c) % 256 + 3 for c in prompt], "max_tokens": rng.randint(max_tokens // 2, max_tokens),
             "temperature": rng.choice([0.0, 0.8]), "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     t0 = time.perf_counter()
     first = last = None
@@ -80,7 +83,9 @@ async def one_request(client: httpx.AsyncClient, base: str, rng: random.Random, 
     return {"ttft": first - t0, "tpot": tpot, "tokens": tokens}
 
 
-async def load(base: str, clients: int, duration: float, max_tokens: int, pid: int) -> dict:
+async def load(
+    base: str, clients: int, duration: float, max_tokens: int, pid: int, tokenizer: bool = True
+) -> dict:
     stop_at = time.perf_counter() + duration
     results: list[dict] = []
     rss: list[tuple[float, int]] = []
@@ -90,7 +95,7 @@ async def load(base: str, clients: int, duration: float, max_tokens: int, pid: i
         async with httpx.AsyncClient(timeout=httpx.Timeout(120.0)) as client:
             while time.perf_counter() < stop_at:
                 try:
-                    results.append(await one_request(client, base, rng, max_tokens))
+                    results.append(await one_request(client, base, rng, max_tokens, tokenizer))
                 except Exception as err:  # a transport error counts as an error, the client goes on
                     results.append({"error": f"{type(err).__name__}: {err}"})
 
@@ -157,7 +162,8 @@ def main() -> int:
             except httpx.TransportError:
                 time.sleep(0.2)
         rss_start = rss_bytes(server.pid)
-        out = asyncio.run(load(base, args.clients, args.duration, args.max_tokens, server.pid))
+        tokenizer = any((Path(args.model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        out = asyncio.run(load(base, args.clients, args.duration, args.max_tokens, server.pid, tokenizer))
         rss_end = rss_bytes(server.pid)
         metrics = httpx.get(f"{base}/metrics", timeout=10).text
     finally:

@@ -52,3 +52,25 @@ def test_prefill_and_decode_flags_reach_the_engine(checkpoints: dict[str, Path])
     llm = engine_from_args(args)
     assert llm.static is not None and llm.config.prefill == "slots"
     assert build_parser().parse_args(flags).prefill == "auto"
+
+
+def test_overlap_is_on_unless_no_overlap_is_given(checkpoints: dict[str, Path]) -> None:
+    """The overlapped static decode is the default; ``--no-overlap`` builds an engine that settles each step."""
+    from moeflow.cli import build_parser
+    from moeflow.cli.run import engine_from_args
+
+    flags = [
+        "generate",
+        "--model",
+        str(checkpoints["olmoe"]),
+        "--device",
+        "cpu",
+        "--prompt",
+        "x",
+        "--decode",
+        "static",
+    ]
+    on = engine_from_args(build_parser().parse_args(flags))
+    off = engine_from_args(build_parser().parse_args([*flags, "--no-overlap"]))
+    assert on.config.overlap and on.overlap is not None
+    assert not off.config.overlap and off.overlap is None

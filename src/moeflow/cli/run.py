@@ -76,9 +76,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "the prefill), eager (the policy loads before each layer); auto: slots on a GPU whose pool holds every expert",
     )  # fmt: skip
     p.add_argument(
-        "--overlap", action="store_true",
+        "--overlap", action=argparse.BooleanOptionalAction, default=True,
         help="launch each static decode step before the last one is settled, where it can be known (greedy, every "
-        "expert in a slot): the host's work between steps overlaps the GPU's; same outputs",
+        "expert in a slot): the host's work between steps overlaps the GPU's; same outputs (default: on; "
+        "--no-overlap settles each step first)",
     )  # fmt: skip
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -120,7 +121,7 @@ def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
         expert_backend=args.expert_backend,
         decode=getattr(args, "decode", "auto"),
         compile=getattr(args, "compile", None),
-        overlap=getattr(args, "overlap", False),
+        overlap=getattr(args, "overlap", True),
         prefill=getattr(args, "prefill", "auto"),
         expert_dtype=getattr(args, "expert_dtype", "auto"),
         miss_dtype=getattr(args, "miss_dtype", "none"),

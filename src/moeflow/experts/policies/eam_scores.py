@@ -117,3 +117,26 @@ class BlendedRatios:
             if not routed.all():
                 mixed = np.where(routed, mixed, np.stack([preds[i][layer] for i in matched]))  # type: ignore[index]
             self._blend[matched, layer] = mixed
+
+
+def use_probability(ratio: np.ndarray, top_k: int, calib: float) -> np.ndarray:
+    """Calibrated chance [L, E] that each expert is requested in the step: ``1 − exp(−calib · K · ratio)`` (``ratio``:
+    the step's requests' predicted activation ratios, summed; ``K · ratio`` is the expected selections per token).
+    ``calib`` is fitted on training routing (``benchmarks/sim_byte_aware.py --calibrate``)."""
+    return -np.expm1(-calib * top_k * ratio)
+
+
+def expected_gap(p_use: np.ndarray, num_layers: int) -> np.ndarray:
+    """[L, E] expected layers, beyond its next turn, until each expert is next requested: each later turn (one per
+    step) is a geometric trial with chance ``p_use``, so ``L · (1 − p) / p`` (p floored at 1e-9)."""
+    p = np.maximum(p_use, 1e-9)
+    return num_layers * (1 - p) / p
+
+
+def distance_keep(gap: np.ndarray, layer: int) -> np.ndarray:
+    """Keep-scores [L, E] after ``layer`` routed (−1: before the step): ``1 / (1 + d)``, where ``d`` = the layers
+    until the expert's layer comes round again (``j − layer − 1`` for a layer ahead in this step, one step on for the
+    others) + ``gap``: the expected distance to its next use, farthest evicted first (Belady's rule on expectations)."""
+    num_layers = gap.shape[0]
+    turn = (np.arange(num_layers) - layer - 1) % num_layers  # [L]
+    return 1.0 / (1.0 + turn[:, None] + gap)

@@ -42,8 +42,14 @@ from moeflow.experts.policies.activations import (
     load_collection,
     save_collection,
 )
-from moeflow.experts.policies.eam_prefetch import plan_prefetch
-from moeflow.experts.policies.eam_scores import UNMATCHED, BlendedRatios
+from moeflow.experts.policies.eam_prefetch import plan_calibrated, plan_prefetch
+from moeflow.experts.policies.eam_scores import (
+    UNMATCHED,
+    BlendedRatios,
+    distance_keep,
+    expected_gap,
+    use_probability,
+)
 from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
 from moeflow.experts.policies.ranking import first_lexsorted
@@ -83,6 +89,17 @@ class MoEInfinityPolicy(CachePolicy):
     prefetch_per_layer: float = 0.0
     """Prefetch budget, as ExpertFlow's: at most this many loads per layer on average in a step (0: no limit).
     Fewer copies for some hit ratio: e.g. the copies one layer's compute hides (layer time × bandwidth / bytes)."""
+    variant: str = "paper"
+    """"paper": the rules above. "calibrated": the predicted ratios become chances of use (``calib``), eviction
+    drops the expert expected to be needed last, prefetch takes only experts of the next ``lookahead`` layers with
+    a chance of at least ``min_prob``, and the collection is matched once per step, at its start."""
+    calib: float = 1.1
+    """``variant=calibrated``: chance of use = 1 − exp(−calib · K · predicted ratio) (``eam_scores``)."""
+    min_prob: float = 0.15
+    """``variant=calibrated``: least chance of use a prefetch needs (chosen on training routing, BENCHMARKS.md)."""
+    lookahead: int = 1
+    per_request: int = 2
+    """``variant=calibrated``: prefetch loads per call per request of the step (when ``max_prefetch`` is 0)."""
 
     def __post_init__(self) -> None:
         self.name = "moe-infinity"
@@ -100,6 +117,9 @@ class MoEInfinityPolicy(CachePolicy):
         self._layer = -1
         self._pred: np.ndarray | None = None  # [L, E] predicted ratios, summed over the step's requests
         self._keep: np.ndarray | None = None  # [L, E] keep-scores at the current layer
+        self._p_use: np.ndarray | None = None  # [L, E] calibrated chances of use (variant=calibrated)
+        self._gap: np.ndarray | None = None
+        self._match: tuple[list, list] = ([], [])  # the step's matches (variant=calibrated: made at its start)
         self._needed: set[Key] = set()
         self._needed_clock = -1
         self._settling = False
@@ -117,7 +137,10 @@ class MoEInfinityPolicy(CachePolicy):
         opts = context.options
         names = ("capacity", "match_k", "max_prefetch", "history_weight", "recency", "recent_weight")
         apply_options(self, opts, (*names, "prefetch_per_layer", ("prefetch", "prefetch_enabled")))
-        apply_options(self, opts, ("predict_own", "prefetch_before", "byte_aware"))
+        apply_options(self, opts, ("predict_own", "prefetch_before", "byte_aware", "variant", "calib"))
+        apply_options(self, opts, ("min_prob", "lookahead", "per_request"))
+        if self.variant not in ("paper", "calibrated"):
+            raise ValueError(f"moe-infinity variant {self.variant!r}: one of paper, calibrated")
         shape = (self.num_layers, self.num_experts)
         self.eamc = load_collection(opts.get("eamc"), context.model_dir, shape, self.capacity)
         if opts.get("eamc_save"):
@@ -152,7 +175,8 @@ class MoEInfinityPolicy(CachePolicy):
         self._blends.invalidate()
         self._layer, self._pred, self._keep, self._prefetched = -1, None, None, 0
         self._needed = set()  # nothing is in use before the first layer
-        if self.prefetch_before and self.acts.any_routed():
+        self._match = ([None] * len(self._rids), [UNMATCHED] * len(self._rids))
+        if (self.prefetch_before or self.variant == "calibrated") and self.acts.any_routed():
             self._update_scores(-1)  # ``prefetch(-1)``: layer 0 on from the requests' earlier tokens
 
     def observe(self, layer: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
@@ -187,10 +211,13 @@ class MoEInfinityPolicy(CachePolicy):
         monotonic, so that equals the larger of the two products bit for bit)."""
         assert self.eamc is not None
         acts, eamc, n = self.acts, self.eamc, len(self._rids)
+        calibrated = self.variant == "calibrated"
         preds: list[np.ndarray | None] = [None] * n
         keys: list[object] = [UNMATCHED] * n
         matched = acts.seen.any(axis=(1, 2)) if len(eamc) else np.zeros(n, bool)  # [B]
-        if matched.any():
+        if calibrated and layer >= 0:  # the step's matches, made at its start (deferred to the step boundary)
+            preds, keys = self._match
+        elif matched.any():
             upto = layer if layer >= 0 else self.num_layers - 1
             rows = np.flatnonzero(matched).tolist()
             eams = [acts.eams[self._rids[i]] for i in rows]
@@ -200,10 +227,16 @@ class MoEInfinityPolicy(CachePolicy):
             else:  # the similarities' values reach the prediction: the products they were recorded with
                 for i, pred in zip(rows, predict_batch(eamc, match_unit(eams, eamc, upto), self.match_k)):
                     preds[i], keys[i] = pred, None
+        if calibrated:
+            self._match = (preds, keys)
         track = len(eamc) > 0 and not self.predict_own  # the matches' sum is the prediction
         self._blends.update(acts.own, acts.seen, preds, keys, layer, self.history_weight, track)
         ratio = self._blends.ratio
         assert ratio is not None
+        if calibrated:
+            self._p_use = use_probability(ratio, self.top_k, self.calib)
+            self._pred, self._keep = ratio, distance_keep(expected_gap(self._p_use, self.num_layers), layer)
+            return
         depth = np.arange(self.num_layers)  # [L]
         fac = 1 - depth / self.num_layers
         if not len(eamc):
@@ -270,10 +303,11 @@ class MoEInfinityPolicy(CachePolicy):
             or layer >= self.num_layers - 1
         ):
             return []
-        return plan_prefetch(self, layer)
+        return plan_calibrated(self, layer) if self.variant == "calibrated" else plan_prefetch(self, layer)
 
     def on_timing(self, layer_s: float, copy_s: float) -> None:
         self.link.layer_s, self.link.copy_s = layer_s, copy_s
 
 
 register_policy("moe-infinity", MoEInfinityPolicy)
+register_policy("moe-infinity-calibrated", lambda: MoEInfinityPolicy(variant="calibrated"))

@@ -174,6 +174,7 @@ class MoEInfinityPolicy(CachePolicy):
         self.acts.begin_step(self._rids, self.recency, self.recent_weight)
         self._blends.invalidate()
         self._layer, self._pred, self._keep, self._prefetched = -1, None, None, 0
+        self._gap = None
         self._needed = set()  # nothing is in use before the first layer
         self._match = ([None] * len(self._rids), [UNMATCHED] * len(self._rids))
         if (self.prefetch_before or self.variant == "calibrated") and self.acts.any_routed():
@@ -203,6 +204,7 @@ class MoEInfinityPolicy(CachePolicy):
             assert len(self._settled) == self.num_layers  # ``boundary.settle`` observes every layer, in order
             self.acts.add_layers(np.stack(self._settled), self._lengths)
             self._blends.invalidate()
+            self._gap = None
             self._update_scores(self._layer)
 
     def _update_scores(self, layer: int) -> None:
@@ -233,9 +235,15 @@ class MoEInfinityPolicy(CachePolicy):
         self._blends.update(acts.own, acts.seen, preds, keys, layer, self.history_weight, track)
         ratio = self._blends.ratio
         assert ratio is not None
-        if calibrated:
-            self._p_use = use_probability(ratio, self.top_k, self.calib)
-            self._pred, self._keep = ratio, distance_keep(expected_gap(self._p_use, self.num_layers), layer)
+        if calibrated:  # within a step only row ``layer`` of the ratios changes (the matches are the step's)
+            rows = slice(None) if self._gap is None or layer < 0 else slice(layer, layer + 1)
+            p_use = use_probability(ratio[rows], self.top_k, self.calib)
+            gap = expected_gap(p_use, self.num_layers)
+            if rows == slice(None):
+                self._p_use, self._gap = p_use, gap
+            else:
+                self._p_use[rows], self._gap[rows] = p_use, gap  # type: ignore[index]
+            self._pred, self._keep = ratio, distance_keep(self._gap, layer)
             return
         depth = np.arange(self.num_layers)  # [L]
         fac = 1 - depth / self.num_layers
@@ -259,6 +267,10 @@ class MoEInfinityPolicy(CachePolicy):
             self._needed, self._needed_clock = set(), self.clock
         self._needed.add(key)
 
+    def on_access_keys(self, keys: list[Key]) -> None:
+        """``on_access`` of one ``request``'s keys at once (they share its clock: the set is theirs alone)."""
+        self._needed, self._needed_clock = set(keys), self.clock
+
     def victim(self, candidates: Sequence[Key], layer: int) -> Key:
         return min(candidates, key=lambda k: (self.keep_score(k), self.last_use(k)))
 
@@ -271,9 +283,10 @@ class MoEInfinityPolicy(CachePolicy):
             else self._keep[np.maximum(self.slot_layer, 0), np.maximum(self.slot_expert, 0)]
         )
         keep = np.where(occupied, keep, np.inf)
-        for key in protect:  # the smaller set: intersecting with the keys view copies every key
-            if key in self.slot_of:
-                keep[self.slot_of[key]] = np.inf
+        slot_of = self.slot_of
+        held = [slot_of[k] for k in protect if k in slot_of]
+        if held:
+            keep[held] = np.inf
         return keep
 
     def select_victim(

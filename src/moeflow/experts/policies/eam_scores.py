@@ -122,7 +122,7 @@ class BlendedRatios:
 def use_probability(ratio: np.ndarray, top_k: int, calib: float) -> np.ndarray:
     """Calibrated chance [L, E] that each expert is requested in the step: ``1 − exp(−calib · K · ratio)`` (``ratio``:
     the step's requests' predicted activation ratios, summed; ``K · ratio`` is the expected selections per token).
-    ``calib`` is fitted on training routing (``benchmarks/sim_byte_aware.py --calibrate``)."""
+    ``calib`` was fitted by maximum likelihood on training routing (BENCHMARKS.md, issue 15)."""
     return -np.expm1(-calib * top_k * ratio)
 
 

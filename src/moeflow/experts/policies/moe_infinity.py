@@ -119,7 +119,7 @@ class MoEInfinityPolicy(CachePolicy):
         self._keep: np.ndarray | None = None  # [L, E] keep-scores at the current layer
         self._p_use: np.ndarray | None = None  # [L, E] calibrated chances of use (variant=calibrated)
         self._gap: np.ndarray | None = None
-        self._match: tuple[list, list] = ([], [])  # the step's matches (variant=calibrated: made at its start)
+        self._match: tuple[list, list] = ([], [])  # the step's matches (calibrated: made at its start)
         self._needed: set[Key] = set()
         self._needed_clock = -1
         self._settling = False

@@ -89,14 +89,15 @@ def plan_calibrated(pol: MoEInfinityPolicy, layer: int) -> list[Load]:
     ``min_prob``, highest keep-score (nearest expected use) first, each admitted while its keep-score beats the next
     victim's (lowest keep-score, then least recently requested) or a slot is free, at most ``max_prefetch`` per call
     (0: ``per_request`` × the step's requests)."""
-    assert pol._p_use is not None and pol._keep is not None
+    p_use = pol._chances.p_use
+    assert p_use is not None and pol._keep is not None
     ahead = np.arange(layer + 1, min(pol.num_layers, layer + 1 + max(1, pol.lookahead)))  # [A]
     if not len(ahead):
         return []
     occupied = pol.slot_layer >= 0
     resident = np.zeros((pol.num_layers, pol.num_experts), bool)
     resident[pol.slot_layer[occupied], pol.slot_expert[occupied]] = True
-    pri = np.where((pol._p_use[ahead] >= pol.min_prob) & ~resident[ahead], pol._keep[ahead], 0.0).ravel()
+    pri = np.where((p_use[ahead] >= pol.min_prob) & ~resident[ahead], pol._keep[ahead], 0.0).ravel()
     budget = pol.max_prefetch or pol.per_request * len(pol._rids)
     live = np.flatnonzero(pri > 0)
     if not len(live):

@@ -140,3 +140,27 @@ def distance_keep(gap: np.ndarray, layer: int) -> np.ndarray:
     num_layers = gap.shape[0]
     turn = (np.arange(num_layers) - layer - 1) % num_layers  # [L]
     return 1.0 / (1.0 + turn[:, None] + gap)
+
+
+class CalibratedChances:
+    """``variant=calibrated``'s chances of use [L, E] and expected distances to next use, kept through a step: between
+    its layers only row ``layer`` of the ratios changes (the matches are the step's, made at its start)."""
+
+    def __init__(self) -> None:
+        self.p_use: np.ndarray | None = None  # [L, E]
+        self.gap: np.ndarray | None = None  # [L, E]
+
+    def reset(self) -> None:
+        """Every row may have changed (a new step, or a settled one)."""
+        self.p_use = self.gap = None
+
+    def update(self, ratio: np.ndarray, layer: int, top_k: int, calib: float) -> np.ndarray:
+        """The keep-scores [L, E] after ``layer`` routed, from the step's ratios ``ratio`` [L, E]."""
+        num_layers = ratio.shape[0]
+        if self.p_use is None or self.gap is None or layer < 0:
+            self.p_use = use_probability(ratio, top_k, calib)
+            self.gap = expected_gap(self.p_use, num_layers)
+        else:
+            self.p_use[layer] = use_probability(ratio[layer], top_k, calib)
+            self.gap[layer] = expected_gap(self.p_use[layer], num_layers)
+        return distance_keep(self.gap, layer)

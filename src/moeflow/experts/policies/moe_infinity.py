@@ -24,6 +24,12 @@ and grows online: a request's EAM is admitted when it ends (``end_request``, or 
 to ``options["eamc_save"]`` when given (the file beside the model is never overwritten unless named there). The
 running requests' activations and the collection's loading and saving live in ``policies.activations``, the
 prefetch planning in ``policies.eam_prefetch``.
+
+``variant=calibrated`` (option; also the policy name ``moe-infinity-calibrated``; tuned on training routing only,
+BENCHMARKS.md issue 15): the step's summed ratios become chances of use, eviction drops the expert expected to be
+needed last (Belady's rule on expectations, ``eam_scores.distance_keep``), prefetch takes only experts of the next
+``lookahead`` layers whose chance is at least ``min_prob``, and the collection is matched once per step, at its
+start (the step boundary), not after every layer: between layers only the new layer's row is updated.
 """
 
 from __future__ import annotations
@@ -43,13 +49,7 @@ from moeflow.experts.policies.activations import (
     save_collection,
 )
 from moeflow.experts.policies.eam_prefetch import plan_calibrated, plan_prefetch
-from moeflow.experts.policies.eam_scores import (
-    UNMATCHED,
-    BlendedRatios,
-    distance_keep,
-    expected_gap,
-    use_probability,
-)
+from moeflow.experts.policies.eam_scores import UNMATCHED, BlendedRatios, CalibratedChances
 from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
 from moeflow.experts.policies.ranking import first_lexsorted
@@ -90,16 +90,13 @@ class MoEInfinityPolicy(CachePolicy):
     """Prefetch budget, as ExpertFlow's: at most this many loads per layer on average in a step (0: no limit).
     Fewer copies for some hit ratio: e.g. the copies one layer's compute hides (layer time × bandwidth / bytes)."""
     variant: str = "paper"
-    """"paper": the rules above. "calibrated": the predicted ratios become chances of use (``calib``), eviction
-    drops the expert expected to be needed last, prefetch takes only experts of the next ``lookahead`` layers with
-    a chance of at least ``min_prob``, and the collection is matched once per step, at its start."""
+    """"paper": the rules above; "calibrated": the module docstring's last paragraph (its options: ``calib``, the
+    chance of use = 1 − exp(−calib · K · ratio); ``min_prob``; ``lookahead`` layers; ``per_request`` loads per call
+    and request when ``max_prefetch`` is 0)."""
     calib: float = 1.1
-    """``variant=calibrated``: chance of use = 1 − exp(−calib · K · predicted ratio) (``eam_scores``)."""
     min_prob: float = 0.15
-    """``variant=calibrated``: least chance of use a prefetch needs (chosen on training routing, BENCHMARKS.md)."""
     lookahead: int = 1
     per_request: int = 2
-    """``variant=calibrated``: prefetch loads per call per request of the step (when ``max_prefetch`` is 0)."""
 
     def __post_init__(self) -> None:
         self.name = "moe-infinity"
@@ -117,8 +114,7 @@ class MoEInfinityPolicy(CachePolicy):
         self._layer = -1
         self._pred: np.ndarray | None = None  # [L, E] predicted ratios, summed over the step's requests
         self._keep: np.ndarray | None = None  # [L, E] keep-scores at the current layer
-        self._p_use: np.ndarray | None = None  # [L, E] calibrated chances of use (variant=calibrated)
-        self._gap: np.ndarray | None = None
+        self._chances = CalibratedChances()  # variant=calibrated: chances of use and expected distances
         self._match: tuple[list, list] = ([], [])  # the step's matches (calibrated: made at its start)
         self._needed: set[Key] = set()
         self._needed_clock = -1
@@ -135,10 +131,10 @@ class MoEInfinityPolicy(CachePolicy):
 
     def setup(self, context: PolicyContext) -> None:
         opts = context.options
-        names = ("capacity", "match_k", "max_prefetch", "history_weight", "recency", "recent_weight")
-        apply_options(self, opts, (*names, "prefetch_per_layer", ("prefetch", "prefetch_enabled")))
-        apply_options(self, opts, ("predict_own", "prefetch_before", "byte_aware", "variant", "calib"))
-        apply_options(self, opts, ("min_prob", "lookahead", "per_request"))
+        names = ("capacity", "match_k", "max_prefetch", "history_weight", "recency", "recent_weight", "calib",
+                 "prefetch_per_layer", ("prefetch", "prefetch_enabled"), "predict_own", "prefetch_before",
+                 "byte_aware", "variant", "min_prob", "lookahead", "per_request")  # fmt: skip
+        apply_options(self, opts, names)
         if self.variant not in ("paper", "calibrated"):
             raise ValueError(f"moe-infinity variant {self.variant!r}: one of paper, calibrated")
         shape = (self.num_layers, self.num_experts)
@@ -174,7 +170,7 @@ class MoEInfinityPolicy(CachePolicy):
         self.acts.begin_step(self._rids, self.recency, self.recent_weight)
         self._blends.invalidate()
         self._layer, self._pred, self._keep, self._prefetched = -1, None, None, 0
-        self._gap = None
+        self._chances.reset()
         self._needed = set()  # nothing is in use before the first layer
         self._match = ([None] * len(self._rids), [UNMATCHED] * len(self._rids))
         if (self.prefetch_before or self.variant == "calibrated") and self.acts.any_routed():
@@ -204,7 +200,7 @@ class MoEInfinityPolicy(CachePolicy):
             assert len(self._settled) == self.num_layers  # ``boundary.settle`` observes every layer, in order
             self.acts.add_layers(np.stack(self._settled), self._lengths)
             self._blends.invalidate()
-            self._gap = None
+            self._chances.reset()
             self._update_scores(self._layer)
 
     def _update_scores(self, layer: int) -> None:
@@ -235,15 +231,8 @@ class MoEInfinityPolicy(CachePolicy):
         self._blends.update(acts.own, acts.seen, preds, keys, layer, self.history_weight, track)
         ratio = self._blends.ratio
         assert ratio is not None
-        if calibrated:  # within a step only row ``layer`` of the ratios changes (the matches are the step's)
-            rows = slice(None) if self._gap is None or layer < 0 else slice(layer, layer + 1)
-            p_use = use_probability(ratio[rows], self.top_k, self.calib)
-            gap = expected_gap(p_use, self.num_layers)
-            if rows == slice(None):
-                self._p_use, self._gap = p_use, gap
-            else:
-                self._p_use[rows], self._gap[rows] = p_use, gap  # type: ignore[index]
-            self._pred, self._keep = ratio, distance_keep(self._gap, layer)
+        if calibrated:
+            self._pred, self._keep = ratio, self._chances.update(ratio, layer, self.top_k, self.calib)
             return
         depth = np.arange(self.num_layers)  # [L]
         fac = 1 - depth / self.num_layers

@@ -2,7 +2,10 @@
 at 25% of the experts cached, next to LRU and Belady:
 
 * Mixtral-8x7B-Instruct (the shared GSM8K trace, ../shared/traces): protocol ``cross`` (MoE-Infinity's collection
-  from one problem, the other held out; pooled over both folds), batch 1.
+  from one problem, the other held out; pooled over both folds), batch 1 (one request per fold: batch 8 is the
+  same run). ``mixtral-cross-batch1``: whole problems, as before (their first halves were the tuning split of
+  ``variant=calibrated``); ``mixtral-heldout-halves``: only the second halves of the problems (never tuned on),
+  the collection from the other problem's first half.
 * The demo model's held-out prompts (``benchmarks/traces/demo-heldout-{code,prose}-8.npz``, 16 requests; the shipped
   predictor and ``eamc-demo-train.npz``, both from training-split prompts), OLMoE-1B-7B expert size, batch 1 and 8.
 
@@ -16,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from moeflow.routing.eam import EAMCollection
 from moeflow.routing.importer import import_jsonl
@@ -32,6 +38,8 @@ POLICIES = [
     ("lru", "lru", {}),
     ("moe-infinity", "moe-infinity", {}),
     ("moe-infinity/byte-aware", "moe-infinity", {"byte_aware": True}),
+    ("moe-infinity/calibrated", "moe-infinity", {"variant": "calibrated"}),
+    ("moe-infinity/calibrated, no prefetch", "moe-infinity", {"variant": "calibrated", "min_prob": 2.0}),
     ("expertflow", "expertflow", {}),
     ("expertflow/byte-aware", "expertflow", {"byte_aware": True}),
     ("belady", "belady", {}),
@@ -45,6 +53,15 @@ def run(trace: Trace, slots: int, batch: int, timing: TimingModel, extra: dict) 
         r["label"] = label
         out.append(r)
     return out
+
+
+def halves(trace: Trace, first: bool) -> Trace:
+    """The first (or second) half of each request's rows (the Mixtral trace's tuning and held-out splits)."""
+    keep = np.zeros(trace.num_tokens, bool)
+    for rid in trace.requests():
+        rows = np.flatnonzero(trace.request == rid)
+        keep[rows[: len(rows) // 2] if first else rows[len(rows) // 2 :]] = True
+    return trace.select(keep)
 
 
 def git_commit() -> str:
@@ -88,6 +105,7 @@ def main() -> int:
     ap.add_argument("--bandwidth", type=float, default=52.0, help="host->device GB/s")
     args = ap.parse_args()
     doc: dict = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": git_commit(),
+                 "versions": {"python": platform.python_version(), "numpy": np.__version__},
                  "cache_fraction": 0.25, "cases": {}}  # fmt: skip
     # Mixtral, cross: EAMC from one problem, the other held out
     mix = import_jsonl(MIXTRAL)
@@ -107,6 +125,14 @@ def main() -> int:
         json.dumps({"mixtral-cross-batch1": doc["cases"]["mixtral-cross-batch1"]["summary"]}, indent=1),
         flush=True,
     )
+    train, held = halves(mix, True), halves(mix, False)
+    folds = []
+    for src, dst in ((0, 1), (1, 0)):
+        eamc = EAMCollection.from_traces([train.of_requests([src])])
+        folds.append(run(held.of_requests([dst]), slots, 1, timing, {"eamc": eamc}))
+    doc["cases"]["mixtral-heldout-halves"] = {"timing": timing.constants(), "slots": slots,
+                                              "summary": summary(pool(folds))}  # fmt: skip
+    print(json.dumps({"mixtral-heldout-halves": doc["cases"]["mixtral-heldout-halves"]["summary"]}, indent=1))
     # demo model, held-out prompts
     parts = [Trace.load(ROOT / f"benchmarks/traces/demo-heldout-{d}-8.npz") for d in ("code", "prose")]
     timing = TimingModel(3 * 2048 * 1024 * 2, args.bandwidth * 1e9, 1.93e-3)

@@ -82,3 +82,35 @@ def _pays(pol: MoEInfinityPolicy, key: Key, victim: Key | None, layer: int) -> b
     p_use = 1.0 - float(np.exp(-pol.top_k * pol._pred[key]))
     p_victim = 0.0 if victim is None else 1.0 - float(np.exp(-pol.top_k * pol._pred[victim]))
     return pol.link.worth(p_use, p_victim, layer, key[0])
+
+
+def plan_calibrated(pol: MoEInfinityPolicy, layer: int) -> list[Load]:
+    """``variant=calibrated``: the experts of the next ``lookahead`` layers whose calibrated chance of use is at least
+    ``min_prob``, highest keep-score (nearest expected use) first, each admitted while its keep-score beats the next
+    victim's (lowest keep-score, then least recently requested) or a slot is free, at most ``max_prefetch`` per call
+    (0: ``per_request`` × the step's requests)."""
+    p_use = pol._chances.p_use
+    assert p_use is not None and pol._keep is not None
+    ahead = np.arange(layer + 1, min(pol.num_layers, layer + 1 + max(1, pol.lookahead)))  # [A]
+    if not len(ahead):
+        return []
+    occupied = pol.slot_layer >= 0
+    resident = np.zeros((pol.num_layers, pol.num_experts), bool)
+    resident[pol.slot_layer[occupied], pol.slot_expert[occupied]] = True
+    pri = np.where((p_use[ahead] >= pol.min_prob) & ~resident[ahead], pol._keep[ahead], 0.0).ravel()
+    budget = pol.max_prefetch or pol.per_request * len(pol._rids)
+    live = np.flatnonzero(pri > 0)
+    if not len(live):
+        return []
+    cands = live[top_stable(pri[live], int(min(budget, len(live))))]
+    keep = pol._slot_keep(set(pol._needed))  # [S] inf: not evictable
+    evictable = np.flatnonzero(keep < np.inf)
+    first = first_lexsorted(keep[evictable], pol.slot_used[evictable], int(min(len(cands), len(evictable))))
+    victims = evictable[first]
+    p = pri[cands]
+    count = admitted_run(p, len(pol._free), keep[victims])
+    keys = [(int(ahead[f // pol.num_experts]), int(f % pol.num_experts)) for f in cands[:count].tolist()]
+    olds = [pol.key_in[s] for s in victims[: max(0, count - len(pol._free))].tolist()]
+    loads = admit_run(pol, keys, p[:count].tolist(), olds)  # type: ignore[arg-type]
+    pol._prefetched += len(loads)
+    return loads

@@ -117,3 +117,50 @@ class BlendedRatios:
             if not routed.all():
                 mixed = np.where(routed, mixed, np.stack([preds[i][layer] for i in matched]))  # type: ignore[index]
             self._blend[matched, layer] = mixed
+
+
+def use_probability(ratio: np.ndarray, top_k: int, calib: float) -> np.ndarray:
+    """Calibrated chance [L, E] that each expert is requested in the step: ``1 − exp(−calib · K · ratio)`` (``ratio``:
+    the step's requests' predicted activation ratios, summed; ``K · ratio`` is the expected selections per token).
+    ``calib`` was fitted by maximum likelihood on training routing (BENCHMARKS.md, issue 15)."""
+    return -np.expm1(-calib * top_k * ratio)
+
+
+def expected_gap(p_use: np.ndarray, num_layers: int) -> np.ndarray:
+    """[L, E] expected layers, beyond its next turn, until each expert is next requested: each later turn (one per
+    step) is a geometric trial with chance ``p_use``, so ``L · (1 − p) / p`` (p floored at 1e-9)."""
+    p = np.maximum(p_use, 1e-9)
+    return num_layers * (1 - p) / p
+
+
+def distance_keep(gap: np.ndarray, layer: int) -> np.ndarray:
+    """Keep-scores [L, E] after ``layer`` routed (−1: before the step): ``1 / (1 + d)``, where ``d`` = the layers
+    until the expert's layer comes round again (``j − layer − 1`` for a layer ahead in this step, one step on for the
+    others) + ``gap``: the expected distance to its next use, farthest evicted first (Belady's rule on expectations)."""
+    num_layers = gap.shape[0]
+    turn = (np.arange(num_layers) - layer - 1) % num_layers  # [L]
+    return 1.0 / (1.0 + turn[:, None] + gap)
+
+
+class CalibratedChances:
+    """``variant=calibrated``'s chances of use [L, E] and expected distances to next use, kept through a step: between
+    its layers only row ``layer`` of the ratios changes (the matches are the step's, made at its start)."""
+
+    def __init__(self) -> None:
+        self.p_use: np.ndarray | None = None  # [L, E]
+        self.gap: np.ndarray | None = None  # [L, E]
+
+    def reset(self) -> None:
+        """Every row may have changed (a new step, or a settled one)."""
+        self.p_use = self.gap = None
+
+    def update(self, ratio: np.ndarray, layer: int, top_k: int, calib: float) -> np.ndarray:
+        """The keep-scores [L, E] after ``layer`` routed, from the step's ratios ``ratio`` [L, E]."""
+        num_layers = ratio.shape[0]
+        if self.p_use is None or self.gap is None or layer < 0:
+            self.p_use = use_probability(ratio, top_k, calib)
+            self.gap = expected_gap(self.p_use, num_layers)
+        else:
+            self.p_use[layer] = use_probability(ratio[layer], top_k, calib)
+            self.gap[layer] = expected_gap(self.p_use[layer], num_layers)
+        return distance_keep(self.gap, layer)

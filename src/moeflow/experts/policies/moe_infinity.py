@@ -24,6 +24,12 @@ and grows online: a request's EAM is admitted when it ends (``end_request``, or 
 to ``options["eamc_save"]`` when given (the file beside the model is never overwritten unless named there). The
 running requests' activations and the collection's loading and saving live in ``policies.activations``, the
 prefetch planning in ``policies.eam_prefetch``.
+
+``variant=calibrated`` (option; also the policy name ``moe-infinity-calibrated``; tuned on training routing only,
+BENCHMARKS.md issue 15): the step's summed ratios become chances of use, eviction drops the expert expected to be
+needed last (Belady's rule on expectations, ``eam_scores.distance_keep``), prefetch takes only experts of the next
+``lookahead`` layers whose chance is at least ``min_prob``, and the collection is matched once per step, at its
+start (the step boundary), not after every layer: between layers only the new layer's row is updated.
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ from moeflow.experts.policies.activations import (
     load_collection,
     save_collection,
 )
-from moeflow.experts.policies.eam_prefetch import plan_prefetch
-from moeflow.experts.policies.eam_scores import UNMATCHED, BlendedRatios
+from moeflow.experts.policies.eam_prefetch import plan_calibrated, plan_prefetch
+from moeflow.experts.policies.eam_scores import UNMATCHED, BlendedRatios, CalibratedChances
 from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
 from moeflow.experts.policies.ranking import first_lexsorted
@@ -83,6 +89,14 @@ class MoEInfinityPolicy(CachePolicy):
     prefetch_per_layer: float = 0.0
     """Prefetch budget, as ExpertFlow's: at most this many loads per layer on average in a step (0: no limit).
     Fewer copies for some hit ratio: e.g. the copies one layer's compute hides (layer time × bandwidth / bytes)."""
+    variant: str = "paper"
+    """"paper": the rules above; "calibrated": the module docstring's last paragraph (its options: ``calib``, the
+    chance of use = 1 − exp(−calib · K · ratio); ``min_prob``; ``lookahead`` layers; ``per_request`` loads per call
+    and request when ``max_prefetch`` is 0)."""
+    calib: float = 1.1
+    min_prob: float = 0.15
+    lookahead: int = 1
+    per_request: int = 2
 
     def __post_init__(self) -> None:
         self.name = "moe-infinity"
@@ -100,6 +114,8 @@ class MoEInfinityPolicy(CachePolicy):
         self._layer = -1
         self._pred: np.ndarray | None = None  # [L, E] predicted ratios, summed over the step's requests
         self._keep: np.ndarray | None = None  # [L, E] keep-scores at the current layer
+        self._chances = CalibratedChances()  # variant=calibrated: chances of use and expected distances
+        self._match: tuple[list, list] = ([], [])  # the step's matches (calibrated: made at its start)
         self._needed: set[Key] = set()
         self._needed_clock = -1
         self._settling = False
@@ -115,9 +131,12 @@ class MoEInfinityPolicy(CachePolicy):
 
     def setup(self, context: PolicyContext) -> None:
         opts = context.options
-        names = ("capacity", "match_k", "max_prefetch", "history_weight", "recency", "recent_weight")
-        apply_options(self, opts, (*names, "prefetch_per_layer", ("prefetch", "prefetch_enabled")))
-        apply_options(self, opts, ("predict_own", "prefetch_before", "byte_aware"))
+        names = ("capacity", "match_k", "max_prefetch", "history_weight", "recency", "recent_weight", "calib",
+                 "prefetch_per_layer", ("prefetch", "prefetch_enabled"), "predict_own", "prefetch_before",
+                 "byte_aware", "variant", "min_prob", "lookahead", "per_request")  # fmt: skip
+        apply_options(self, opts, names)
+        if self.variant not in ("paper", "calibrated"):
+            raise ValueError(f"moe-infinity variant {self.variant!r}: one of paper, calibrated")
         shape = (self.num_layers, self.num_experts)
         self.eamc = load_collection(opts.get("eamc"), context.model_dir, shape, self.capacity)
         if opts.get("eamc_save"):
@@ -151,8 +170,10 @@ class MoEInfinityPolicy(CachePolicy):
         self.acts.begin_step(self._rids, self.recency, self.recent_weight)
         self._blends.invalidate()
         self._layer, self._pred, self._keep, self._prefetched = -1, None, None, 0
+        self._chances.reset()
         self._needed = set()  # nothing is in use before the first layer
-        if self.prefetch_before and self.acts.any_routed():
+        self._match = ([None] * len(self._rids), [UNMATCHED] * len(self._rids))
+        if (self.prefetch_before or self.variant == "calibrated") and self.acts.any_routed():
             self._update_scores(-1)  # ``prefetch(-1)``: layer 0 on from the requests' earlier tokens
 
     def observe(self, layer: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
@@ -179,6 +200,7 @@ class MoEInfinityPolicy(CachePolicy):
             assert len(self._settled) == self.num_layers  # ``boundary.settle`` observes every layer, in order
             self.acts.add_layers(np.stack(self._settled), self._lengths)
             self._blends.invalidate()
+            self._chances.reset()
             self._update_scores(self._layer)
 
     def _update_scores(self, layer: int) -> None:
@@ -187,10 +209,13 @@ class MoEInfinityPolicy(CachePolicy):
         monotonic, so that equals the larger of the two products bit for bit)."""
         assert self.eamc is not None
         acts, eamc, n = self.acts, self.eamc, len(self._rids)
+        calibrated = self.variant == "calibrated"
         preds: list[np.ndarray | None] = [None] * n
         keys: list[object] = [UNMATCHED] * n
         matched = acts.seen.any(axis=(1, 2)) if len(eamc) else np.zeros(n, bool)  # [B]
-        if matched.any():
+        if calibrated and layer >= 0:  # the step's matches, made at its start (deferred to the step boundary)
+            preds, keys = self._match
+        elif matched.any():
             upto = layer if layer >= 0 else self.num_layers - 1
             rows = np.flatnonzero(matched).tolist()
             eams = [acts.eams[self._rids[i]] for i in rows]
@@ -200,10 +225,15 @@ class MoEInfinityPolicy(CachePolicy):
             else:  # the similarities' values reach the prediction: the products they were recorded with
                 for i, pred in zip(rows, predict_batch(eamc, match_unit(eams, eamc, upto), self.match_k)):
                     preds[i], keys[i] = pred, None
+        if calibrated:
+            self._match = (preds, keys)
         track = len(eamc) > 0 and not self.predict_own  # the matches' sum is the prediction
         self._blends.update(acts.own, acts.seen, preds, keys, layer, self.history_weight, track)
         ratio = self._blends.ratio
         assert ratio is not None
+        if calibrated:
+            self._pred, self._keep = ratio, self._chances.update(ratio, layer, self.top_k, self.calib)
+            return
         depth = np.arange(self.num_layers)  # [L]
         fac = 1 - depth / self.num_layers
         if not len(eamc):
@@ -226,6 +256,10 @@ class MoEInfinityPolicy(CachePolicy):
             self._needed, self._needed_clock = set(), self.clock
         self._needed.add(key)
 
+    def on_access_keys(self, keys: list[Key]) -> None:
+        """``on_access`` of one ``request``'s keys at once (they share its clock: the set is theirs alone)."""
+        self._needed, self._needed_clock = set(keys), self.clock
+
     def victim(self, candidates: Sequence[Key], layer: int) -> Key:
         return min(candidates, key=lambda k: (self.keep_score(k), self.last_use(k)))
 
@@ -238,9 +272,10 @@ class MoEInfinityPolicy(CachePolicy):
             else self._keep[np.maximum(self.slot_layer, 0), np.maximum(self.slot_expert, 0)]
         )
         keep = np.where(occupied, keep, np.inf)
-        for key in protect:  # the smaller set: intersecting with the keys view copies every key
-            if key in self.slot_of:
-                keep[self.slot_of[key]] = np.inf
+        slot_of = self.slot_of
+        held = [slot_of[k] for k in protect if k in slot_of]
+        if held:
+            keep[held] = np.inf
         return keep
 
     def select_victim(
@@ -270,10 +305,11 @@ class MoEInfinityPolicy(CachePolicy):
             or layer >= self.num_layers - 1
         ):
             return []
-        return plan_prefetch(self, layer)
+        return plan_calibrated(self, layer) if self.variant == "calibrated" else plan_prefetch(self, layer)
 
     def on_timing(self, layer_s: float, copy_s: float) -> None:
         self.link.layer_s, self.link.copy_s = layer_s, copy_s
 
 
 register_policy("moe-infinity", MoEInfinityPolicy)
+register_policy("moe-infinity-calibrated", lambda: MoEInfinityPolicy(variant="calibrated"))

@@ -13,7 +13,7 @@
 #   ttft       resident_step.py --ttft-only: time to first token, prefill through the slot table (each tile option)
 #              and eager, 128/512/2048 tokens, against transformers                                 (~90 s)
 #   serve      benchmarks/serve_throughput.py: 32 streams against LLM.generate at batch 32 and against batch-1 serving
-#              (issue 13; SERVE_MODES, default offline,offline-overlap,serve,serve-1); warm-ups compile the step
+#              (issue 13; SERVE_MODES, default offline,offline-serial,serve,serve-1); warm-ups compile the step
 #              for each batch shape (~60-90 s each)                                                  (~420 s)
 #   serveload  benchmarks/serve_load.py on the GPU: `moeflow serve` over HTTP at OLMoE geometry (its own routing),
 #              64 streaming clients for 120 s, 32 rows; carry .data/wheels (the serve extra's wheels) (~250 s)
@@ -79,7 +79,7 @@ elif [ "$STAGE" = ttft ]; then
     --out "$OUT/ttft-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -24
 elif [ "$STAGE" = serve ]; then
   synth
-  timeout "$(cap 420)" python3 benchmarks/serve_throughput.py --model $M --trace $T/demo-eval.npz --profile --modes ${SERVE_MODES:-offline,offline-overlap,serve,serve-1} \
+  timeout "$(cap 420)" python3 benchmarks/serve_throughput.py --model $M --trace $T/demo-eval.npz --profile --modes ${SERVE_MODES:-offline,offline-serial,serve,serve-1} \
     --out "$OUT/serve-throughput-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -16
 elif [ "$STAGE" = quant ]; then
   synth

@@ -87,11 +87,14 @@ def offline(llm: TimedLLM, reqs: list, streams: int, tokens: int) -> dict:
     return row(sum(len(o.token_ids) for o in outs), wall, d["tokens"], d["wall_s"], steps, h - h0, m - m0)
 
 
-def offline_overlapped(llm: TimedLLM, reqs: list, streams: int, tokens: int) -> dict:
-    """``offline`` with the overlapped decode (``EngineConfig.overlap``: step N+1 launched before N is settled)."""
+def offline_overlapped(llm: TimedLLM, reqs: list, streams: int, tokens: int, on: bool = True) -> dict:
+    """``offline`` with the overlapped decode (``EngineConfig.overlap``: step N+1 launched before N is settled)
+    on, or (``on=False``) off, whatever the engine's own setting."""
     if llm.static is None:
-        raise SystemExit("offline-overlap needs the static decode (a GPU, or --decode static)")
-    saved, llm.overlap = llm.overlap, Overlap(llm.static, llm.runtime, llm.steps)
+        raise SystemExit(
+            "offline-overlap and offline-serial need the static decode (a GPU, or --decode static)"
+        )
+    saved, llm.overlap = llm.overlap, Overlap(llm.static, llm.runtime, llm.steps) if on else None
     try:
         return offline(llm, reqs, streams, tokens)
     finally:
@@ -183,7 +186,7 @@ def main() -> None:
     ap.add_argument(
         "--modes",
         default="offline,serve",
-        help="offline, offline-overlap, serve, serve-eager, serve-1 (comma-separated)",
+        help="offline (the engine's default decode), offline-overlap, offline-serial, serve, serve-eager, serve-1 (comma-separated)",
     )
     ap.add_argument("--repeats", type=int, default=1, help="measured runs of each mode (interleaved)")
     ap.add_argument("--fraction", type=float, default=None, help="device slots as a share of all experts")
@@ -217,6 +220,7 @@ def main() -> None:
     run = {
         "offline": lambda n: offline(llm, reqs[:n], args.streams, args.max_tokens),
         "offline-overlap": lambda n: offline_overlapped(llm, reqs[:n], args.streams, args.max_tokens),
+        "offline-serial": lambda n: offline_overlapped(llm, reqs[:n], args.streams, args.max_tokens, False),
         "serve": lambda n: serve(llm, reqs[:n], args.streams, args.max_tokens, args.prefill_chunk, True),
         "serve-eager": lambda n: serve(
             llm, reqs[:n], args.streams, args.max_tokens, args.prefill_chunk, False

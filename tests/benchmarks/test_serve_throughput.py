@@ -20,8 +20,9 @@ def test_offline_and_serving_runs_do_the_same_work(checkpoints: dict[str, Path])
     reqs = [base[i % 4] for i in range(7)]  # cycled: ids come back while others run
     with TimedLLM(path, device="cpu", replay=trace, decode="static", progress=False) as llm:
         rows = [offline(llm, reqs, 3, 6), serve(llm, reqs, 3, 6, 4, True), serve(llm, reqs, 3, 6, 4, False)]
-        rows.append(offline_overlapped(llm, reqs, 3, 6))
-        assert llm.overlap is None  # the overlapped run's decoder went with it
+        own = llm.overlap
+        rows += [offline_overlapped(llm, reqs, 3, 6), offline_overlapped(llm, reqs, 3, 6, on=False)]
+        assert llm.overlap is own  # the engine's own overlap (or none) is back
         alone = serve(llm, reqs[:3], 1, 6, 4, True)  # batch-1 serving: one stream
     assert alone["tokens"] == 3 * 6 and alone["mean_sequences_per_decode_step"] == 1
     for r in rows:

@@ -85,6 +85,12 @@ def test_demo_says_whether_tokens_equal_the_reference(
     )
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _cli(args: list[str], **kw: object) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{ROOT}"}
     return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -116,7 +122,11 @@ def test_sigint_during_trace_writes_a_partial_trace_atomically(
     args = ["-m", "moeflow", "trace", "--model", str(checkpoints["olmoe"]), "--prompts", str(prompts),
             "--out", str(out), "--device", "cpu", "--max-tokens", "64", "--batch-size", "2"]  # fmt: skip
     proc = _cli(args)
-    time.sleep(10)  # model loaded and a few batches done, long before all 200 prompts
+    # model loaded and a few batches done, long before all 200 prompts: 10 s, and 8 s of the process's own CPU
+    # time (a loaded machine stretches the wall time the load takes, not the CPU time)
+    start = time.monotonic()
+    while time.monotonic() - start < 10 or (_cpu_s(proc.pid) < 8 and time.monotonic() - start < 120):
+        time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

@@ -40,7 +40,7 @@ def test_sequences_join_and_leave_one_bucket(llm: LLM) -> None:
     assert [seen[r][-1].output.token_ids for r in ids] == want
     assert buckets == {id(bucket)} and row_buckets(llm) == [bucket]  # one bucket served every step
     assert bucket.kv.rows == 3 and bucket.kv.max_len == 256
-    assert bucket.route_host is not None  # decode steps were static ones (settled from the bucket's routing)
+    assert bucket.decoded  # decode steps were static ones (settled from the bucket's routing)
     assert engine.kv.free == 3
 
 

@@ -117,7 +117,7 @@ def test_warm_up_runs_once_before_the_server_listens(
     try:
         kv, engine = rows_of(s), s.app.state.engine
         assert engine.warmups == 1 and engine.warmup_s > 0
-        assert kv.max_len == 512 and kv.bucket.route_host is not None  # a static decode step ran already
+        assert kv.max_len == 512 and kv.bucket.decoded  # a static decode step ran already
         assert generated(s) == 0  # the warm-up is no client's request
         err = capsys.readouterr().err
         assert err.count("moeflow: warmed up in") == 1
@@ -137,7 +137,7 @@ def test_no_warm_up(long_llm: LLM, capsys: pytest.CaptureFixture[str]) -> None:
         assert kv.bucket.route_host is None  # no decode step has run on this bucket
         assert "warmed up" not in capsys.readouterr().err
         s.client.completions.create(model="olmoe", prompt="x", max_tokens=2, temperature=0)
-        assert kv.bucket.route_host is not None and engine.warmups == 0
+        assert kv.bucket.decoded and engine.warmups == 0
     finally:
         s.close()
 

@@ -19,6 +19,13 @@ longer bucket only when an admitted request needs more), each row written at its
 graph replays whichever rows are occupied; rows not decoding compute but count for nothing. Prompt chunks stay
 eager and write into their rows of that bucket. Without a static decoder (``decode='eager'``) the rows are the
 eager pool of ``rows.py`` (capacity grown by doubling) and every forward runs eagerly.
+
+With the engine's overlapped decode (``EngineConfig.overlap``, ``engine/overlap.py``) a steady serving state (every
+running sequence decoding and greedy, nothing waiting, the slot table holding every expert) launches the next decode
+step before the last one is settled, so the host's work between steps (read-back, policy, detokenising, outputs)
+runs while the device computes. The step launched ahead is settled first in the next ``step`` (before admission
+and prompt chunks, so no other forward comes between the two decode steps) or at once by an ``abort``, whose
+outputs then open the next ``step``'s. A row that is not decoding is a finished stand-in sequence to the overlap.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ import torch
 from transformers import DynamicCache
 
 from moeflow.engine.admission import Admission
-from moeflow.engine.rows import RowKV
+from moeflow.engine.overlap import Launched
+from moeflow.engine.rows import RowKV, row_inputs
 from moeflow.engine.static_rows import StaticRows
 from moeflow.errors import RequestError
 from moeflow.metrics import Counters, batch_stats
@@ -95,6 +103,13 @@ class BatchEngine:
             self.kv = RowKV(llm.loaded.model, self.max_batch, context + prefill_chunk, llm.device)
         self.waiting: dict[int, Entry] = {}
         self.running: dict[int, Entry] = {}
+        self.overlap = llm.overlap if self.static is not None else None
+        self.pending: Launched | None = None
+        """A decode step launched ahead (overlapped), not yet settled."""
+        self._settled: list[StepOutput] = []
+        """Outputs of a launched step an ``abort`` settled, reported by the next ``step``."""
+        self._vacant = Sequence(-1, "", [], SamplingParams(max_tokens=1), [0], finish_reason="vacant")
+        """A row that is not decoding, to the overlap: finished, token 0 at position 0 (as the serial step feeds)."""
 
     # ------------------------------------------------------------------------------------ API
     def add(self, prompt: str | list[int], params: SamplingParams, request_id: int | None = None,
@@ -115,9 +130,14 @@ class BatchEngine:
         entry = self.waiting.pop(request_id, None)
         if entry is not None:
             return True
-        entry = self.running.pop(request_id, None)
-        if entry is None:
+        if request_id not in self.running:
             return False
+        if self.pending is not None:  # its step is on the device: settle it first (outputs for the next step)
+            self._settled += self._overlapped(self._decoding(), ahead=False)
+            self._settled = [o for o in self._settled if o.request_id != request_id]  # nothing more for it
+        entry = self.running.pop(request_id, None)
+        if entry is None:  # it finished in that step
+            return True
         self.kv.give_back(entry.row)
         self.llm.runtime.policy.end_request(request_id)
         return True
@@ -128,12 +148,20 @@ class BatchEngine:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """One token boundary: admit, decode every prefilled sequence, prefill the next prompt chunks."""
+        """One token boundary: admit, decode every prefilled sequence, prefill the next prompt chunks (a decode step
+        launched ahead is settled first, before admission)."""
+        outputs, self._settled = self._settled, []
+        launched = self.pending is not None
+        if launched:
+            try:
+                outputs += self._decode(self._decoding())
+            except BaseException:
+                self.pending = None  # not settled again (the caller aborts the running requests)
+                raise
         self._admit()
-        decoding = [e for e in self.running.values() if e.prefilled == len(e.seq.prompt_ids)]
-        outputs = []
-        if decoding:
-            outputs = self._decode(decoding) if self.static else self._forward(decoding, [1] * len(decoding))
+        decoding = self._decoding()
+        if decoding and not launched:
+            outputs += self._decode(decoding) if self.static else self._forward(decoding, [1] * len(decoding))
         chunks, budget = [], self.prefill_chunk
         for e in self.running.values():
             left = len(e.seq.prompt_ids) - e.prefilled
@@ -145,6 +173,9 @@ class BatchEngine:
         return outputs
 
     # ------------------------------------------------------------------------------ internals
+    def _decoding(self) -> list[Entry]:
+        return [e for e in self.running.values() if e.prefilled == len(e.seq.prompt_ids)]
+
     def _admit(self) -> None:
         waiting = list(self.waiting.values())
         free = min(self.kv.free, self.max_batch - len(self.running))
@@ -168,26 +199,16 @@ class BatchEngine:
         order = sorted(range(len(entries)), key=lambda i: entries[i].row)
         entries, counts = [entries[i] for i in order], [counts[i] for i in order]
         prefill = any(e.prefilled < len(e.seq.prompt_ids) for e in entries)
-        width = max(counts)
-        ids = torch.zeros(len(entries), width, dtype=torch.long)
-        slots = torch.zeros(len(entries), width, dtype=torch.long)
-        keep = torch.ones(len(entries), width, dtype=torch.bool)
-        tokens, positions = [], []
-        for b, (e, n) in enumerate(zip(entries, counts)):
+        feeds = []
+        for e, n in zip(entries, counts):
             s = e.seq
             if e.prefilled < len(s.prompt_ids):
-                new, start = s.prompt_ids[e.prefilled : e.prefilled + n], e.prefilled
+                feeds.append((s.prompt_ids[e.prefilled : e.prefilled + n], e.prefilled))
             else:
-                new, start = [s.output_ids[-1]], s.position
-            pad = (
-                width - n
-            )  # left padding, written after the row's real tokens (see rows.py), within the rows
-            ids[b, pad:] = torch.tensor(new)
-            after = torch.arange(start + n, start + n + pad).clamp_(max=self.kv.max_len - 1)
-            slots[b] = torch.cat([after, torch.arange(start, start + n)])
-            keep[b, :pad] = False
-            tokens.append(new)
-            positions.append(list(range(start, start + n)))
+                feeds.append(([s.output_ids[-1]], s.position))
+        ids, slots, keep = row_inputs(feeds, self.kv.max_len)
+        tokens = [new for new, _ in feeds]
+        positions = [list(range(start, start + len(new))) for new, start in feeds]
         seqs = [e.seq for e in entries]
         masks = self.kv.select([e.row for e in entries], slots)
         flat = None if bool(keep.all()) else keep.flatten().to(llm.device)
@@ -210,6 +231,8 @@ class BatchEngine:
         """One static decode step: every row of the bucket runs, the rows of ``entries`` count."""
         llm, rt, kv, static = self.llm, self.llm.runtime, self.kv, self.static
         assert isinstance(kv, StaticRows) and static is not None
+        if self.pending is not None or self._steady(entries):
+            return self._overlapped(entries)
         kv.fit(0)  # the same bucket, unless a new slot table (``LLM.reconfigure``) started the buckets afresh
         t0, stall0 = time.perf_counter(), rt.store.stats.stall_s
         entries = sorted(entries, key=lambda e: e.row)
@@ -235,6 +258,33 @@ class BatchEngine:
 
         return self._settle(entries, logits, live, settle)
 
+    def _steady(self, entries: list[Entry]) -> bool:
+        """Whether decode steps can be launched ahead: every running sequence decodes greedily, none waits."""
+        return (
+            self.overlap is not None
+            and not self.waiting
+            and len(entries) == len(self.running)
+            and all(e.seq.params.temperature == 0 and e.seq.params.repetition_penalty == 1 for e in entries)
+        )
+
+    def _overlapped(self, entries: list[Entry], ahead: bool = True) -> list[StepOutput]:
+        """Settle the launched decode step of ``entries`` (or run one now), launching the next one first where the
+        state is steady and the overlap's guess can be made (``engine/overlap.py``)."""
+        llm, rt, kv, overlap = self.llm, self.llm.runtime, self.kv, self.overlap
+        assert isinstance(kv, StaticRows) and overlap is not None
+        if self.pending is None:
+            kv.fit(0)
+        kv.prepare()
+        t0, stall0 = time.perf_counter(), rt.store.stats.stall_s
+        entries = sorted(entries, key=lambda e: e.row)
+        rows = [self._vacant] * kv.rows
+        for e in entries:
+            rows[e.row] = e.seq
+        ahead = ahead and self._steady(entries)
+        self.pending = overlap.step(rows, kv.bucket, self.pending, llm._text, llm.eos_ids, ahead)
+        rt.report_timing(time.perf_counter() - t0, stall0)
+        return self._report(entries)
+
     def _settle(self, entries: list[Entry], logits: torch.Tensor, rows: list[int],
                 sampled: Callable[[], None] | None = None) -> list[StepOutput]:  # fmt: skip
         """Sample each entry's next token from its row ``rows[i]`` of ``logits`` [R, V], append it, and report it;
@@ -256,10 +306,15 @@ class BatchEngine:
             every = picked.tolist()
             for i in greedy:
                 tokens[i] = every[rows[i]]
-        seqs = [e.seq for e in entries]
-        llm.steps.settle(seqs, tokens, llm._text, llm.eos_ids)
-        now, outputs = time.perf_counter(), []
-        for e, s in zip(entries, seqs):
+        llm.steps.settle([e.seq for e in entries], tokens, llm._text, llm.eos_ids)
+        return self._report(entries)
+
+    def _report(self, entries: list[Entry]) -> list[StepOutput]:
+        """Each entry's token of the step just settled, its new text, and (a finished one: its row given back) its
+        output."""
+        llm, now, outputs = self.llm, time.perf_counter(), []
+        for e in entries:
+            s = e.seq
             e.first = e.first or now
             done = None
             if s.finished:

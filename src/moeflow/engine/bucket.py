@@ -32,6 +32,11 @@ class Bucket:
     """The overlapped decode's two sets of host buffers (``engine/overlap.py``), made at its first step."""
 
     @property
+    def decoded(self) -> bool:
+        """Whether a decode step has been read back from this bucket (serially, or overlapped)."""
+        return self.route_host is not None or self.lanes is not None
+
+    @property
     def pos(self) -> torch.Tensor:  # [B, 1] each row's position (a view of ``inputs``: its address is fixed)
         return self.inputs[1, :, None]
 

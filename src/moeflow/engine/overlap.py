@@ -101,17 +101,22 @@ class Overlap:
         pending: Launched | None,
         text: Callable[[Sequence, int], str],
         eos_ids: set[int],
+        ahead: bool = True,
     ) -> Launched | None:
         """Settle one decode step of ``seqs`` (``pending``, or one launched now), launching the next one first
-        where the guess can be made; returns the step left running (validated), if any."""
+        where the guess can be made (and ``ahead``: the caller runs no other step before the next decode step);
+        returns the step left running (validated), if any."""
         lanes = self._lanes(bucket).pair
         live = [i for i, s in enumerate(seqs) if not s.finished]
+        assert pending is None or tuple(live) == pending.live, (
+            "the rows of a launched step changed before it settled"
+        )
         if pending is None:
             self._fill_pool()
             self.steps.begin_decode(seqs, live, bucket.bufs)
             self.static.table.apply(self.rt.policy.plan_boundary(len(live)))
             pending = self._launch(bucket, lanes[self.steps.index % 2], seqs, live, guess=False)
-        guess = self._guess(bucket, lanes[(self.steps.index + 1) % 2], seqs, live)
+        guess = self._guess(bucket, lanes[(self.steps.index + 1) % 2], seqs, live) if ahead else None
         routing = finish_read_back(self.rt, bucket.bufs, pending.lane.results, live)
         tokens = pending.lane.results.tokens
         assert tokens is not None

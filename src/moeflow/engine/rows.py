@@ -24,6 +24,26 @@ from moeflow.engine.kv import mask_windows
 MIN_CAPACITY = 64
 
 
+def row_inputs(
+    feeds: list[tuple[list[int], int]], max_len: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A forward's inputs for rows each feeding ``(tokens, first position)``: ids [n, Q] (left-padded to the
+    longest), the cache slot of every column [n, Q] (a row's padding goes to the slots after its real tokens, within
+    ``max_len``) and which columns are real [n, Q]."""
+    width = max(len(new) for new, _ in feeds)
+    ids = torch.zeros(len(feeds), width, dtype=torch.long)
+    slots = torch.zeros(len(feeds), width, dtype=torch.long)
+    keep = torch.ones(len(feeds), width, dtype=torch.bool)
+    for b, (new, start) in enumerate(feeds):
+        n = len(new)
+        pad = width - n
+        ids[b, pad:] = torch.tensor(new)
+        after = torch.arange(start + n, start + n + pad).clamp_(max=max_len - 1)
+        slots[b] = torch.cat([after, torch.arange(start, start + n)])
+        keep[b, :pad] = False
+    return ids, slots, keep
+
+
 class RowLayer(CacheLayerMixin):
     """One decoder layer's keys and values of every row; ``update`` writes the selected rows' new tokens."""
 

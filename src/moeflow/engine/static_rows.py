@@ -160,8 +160,12 @@ class StaticRows(FreeRows):
     def decode(self, tokens: list[int], positions: list[int], live: list[int]) -> torch.Tensor:  # [R, V]
         """One static decode step of every row (row ``r`` feeds ``tokens[r]`` at ``positions[r]``; ``live`` rows
         count); returns the logits."""
+        self.prepare()
+        return self.decoder.decode_rows(self.bucket, tokens, positions, live)
+
+    def prepare(self) -> None:
+        """Ready the bucket for a decode step (its KV checked against the reserve once, the decode masks set)."""
         if not self._checked:  # the bucket's KV is allocated by now (a prompt chunk ran): within the reserve?
             self.decoder._check_kv()
             self._checked = True
         self.kv.decode_mode()
-        return self.decoder.decode_rows(self.bucket, tokens, positions, live)

@@ -89,3 +89,17 @@ def test_only_greedy_serving_launches_ahead(checkpoints: dict[str, Path], temper
     assert [len(t) for t in tokens] == [8, 8, 8]
     assert batch.overlap is not None
     assert (batch.overlap.stats.launched_ahead > 0) == (temperature == 0.0)
+
+
+def test_a_pool_short_of_every_expert_serves_as_the_serial_path(checkpoints: dict[str, Path]) -> None:
+    """Offloaded serving (6 slots): no step can be launched ahead, and the overlap's serial steps are the serial
+    serving path's, misses and fills included."""
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (6, 9, 7)]
+    runs = []
+    for overlap in (False, True):
+        llm = engine(checkpoints["olmoe"], overlap, Logged(), slots=6)
+        tokens, batch = serve(llm, params)
+        runs.append((tokens, llm.policy.log, stats(llm)))
+    assert runs[1] == runs[0]
+    assert runs[0][2][1] > 0  # misses
+    assert batch.overlap is not None and batch.overlap.stats.launched_ahead == 0

@@ -16,7 +16,12 @@
 #              (issue 13; SERVE_MODES, default offline,offline-serial,serve,serve-1); warm-ups compile the step
 #              for each batch shape (~60-90 s each)                                                  (~420 s)
 #   serveload  benchmarks/serve_load.py on the GPU: `moeflow serve` over HTTP at OLMoE geometry (its own routing),
-#              64 streaming clients for 120 s, 32 rows; carry .data/wheels (the serve extra's wheels) (~250 s)
+#              64 streaming clients for SERVELOAD_S (120) s, 32 rows; carry .data/wheels: the serve extra's wheels,
+#              which the GPU image lacks (pure Python but pydantic-core; fetched on the CPU machine with
+#              `pip download --no-deps -d .data/wheels fastapi starlette uvicorn h11 click prometheus-client httpx
+#              httpcore anyio sniffio idna certifi typing-extensions annotated-types typing-inspection pydantic`
+#              and `pip download --no-deps --only-binary=:all: --python-version 312 --platform manylinux2014_x86_64
+#              -d .data/wheels pydantic-core==<pydantic's pin>`)                                     (~250 s)
 #   overlap    resident_step.py, compiled graph decode without and with EngineConfig.overlap (engine/overlap.py:
 #              step N+1 launched before step N is settled), batch 1 and 8, no TTFT; then its GPU tests   (~250 s)
 #   mixtral    Mixtral geometry (first 8 layers), the real Mixtral trace, batch 1 (carry .data/traces after
@@ -89,7 +94,7 @@ elif [ "$STAGE" = quant ]; then
     --out "$OUT/decode-floor-quant-h200.json" 2>&1 | grep -v Warn | cut -c1-240 | tail -60
 elif [ "$STAGE" = serveload ]; then
   synth
-  # the GPU image has no uvicorn: pure-Python wheels carried in .data/wheels (pip download, see BENCHMARKS.md)
+  # the GPU image has no uvicorn: wheels carried in .data/wheels (see the stage list above)
   python3 -c "import uvicorn, fastapi, prometheus_client, httpx" 2>/dev/null || \
     python3 -m pip install -q --no-index --find-links .data/wheels fastapi uvicorn prometheus-client httpx 2>&1 | tail -2
   timeout "$(cap 300)" python3 benchmarks/serve_load.py --model $M --device cuda --clients 64 --duration ${SERVELOAD_S:-120} --max-batch 32 \

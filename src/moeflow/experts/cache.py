@@ -18,7 +18,7 @@ import numpy as np
 from moeflow.experts import boundary
 from moeflow.experts.accounting import PolicyStats
 from moeflow.experts.hooks import PolicyHooks
-from moeflow.experts.placement import make_loads
+from moeflow.experts.placement import make_loads, take_free
 from moeflow.experts.plan import Boundary, Key, Load, Plan, PolicyContext, StepInfo, StepRouting
 
 __all__ = [
@@ -115,25 +115,31 @@ class CachePolicy(PolicyHooks):
                 f"layer {layer} asks for {len(experts)} experts but only {self.num_slots} slots exist"
             )
         self.clock += 1
-        slot_of, free = self.slot_of, self._free
+        slot_of = self.slot_of
         keys = [(layer, int(e)) for e in experts]
-        missed = [k for k in keys if k not in slot_of]
-        short = len(missed) - len(free)
-        victims = self.select_victims(short, set(keys), layer) if short > 0 else []
+        found = list(map(slot_of.get, keys))  # each key's slot, None: a miss
+        missed = [k for k, s in zip(keys, found) if s is None]
+        short = len(missed) - len(self._free)
+        victims = self.victims_for(short, keys, found, layer) if short > 0 else []
         if len(victims) < short:
             raise RuntimeError("no evictable slot: more experts needed at once than slots")
         loads: list[Load] = []
+        slots = found
         if missed:
             n_free = len(missed) - len(victims)
-            taken = [free.pop() for _ in range(n_free)] + self._evict(victims)
+            taken = take_free(self._free, n_free) + self._evict(victims)
+            slot_of.update(zip(missed, taken))
             key_in = self.key_in
-            for key, slot in zip(missed, taken):
-                slot_of[key] = slot
+            for slot, key in zip(taken, missed):
                 key_in[slot] = key
             loads = make_loads(missed, taken, [None] * n_free + victims, False, float("inf"))
             self.slot_layer[taken] = layer
             self.slot_expert[taken] = [k[1] for k in missed]
-        slots = [slot_of[k] for k in keys]
+            if len(missed) == len(keys):
+                slots = taken
+            else:
+                fill = iter(taken)
+                slots = [next(fill) if s is None else s for s in found]
         self.slot_used[slots] = np.arange(self._ticks + 1, self._ticks + 1 + len(keys))
         self._ticks += len(keys)
         unused = self._unused_prefetch
@@ -147,6 +153,12 @@ class CachePolicy(PolicyHooks):
         self.stats.misses += len(loads)
         return Plan(layer, tuple(slots), tuple(loads), hits, len(loads))
 
+    def victims_for(self, n: int, keys: list[Key], found: list[int | None], layer: int) -> list[Key]:
+        """``request``'s ``n`` victims for the misses of ``keys`` (``found``: each key's slot, None if not
+        resident): ``select_victims`` with every key protected. Policies that rank slots override it to block the
+        slots in ``found`` without looking the keys up again."""
+        return self.select_victims(n, set(keys), layer)
+
     def on_access_keys(self, keys: list[Key]) -> None:
         """``on_access`` of each of ``request``'s keys (distinct, one layer) in order; overridden to do it at once."""
         if type(self).on_access is not CachePolicy.on_access:
@@ -156,7 +168,7 @@ class CachePolicy(PolicyHooks):
     def _evict(self, victims: list[Key]) -> list[int]:
         """``_vacate`` of ``victims`` (resident, distinct) at once; their slots (returned) are refilled by the caller."""
         slot_of = self.slot_of
-        slots = [slot_of.pop(v) for v in victims]
+        slots = list(map(slot_of.pop, victims))
         self.stats.evictions += len(victims)
         if self._unused_prefetch and victims:
             wasted = self._unused_prefetch.intersection(victims)

@@ -1,6 +1,6 @@
 """A run of prefetches placed at once (pure Python/NumPy): the bookkeeping of ``CachePolicy.admit`` repeated for
 keys in order, each into the lowest free slot while any is left and then over the next of the given victims, done in
-one pass (slots and residency set with NumPy, the ``Load``s built without the frozen dataclass's ``__init__``).
+one pass (slots and residency set with NumPy, the ``Load``s built in one C-level pass).
 
 The keys are distinct and not resident, and the victims resident and distinct from them, so the admissions do not
 interact: the result (slots, loads, counters, the unused-prefetch set) is that of ``admit(key, priority,
@@ -9,6 +9,8 @@ victim=...)`` called key after key."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,20 +28,13 @@ def make_loads(
     prefetch: bool,
     priorities: Sequence[float] | float,
 ) -> list[Load]:
-    """``[Load(key, slot, old, prefetch, priority) ...]`` without the frozen dataclass's per-field ``__init__``
-    (each field written straight into the instance dict: a third of its cost; a layer's misses build one each);
-    ``priorities`` one per key, or one for all."""
-    pri = [priorities] * len(keys) if isinstance(priorities, float) else priorities
-    new = object.__new__
-    loads = [new(Load) for _ in keys]
-    for load, key, slot, old, p in zip(loads, keys, slots, evicted, pri):
-        d = load.__dict__
-        d["key"] = key
-        d["slot"] = slot
-        d["evicted"] = old
-        d["prefetch"] = prefetch
-        d["priority"] = p
-    return loads
+    """``[Load(key, slot, old, prefetch, priority) ...]``, each built by ``tuple.__new__`` from its fields (no
+    Python-level call per load: a layer's misses build one each); ``priorities`` one per key, or one for all."""
+    pri = repeat(priorities) if isinstance(priorities, float) else priorities
+    return list(map(_new_load, zip(keys, slots, evicted, repeat(prefetch), pri)))
+
+
+_new_load = partial(tuple.__new__, Load)
 
 
 def admit_run(
@@ -53,10 +48,10 @@ def admit_run(
     evicted = list(victims[: len(keys) - n_free])
     if len(evicted) < len(keys) - n_free:
         raise ValueError("fewer victims than the keys the free slots leave")
-    slots = [p._free.pop() for _ in range(n_free)] + p._evict(evicted)
-    key_in, slot_of = p.key_in, p.slot_of
-    for key, slot in zip(keys, slots):
-        slot_of[key] = slot
+    slots = take_free(p._free, n_free) + p._evict(evicted)
+    p.slot_of.update(zip(keys, slots))
+    key_in = p.key_in
+    for slot, key in zip(slots, keys):
         key_in[slot] = key
     loads = make_loads(keys, slots, [None] * n_free + evicted, True, list(priorities))
     if slots:
@@ -70,6 +65,15 @@ def admit_run(
         for key in keys:
             p.on_admit(key)
     return loads
+
+
+def take_free(free: list[int], n: int) -> list[int]:
+    """``[free.pop() for _ in range(n)]`` (``n`` at most ``len(free)``) by one slice: the free slots are kept
+    highest index first, so these are the ``n`` lowest, lowest first."""
+    cut = len(free) - n
+    taken = free[cut:][::-1]
+    del free[cut:]
+    return taken
 
 
 def _base_on_admit():  # type: ignore[no-untyped-def]

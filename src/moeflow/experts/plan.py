@@ -6,6 +6,7 @@ Legend: L MoE layers, E experts per layer, T tokens of a step, K top-k.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -13,9 +14,10 @@ Key = tuple[int, int]
 """(MoE layer index, expert id)."""
 
 
-@dataclass(frozen=True)
-class Load:
-    """Copy expert ``key`` into device ``slot`` (whatever held ``evicted`` is dropped)."""
+class Load(NamedTuple):
+    """Copy expert ``key`` into device ``slot`` (whatever held ``evicted`` is dropped). Immutable; a named tuple
+    (not a frozen dataclass) because a layer's misses build one each: ``placement.make_loads`` builds them in one
+    C-level pass."""
 
     key: Key
     slot: int

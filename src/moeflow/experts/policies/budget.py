@@ -5,7 +5,7 @@ over the step's remaining ``prefetch`` calls.
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
 
 def call_budget(per_layer: float, num_layers: int, issued: int, layer: int) -> float:
@@ -13,5 +13,5 @@ def call_budget(per_layer: float, num_layers: int, issued: int, layer: int) -> f
     step's remaining budget spread over the calls left (``per_layer`` 0 or less: no limit)."""
     if per_layer <= 0:
         return float("inf")
-    left = per_layer * num_layers - issued
-    return float(np.ceil(left / max(1, num_layers - 1 - layer)))
+    share = (per_layer * num_layers - issued) / max(1, num_layers - 1 - layer)
+    return float(math.ceil(share)) if math.isfinite(share) else share

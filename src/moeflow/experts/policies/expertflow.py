@@ -21,7 +21,8 @@ Per step (``L`` layers, ``E`` experts, ``T`` tokens, ``B`` sequences):
 * Correction (``observe(l)``): misses are loaded at top priority by ``request``; prefetched experts of layer ``l``
   that the router did not choose are demoted (evicted before anything else); the layer's accuracy is updated.
 
-The prefetch planning lives in ``policies.flow_prefetch``, the per-request predictor state in ``policies.forecast``.
+The prefetch planning lives in ``policies.flow_prefetch``, the per-request predictor state in ``policies.forecast``,
+the distance table and the victim ranking in ``policies.flow_rank``.
 """
 
 from __future__ import annotations
@@ -41,14 +42,11 @@ from moeflow.experts.cache import (
     register_policy,
 )
 from moeflow.experts.policies.flow_prefetch import Later, plan_prefetch
+from moeflow.experts.policies.flow_rank import DEMOTED, distance_table, ranked_victims
 from moeflow.experts.policies.flow_settle import settle_static
 from moeflow.experts.policies.forecast import Forecaster, StepForecast, step_demand
 from moeflow.experts.policies.link import LinkLedger
 from moeflow.experts.policies.options import apply_options
-from moeflow.experts.policies.ranking import first_lexsorted
-
-DEMOTED = 1e9
-"""Added to a demoted key's expected distance: demoted keys go first."""
 
 
 @dataclass
@@ -100,7 +98,9 @@ class ExpertFlowPolicy(CachePolicy):
         self._pending: set[Key] = set()
         self._prefetched = 0  # prefetch loads issued in this step
         self._demoted: set[Key] = set()
+        self._demoted_at = np.zeros(shape, bool)  # [L, E] ``_demoted`` as a mask
         self._in_use: set[Key] = set()
+        self._cut_hint = [float("nan")]  # speeds the victim ranking up (``ranking.first_by_distance``)
 
     def setup(self, context: PolicyContext) -> None:
         self._ready = True
@@ -139,24 +139,40 @@ class ExpertFlowPolicy(CachePolicy):
     def observe(self, layer: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
         """``experts`` [T, K] for the step's tokens, sequences concatenated in StepInfo order."""
         ex = np.ascontiguousarray(experts, np.int64)  # rows of a [T, L, K] array are strided: copy once
-        valid = (ex >= 0).all(axis=1)  # [T]
-        ok = ex[valid]
+        if ex.size and ex.min() >= 0:  # every row valid (the usual case): no masks
+            valid, ok = None, ex
+        else:
+            valid = (ex >= 0).all(axis=1)  # [T]
+            ok = ex[valid]
         if len(ok):
             share = np.bincount(ok.ravel(), minlength=self.num_experts)[: self.num_experts] / len(ok)
             self.freq[layer] = self.decay * self.freq[layer] + (1 - self.decay) * share
         if self._fc is not None and self._fc.tokens == len(ex) and len(ok):
             self._correct(layer, ex, valid)
         if self._pending:
-            chosen = np.zeros(self.num_experts, bool)
-            chosen[ex[(ex >= 0) & (ex < self.num_experts)]] = True
-            self._demoted.update(k for k in self._pending if k[0] == layer and not chosen[k[1]])
+            chosen = set(ex.ravel().tolist())
+            demote = [k for k in self._pending if k[0] == layer and k[1] not in chosen]
+            if demote:
+                self._demote(demote)
         self._pos, self._table, self._in_use = layer, None, set()
 
-    def _correct(self, layer: int, ex: np.ndarray, valid: np.ndarray) -> None:
-        """Update the layer's accuracy and each request's routing of its latest token."""
-        hits = self._fc.hits(layer, ex)[valid]  # type: ignore[union-attr]
-        self.accuracy[layer] = self.decay * self.accuracy[layer] + (1 - self.decay) * hits.mean() / self.top_k
-        self.forecast.record(layer, ex)
+    def _demote(self, keys: list[Key]) -> None:
+        """Pending prefetches that their layer's router did not choose: evicted first from now on (until used).
+        They leave ``_pending`` (once demoted, noting them again would change nothing)."""
+        self._demoted.update(keys)
+        self._pending.difference_update(keys)
+        layers, experts = zip(*keys)
+        self._demoted_at[list(layers), list(experts)] = True
+
+    def _correct(self, layer: int, ex: np.ndarray, valid: np.ndarray | None) -> None:
+        """Update the layer's accuracy and each request's routing of its latest token (``valid``: the rows without
+        -1, None: all)."""
+        hits = self._fc.hits(layer, ex)  # type: ignore[union-attr]
+        if valid is not None:
+            hits = hits[valid]
+        mean = int(hits.sum()) / len(hits)  # an exact integer sum: ``hits.mean()``
+        self.accuracy[layer] = self.decay * float(self.accuracy[layer]) + (1 - self.decay) * mean / self.top_k
+        self.forecast.record(layer, ex, valid is None)
 
     def on_timing(self, layer_s: float, copy_s: float) -> None:
         self.link.layer_s, self.link.copy_s = layer_s, copy_s
@@ -170,7 +186,9 @@ class ExpertFlowPolicy(CachePolicy):
     def on_access(self, key: Key) -> None:
         self._in_use.add(key)
         self._pending.discard(key)
-        self._demoted.discard(key)
+        if key in self._demoted:
+            self._demoted.discard(key)
+            self._demoted_at[key] = False
 
     def on_access_keys(self, keys: list[Key]) -> None:
         """``on_access`` of each of ``request``'s keys, at once (the victims were chosen before: ``_in_use`` is
@@ -178,8 +196,9 @@ class ExpertFlowPolicy(CachePolicy):
         self._in_use.update(keys)
         if self._pending:
             self._pending.difference_update(keys)
-        if self._demoted:
+        if self._demoted and keys:
             self._demoted.difference_update(keys)
+            self._demoted_at[keys[0][0], [k[1] for k in keys]] = False  # one layer's keys
 
     def end_step(self) -> None:
         self.forecast.end_step()
@@ -201,22 +220,15 @@ class ExpertFlowPolicy(CachePolicy):
     def distances(self) -> np.ndarray:
         """[L, E] expected layers until each key is next used, seen from the layer routed last."""
         if self._table is None:
-            nl, c = self.num_layers, self._pos
-            if (
-                self._later is None
-            ):  # (1 − p1) · L / f for p1 = this step's demand and the next step's, per step
-                f = np.maximum(self._fstep, 1e-3)
-                self._later = ((1 - self._demand) * nl / f, (1 - self._next) * nl / f)
-            depth = np.arange(nl)[:, None]  # [L, 1]
-            ahead = depth > c
-            d1 = np.where(ahead, depth - c, nl - c + depth)
-            self._table = d1 + np.where(ahead, *self._later)
+            self._table = distance_table(self)
         return self._table
 
     def slot_distances(self) -> np.ndarray:
         """[S] ``distances`` of each slot's key (of key (0, 0) for an empty slot), a new array."""
-        flat = np.maximum(self.slot_layer, 0) * self.num_experts + np.maximum(self.slot_expert, 0)
-        return self.distances().take(flat)
+        flat = (
+            self.slot_layer * self.num_experts + self.slot_expert
+        )  # empty slots: < 0, clipped to key (0, 0)
+        return self.distances().take(flat, mode="clip")
 
     def _distance(self, key: Key) -> float:
         return float(self.distances()[key]) + (DEMOTED if key in self._demoted else 0.0)
@@ -236,19 +248,15 @@ class ExpertFlowPolicy(CachePolicy):
     def select_victims(self, n: int, protect: set[Key], layer: int) -> list[Key]:
         return self._ranked(n, protect, None)
 
-    def _ranked(self, n: int, protect: set[Key], floor: float | None) -> list[Key]:
-        """The ``n`` best victims: longest expected distance first, then least recently used; only keys
-        expected later than ``floor`` when given."""
-        ok = self.slot_layer >= 0  # [S]
-        dist = self.slot_distances()  # [S]
-        get = self.slot_of.get  # the smaller sets: intersecting with the keys view copies every key
-        if self._demoted:
-            dist[[s for s in map(get, self._demoted) if s is not None]] += DEMOTED  # distinct slots
-        ok[[s for s in map(get, protect) if s is not None]] = False
-        if floor is not None:
-            ok &= dist > floor
-        idx = np.flatnonzero(ok)
-        return [self.key_in[s] for s in idx[first_lexsorted(-dist[idx], self.slot_used[idx], n)]]
+    def victims_for(self, n: int, keys: list[Key], found: list[int | None], layer: int) -> list[Key]:
+        return self._ranked(n, set(), None, [s for s in found if s is not None])
+
+    def _ranked(
+        self, n: int, protect: set[Key], floor: float | None, held: list[int] | None = None
+    ) -> list[Key]:
+        """The ``n`` best victims (``policies.flow_rank``); the slots of ``protect`` (or the slots ``held``) blocked,
+        only keys expected later than ``floor`` when given."""
+        return ranked_victims(self, n, protect, floor, held)
 
     def horizon(self, layer: int, lookahead: int | None = None) -> list[int]:
         """Layers after ``layer`` (at most ``lookahead``, default ``max_lookahead``) whose predictions are trusted

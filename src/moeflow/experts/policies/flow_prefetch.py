@@ -36,15 +36,15 @@ def plan_prefetch(pol: ExpertFlowPolicy, layer: int, lookahead: int | None) -> l
     cap = call_budget(pol.prefetch_per_layer, pol.num_layers, pol._prefetched, layer)
     loads: list[Load] = []
     protect = set(pol._in_use)
+    resident = pol.slot_of
     for ly in layers:
         order = np.argsort(-pol._demand[ly], kind="stable")[: quota[ly]]
-        for e in order:
-            p = float(pol._demand[ly, e])
+        for e, p in zip(order.tolist(), pol._demand[ly].take(order).tolist()):
             if p < pol.min_prob or len(loads) >= cap:
                 break
-            key = (ly, int(e))
+            key = (ly, e)
             protect.add(key)
-            if pol.resident(key):
+            if key in resident:
                 continue
             mine = pol._distance(key)
             if pol.byte_aware:

@@ -55,11 +55,14 @@ def settle_static(pol: ExpertFlowPolicy, routing: StepRouting) -> None:
         ok = (ex >= 0) & (ex < num_experts)
         chosen = np.zeros((num_layers, num_experts), bool)
         chosen[np.broadcast_to(np.arange(num_layers)[:, None, None], ex.shape)[ok], ex[ok]] = True
-        pol._demoted.update(k for k in pol._pending if not chosen[k])
+        demote = [k for k in pol._pending if not chosen[k]]
+        if demote:
+            pol._demote(demote)
     used = [(layer, e) for layer, es in enumerate(served) for e in es]
     if pol._pending:
         pol._pending.difference_update(used)
     if pol._demoted:
         pol._demoted.difference_update(used)
+        pol._demoted_at[routing.served != 0] = False
     last = num_layers - 1
     pol._pos, pol._table, pol._in_use = last, None, {(last, e) for e in served[last]}

@@ -57,7 +57,9 @@ class StepForecast:
         """[T] int64: how many of each token's routed ``experts`` [T, K] (ids >= 0, or rows ignored by the caller)
         were among its predicted top-k of ``layer``."""
         ex = np.asarray(experts, np.int64)
-        packed = np.take_along_axis(self.in_top[layer], ex >> 3, axis=1)  # [T, K] the byte of each expert
+        top = self.in_top[layer]  # [T, ceil(E / 8)], contiguous
+        rows = np.arange(0, top.size, top.shape[1])[: len(ex), None]  # [T, 1] each row's first byte
+        packed = top.ravel().take(rows + (ex >> 3))  # [T, K] the byte of each expert
         return ((packed >> (7 - (ex & 7))) & 1).sum(axis=1, dtype=np.int64)
 
 
@@ -75,6 +77,9 @@ class Forecaster:
         self._routing: np.ndarray | None = None  # [B, L, E] the requests' ``routing`` (theirs are its rows)
         self._last_rows = np.zeros(0, np.int64)  # [B'] each request's last token row (requests with tokens)
         self._with_tokens = np.zeros(0, np.int64)  # [B'] which requests those are
+        self._seen = np.zeros(
+            0, np.int64
+        )  # [B] layers recorded of each request's latest token (stacked routing)
 
     def begin_step(self, info: StepInfo, freq: np.ndarray, top_k: int) -> StepForecast | None:
         """The forecast of the step's new tokens (requests concatenated in ``info`` order); ``freq`` [L, E] stands
@@ -151,19 +156,25 @@ class Forecaster:
                 req.routing, req.seen = self._routing[i], 0
             self._with_tokens = np.array([i for i, (_, s, e) in enumerate(self.segments) if e > s], np.int64)
             self._last_rows = np.array([e - 1 for _, s, e in self.segments if e > s], np.int64)
+            self._seen = np.zeros(
+                len(reqs), np.int64
+            )  # the requests' ``seen``, counted here until ``end_step``
         else:
             for req in reqs:
                 req.routing, req.seen = np.zeros(self.shape, np.float32), 0
 
-    def record(self, layer: int, experts: np.ndarray) -> None:
-        """The router of ``layer`` chose ``experts`` [T, K]: note each request's latest token's routing."""
+    def record(self, layer: int, experts: np.ndarray, all_valid: bool = False) -> None:
+        """The router of ``layer`` chose ``experts`` [T, K] (``all_valid``: the caller knows no id is -1): note each
+        request's latest token's routing."""
         if self._routing is not None:
             last = experts[self._last_rows]  # [B', K]
-            ok = (last >= 0).all(axis=1)
-            reqs = self._with_tokens[ok]
-            self._routing[reqs[:, None], layer, last[ok]] = 1.0
-            for i in reqs.tolist():
-                self.segments[i][0].seen += 1
+            if all_valid:
+                reqs = self._with_tokens
+            else:
+                ok = (last >= 0).all(axis=1)
+                reqs, last = self._with_tokens[ok], last[ok]
+            self._routing[reqs[:, None], layer, last] = 1.0
+            self._seen[reqs] += 1  # distinct requests
             return
         for req, s, e in self.segments:
             if e > s and req.routing is not None and (experts[e - 1] >= 0).all():
@@ -172,6 +183,9 @@ class Forecaster:
 
     def end_step(self) -> None:
         """A token whose every layer was seen becomes its request's ``prev`` (the predictor's next input)."""
+        if self._routing is not None:
+            for (req, _, _), seen in zip(self.segments, self._seen.tolist()):
+                req.seen = seen
         for req, _, _ in self.segments:
             req.prev = req.routing if req.seen == self.shape[0] else None
         self.segments = []

@@ -151,6 +151,17 @@ class ReusePolicy(ExpertFlowPolicy):
     def observe(self, layer: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
         super().observe(layer, experts, weights)
         ex = np.asarray(experts, np.int64)
+        segs = self._segments
+        if segs and len(ex) == segs[-1][2] and ex.size and ex.min() >= 0 and ex.max() < self.num_experts:
+            # every row valid (the usual case): each request's counts from one bincount over (request, expert)
+            owner = np.repeat(np.arange(len(segs)), [e - s for _, s, e in segs])  # [T] each row's request
+            flat = (owner[:, None] * self.num_experts + ex).ravel()
+            counts = np.bincount(flat, minlength=len(segs) * self.num_experts).reshape(len(segs), -1)
+            for (use, _, _), row in zip(segs, counts):
+                use.counts[layer] += row
+            self._global[layer] += counts.sum(axis=0)  # integers: exact in any order
+            self._global_tokens[layer] += len(ex)
+            return
         for use, s, e in self._segments:
             rows = ex[s:e]
             ok = rows[(rows >= 0).all(axis=1)]

@@ -186,7 +186,9 @@ def measure(args: argparse.Namespace, trace: Trace, reqs: list, dtype: str, resu
     t0 = time.perf_counter()
     llm = TimedLLM(args.model, device=args.device, replay=trace, progress=False, decode=args.decode, **quant)
     result["load_s_by_dtype"][dtype] = time.perf_counter() - t0
-    result["overlap"] = llm.config.overlap  # the resident rows ran overlapped (engine/overlap.py); offloaded ones not
+    result["overlap"] = (
+        llm.config.overlap
+    )  # the resident rows ran overlapped (engine/overlap.py); offloaded ones not
     print("load", dtype, f"{result['load_s_by_dtype'][dtype]:.1f} s", flush=True)
     info, bw, out = llm.info, result["h2d_GBps"] * 1e9, Path(args.out)
     total = info.num_layers * info.num_experts

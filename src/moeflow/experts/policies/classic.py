@@ -46,9 +46,8 @@ class _RankedSlots(CachePolicy):
 
     def _first(self, n: int, held: list[int]) -> list[Key]:
         """The first ``n`` slots in ``slot_rank`` order, the empty slots and the slots ``held`` blocked."""
-        rank = np.where(
-            self.slot_layer < 0, _LAST, self.slot_rank()
-        )  # above every rank: blocked slots come last
+        # above every rank: blocked slots come last
+        rank = np.where(self.slot_layer < 0, _LAST, self.slot_rank())
         rank[held] = _LAST
         order = first_sorted(rank, n, self._rank_hint, self.partial_sort)
         key_in = self.key_in

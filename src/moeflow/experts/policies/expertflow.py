@@ -225,9 +225,8 @@ class ExpertFlowPolicy(CachePolicy):
 
     def slot_distances(self) -> np.ndarray:
         """[S] ``distances`` of each slot's key (of key (0, 0) for an empty slot), a new array."""
-        flat = (
-            self.slot_layer * self.num_experts + self.slot_expert
-        )  # empty slots: < 0, clipped to key (0, 0)
+        # empty slots: < 0, clipped to key (0, 0)
+        flat = self.slot_layer * self.num_experts + self.slot_expert
         return self.distances().take(flat, mode="clip")
 
     def _distance(self, key: Key) -> float:

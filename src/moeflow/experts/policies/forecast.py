@@ -77,9 +77,8 @@ class Forecaster:
         self._routing: np.ndarray | None = None  # [B, L, E] the requests' ``routing`` (theirs are its rows)
         self._last_rows = np.zeros(0, np.int64)  # [B'] each request's last token row (requests with tokens)
         self._with_tokens = np.zeros(0, np.int64)  # [B'] which requests those are
-        self._seen = np.zeros(
-            0, np.int64
-        )  # [B] layers recorded of each request's latest token (stacked routing)
+        # [B] layers recorded of each request's latest token (stacked routing)
+        self._seen = np.zeros(0, np.int64)
 
     def begin_step(self, info: StepInfo, freq: np.ndarray, top_k: int) -> StepForecast | None:
         """The forecast of the step's new tokens (requests concatenated in ``info`` order); ``freq`` [L, E] stands
@@ -156,9 +155,7 @@ class Forecaster:
                 req.routing, req.seen = self._routing[i], 0
             self._with_tokens = np.array([i for i, (_, s, e) in enumerate(self.segments) if e > s], np.int64)
             self._last_rows = np.array([e - 1 for _, s, e in self.segments if e > s], np.int64)
-            self._seen = np.zeros(
-                len(reqs), np.int64
-            )  # the requests' ``seen``, counted here until ``end_step``
+            self._seen = np.zeros(len(reqs), np.int64)  # the requests' ``seen``, counted until ``end_step``
         else:
             for req in reqs:
                 req.routing, req.seen = np.zeros(self.shape, np.float32), 0

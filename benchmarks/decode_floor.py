@@ -125,6 +125,11 @@ def main() -> None:
         "claimed misses copied into their slots before the projections (experts/precopy.py)"
     )  # fmt: skip
     ap.add_argument(
+        "--overlap-offloaded", default="0", help="0, 1 or 0,1: offloaded rows without / with "
+        "EngineConfig.overlap_offloaded (rows carry 'overlap_offloaded'): the next step launched before the last is "
+        "settled, on a cache plan one step behind"
+    )  # fmt: skip
+    ap.add_argument(
         "--profile-rows", action="store_true",
         help="each row (resident ones too) also gets a torch-profiler run of its first batch, 8 tokens: device time "
         "per kernel name (row key 'profile'), to see what an offloaded step spends above the resident one",
@@ -188,7 +193,7 @@ def measure(args: argparse.Namespace, trace: Trace, reqs: list, dtype: str, resu
     result["load_s_by_dtype"][dtype] = time.perf_counter() - t0
     result["overlap"] = (
         llm.config.overlap
-    )  # the resident rows ran overlapped (engine/overlap.py); offloaded ones not
+    )  # the resident rows ran overlapped (engine/overlap.py); offloaded ones as --overlap-offloaded says
     print("load", dtype, f"{result['load_s_by_dtype'][dtype]:.1f} s", flush=True)
     info, bw, out = llm.info, result["h2d_GBps"] * 1e9, Path(args.out)
     total = info.num_layers * info.num_experts
@@ -210,15 +215,19 @@ def measure(args: argparse.Namespace, trace: Trace, reqs: list, dtype: str, resu
             result.setdefault("errors", []).append(f"{dtype} kernel stage: {type(err).__name__}: {err}")
         result["kernel_s_by_dtype"][dtype] = time.perf_counter() - t0
 
-    def warm(policy: str, slots: int, batch: int, precopy: int = 0) -> None:
+    def warm(policy: str, slots: int, batch: int, precopy: int = 0, lagged: int = 0) -> None:
         """Compile the kernels for this shape (Triton specialises on batch and pool sizes) on a short run, then
         start the timed run from a fresh pool of the same size (its graph is captured again; nothing compiles)."""
+        if llm.overlap is not None:
+            llm.overlap.offloaded = bool(lagged)
         if llm.static is not None:
             llm.static.blocks = {**best[batch], "PRECOPY": precopy} if batch in best else {"PRECOPY": precopy}
         name, options = policy_spec(policy)
         llm.reconfigure(policy=name, num_slots=slots, options=options)
         run(llm, [(r, p, 3) for r, p, _ in reqs[:batch]], batch, bw)
         llm.reconfigure(policy=name, num_slots=slots, options=options)
+        if llm.overlap is not None:
+            llm.overlap.stats = type(llm.overlap.stats)()  # the row's own
 
     resident_ms = result["resident_ms_by_dtype"].setdefault(dtype, {})
     for batch in batches:  # the resident step: every expert in a slot
@@ -239,17 +248,18 @@ def measure(args: argparse.Namespace, trace: Trace, reqs: list, dtype: str, resu
             steps, decode = engine_steps(trace, reqs, chunks, info.num_experts, info.num_layers)
             bel_bytes = belady_misses(steps, slots, decode) * info.expert_bytes
             resident = resident_ms[str(batch)]
-            for policy, precopy in [
-                (p, int(c)) for p in args.policies.split(",") for c in args.precopy.split(",")
-            ]:
+            for policy, precopy, lagged in [
+                (p, int(c), int(o)) for p in args.policies.split(",") for c in args.precopy.split(",")
+                for o in args.overlap_offloaded.split(",")
+            ]:  # fmt: skip
                 if past_budget(args):
                     result.setdefault("skipped", []).append(
-                        f"{dtype} {policy} {frac} {batch} precopy {precopy}"
+                        f"{dtype} {policy} {frac} {batch} precopy {precopy} overlap_offloaded {lagged}"
                     )
                     print("past --budget-s, skipped:", result["skipped"][-1], flush=True)
                     continue
                 try:
-                    warm(policy, slots, batch, precopy)
+                    warm(policy, slots, batch, precopy, lagged)
                     row = run(llm, reqs, batch, bw)
                 except (
                     Exception
@@ -267,8 +277,10 @@ def measure(args: argparse.Namespace, trace: Trace, reqs: list, dtype: str, resu
                     "ms_per_token": row["decode_ms_per_token"], "own_floor_ms": 1e3 * bytes_tok / bw + resident,
                     "belady_floor_ms": 1e3 * bel_bytes / tokens / bw + resident, "hit_ratio": row["decode_hit_ratio"],
                     "bytes_per_token": bytes_tok, "belady_bytes_per_token": bel_bytes / tokens, "slots": slots,
-                    "precopy": bool(precopy),
+                    "precopy": bool(precopy), "overlap_offloaded": bool(lagged),
                 })  # fmt: skip
+                if llm.overlap is not None:
+                    result["runs"][-1]["overlap_stats"] = vars(llm.overlap.stats).copy()
                 if args.profile_rows and args.device == "cuda":
                     result["runs"][-1]["profile"] = kernel_profile(llm, reqs, batch, bw)
                 print(json.dumps(result["runs"][-1]), flush=True)

@@ -24,6 +24,10 @@
 #              -d .data/wheels pydantic-core==<pydantic's pin>`)                                     (~250 s)
 #   overlap    resident_step.py, compiled graph decode without and with EngineConfig.overlap (engine/overlap.py:
 #              step N+1 launched before step N is settled), batch 1 and 8, no TTFT; then its GPU tests   (~250 s)
+#   lag        the offloaded overlap (EngineConfig.overlap_offloaded: the next step launched before the last is
+#              settled, on a cache plan one step behind): decode_floor.py rows without and with it, bf16 and int4,
+#              25% cached, batch 1 and 8, LRU and ExpertFlow (LAG_DTYPES, LAG_FRACTIONS, LAG_POLICIES); then its GPU
+#              tests (tests/engine/test_overlap_offloaded_gpu.py)                                   (~450 s)
 #   mixtral    Mixtral geometry (first 8 layers), the real Mixtral trace, batch 1 (carry .data/traces after
 #              `moeflow trace-import`; its synth starts in the background at the call's start)     (~350 s)
 #   quant      quantised experts (issue 14): bf16 / int4 / fp8 rows at 10% and 25%, batch 1 and 8, LRU and
@@ -42,7 +46,7 @@ M=/dev/shm/olmoe
 T=benchmarks/traces
 START=$(date +%s)
 DEADLINE=$((START + ${GPU_LIMIT_S:-570}))
-GPU_TESTS=${GPU_TESTS:-"tests/engine/test_static_gpu.py tests/engine/test_static_memory_gpu.py tests/test_engine_gpu.py tests/engine/test_gpu_paths.py tests/engine/test_slot_prefill_gpu.py tests/engine/test_batch_gpu.py tests/engine/test_static_quant_gpu.py tests/quant/test_fit_gpu.py"}
+GPU_TESTS=${GPU_TESTS:-"tests/engine/test_static_gpu.py tests/engine/test_static_memory_gpu.py tests/test_engine_gpu.py tests/engine/test_gpu_paths.py tests/engine/test_slot_prefill_gpu.py tests/engine/test_batch_gpu.py tests/engine/test_static_quant_gpu.py tests/quant/test_fit_gpu.py tests/engine/test_overlap_gpu.py tests/engine/test_overlap_offloaded_gpu.py"}
 X=/dev/shm/mixtral8
 cap() { local l=$((DEADLINE - $(date +%s))); [ "$1" -lt "$l" ] && echo "$1" || echo $((l > 5 ? l : 5)); }  # min(cap, time left)
 say() { echo "[+$(($(date +%s) - START))s] $*" | tee -a "$OUT/stages.log"; }
@@ -105,6 +109,13 @@ elif [ "$STAGE" = overlap ]; then
     --no-ttft --out "$OUT/resident-step-overlap-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -8
   timeout "$(cap 200)" python3 -m pytest -q -p no:cacheprovider -rf tests/engine/test_overlap_gpu.py 2>&1 \
     | tee "$OUT/gpu-tests-overlap.log" | grep -v Warning | tail -12
+elif [ "$STAGE" = lag ]; then
+  synth
+  timeout "$(cap 420)" python3 benchmarks/decode_floor.py --model $M --trace $T/demo-eval.npz --expert-dtypes ${LAG_DTYPES:-bf16,int4} \
+    --no-kernel-stage --fractions ${LAG_FRACTIONS:-0.25} --policies ${LAG_POLICIES:-lru,expertflow} --max-tokens 24 \
+    --overlap-offloaded 0,1 --budget-s 380 --out "$OUT/decode-floor-lag-h200.json" 2>&1 | grep -v Warn | cut -c1-240 | tail -40
+  timeout "$(cap 200)" python3 -m pytest -q -p no:cacheprovider -rf tests/engine/test_overlap_offloaded_gpu.py 2>&1 \
+    | tee "$OUT/gpu-tests-lag.log" | grep -v Warning | tail -12
 elif [ "$STAGE" = mixtral ]; then
   if [ -n "$MIXTRAL_SYNTH" ]; then wait $MIXTRAL_SYNTH; fi
   tail -1 "$OUT/synth-mixtral.log" 2>/dev/null

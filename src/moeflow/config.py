@@ -113,6 +113,11 @@ class EngineConfig:
     it takes a step from 2.42 to 1.72 ms at batch 1 and 0.71 to 0.62 ms/token at batch 8
     (``benchmarks/results/resident-step-overlap-h200.json``); False (``--no-overlap``) settles each step first."""
 
+    overlap_offloaded: bool = False
+    """With ``overlap``: also launch offloaded decode steps (a slot table that changes every step) before the last is
+    settled, on a policy plan made one step behind (``CachePolicy.plan_in_flight``; the step folds the last one's
+    fills into the table on the device). The same outputs; the policy's decisions lag a step."""
+
     compile: bool | None = None
     """Compile the static decode step with ``torch.compile`` before it is captured: the dense layers' many small
     kernels (norms, rotary, residuals, the experts' gating and combine) are fused. It costs a compilation per batch
@@ -158,8 +163,9 @@ class EngineConfig:
             raise ConfigError(f"unknown decode mode {self.decode!r}: use auto, graph, static or eager")
         if self.prefill not in ("auto", "slots", "eager"):
             raise ConfigError(f"unknown prefill mode {self.prefill!r}: use auto, slots or eager")
-        if not isinstance(self.overlap, bool):
-            raise ConfigError(f"overlap must be True or False, got {self.overlap!r}")
+        for flag in ("overlap", "overlap_offloaded"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.compile not in (None, True, False):
             raise ConfigError(f"compile must be True, False or None (auto), got {self.compile!r}")
         if self.schedule not in ("auto", "fifo", "expert"):

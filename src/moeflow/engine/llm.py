@@ -90,7 +90,11 @@ class LLM:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self._next_id = 0
         self.steps = Steps(self.runtime)
-        self.overlap = Overlap(self.static, self.runtime, self.steps) if cfg.overlap and self.static else None
+        self.overlap = (
+            Overlap(self.static, self.runtime, self.steps, cfg.overlap_offloaded)
+            if cfg.overlap and self.static
+            else None
+        )
 
     def _runtime(self, recorder: TraceRecorder | None, replay: TraceReplay | None) -> Runtime:
         """The store, policy and MoE-layer handlers (``moeflow.distributed.engine`` overrides it per rank)."""

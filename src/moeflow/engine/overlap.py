@@ -12,7 +12,16 @@ that changes the table makes the launched step void; it is taken back (its KV wr
 overwritten) and launched again as the serial path would. Outputs, policy calls and statistics are the serial
 path's, step for step, but for the one-time fill of a pool that can hold every expert (prefetches, to the policy).
 Each step has its own lane of host buffers (two, alternating), so a launch never overwrites buffers whose copies are
-still queued. Legend: B rows.
+still queued.
+
+Offloaded (``EngineConfig.overlap_offloaded``: the table changes every step, so it cannot be guessed), step N+1 runs
+on a plan made before N is settled instead: ``CachePolicy.plan_in_flight`` after ``begin_step`` of N (one step
+behind; it leaves N's fill candidates alone), and the step folds N's fills into the table on the device before it
+reads it (``SlotTensors.begin_step``). Outputs are the serial path's (a miss is read from host memory whatever the
+table says); the policy's decisions are those of a plan one step late, which ``sim/static.py`` models. A launched
+step is never taken back: a row that finished at N ran in N+1 too (its token is dropped, its experts counted as
+served), and a step whose rows all finished is dropped with its candidate slots emptied (``forget_offered``).
+Legend: B rows.
 """
 
 from __future__ import annotations
@@ -83,8 +92,10 @@ class OverlapStats:
 class Overlap:
     """Runs the static decode steps of ``LLM.generate`` overlapped (``EngineConfig.overlap``)."""
 
-    def __init__(self, static: StaticDecoder, runtime: Runtime, steps: Steps):
+    def __init__(self, static: StaticDecoder, runtime: Runtime, steps: Steps, offloaded: bool = False):
         self.static, self.rt, self.steps = static, runtime, steps
+        self.offloaded = offloaded
+        """Launch ahead with a slot table that changes (``EngineConfig.overlap_offloaded``): see the module doc."""
         self.stats = OverlapStats()
         self._filled: weakref.ref | None = None
         """The slot table whose pool was filled (a reconfigure makes a new one; the old one, and its pool, go)."""
@@ -116,7 +127,8 @@ class Overlap:
             self.steps.begin_decode(seqs, live, bucket.bufs)
             self.static.table.apply(self.rt.policy.plan_boundary(len(live)))
             pending = self._launch(bucket, lanes[self.steps.index % 2], seqs, live, guess=False)
-        guess = self._guess(bucket, lanes[(self.steps.index + 1) % 2], seqs, live) if ahead else None
+        lagged = self.offloaded and not self.static.table.holds_every_expert()
+        guess = self._guess(bucket, lanes[(self.steps.index + 1) % 2], seqs, live, lagged) if ahead else None
         routing = finish_read_back(self.rt, bucket.bufs, pending.lane.results, live)
         tokens = pending.lane.results.tokens
         assert tokens is not None
@@ -130,9 +142,14 @@ class Overlap:
         stats.launched_ahead += 1
         if not after:
             self.static.undo_step(bucket)
+            if lagged:  # the launched step's fills are never settled
+                self.rt.policy.forget_offered()
             stats.dropped += 1
             return None
         self.steps.begin_decode(seqs, after, bucket.bufs)
+        if lagged:  # kept: a row that finished ran in it too (its token is dropped; its experts were served)
+            stats.kept += 1
+            return Launched(tuple(after), guess.lane)
         plan = self.rt.policy.plan_boundary(len(after))
         if after == live and self.static.table.unchanged_by(plan):
             stats.kept += 1
@@ -162,10 +179,13 @@ class Overlap:
                 table.apply(fill)
         self._filled = weakref.ref(table)
 
-    def _guess(self, bucket: Bucket, lane: Lane, seqs: list[Sequence], live: list[int]) -> Launched | None:
-        """Launch step N+1 before step N is read, where its inputs and table can be known: see the module doc."""
+    def _guess(
+        self, bucket: Bucket, lane: Lane, seqs: list[Sequence], live: list[int], lagged: bool
+    ) -> Launched | None:
+        """Launch step N+1 before step N is read, where its inputs and table can be known (``lagged``: the table of
+        a plan made before N is settled): see the module doc."""
         rt = self.rt
-        if rt.recorder is not None or not self.static.table.holds_every_expert():
+        if rt.recorder is not None or not (lagged or self.static.table.holds_every_expert()):
             return None
         if any(len(seqs[i].output_ids) + 1 >= seqs[i].params.max_tokens for i in live):
             return None  # a row ends at this step
@@ -176,6 +196,8 @@ class Overlap:
                 trace_rows = rt.replay.rows(ids, [[seqs[i].position + 1] for i in live])
             except TraceError:
                 return None  # the trace ends here: the serial path raises when (if) the step runs
+        if lagged:
+            self.static.table.apply(rt.policy.plan_in_flight(len(live)), fold=True)
         return self._launch(bucket, lane, seqs, live, guess=True, trace_rows=trace_rows)
 
     def _launch(

@@ -94,7 +94,7 @@ class StaticDecoder:
                 self.compiled
             ):  # one compiled step serves every pool size: the sizes only matter inside the ops
                 t = self._table.tensors
-                for tensor, dim in ((t.pool, 0), (t.cand, 1), (t.taken, 0), (t.scratch, 0)):
+                for tensor, dim in ((t.pool, 0), (t.cand, 1), (t.last, 1), (t.taken, 0), (t.scratch, 0)):
                     if tensor.shape[dim] > 1:
                         torch._dynamo.mark_dynamic(tensor, dim)
             self._buckets.clear()  # their graphs go, and with them their memory pool: start a new one

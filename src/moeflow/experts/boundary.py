@@ -53,7 +53,7 @@ def settle(policy: CachePolicy, routing: StepRouting, hooks: bool) -> None:
     p.stats.hits += len(used) - misses
     p.stats.misses += misses
     p._miss_avg = misses if p._miss_avg is None else 0.8 * p._miss_avg + 0.2 * misses
-    p._offered = []
+    p._offered, p._queued = p._queued or [], None  # a step planned in flight is the next one settled
 
 
 def touch_keys(policy: CachePolicy, keys: np.ndarray) -> None:
@@ -82,6 +82,40 @@ def plan(policy: CachePolicy, batch: int) -> Boundary:
     victims = p.select_victims(n - len(free), protect, 0) if n > len(free) else []
     p._offered = free + [p.slot_of[key] for key in victims]
     return Boundary(loads, tuple(p._offered), residency(p))
+
+
+def plan_in_flight(policy: CachePolicy, batch: int) -> Boundary:
+    """``plan_boundary`` for step N+1 while step N runs unsettled (planned after ``begin_step`` of N, so one step
+    behind): N's candidate slots are left alone, since the device may be writing a fill into any of them. None is
+    offered again, and a prefetch the plan puts into one is cancelled (``cancel``: the slot is left empty). The
+    plan's own candidates wait until N is settled (``settle`` then takes them as the offered slots of N+1).
+
+    Every other entry of the plan holds whatever N fills: N's fills are missed experts (not resident in the plan)
+    in N's candidate slots, which the plan neither offers nor loads into; the step folds them into the table on
+    the device (``SlotTensors.begin_step``) and ``settle`` of N places them for the policy."""
+    p = policy
+    running = p._offered
+    held = set(running)
+    plan = p.plan_boundary(batch)
+    mine = p._offered
+    loads = []
+    for load in plan.loads:
+        if load.slot in held:
+            p.cancel(load)
+        else:
+            loads.append(load)
+    p._offered, p._queued = running, [s for s in mine if s not in held]
+    return Boundary(tuple(loads), tuple(p._queued), residency(p))
+
+
+def forget_offered(policy: CachePolicy) -> None:
+    """Empty the candidate slots offered to a step that ran and will not be settled (its fills are unknown)."""
+    p = policy
+    for slot in p._offered:
+        key = p.key_in[slot]
+        if key is not None:
+            p._free.append(p._vacate(key))
+    p._offered = []
 
 
 def residency(policy: CachePolicy) -> np.ndarray:

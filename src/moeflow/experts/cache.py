@@ -65,6 +65,9 @@ class CachePolicy(PolicyHooks):
         self._unused_prefetch = set()
         self.clock = 0
         self._offered: list[int] = []  # candidate slots of the coming static step's read-through fills
+        self._queued: list[int] | None = (
+            None  # the offered slots of a step planned before the last one settled
+        )
         self._miss_avg: float | None = None  # misses per static decode step (running average)
 
     def victim(self, candidates: Sequence[Key], layer: int) -> Key:
@@ -260,6 +263,16 @@ class CachePolicy(PolicyHooks):
     def plan_boundary(self, batch: int) -> Boundary:
         """Between static decode steps, after ``begin_step`` of the coming one: see ``boundary.plan``."""
         return boundary.plan(self, batch)
+
+    def plan_in_flight(self, batch: int) -> Boundary:
+        """``plan_boundary`` for a step launched before the step now running is settled (the plan after
+        ``begin_step`` of step N, for step N+1): see ``boundary.plan_in_flight``."""
+        return boundary.plan_in_flight(self, batch)
+
+    def forget_offered(self) -> None:
+        """The step the last plan was for ran but will not be settled (every row had finished before it): what it
+        wrote into its candidate slots is unknown, so those slots are emptied."""
+        boundary.forget_offered(self)
 
     def fill_budget(self, batch: int) -> int:
         """Candidate slots to offer for the coming step's misses: twice the recent misses per step plus one

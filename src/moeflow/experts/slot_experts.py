@@ -47,6 +47,13 @@ class SlotTensors:
     the key each holds (layer -1: a free slot; slot -1: padding)."""
     taken: torch.Tensor
     """[C + 1] bool: candidates claimed so far in the step (the last entry absorbs unclaimed writes)."""
+    last: torch.Tensor
+    """[3, C] int32: ``cand`` of the step run last (what its ``taken`` and ``filled`` refer to)."""
+    fold: torch.Tensor
+    """[1] int32, uploaded with the table: 1 when the host planned this step before the last one was settled, so
+    the table it uploaded lacks that step's fills (``begin_step`` folds them in)."""
+    flat: torch.Tensor
+    """[L*E + 1] int32: ``table`` flattened, then one entry that takes the writes of a fold's padding."""
     scratch: torch.Tensor
     """[C] int32 scratch of the fused route kernel."""
     served: torch.Tensor
@@ -56,7 +63,21 @@ class SlotTensors:
     layout: ExpertLayout
 
     def begin_step(self) -> None:
-        """Device ops at the start of a step (captured with it): no candidate claimed, nothing served or filled."""
+        """Device ops at the start of a step (captured with it): the last step's fills folded into the table where
+        the host planned without them (``fold``); then no candidate claimed, nothing served or filled.
+
+        The fold is what the host's ``boundary.settle`` would do to the table: a claimed candidate's old key is
+        dropped and each filled expert points to its slot. The host's plan left the last step's candidates alone
+        (``CachePolicy.plan_in_flight``), so no entry of the uploaded table can contradict it."""
+        n = self.flat.shape[0] - 1
+        on = self.fold[0] != 0
+        last, c = self.last, self.cand.shape[1]
+        claimed = self.taken[:c] & (last[0] >= 0) & (last[1] >= 0) & on
+        old = torch.where(claimed, last[1] * self.table.shape[1] + last[2], n)
+        self.flat.scatter_(0, old.long(), -1)
+        filled, table = self.filled.view(-1), self.flat[:n]
+        table.copy_(torch.where(on & (filled >= 0), filled, table))
+        last.copy_(self.cand)
         self.taken.zero_()
         self.served.zero_()
         self.filled.fill_(-1)

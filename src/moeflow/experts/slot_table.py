@@ -5,8 +5,9 @@ the policy's residency (``Boundary.resident``) minus the slots whose copies have
 table is uploaded on the compute stream (one small copy, before the next step), so an eviction takes effect at a
 step boundary and no kernel reads a slot that is being overwritten. Prefetch copies then run on the store's copy
 stream, each group followed by a device write of its table entries, so an expert becomes visible once its bytes
-have landed, possibly in the middle of the next step. The buffer after the table holds the fill candidates (their
-slots, and the layer and expert each holds), uploaded with it in one copy.
+have landed, possibly in the middle of the next step. The buffer after the table holds a spare entry, the fill
+candidates (their slots, and the layer and expert each holds) and the fold flag (``SlotTensors.fold``), uploaded
+with it in one copy.
 """
 
 from __future__ import annotations
@@ -33,33 +34,47 @@ class SlotTable:
         self.zero_copy = _host_is_ordered(store, self.num_layers, self.num_experts)
         """The kernel reads misses from the host pool by address (pinned, zero-copy, on a GPU)."""
         self._buf = torch.full(
-            (n + 3 * fill_cap,), -1, dtype=torch.int32, device=dev
-        )  # table, then candidates
-        self._staging = torch.full_like(self._buf, -1, device="cpu").pin_memory() if store.cuda else None
+            (n + 1 + 3 * fill_cap + 1,), -1, dtype=torch.int32, device=dev
+        )  # table, one spare entry, candidates, fold flag
+        self._staging = (
+            [torch.full_like(self._buf, -1, device="cpu").pin_memory() for _ in range(2)]
+            if store.cuda
+            else None
+        )
+        self._read: list[torch.cuda.Event | None] = [None, None]
+        """Recorded behind the last upload from each staging buffer (it may be rewritten once that has run)."""
+        self._uploads = 0
         self._uploaded: np.ndarray | None = None
         """The residency last uploaded with no copies in flight and no candidates (None: anything else)."""
         self._held: np.ndarray | None = None
         """The residency of the table on the device when it was uploaded with no copies queued (None: copies)."""
+        cap = fill_cap
         self.tensors = SlotTensors(
             pool=store.slots,
             host=store.host if self.zero_copy else None,
             host_row=lambda layer, e: store.host_row_of((layer, e)),
             table=self._buf[:n].view(self.num_layers, self.num_experts),
-            cand=self._buf[n:].view(3, fill_cap),
+            cand=self._buf[n + 1 : n + 1 + 3 * cap].view(3, cap),
             taken=torch.zeros(fill_cap + 1, dtype=torch.bool, device=dev),
+            last=torch.full((3, cap), -1, dtype=torch.int32, device=dev),
+            fold=self._buf[n + 1 + 3 * cap :],
+            flat=self._buf[: n + 1],
             scratch=torch.zeros(fill_cap, dtype=torch.int32, device=dev),
             served=torch.zeros(self.num_layers, self.num_experts, dtype=torch.int8, device=dev),
             filled=torch.full((self.num_layers, self.num_experts), -1, dtype=torch.int32, device=dev),
             layout=lm.layout,
         )
 
-    def apply(self, boundary: Boundary) -> None:
-        """Between steps: upload the table (evictions take effect) and the fill candidates, start the copies."""
+    def apply(self, boundary: Boundary, fold: bool = False) -> None:
+        """Between steps: upload the table (evictions take effect) and the fill candidates, start the copies.
+        ``fold``: the boundary was planned before the step now running was settled (``CachePolicy.plan_in_flight``):
+        the coming step folds that step's fills into the table first (``SlotTensors.begin_step``)."""
         store, num_experts = self.store, self.num_experts
-        settled = not boundary.loads and not boundary.candidates and not store.in_flight()
+        settled = not boundary.loads and not boundary.candidates and not store.in_flight() and not fold
         if settled and self._uploaded is not None and np.array_equal(self._uploaded, boundary.resident):
             return  # the device holds this table already, and no candidates: nothing to upload or copy
-        self._held = boundary.resident.copy() if not boundary.loads and not store.in_flight() else None
+        held = not boundary.loads and not store.in_flight() and not fold
+        self._held = boundary.resident.copy() if held else None  # a fold changes the table on the device
         self._uploaded = self._held if settled else None  # settled: no loads, none in flight, no candidates
         loading = np.zeros(store.num_slots, bool)
         loading[[load.slot for load in boundary.loads]] = True
@@ -71,20 +86,28 @@ class SlotTable:
         host[boundary.resident[ok]] = np.flatnonzero(ok)
         cand = np.asarray(boundary.candidates, np.int64)
         cand = cand[landed[cand] & ~loading[cand]]
-        cap = (host.shape[0] - n) // 3
+        cap = (host.shape[0] - n - 2) // 3
         cand = cand[:cap]
         keys = boundary.resident[cand]
-        c = host[n:].reshape(3, cap)
+        c = host[n + 1 : n + 1 + 3 * cap].reshape(3, cap)
         c[0, : len(cand)] = cand
         c[1, : len(cand)] = np.where(keys >= 0, keys // num_experts, -1)
         c[2, : len(cand)] = np.where(keys >= 0, keys % num_experts, -1)
+        host[-1] = int(fold)
         if self._staging is None:
             self._buf.copy_(torch.from_numpy(host))
         else:
             # every candidate's last copy, and the table write queued after it, has landed (``landed`` above): no
-            # pending write for a slot's old key can land after this upload
-            self._staging.copy_(torch.from_numpy(host))
-            self._buf.copy_(self._staging, non_blocking=True)
+            # pending write for a slot's old key can land after this upload. Two staging buffers, each rewritten
+            # only once its last upload has run (a step may still be queued before this one).
+            i = self._uploads % 2
+            self._uploads += 1
+            if self._read[i] is not None:
+                self._read[i].synchronize()
+            self._staging[i].copy_(torch.from_numpy(host))
+            self._buf.copy_(self._staging[i], non_blocking=True)
+            self._read[i] = torch.cuda.Event()
+            self._read[i].record()
         self._copy(boundary.loads)
 
     def holds_every_expert(self) -> bool:
@@ -102,6 +125,11 @@ class SlotTable:
         )
 
     def _copy(self, loads: tuple[Load, ...]) -> None:
+        """Start the prefetch copies, after every step queued so far (one may still read a victim's slot)."""
+        if loads and self.store.cuda:
+            queued = torch.cuda.Event()
+            queued.record()
+            self.store.copy_stream.wait_event(queued)
         ordered = sorted(loads, key=lambda ld: -ld.priority)
         for start in range(0, len(ordered), COPY_GROUP):
             group = ordered[start : start + COPY_GROUP]

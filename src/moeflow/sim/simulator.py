@@ -146,12 +146,13 @@ def simulate(
 ) -> SimResult:
     """Replay ``trace`` through ``policy`` (a registered name, a factory or a fresh instance) with
     ``cache_size`` device slots. ``options`` go to ``PolicyContext.options`` (``batch_size`` is added).
-    ``execution``: "eager" (demand loads per layer) or "static" (decode steps as the static decode path runs them,
-    see ``sim/static.py``; prefill stays eager). ``batching``: "continuous" (the module docstring's) or "recorded"
+    ``execution``: "eager" (demand loads per layer), "static" (decode steps as the static decode path runs them,
+    see ``sim/static.py``; prefill stays eager) or "static-overlap" (as "static" with the offloaded overlap's plans
+    one step behind, ``EngineConfig.overlap_offloaded``). ``batching``: "continuous" (the module docstring's) or "recorded"
     (the trace's own steps: the engine's batching when the engine recorded it)."""
-    from moeflow.sim.static import recorded_schedule, run_static_step
+    from moeflow.sim.static import StaticSteps, recorded_schedule
 
-    if execution not in ("eager", "static") or batching not in ("continuous", "recorded"):
+    if execution not in ("eager", "static", "static-overlap") or batching not in ("continuous", "recorded"):
         raise ValueError(f"unknown execution {execution!r} or batching {batching!r}")
     pol = policy() if callable(policy) and not isinstance(policy, CachePolicy) else make_policy(policy)
     num_layers, num_experts = trace.num_layers, trace.num_experts
@@ -168,10 +169,11 @@ def simulate(
     steps = recorded_schedule(trace) if batching == "recorded" else schedule(trace, batch_size)
     demand = np.zeros(len(steps), np.int64)  # [S]
     prefetch = np.zeros(len(steps), np.int64)  # [S]
+    static = StaticSteps(pol, lagged=execution == "static-overlap")
     for s, st in enumerate(steps):
         m0, p0 = pol.stats.misses, pol.stats.prefetches
-        if execution == "static" and not st.info.prefill:
-            run_static_step(pol, st.info, trace.experts[st.rows])
+        if execution != "eager" and not st.info.prefill:
+            static.run(st.info, trace.experts[st.rows], steps[s + 1].info if s + 1 < len(steps) else None)
         else:
             _run_step(pol, st, trace.experts[st.rows], trace.weights[st.rows])
         if end_request is not None:

@@ -17,7 +17,7 @@ from moeflow.experts.policies import make_policy
 from moeflow.routing.predictor import PredictorConfig, RoutingPredictor
 from moeflow.routing.trace import Trace
 from moeflow.sim.simulator import layer_requests, schedule
-from moeflow.sim.static import run_static_step
+from moeflow.sim.static import StaticSteps
 
 LAYERS, EXPERTS, TOP_K = 6, 16, 2
 CASES = [
@@ -81,10 +81,11 @@ def decisions(
     opts.update(options or {})
     pol.setup(PolicyContext(trace=trace, options=opts))
     log: list = []
+    static = StaticSteps(pol)
     for st in schedule(trace, batch):
         ex, w = trace.experts[st.rows], trace.weights[st.rows]
         if execution == "static" and not st.info.prefill:
-            run_static_step(pol, st.info, ex)
+            static.run(st.info, ex)
             log.append(["static", pol.key_in.copy()])
         else:
             pol.begin_step(st.info)

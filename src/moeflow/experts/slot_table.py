@@ -5,9 +5,8 @@ the policy's residency (``Boundary.resident``) minus the slots whose copies have
 table is uploaded on the compute stream (one small copy, before the next step), so an eviction takes effect at a
 step boundary and no kernel reads a slot that is being overwritten. Prefetch copies then run on the store's copy
 stream, each group followed by a device write of its table entries, so an expert becomes visible once its bytes
-have landed, possibly in the middle of the next step. The buffer after the table holds a spare entry, the fill
-candidates (their slots, and the layer and expert each holds) and the fold flag (``SlotTensors.fold``), uploaded
-with it in one copy.
+have landed, possibly in the middle of the next step. A second buffer holds the fill candidates (their slots, and
+the layer and expert each holds) and the fold flag (``SlotTensors.fold``), uploaded with the table.
 """
 
 from __future__ import annotations
@@ -33,11 +32,12 @@ class SlotTable:
         dev = store.device
         self.zero_copy = _host_is_ordered(store, self.num_layers, self.num_experts)
         """The kernel reads misses from the host pool by address (pinned, zero-copy, on a GPU)."""
-        self._buf = torch.full(
-            (n + 1 + 3 * fill_cap + 1,), -1, dtype=torch.int32, device=dev
-        )  # table, one spare entry, candidates, fold flag
+        # the table, and apart from it (the step writes the table: no other input of the step may share its storage)
+        # the candidates and the fold flag
+        self._table = torch.full((n,), -1, dtype=torch.int32, device=dev)
+        self._buf = torch.full((3 * fill_cap + 1,), -1, dtype=torch.int32, device=dev)
         self._staging = (
-            [torch.full_like(self._buf, -1, device="cpu").pin_memory() for _ in range(2)]
+            [torch.full((n + self._buf.shape[0],), -1, dtype=torch.int32).pin_memory() for _ in range(2)]
             if store.cuda
             else None
         )
@@ -53,12 +53,11 @@ class SlotTable:
             pool=store.slots,
             host=store.host if self.zero_copy else None,
             host_row=lambda layer, e: store.host_row_of((layer, e)),
-            table=self._buf[:n].view(self.num_layers, self.num_experts),
-            cand=self._buf[n + 1 : n + 1 + 3 * cap].view(3, cap),
+            table=self._table.view(self.num_layers, self.num_experts),
+            cand=self._buf[: 3 * cap].view(3, cap),
             taken=torch.zeros(fill_cap + 1, dtype=torch.bool, device=dev),
             last=torch.full((3, cap), -1, dtype=torch.int32, device=dev),
-            fold=self._buf[n + 1 + 3 * cap :],
-            flat=self._buf[: n + 1],
+            fold=self._buf[3 * cap :],
             scratch=torch.zeros(fill_cap, dtype=torch.int32, device=dev),
             served=torch.zeros(self.num_layers, self.num_experts, dtype=torch.int8, device=dev),
             filled=torch.full((self.num_layers, self.num_experts), -1, dtype=torch.int32, device=dev),
@@ -81,21 +80,22 @@ class SlotTable:
         landed = ~loading
         landed[list(store.in_flight())] = False
         ok = (boundary.resident >= 0) & ~loading & landed  # a copy in flight publishes its own entry
-        host = np.full(self._buf.shape[0], -1, np.int32)
         n = self.num_layers * num_experts
+        host = np.full(n + self._buf.shape[0], -1, np.int32)
         host[boundary.resident[ok]] = np.flatnonzero(ok)
         cand = np.asarray(boundary.candidates, np.int64)
         cand = cand[landed[cand] & ~loading[cand]]
-        cap = (host.shape[0] - n - 2) // 3
+        cap = (self._buf.shape[0] - 1) // 3
         cand = cand[:cap]
         keys = boundary.resident[cand]
-        c = host[n + 1 : n + 1 + 3 * cap].reshape(3, cap)
+        c = host[n : n + 3 * cap].reshape(3, cap)
         c[0, : len(cand)] = cand
         c[1, : len(cand)] = np.where(keys >= 0, keys // num_experts, -1)
         c[2, : len(cand)] = np.where(keys >= 0, keys % num_experts, -1)
         host[-1] = int(fold)
         if self._staging is None:
-            self._buf.copy_(torch.from_numpy(host))
+            self._table.copy_(torch.from_numpy(host[:n]))
+            self._buf.copy_(torch.from_numpy(host[n:]))
         else:
             # every candidate's last copy, and the table write queued after it, has landed (``landed`` above): no
             # pending write for a slot's old key can land after this upload. Two staging buffers, each rewritten
@@ -105,7 +105,8 @@ class SlotTable:
             if self._read[i] is not None:
                 self._read[i].synchronize()
             self._staging[i].copy_(torch.from_numpy(host))
-            self._buf.copy_(self._staging[i], non_blocking=True)
+            self._table.copy_(self._staging[i][:n], non_blocking=True)
+            self._buf.copy_(self._staging[i][n:], non_blocking=True)
             self._read[i] = torch.cuda.Event()
             self._read[i].record()
         self._copy(boundary.loads)
@@ -134,7 +135,7 @@ class SlotTable:
         for start in range(0, len(ordered), COPY_GROUP):
             group = ordered[start : start + COPY_GROUP]
             keys = [ld.key[0] * self.num_experts + ld.key[1] for ld in group]
-            self.store.copy_published(group, self._buf[: self.num_layers * self.num_experts], keys)
+            self.store.copy_published(group, self._table, keys)
 
     def copy_back(self, into: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Queue copies of the last step's (served [L, E], filled [L, E]) into the host tensors ``into`` (pinned on a

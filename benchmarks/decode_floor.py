@@ -281,6 +281,10 @@ def measure(args: argparse.Namespace, trace: Trace, reqs: list, dtype: str, resu
                 })  # fmt: skip
                 if llm.overlap is not None:
                     result["runs"][-1]["overlap_stats"] = vars(llm.overlap.stats).copy()
+                if llm.static is not None:  # a compiled step that failed runs uncompiled from then on
+                    result["runs"][-1]["step_fell_back"] = (
+                        llm.static.compiled and llm.static.step == llm.static._forward
+                    )
                 if args.profile_rows and args.device == "cuda":
                     result["runs"][-1]["profile"] = kernel_profile(llm, reqs, batch, bw)
                 print(json.dumps(result["runs"][-1]), flush=True)

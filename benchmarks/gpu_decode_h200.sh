@@ -16,7 +16,9 @@
 #              (issue 13; SERVE_MODES, default offline,offline-serial,serve,serve-1); warm-ups compile the step
 #              for each batch shape (~60-90 s each)                                                  (~420 s)
 #   serveload  benchmarks/serve_load.py on the GPU: `moeflow serve` over HTTP at OLMoE geometry (its own routing),
-#              64 streaming clients for SERVELOAD_S (120) s, 32 rows; carry .data/wheels: the serve extra's wheels,
+#              64 streaming clients for SERVELOAD_S (120) s, 32 rows, through a stand-in tokenizer (one word per
+#              token id, so that text streams and TTFT can be timed); carry .data/wheels (only the cp312 pydantic-core:
+#              the tree and the carry together must stay under 64 MiB): the serve extra's wheels,
 #              which the GPU image lacks (pure Python but pydantic-core; fetched on the CPU machine with
 #              `pip download --no-deps -d .data/wheels fastapi starlette uvicorn h11 click prometheus-client httpx
 #              httpcore anyio sniffio idna certifi typing-extensions annotated-types typing-inspection pydantic`
@@ -101,7 +103,7 @@ elif [ "$STAGE" = serveload ]; then
   # the GPU image has no uvicorn: wheels carried in .data/wheels (see the stage list above)
   python3 -c "import uvicorn, fastapi, prometheus_client, httpx" 2>/dev/null || \
     python3 -m pip install -q --no-index --find-links .data/wheels fastapi uvicorn prometheus-client httpx 2>&1 | tail -2
-  timeout "$(cap 300)" python3 benchmarks/serve_load.py --model $M --device cuda --clients 64 --duration ${SERVELOAD_S:-120} --max-batch 32 \
+  timeout "$(cap 300)" python3 benchmarks/serve_load.py --model $M --standin-tokenizer --device cuda --clients 64 --duration ${SERVELOAD_S:-120} --max-batch 32 \
     --max-tokens 64 --out "$OUT/serve-load-h200.json" 2>&1 | grep -v Warn | cut -c1-300 | tail -8
 elif [ "$STAGE" = overlap ]; then
   synth

@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,11 +54,36 @@ def percentile(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
 
 
+def standin_view(model: Path, root: Path) -> Path:
+    """A view of a checkpoint without a tokenizer (a synthesised one): links to its files, plus a stand-in tokenizer
+    with one word per token id ("t0", "t1", ...), so that the server streams text for every token (TTFT and time per
+    token become measurable). The checkpoint itself is left as it is."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    view = root / model.name
+    view.mkdir(parents=True)
+    for f in model.iterdir():
+        (view / f.name).symlink_to(f.resolve())
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(view / "tokenizer.json"))
+    (view / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    return view
+
+
+def prompt_body(prompt: str, prompts: str) -> str | list[int]:
+    """``prompts``: "text" (the model's tokenizer), "ids" (none: token ids), "words" (the stand-in's words for the
+    same ids)."""
+    ids = [ord(c) % 256 + 3 for c in prompt]
+    return prompt if prompts == "text" else ids if prompts == "ids" else " ".join(f"t{i}" for i in ids)
+
+
 async def one_request(
-    client: httpx.AsyncClient, base: str, rng: random.Random, max_tokens: int, tokenizer: bool = True
+    client: httpx.AsyncClient, base: str, rng: random.Random, max_tokens: int, prompts: str = "text"
 ) -> dict:
-    prompt = rng.choice(PROMPTS)  # a model without a tokenizer (a synthesised one) takes token ids
-    body = {"prompt": prompt if tokenizer else [ord(c) % 256 + 3 for c in prompt], "max_tokens": rng.randint(max_tokens // 2, max_tokens),
+    prompt = rng.choice(PROMPTS)
+    body = {"prompt": prompt_body(prompt, prompts), "max_tokens": rng.randint(max_tokens // 2, max_tokens),
             "temperature": rng.choice([0.0, 0.8]), "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     t0 = time.perf_counter()
     first = last = None
@@ -79,12 +105,16 @@ async def one_request(
                 last = now
     if error or first is None:
         return {"error": error or "no tokens"}
+    if (
+        prompts == "ids"
+    ):  # no text to stream: the only chunk with a choice is the last (the request's latency)
+        return {"ttft": None, "tpot": None, "latency": last - t0, "tokens": tokens}
     tpot = (last - first) / (tokens - 1) if tokens > 1 else None
-    return {"ttft": first - t0, "tpot": tpot, "tokens": tokens}
+    return {"ttft": first - t0, "tpot": tpot, "latency": last - t0, "tokens": tokens}
 
 
 async def load(
-    base: str, clients: int, duration: float, max_tokens: int, pid: int, tokenizer: bool = True
+    base: str, clients: int, duration: float, max_tokens: int, pid: int, prompts: str = "text"
 ) -> dict:
     stop_at = time.perf_counter() + duration
     results: list[dict] = []
@@ -95,7 +125,7 @@ async def load(
         async with httpx.AsyncClient(timeout=httpx.Timeout(120.0)) as client:
             while time.perf_counter() < stop_at:
                 try:
-                    results.append(await one_request(client, base, rng, max_tokens, tokenizer))
+                    results.append(await one_request(client, base, rng, max_tokens, prompts))
                 except Exception as err:  # a transport error counts as an error, the client goes on
                     results.append({"error": f"{type(err).__name__}: {err}"})
 
@@ -110,14 +140,19 @@ async def load(
     wall = time.perf_counter() - t0
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
-    ttft = [r["ttft"] for r in ok]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     tpot = [r["tpot"] for r in ok if r["tpot"] is not None]
+    latency = [r["latency"] for r in ok]
     generated = sum(r["tokens"] for r in ok)
     return {
         "requests_served": len(ok), "errors": len(errors), "error_samples": errors[:5], "wall_s": round(wall, 1),
         "generated_tokens": generated, "tokens_per_s": round(generated / wall, 1),
         "ttft_s": {"p50": percentile(ttft, 50), "p99": percentile(ttft, 99), "max": max(ttft, default=None)},
         "tpot_s": {"p50": percentile(tpot, 50), "p99": percentile(tpot, 99)},
+        "latency_s": {"p50": percentile(latency, 50), "p99": percentile(latency, 99)},
+        "prompts": prompts,
+        "ttft_note": "" if prompts != "ids" else "not measured: the model has no tokenizer, so the server streams no text "
+        "before a request's last chunk (latency_s is the whole request's)",
         "rss_samples": rss,
     }  # fmt: skip
 
@@ -142,10 +177,20 @@ def main() -> int:
     ap.add_argument(
         "--note", default="", help="free text stored in the JSON (e.g. what else shared the machine)"
     )
+    ap.add_argument(
+        "--standin-tokenizer", action="store_true",
+        help="a model without a tokenizer is served from a view of it with a stand-in tokenizer (one word per token "
+        "id), so that text streams and TTFT / time per token can be measured",
+    )  # fmt: skip
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
     port, root = free_port(), Path(__file__).resolve().parents[1]
+    has_tokenizer = any((Path(args.model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    prompts = "text" if has_tokenizer else "words" if args.standin_tokenizer else "ids"
+    scratch = tempfile.TemporaryDirectory()
+    if prompts == "words":
+        args.model = str(standin_view(Path(args.model), Path(scratch.name)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "moeflow", "serve", "--model", args.model, "--device", args.device, "--port", str(port),
            "--max-batch", str(args.max_batch), "--max-queue", str(args.clients), "--prefill-chunk",
@@ -162,8 +207,7 @@ def main() -> int:
             except httpx.TransportError:
                 time.sleep(0.2)
         rss_start = rss_bytes(server.pid)
-        tokenizer = any((Path(args.model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-        out = asyncio.run(load(base, args.clients, args.duration, args.max_tokens, server.pid, tokenizer))
+        out = asyncio.run(load(base, args.clients, args.duration, args.max_tokens, server.pid, prompts))
         rss_end = rss_bytes(server.pid)
         metrics = httpx.get(f"{base}/metrics", timeout=10).text
     finally:
@@ -174,6 +218,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             server.kill()
             log = server.communicate()[0]
+        scratch.cleanup()
     import torch
     import transformers
 
@@ -198,7 +243,7 @@ def main() -> int:
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("requests_served", "errors", "ttft_s", "tpot_s")}))
+    print(json.dumps({k: result[k] for k in ("requests_served", "errors", "ttft_s", "tpot_s", "latency_s")}))
     print(f"server RSS {rss_start / 2**20:.0f} MiB -> {rss_end / 2**20:.0f} MiB; wrote {args.out}")
     return 0 if out["errors"] == 0 else 1
 

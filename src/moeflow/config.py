@@ -113,10 +113,13 @@ class EngineConfig:
     it takes a step from 2.42 to 1.72 ms at batch 1 and 0.71 to 0.62 ms/token at batch 8
     (``benchmarks/results/resident-step-overlap-h200.json``); False (``--no-overlap``) settles each step first."""
 
-    overlap_offloaded: bool = False
+    overlap_offloaded: bool = True
     """With ``overlap``: also launch offloaded decode steps (a slot table that changes every step) before the last is
     settled, on a policy plan made one step behind (``CachePolicy.plan_in_flight``; the step folds the last one's
-    fills into the table on the device). The same outputs; the policy's decisions lag a step."""
+    fills into the table on the device). The same outputs; the policy's decisions lag a step. On the H200 at 25%
+    cached it was faster in every row measured (bf16 and int4, batch 1 and 8, LRU and ExpertFlow; ExpertFlow at
+    batch 1 in bf16 27.9 -> 24.4 ms/token: ``benchmarks/results/decode-floor-lag-s25-h200.json``); False
+    (``--no-overlap-offloaded``) settles each offloaded step first."""
 
     compile: bool | None = None
     """Compile the static decode step with ``torch.compile`` before it is captured: the dense layers' many small

@@ -14,6 +14,7 @@ import pytest
 from moeflow import LLM, SamplingParams
 from moeflow.engine.batch import BatchEngine
 from tests.engine.test_overlap import PROMPTS, Logged, engine, stats
+from tests.engine.test_overlap_offloaded import assert_slots_hold_their_experts
 
 
 def serve(
@@ -92,14 +93,20 @@ def test_only_greedy_serving_launches_ahead(checkpoints: dict[str, Path], temper
 
 
 def test_a_pool_short_of_every_expert_serves_as_the_serial_path(checkpoints: dict[str, Path]) -> None:
-    """Offloaded serving (6 slots): no step can be launched ahead, and the overlap's serial steps are the serial
-    serving path's, misses and fills included."""
+    """Offloaded serving (6 slots) with ``overlap_offloaded`` off: no step can be launched ahead, and the overlap's
+    serial steps are the serial serving path's, misses and fills included. With it on (the default), steps are
+    launched ahead on a lagged plan: the same tokens, and every slot the policy fills holds its expert."""
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (6, 9, 7)]
     runs = []
     for overlap in (False, True):
-        llm = engine(checkpoints["olmoe"], overlap, Logged(), slots=6)
+        llm = engine(checkpoints["olmoe"], overlap, Logged(), slots=6, overlap_offloaded=False)
         tokens, batch = serve(llm, params)
         runs.append((tokens, llm.policy.log, stats(llm)))
     assert runs[1] == runs[0]
     assert runs[0][2][1] > 0  # misses
     assert batch.overlap is not None and batch.overlap.stats.launched_ahead == 0
+    llm = engine(checkpoints["olmoe"], True, Logged(), slots=6)
+    tokens, batch = serve(llm, params)
+    assert tokens == runs[0][0]
+    assert batch.overlap is not None and batch.overlap.stats.kept > 0
+    assert_slots_hold_their_experts(llm)

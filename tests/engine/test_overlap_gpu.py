@@ -44,17 +44,23 @@ def test_overlapped_graph_decode_relaunches_after_a_finish(checkpoints: dict[str
     assert llm.overlap is not None and llm.overlap.stats.relaunched + llm.overlap.stats.dropped > 0
 
 
+def trace_prompts(trace: Trace, n: int = 4) -> tuple[list[int], list[list[int]]]:
+    """The first ``n`` requests of ``trace``: their ids and the first 32 tokens of each prompt."""
+    ids = [int(r) for r in trace.requests()[:n]]
+    prompts = []
+    for r in ids:
+        rows = (trace.request == r) & ~trace.decode
+        order = np.argsort(trace.position[rows])
+        prompts.append(np.maximum(trace.token[rows][order], 0)[:32].tolist())
+    return ids, prompts
+
+
 def test_demo_model_bf16_overlapped_equals_serial_with_replay() -> None:
     trace = Trace.load(TRACE)
+    ids, prompts = trace_prompts(trace)
     runs = []
     for overlap in (False, True):
         llm = engine(DEMO, overlap, Logged(), device="cuda", decode="graph", replay=trace)
-        ids = [int(r) for r in trace.requests()[:4]]
-        prompts = []
-        for r in ids:
-            rows = (trace.request == r) & ~trace.decode
-            order = np.argsort(trace.position[rows])
-            prompts.append(np.maximum(trace.token[rows][order], 0)[:32].tolist())
         outs = llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True), request_ids=ids)
         runs.append(([o.token_ids for o in outs], llm.policy.log, stats(llm)))
     assert runs[1] == runs[0]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,13 +14,13 @@ from moeflow import LLM, SamplingParams
 from moeflow.model.loader import open_model
 from moeflow.routing.trace import Trace
 from tests.engine.test_overlap import PROMPTS
+from tests.engine.test_overlap_gpu import TRACE, trace_prompts
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 DEMO = Path(__file__).resolve().parents[2] / "models" / "demo"
-TRACE = Path(__file__).resolve().parents[2] / "benchmarks" / "traces" / "demo-eval.npz"
 
 
 def assert_slots_hold_their_experts(llm: LLM) -> None:
@@ -55,12 +54,7 @@ def test_offloaded_overlapped_graph_decode_equals_serial(
 @pytest.mark.parametrize("policy", ["lru", "expertflow"])
 def test_demo_model_bf16_offloaded_overlap_equals_serial(policy: str) -> None:
     trace = Trace.load(TRACE)
-    ids = [int(r) for r in trace.requests()[:4]]
-    prompts = []
-    for r in ids:
-        rows = (trace.request == r) & ~trace.decode
-        order = np.argsort(trace.position[rows])
-        prompts.append(np.maximum(trace.token[rows][order], 0)[:32].tolist())
+    ids, prompts = trace_prompts(trace)
     lm = open_model(DEMO, torch.device("meta"))
     slots = len(lm.layers) * lm.num_experts // 4
     outs = []

@@ -69,6 +69,7 @@ def test_static_fills_make_later_hits(checkpoints: dict[str, Path]) -> None:
             decode="static",
             policy=policy,
             progress=False,
+            overlap_offloaded=False,  # the serial order (the lagged one: tests/engine/test_overlap_offloaded.py)
         )
         llm.generate(PROMPT, SamplingParams(max_tokens=30, ignore_eos=True), request_ids=[0])
         assert llm.store.stats.prefetch_loads == 0

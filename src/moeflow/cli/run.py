@@ -82,9 +82,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--no-overlap settles each step first)",
     )  # fmt: skip
     p.add_argument(
-        "--overlap-offloaded", action=argparse.BooleanOptionalAction, default=False,
+        "--overlap-offloaded", action=argparse.BooleanOptionalAction, default=True,
         help="with --overlap, also launch offloaded decode steps ahead, on a cache plan made one step behind; same "
-        "outputs (default: off)",
+        "outputs (default: on; --no-overlap-offloaded settles each offloaded step first)",
     )  # fmt: skip
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -127,7 +127,7 @@ def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
         decode=getattr(args, "decode", "auto"),
         compile=getattr(args, "compile", None),
         overlap=getattr(args, "overlap", True),
-        overlap_offloaded=getattr(args, "overlap_offloaded", False),
+        overlap_offloaded=getattr(args, "overlap_offloaded", True),
         prefill=getattr(args, "prefill", "auto"),
         expert_dtype=getattr(args, "expert_dtype", "auto"),
         miss_dtype=getattr(args, "miss_dtype", "none"),

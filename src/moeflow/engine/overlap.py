@@ -92,7 +92,7 @@ class OverlapStats:
 class Overlap:
     """Runs the static decode steps of ``LLM.generate`` overlapped (``EngineConfig.overlap``)."""
 
-    def __init__(self, static: StaticDecoder, runtime: Runtime, steps: Steps, offloaded: bool = False):
+    def __init__(self, static: StaticDecoder, runtime: Runtime, steps: Steps, offloaded: bool = True):
         self.static, self.rt, self.steps = static, runtime, steps
         self.offloaded = offloaded
         """Launch ahead with a slot table that changes (``EngineConfig.overlap_offloaded``): see the module doc."""

@@ -55,7 +55,8 @@ def test_prefill_and_decode_flags_reach_the_engine(checkpoints: dict[str, Path])
 
 
 def test_overlap_is_on_unless_no_overlap_is_given(checkpoints: dict[str, Path]) -> None:
-    """The overlapped static decode is the default; ``--no-overlap`` builds an engine that settles each step."""
+    """The overlapped static decode is the default, offloaded steps included; ``--no-overlap`` builds an engine that
+    settles each step, ``--no-overlap-offloaded`` one that settles each offloaded step."""
     from moeflow.cli import build_parser
     from moeflow.cli.run import engine_from_args
 
@@ -74,3 +75,8 @@ def test_overlap_is_on_unless_no_overlap_is_given(checkpoints: dict[str, Path]) 
     off = engine_from_args(build_parser().parse_args([*flags, "--no-overlap"]))
     assert on.config.overlap and on.overlap is not None
     assert not off.config.overlap and off.overlap is None
+    assert on.config.overlap_offloaded and on.overlap.offloaded
+    lagless = engine_from_args(build_parser().parse_args([*flags, "--no-overlap-offloaded"]))
+    assert (
+        not lagless.config.overlap_offloaded and lagless.overlap is not None and not lagless.overlap.offloaded
+    )

@@ -163,6 +163,20 @@ def test_cli_simulate_json_plot_and_options(tmp_path, capsys) -> None:
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_simulate_static_overlap(tmp_path, capsys) -> None:
+    """``--execution static-overlap`` runs the lagged plans: the same hits and misses as ``simulate`` with it."""
+    rng = np.random.default_rng(1)
+    trace = make_trace([(4, 8), (3, 9)], rng.integers(0, 6, size=(24, 3, 2)), 6)
+    path = tmp_path / "t.npz"
+    trace.save(path)
+    rc = main(["simulate", "--trace", str(path), "--cache-size", "5", "--batch-size", "2", "--policy", "lru",
+               "--execution", "static-overlap", "--json"])  # fmt: skip
+    assert rc == 0
+    (got,) = json.loads(capsys.readouterr().out)["results"]
+    want = simulate(trace, "lru", 5, 2, execution="static-overlap")
+    assert (got["hits"], got["misses"]) == (want.hits, want.misses) and want.misses > 0
+
+
 def test_cli_rejects_bad_input(tmp_path, capsys) -> None:
     assert main(["simulate", "--trace", str(tmp_path / "none.npz"), "--cache-size", "4"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -61,9 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="compute per layer (ms)",
     )
     p.add_argument(
-        "--execution", default="eager", choices=("eager", "static"),
-        help="how decode steps run: eager (demand loads per layer) or static (the graph decode's boundaries, "
-        "zero-copy misses and read-through fills)",
+        "--execution", default="eager", choices=("eager", "static", "static-overlap"),
+        help="how decode steps run: eager (demand loads per layer), static (the graph decode's boundaries, "
+        "zero-copy misses and read-through fills) or static-overlap (static with each plan made one step behind, as "
+        "the engine's default offloaded overlap runs)",
     )  # fmt: skip
     p.add_argument(
         "--batching", default="continuous", choices=("continuous", "recorded"),

@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(
             key = int(where[0]) if len(where) else -1
             cand[:, i] = torch.tensor([s, key // E if key >= 0 else -1, key % E if key >= 0 else -1])
         def state():
-            return SlotTensors(pool=torch.empty(S, 4), host=None, host_row=None, table=table, cand=cand, last=torch.full_like(cand, -1), fold=torch.zeros(1, dtype=torch.int32),
+            return SlotTensors(pool=torch.empty(S, 4), host=None, host_row=None, table=table, cand=cand, last=torch.full_like(cand, -1), fold=torch.zeros(1, dtype=torch.int32), flat=torch.zeros(1, dtype=torch.int32),
                                taken=torch.zeros(C + 1, dtype=torch.bool), scratch=torch.zeros(C, dtype=torch.int32),
                                served=torch.zeros(L, E, dtype=torch.int8),
                                filled=torch.full((L, E), -1, dtype=torch.int32), layout=None)

@@ -52,6 +52,9 @@ class SlotTensors:
     fold: torch.Tensor
     """[1] int32, uploaded with the candidates: 1 when the host planned this step before the last one was settled,
     so the table it uploaded lacks that step's fills (``begin_step`` folds them in)."""
+    flat: torch.Tensor
+    """[L*E + 1] int32: ``table``'s storage, then one entry that takes a fold's writes of nothing (so a fold writes
+    only the entries it changes, never one a prefetch's table write on the copy stream may be setting)."""
     scratch: torch.Tensor
     """[C] int32 scratch of the fused route kernel."""
     served: torch.Tensor
@@ -67,14 +70,15 @@ class SlotTensors:
         The fold is what the host's ``boundary.settle`` would do to the table: a claimed candidate's old key is
         dropped and each filled expert points to its slot. The host's plan left the last step's candidates alone
         (``CachePolicy.plan_in_flight``), so no entry of the uploaded table can contradict it."""
-        table, last, c = self.table, self.last, self.cand.shape[1]
-        n = table.numel()
+        flat, last, c = self.flat, self.last, self.cand.shape[1]
+        n = flat.shape[0] - 1
         on = self.fold[0] != 0
         claimed = self.taken[:c] & (last[0] >= 0) & (last[1] >= 0) & on
-        old = torch.where(claimed, last[1] * table.shape[1] + last[2], n)  # n: nothing to drop
-        dropped = torch.zeros(n + 1, dtype=torch.bool, device=table.device).scatter_(0, old.long(), True)
-        table.masked_fill_(dropped[:n].view_as(table), -1)
-        table.copy_(torch.where(on & (self.filled >= 0), self.filled, table))
+        old = torch.where(claimed, last[1] * self.table.shape[1] + last[2], n)  # n: the spare entry
+        flat.scatter_(0, old.long(), -1)
+        filled = self.filled.view(-1)
+        keys = torch.arange(n, device=flat.device)
+        flat.scatter_(0, torch.where(on & (filled >= 0), keys, n), filled)
         last.copy_(self.cand)
         self.taken.zero_()
         self.served.zero_()

@@ -34,7 +34,7 @@ class SlotTable:
         """The kernel reads misses from the host pool by address (pinned, zero-copy, on a GPU)."""
         # the table, and apart from it (the step writes the table: no other input of the step may share its storage)
         # the candidates and the fold flag
-        self._table = torch.full((n,), -1, dtype=torch.int32, device=dev)
+        self._table = torch.full((n + 1,), -1, dtype=torch.int32, device=dev)  # and a spare entry (``flat``)
         self._buf = torch.full((3 * fill_cap + 1,), -1, dtype=torch.int32, device=dev)
         self._staging = (
             [torch.full((n + self._buf.shape[0],), -1, dtype=torch.int32).pin_memory() for _ in range(2)]
@@ -53,7 +53,8 @@ class SlotTable:
             pool=store.slots,
             host=store.host if self.zero_copy else None,
             host_row=lambda layer, e: store.host_row_of((layer, e)),
-            table=self._table.view(self.num_layers, self.num_experts),
+            table=self._table[:n].view(self.num_layers, self.num_experts),
+            flat=self._table,
             cand=self._buf[: 3 * cap].view(3, cap),
             taken=torch.zeros(fill_cap + 1, dtype=torch.bool, device=dev),
             last=torch.full((3, cap), -1, dtype=torch.int32, device=dev),
@@ -94,7 +95,7 @@ class SlotTable:
         c[2, : len(cand)] = np.where(keys >= 0, keys % num_experts, -1)
         host[-1] = int(fold)
         if self._staging is None:
-            self._table.copy_(torch.from_numpy(host[:n]))
+            self._table[:n].copy_(torch.from_numpy(host[:n]))
             self._buf.copy_(torch.from_numpy(host[n:]))
         else:
             # every candidate's last copy, and the table write queued after it, has landed (``landed`` above): no
@@ -105,7 +106,7 @@ class SlotTable:
             if self._read[i] is not None:
                 self._read[i].synchronize()
             self._staging[i].copy_(torch.from_numpy(host))
-            self._table.copy_(self._staging[i][:n], non_blocking=True)
+            self._table[:n].copy_(self._staging[i][:n], non_blocking=True)
             self._buf.copy_(self._staging[i][n:], non_blocking=True)
             self._read[i] = torch.cuda.Event()
             self._read[i].record()
@@ -135,7 +136,7 @@ class SlotTable:
         for start in range(0, len(ordered), COPY_GROUP):
             group = ordered[start : start + COPY_GROUP]
             keys = [ld.key[0] * self.num_experts + ld.key[1] for ld in group]
-            self.store.copy_published(group, self._table, keys)
+            self.store.copy_published(group, self._table[: self.num_layers * self.num_experts], keys)
 
     def copy_back(self, into: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Queue copies of the last step's (served [L, E], filled [L, E]) into the host tensors ``into`` (pinned on a

@@ -118,7 +118,7 @@ class EngineConfig:
     settled, on a policy plan made one step behind (``CachePolicy.plan_in_flight``; the step folds the last one's
     fills into the table on the device). The same outputs; the policy's decisions lag a step. On the H200 at 25%
     cached it was faster in every row measured (bf16 and int4, batch 1 and 8, LRU and ExpertFlow; ExpertFlow at
-    batch 1 in bf16 27.9 -> 24.4 ms/token: ``benchmarks/results/decode-floor-lag-s25-h200.json``); False
+    batch 1 in bf16 27.9 -> 24.4 ms/token, uncompiled: ``benchmarks/results/decode-floor-lag-s25-h200.json``); False
     (``--no-overlap-offloaded``) settles each offloaded step first."""
 
     compile: bool | None = None

@@ -65,9 +65,8 @@ class CachePolicy(PolicyHooks):
         self._unused_prefetch = set()
         self.clock = 0
         self._offered: list[int] = []  # candidate slots of the coming static step's read-through fills
-        self._queued: list[int] | None = (
-            None  # the offered slots of a step planned before the last one settled
-        )
+        # the offered slots of a step planned before the last one settled (``plan_in_flight``)
+        self._queued: list[int] | None = None
         self._miss_avg: float | None = None  # misses per static decode step (running average)
 
     def victim(self, candidates: Sequence[Key], layer: int) -> Key:

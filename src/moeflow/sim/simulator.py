@@ -148,8 +148,8 @@ def simulate(
     ``cache_size`` device slots. ``options`` go to ``PolicyContext.options`` (``batch_size`` is added).
     ``execution``: "eager" (demand loads per layer), "static" (decode steps as the static decode path runs them,
     see ``sim/static.py``; prefill stays eager) or "static-overlap" (as "static" with the offloaded overlap's plans
-    one step behind, ``EngineConfig.overlap_offloaded``). ``batching``: "continuous" (the module docstring's) or "recorded"
-    (the trace's own steps: the engine's batching when the engine recorded it)."""
+    one step behind, ``EngineConfig.overlap_offloaded``). ``batching``: "continuous" (the module docstring's) or
+    "recorded" (the trace's own steps: the engine's batching when the engine recorded it)."""
     from moeflow.sim.static import StaticSteps, recorded_schedule
 
     if execution not in ("eager", "static", "static-overlap") or batching not in ("continuous", "recorded"):

@@ -70,7 +70,8 @@ class StaticSteps:
         pol.settle_step(StepRouting(experts.transpose(1, 0, 2), served, filled))
         pol.end_step()
         self._next = None
-        if plan is not None and next_info is not None:
+        if plan is not None:
+            assert next_info is not None
             pol.begin_step(next_info)
             table, next_cand = self._device(plan)
             flat = table.reshape(-1)

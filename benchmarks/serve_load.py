@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -207,6 +208,7 @@ def main() -> int:
             except httpx.TransportError:
                 time.sleep(0.2)
         rss_start = rss_bytes(server.pid)
+        metrics_start = httpx.get(f"{base}/metrics", timeout=10).text
         out = asyncio.run(load(base, args.clients, args.duration, args.max_tokens, server.pid, prompts))
         rss_end = rss_bytes(server.pid)
         metrics = httpx.get(f"{base}/metrics", timeout=10).text
@@ -240,12 +242,39 @@ def main() -> int:
         "max_batch": args.max_batch, **out, "server_rss_start_bytes": rss_start, "server_rss_end_bytes": rss_end,
         "server_exit_code": server.returncode, "server_log_tail": log[-500:],
         "server_requests_by_status": [ln for ln in metrics.splitlines() if ln.startswith("moeflow_requests_total")],
+        "engine_phases": engine_phases(metrics_start, metrics),
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("requests_served", "errors", "ttft_s", "tpot_s", "latency_s")}))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in ("requests_served", "errors", "ttft_s", "tpot_s", "latency_s", "engine_phases")
+            }
+        )
+    )
     print(f"server RSS {rss_start / 2**20:.0f} MiB -> {rss_end / 2**20:.0f} MiB; wrote {args.out}")
     return 0 if out["errors"] == 0 else 1
+
+
+def engine_phases(before: str, after: str) -> dict:
+    """The server engine's time per step phase during the load (two /metrics scrapes): seconds, count, mean ms,
+    and the prompt tokens prefilled."""
+
+    def value(text: str, name: str, phase: str | None = None) -> float:
+        label = "" if phase is None else rf'\{{phase="{phase}"\}}'
+        found = re.search(rf"^{name}{label} (\S+)$", text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    out: dict = {}
+    for phase in ("admit", "decode", "prefill"):
+        sec, n = (value(after, f"moeflow_engine_phase{s}_total", phase) - value(before, f"moeflow_engine_phase{s}_total", phase)
+                  for s in ("_seconds", ""))  # fmt: skip
+        out[phase] = {"seconds": sec, "count": int(n), "mean_ms": 1e3 * sec / n if n else None}
+    name = "moeflow_engine_prefill_tokens_total"
+    out["prefill_tokens"] = int(value(after, name) - value(before, name))
+    return out
 
 
 def threading_deadline(server: subprocess.Popen, seconds: float):

@@ -1,8 +1,10 @@
-"""Per-output statistics: cache hits and misses, bytes moved, transfer stalls, latency and throughput."""
+"""Per-output statistics: cache hits and misses, bytes moved, transfer stalls, latency and throughput; the time a
+serving engine spends in each phase of its steps."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -53,3 +55,22 @@ def batch_stats(
         tokens_per_s=n_tokens / (t_end - t0) if t_end > t0 else 0.0, batch_size=len(generated),
         generated_tokens=n_tokens,
     )  # fmt: skip
+
+
+@dataclass
+class PhaseClock:
+    """Wall time and count of each phase of a serving engine's steps (``decode``: the decode forward and its
+    sampling; ``prefill``: prompt-chunk forwards; ``admit``: choosing the requests that join), and the prompt
+    tokens the prefill forwards ran. A phase's time ends once its tokens are read back from the device."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    count: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
+    prefill_tokens: int = 0
+
+    def add(self, phase: str, t0: float) -> None:
+        """Count one ``phase`` that started at ``t0`` (``time.perf_counter()``) and has just ended."""
+        self.seconds[phase] += time.perf_counter() - t0
+        self.count[phase] += 1
+
+
+PHASES = ("admit", "decode", "prefill")

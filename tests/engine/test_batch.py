@@ -132,6 +132,13 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_decode(llm: LLM) -> Non
     assert steps_to_first == -(-len(long_ids) // 8)  # at most 8 prompt tokens per step
     seen = drain(engine)
     assert seen[long][-1].output.token_ids == llm.generate([long_ids], greedy(3))[0].token_ids
+    clock, prompts = engine.clock, len(llm.tokenizer(PROMPTS[1])["input_ids"]) + len(long_ids)
+    assert clock.prefill_tokens == prompts  # every prompt token ran in a prefill forward once
+    assert clock.count["prefill"] == 1 + steps_to_first  # the short prompt's forward, then one chunk a step
+    # one decode forward a token after the short stream's first, which came from its prefill (the long one's fall
+    # in the same forwards)
+    assert clock.count["decode"] == len(seen[short][-1].output.token_ids) - 1
+    assert all(t > 0 for t in clock.seconds.values())
 
 
 def test_seeded_sampling_does_not_depend_on_batch_mates(llm: LLM) -> None:

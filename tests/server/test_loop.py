@@ -39,6 +39,18 @@ def test_metrics_move(llm, serve):
     assert 0 <= metric(after, "moeflow_expert_hit_ratio") <= 1
     assert metric(after, "moeflow_bytes_to_device_total") > 0
     assert 0 < metric(after, "moeflow_expert_slots_in_use") <= metric(after, "moeflow_expert_slots")
+    for phase in ("admit", "decode", "prefill"):  # the 3-token request: one prefill, then two decode steps
+        ran = metric(after, "moeflow_engine_phase_total", phase=phase) - metric(
+            before, "moeflow_engine_phase_total", phase=phase
+        )
+        assert ran >= (1 if phase == "prefill" else 2), phase
+        assert metric(after, "moeflow_engine_phase_seconds_total", phase=phase) > 0, phase
+    prefilled = metric(after, "moeflow_engine_prefill_tokens_total") - metric(
+        before, "moeflow_engine_prefill_tokens_total"
+    )
+    assert prefilled == metric(after, "moeflow_prompt_tokens_total") - metric(
+        before, "moeflow_prompt_tokens_total"
+    )
     for name in (
         "moeflow_queue_length",
         "moeflow_running_batch_size",

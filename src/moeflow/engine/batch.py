@@ -43,7 +43,7 @@ from moeflow.engine.overlap import Launched
 from moeflow.engine.rows import RowKV, row_inputs
 from moeflow.engine.static_rows import StaticRows
 from moeflow.errors import RequestError
-from moeflow.metrics import Counters, batch_stats
+from moeflow.metrics import Counters, PhaseClock, batch_stats
 from moeflow.sampling import SamplingParams, sample
 from moeflow.sequence import RequestOutput, Sequence
 
@@ -108,6 +108,8 @@ class BatchEngine:
         """A decode step launched ahead (overlapped), not yet settled."""
         self._settled: list[StepOutput] = []
         """Outputs of a launched step an ``abort`` settled, reported by the next ``step``."""
+        self.clock = PhaseClock()
+        """Time spent admitting, decoding and prefilling (the server exports it)."""
         self._vacant = Sequence(-1, "", [], SamplingParams(max_tokens=1), [0], finish_reason="vacant")
         """A row that is not decoding, to the overlap: finished, token 0 at position 0 (as the serial step feeds)."""
 
@@ -151,17 +153,21 @@ class BatchEngine:
         """One token boundary: admit, decode every prefilled sequence, prefill the next prompt chunks (a decode step
         launched ahead is settled first, before admission)."""
         outputs, self._settled = self._settled, []
-        launched = self.pending is not None
+        launched, clock, t0 = self.pending is not None, self.clock, time.perf_counter()
         if launched:
             try:
                 outputs += self._decode(self._decoding())
             except BaseException:
                 self.pending = None  # not settled again (the caller aborts the running requests)
                 raise
+            clock.add("decode", t0)
+        t0 = time.perf_counter()
         self._admit()
-        decoding = self._decoding()
+        clock.add("admit", t0)
+        decoding, t0 = self._decoding(), time.perf_counter()
         if decoding and not launched:
             outputs += self._decode(decoding) if self.static else self._forward(decoding, [1] * len(decoding))
+            clock.add("decode", t0)
         chunks, budget = [], self.prefill_chunk
         for e in self.running.values():
             left = len(e.seq.prompt_ids) - e.prefilled
@@ -169,7 +175,10 @@ class BatchEngine:
                 chunks.append((e, min(left, budget)))
                 budget -= chunks[-1][1]
         if chunks:
+            t0 = time.perf_counter()
             outputs += self._forward([e for e, _ in chunks], [n for _, n in chunks])
+            clock.add("prefill", t0)
+            clock.prefill_tokens += self.prefill_chunk - budget
         return outputs
 
     # ------------------------------------------------------------------------------ internals

@@ -1,8 +1,9 @@
 """The server's Prometheus metrics, in a registry of its own (one per app, no process-global state).
 
 Request-side series (requests by status, tokens, TTFT, time per output token) are recorded by the HTTP handlers;
-the engine's expert-cache counters (hits, misses, bytes to the device and from disk, stall time) and the queue
-and batch gauges are read from the engine when Prometheus scrapes.
+the engine's expert-cache counters (hits, misses, bytes to the device and from disk, stall time), its time per
+step phase (admission, decode, prefill) and the queue and batch gauges are read from the engine when Prometheus
+scrapes.
 """
 
 from __future__ import annotations
@@ -52,6 +53,32 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily("moeflow_expert_slots", "Device expert slots", self.llm.store.num_slots)
 
 
+class PhaseCollector(Collector):
+    """The serving engine's seconds and count per step phase (``metrics.PhaseClock``; none for a serial engine)."""
+
+    def __init__(self, loop: Any):
+        self.loop = loop
+
+    def collect(self) -> Iterator[Any]:
+        clock = getattr(self.loop.engine, "clock", None)
+        if clock is None:
+            return
+        seconds = CounterMetricFamily(
+            "moeflow_engine_phase_seconds",
+            "Engine time per step phase, device read-back included",
+            labels=["phase"],
+        )
+        count = CounterMetricFamily("moeflow_engine_phase", "Engine step phases run", labels=["phase"])
+        for phase, value in clock.seconds.items():
+            seconds.add_metric([phase], value)
+            count.add_metric([phase], clock.count[phase])
+        yield seconds
+        yield count
+        yield CounterMetricFamily(
+            "moeflow_engine_prefill_tokens", "Prompt tokens run by prefill forwards", clock.prefill_tokens
+        )
+
+
 class ServerMetrics:
     """Every series the server exports; ``render()`` is the body of ``GET /metrics``."""
 
@@ -83,6 +110,7 @@ class ServerMetrics:
         running = Gauge("moeflow_running_batch_size", "Sequences in the batch now running", registry=r)
         running.set_function(lambda: engine.running)
         r.register(EngineCollector(llm))
+        r.register(PhaseCollector(engine))
 
     def finished(self, prompt_tokens: int, output: Any, ttft_s: float | None) -> None:
         """Record one served request: its tokens and latencies (``output`` is the engine's RequestOutput)."""

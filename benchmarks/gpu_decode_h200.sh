@@ -21,7 +21,8 @@
 #              the tree and the carry together must stay under 64 MiB): the serve extra's wheels,
 #              which the GPU image lacks (pure Python but pydantic-core; fetched on the CPU machine with
 #              `pip download --no-deps -d .data/wheels fastapi starlette uvicorn h11 click prometheus-client httpx
-#              httpcore anyio sniffio idna certifi typing-extensions annotated-types typing-inspection pydantic`
+#              httpcore anyio sniffio idna certifi typing-extensions annotated-types typing-inspection pydantic annotated-doc
+#              opentelemetry-api` (fastapi 0.165 needs the last two)
 #              and `pip download --no-deps --only-binary=:all: --python-version 312 --platform manylinux2014_x86_64
 #              -d .data/wheels pydantic-core==<pydantic's pin>`)                                     (~250 s)
 #   overlap    resident_step.py, compiled graph decode without and with EngineConfig.overlap (engine/overlap.py:

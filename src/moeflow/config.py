@@ -75,8 +75,9 @@ class EngineConfig:
     on a CPU, none (the device slots are in RAM already; misses read the page-cached checkpoint)."""
 
     kv_reserve: int | None = None
-    """Bytes kept free on the device for the KV cache and activations. None: 5% of device_memory,
-    at least 64 MiB (CPU: 0, since activations live in ordinary RAM)."""
+    """Bytes of device_memory kept for the KV cache, activations and what the GPU runtime holds (cuBLAS workspaces,
+    captured graphs: ``memory.CUDA_RUNTIME_BYTES``, 96 MiB, the least a GPU budget's reserve may be). None: 5% of
+    device_memory, at least 256 MiB (CPU: 0, since activations live in ordinary RAM)."""
 
     policy: str | Any = "lru"
     """Cache policy name ("lru", "lfu", or any registered name) or a CachePolicy instance."""

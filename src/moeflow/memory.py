@@ -18,6 +18,13 @@ MIN_KV_RESERVE = 256 * 2**20
 experts' gather scratch (at most ``compute.GATHER_BYTES`` per layer)."""
 
 
+CUDA_RUNTIME_BYTES = 96 * 2**20
+"""Device memory a GPU run holds beyond weights, KV and activations, counted inside the reserve: the cuBLAS
+workspaces (32 MiB each on Hopper, one per stream that runs matmuls: compute and graph capture) and what the
+captured graphs keep. Measured on the H200 from a process with no workspace yet, tiny Mixtral, float32: 32.4 MiB
+over the weights decoding eagerly, 92.3 MiB with graphs (``tests/test_engine_gpu.py``)."""
+
+
 def default_kv_reserve(budget: int, cuda: bool) -> int:
     """The KV and activation reserve of a device budget when none is given: 5%, at least ``MIN_KV_RESERVE`` (on a
     CPU nothing: activations are ordinary RAM)."""
@@ -82,6 +89,14 @@ class MemoryPlan:
     expert_bytes: int
     kv_reserve: int
     total_experts: int
+    runtime_bytes: int = 0
+    """Of ``kv_reserve``: what the GPU runtime holds (``CUDA_RUNTIME_BYTES``); the rest is the KV cache's and the
+    activations'."""
+
+    @property
+    def kv_budget(self) -> int:
+        """Bytes of the reserve the KV caches and activations may take."""
+        return self.kv_reserve - self.runtime_bytes
 
     def describe(self) -> str:
         return (
@@ -109,6 +124,13 @@ def plan_memory(loaded: LoadedModel, cfg: EngineConfig) -> MemoryPlan:
         if budget is None:
             budget = torch.cuda.mem_get_info(loaded.device)[0] * 9 // 10 if cuda else dense + total * per
         reserve = cfg.kv_reserve if cfg.kv_reserve is not None else default_kv_reserve(budget, cuda)
+        if cuda and reserve < CUDA_RUNTIME_BYTES:
+            raise BudgetError(
+                f"kv_reserve {format_size(reserve)} cannot hold what the GPU runtime keeps beside the KV cache "
+                f"({format_size(CUDA_RUNTIME_BYTES)}: cuBLAS workspaces, captured graphs): pass a kv_reserve of at "
+                f"least {format_size(CUDA_RUNTIME_BYTES)} plus the KV cache, or leave it at its default (5% of "
+                f"device_memory, at least {format_size(MIN_KV_RESERVE)})"
+            )
         slots = min(total, (budget - dense - reserve) // per) if budget > dense + reserve else 0
     need = dense + reserve + loaded.top_k * per
     if slots < loaded.top_k:
@@ -131,4 +153,5 @@ def plan_memory(loaded: LoadedModel, cfg: EngineConfig) -> MemoryPlan:
     elif host is None:
         avail = available_ram()
         host = total * per if total * per <= avail * 7 // 10 else avail // 2
-    return MemoryPlan(int(slots), int(min(total, host // per)), dense, per, int(reserve), total)
+    runtime = CUDA_RUNTIME_BYTES if cuda and cfg.num_slots is None else 0
+    return MemoryPlan(int(slots), int(min(total, host // per)), dense, per, int(reserve), total, runtime)

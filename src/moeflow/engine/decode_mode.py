@@ -37,7 +37,7 @@ def choose_static(
     graphs = cuda and mode != "static"
     compiled = graphs if cfg.compile is None else cfg.compile
     try:
-        decoder = StaticDecoder(loaded, runtime, graphs=graphs, kv_budget=memory.kv_reserve if budgeted else None,
+        decoder = StaticDecoder(loaded, runtime, graphs=graphs, kv_budget=memory.kv_budget if budgeted else None,
                                 compiled=compiled, must_compile=cfg.compile is True)  # fmt: skip
     except NotImplementedError as err:
         if mode == "auto":

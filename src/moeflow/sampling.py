@@ -1,4 +1,5 @@
-"""Sampling parameters (validated at construction) and the token sampler (greedy, temperature, top-k, top-p)."""
+"""Sampling parameters (validated at construction) and the token samplers (greedy, temperature, top-k, top-p): per
+request with its own generator, or one batched draw on the device for the rows that need no generator."""
 
 from __future__ import annotations
 
@@ -61,27 +62,59 @@ def sample(
     history: list[list[int]] | None = None,
 ) -> torch.Tensor:
     """Next token per row of ``logits`` [B, V] -> [B]; ``history`` (each row's tokens so far) feeds the repetition
-    penalty."""
+    penalty. The draw is on the CPU, from ``generator`` (a seeded request draws the same tokens on any device)."""
     if params.repetition_penalty != 1 and history is not None:
         logits = penalise(logits, history, params.repetition_penalty)
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float()
+    n = logits.shape[0]
+    scaled = filtered(logits, [params.temperature] * n, [params.top_k] * n, [params.top_p] * n)
+    probs = scaled.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def sample_rows(logits: torch.Tensor, rows: list[int], params: list[SamplingParams]) -> torch.Tensor:
+    """One draw for every row of ``logits`` [R, V] -> [R] on its device, row ``rows[i]`` by ``params[i]`` (sampled
+    settings without a seed or a repetition penalty; the other rows' tokens mean nothing): one batch of device
+    work that the host does not wait for, where ``sample`` per row waits for each row's probabilities."""
+    n = logits.shape[0]
+    temperature, top_k, top_p = [1.0] * n, [0] * n, [1.0] * n
+    for r, p in zip(rows, params):
+        temperature[r], top_k[r], top_p[r] = p.temperature, p.top_k, p.top_p
+    probs = filtered(logits, temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+def filtered(
+    logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float]
+) -> torch.Tensor:
+    """``logits`` [B, V] in float32, shifted so each row's largest score is 0 and divided by its temperature, with
+    the tokens outside each row's top-k (0: all) and top-p (1: all) set to -inf."""
+    logits, device = logits.float(), logits.device
     # shift so the largest score is 0 before dividing (the same distribution, and no overflow to inf, then NaN), and
     # divide by at least float32's smallest normal (a smaller temperature would round to 0 in float32)
-    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1:
+    tiny = torch.finfo(torch.float32).tiny
+    temps = on(device, [[max(t, tiny)] for t in temperature], torch.float32)
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temps
+    if any(top_k):
+        k = on(device, [[min(k, logits.shape[-1])] for k in top_k], torch.int64)
+        values = torch.topk(logits, int(max(min(k, logits.shape[-1]) for k in top_k)), dim=-1).values
+        kth = values.gather(1, (k - 1).clamp(min=0))
+        logits = logits.masked_fill((k > 0) & (logits < kth), float("-inf"))
+    if any(p < 1 for p in top_p):
+        p = on(device, [[p] for p in top_p], torch.float32)
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the first token that crosses p
+        probs = sorted_logits.softmax(-1)
+        drop = (p < 1) & (probs.cumsum(-1) - probs >= p)  # keep the first token that crosses p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    return logits
+
+
+def on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` as a tensor on ``device``, copied from pinned memory without a host wait where it is a GPU."""
+    cuda = device.type == "cuda"
+    return torch.tensor(values, dtype=dtype, pin_memory=cuda).to(device, non_blocking=cuda)
 
 
 def penalise(logits: torch.Tensor, history: list[list[int]], penalty: float) -> torch.Tensor:

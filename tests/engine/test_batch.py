@@ -151,6 +151,25 @@ def test_seeded_sampling_does_not_depend_on_batch_mates(llm: LLM) -> None:
     assert drain(engine)[rid][-1].output.token_ids == want
 
 
+def test_unseeded_sampled_rows_keep_their_own_settings_in_the_batched_draw(llm: LLM) -> None:
+    """Unseeded sampled rows are drawn together on the device, each by its own settings: with top-k 1 (or a
+    top-p below the top token's probability) a sampled row must give its greedy tokens, beside rows that draw
+    freely, a greedy row and a seeded one."""
+    engine = BatchEngine(llm, max_batch=4, prefill_chunk=64)
+    sharp = {engine.add(PROMPTS[0], SamplingParams(max_tokens=8, temperature=1.5, top_k=1, ignore_eos=True)): 0,
+             engine.add(PROMPTS[1], SamplingParams(max_tokens=8, temperature=0.9, top_p=1e-6, ignore_eos=True)): 1}  # fmt: skip
+    free = engine.add(PROMPTS[2], SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True))
+    seeded = SamplingParams(max_tokens=8, temperature=1.3, top_k=20, seed=5, ignore_eos=True)
+    engine.add(PROMPTS[3], seeded)
+    seen = drain(engine)
+    for rid, i in sharp.items():
+        assert seen[rid][-1].output.token_ids == llm.generate([PROMPTS[i]], greedy(8))[0].token_ids
+    vocab = llm.loaded.config.vocab_size
+    assert len(seen[free][-1].output.token_ids) == 8 and all(
+        0 <= t < vocab for t in seen[free][-1].output.token_ids
+    )
+
+
 def test_bad_request_is_refused_on_add(llm: LLM) -> None:
     from moeflow.errors import RequestError
 

@@ -11,7 +11,8 @@ chunk ran gets its first token from that forward. Each forward is one of the eng
 replay see it as ``LLM.step`` does).
 
 Sampling is per sequence (its own settings; a seeded sequence its own generator), so a sequence's output does not
-depend on what runs beside it.
+depend on what runs beside it: greedy rows by one argmax, and the sampled rows without a seed by one batched draw on
+the device (``sampling.sample_rows``), read back together.
 
 When the engine has a static decode path (``llm.static``), the decode forward is its step (``engine/static_rows.py``):
 the rows are those of one static bucket (``max_batch`` rows x a ``max_len`` covering the requests, replaced by a
@@ -44,7 +45,7 @@ from moeflow.engine.rows import RowKV, row_inputs
 from moeflow.engine.static_rows import StaticRows
 from moeflow.errors import RequestError
 from moeflow.metrics import Counters, PhaseClock, batch_stats
-from moeflow.sampling import SamplingParams, sample
+from moeflow.sampling import SamplingParams, sample, sample_rows
 from moeflow.sequence import RequestOutput, Sequence
 
 PLAIN_LAYERS = {"DynamicLayer", "DynamicSlidingWindowLayer"}
@@ -301,20 +302,28 @@ class BatchEngine:
         slicing, and greedy entries by one argmax over every row: indexing with a list would copy the index from
         pageable memory, a host wait for the step before any of the host work below could start."""
         llm = self.llm
-        greedy = [i for i, e in enumerate(entries) if e.seq.params.temperature == 0
-                  and e.seq.params.repetition_penalty == 1]  # fmt: skip
-        tokens, argmax = [0] * len(entries), set(greedy)
-        picked = logits.argmax(dim=-1) if greedy else None
+        plain = [e.seq.params.repetition_penalty == 1 for e in entries]
+        greedy = [i for i, e in enumerate(entries) if plain[i] and e.seq.params.temperature == 0]
+        drawn = [
+            i for i, e in enumerate(entries) if plain[i] and e.seq.params.temperature > 0 and e.gen is None
+        ]
+        tokens, batched = [0] * len(entries), {*greedy, *drawn}
+        picked = [logits.argmax(dim=-1)] if greedy else []  # [R] each: one read-back for both
+        if drawn:
+            picked.append(
+                sample_rows(logits, [rows[i] for i in drawn], [entries[i].seq.params for i in drawn])
+            )
         for i, e in enumerate(entries):
-            if i not in argmax:
+            if i not in batched:  # its own generator or a repetition penalty: sampled alone
                 s, r = e.seq, rows[i]
                 tokens[i] = int(sample(logits[r : r + 1], s.params, e.gen, [s.prompt_ids + s.output_ids])[0])
         if sampled is not None:
             sampled()
-        if picked is not None:
-            every = picked.tolist()
-            for i in greedy:
-                tokens[i] = every[rows[i]]
+        if picked:
+            every = torch.stack(picked).tolist()
+            for group, chosen in zip([greedy, drawn] if greedy else [drawn], every):
+                for i in group:
+                    tokens[i] = chosen[rows[i]]
         llm.steps.settle([e.seq for e in entries], tokens, llm._text, llm.eos_ids)
         return self._report(entries)
 

@@ -125,9 +125,10 @@ def main() -> None:
         "claimed misses copied into their slots before the projections (experts/precopy.py)"
     )  # fmt: skip
     ap.add_argument(
-        "--overlap-offloaded", default="0", help="0, 1 or 0,1: offloaded rows without / with "
+        "--overlap-offloaded", default="1", help="0, 1 or 0,1: offloaded rows without / with "
         "EngineConfig.overlap_offloaded (rows carry 'overlap_offloaded'): the next step launched before the last is "
-        "settled, on a cache plan one step behind"
+        "settled, on a cache plan one step behind (default 1, as the engine; 0 until session 27, so the quant "
+        "stage's rows of decode-floor-quant-s27-h200.json ran without it)"
     )  # fmt: skip
     ap.add_argument(
         "--profile-rows", action="store_true",

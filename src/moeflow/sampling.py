@@ -3,6 +3,7 @@ request with its own generator, or one batched draw on the device for the rows t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +72,35 @@ def sample(
     scaled = filtered(logits, [params.temperature] * n, [params.top_k] * n, [params.top_p] * n)
     probs = scaled.softmax(-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def pick_tokens(logits: torch.Tensor, rows: list[int], params: list[SamplingParams],
+                gens: list[torch.Generator | None], history: Callable[[int], list[int]],
+                sampled: Callable[[], None] | None = None) -> list[int]:  # fmt: skip
+    """Request ``i``'s next token from row ``rows[i]`` of ``logits`` [R, V]: the greedy ones by one argmax over every
+    row, the sampled ones without a generator or a repetition penalty by one batched draw (``sample_rows``), both
+    read back at once; the others alone by ``sample`` (``history(i)``: request i's tokens so far, for the penalty).
+    ``sampled()`` runs once everything is sampled on the device, before the read-back. Rows are taken by slicing:
+    indexing with a list would copy the index from pageable memory, a host wait for the step."""
+    plain = [p.repetition_penalty == 1 for p in params]
+    greedy = [i for i, p in enumerate(params) if plain[i] and p.temperature == 0]
+    drawn = [i for i, p in enumerate(params) if plain[i] and p.temperature > 0 and gens[i] is None]
+    tokens, batched = [0] * len(params), {*greedy, *drawn}
+    picked = [logits.argmax(dim=-1)] if greedy else []  # [R] each: one read-back for both
+    if drawn:
+        picked.append(sample_rows(logits, [rows[i] for i in drawn], [params[i] for i in drawn]))
+    for i, p in enumerate(params):
+        if i not in batched:  # its own generator or a repetition penalty: sampled alone
+            r = rows[i]
+            tokens[i] = int(sample(logits[r : r + 1], p, gens[i], [history(i)])[0])
+    if sampled is not None:
+        sampled()
+    if picked:
+        every = torch.stack(picked).tolist()
+        for group, chosen in zip([greedy, drawn] if greedy else [drawn], every):
+            for i in group:
+                tokens[i] = chosen[rows[i]]
+    return tokens
 
 
 def sample_rows(logits: torch.Tensor, rows: list[int], params: list[SamplingParams]) -> torch.Tensor:

@@ -205,3 +205,34 @@ def test_every_registered_policy_replays_without_special_casing() -> None:
             res = simulate(trace, name, 5, batch)
             assert res.hits + res.misses == len(access_sequence(trace, batch, 5)), name
             assert res.loads >= simulate(trace, "belady", 5, batch).misses, name
+
+
+@dataclass
+class _ForecastLog(LRUPolicy):
+    """Logs each forecast and each prefetch call, in order."""
+
+    log: list = field(default_factory=list)
+
+    def observe_forecast(self, forecast) -> None:
+        self.log.append(("forecast", forecast.layer, forecast.distance, forecast.scores.copy()))
+
+    def prefetch(self, layer: int) -> list:
+        self.log.append(("prefetch", layer))
+        return []
+
+
+@pytest.mark.parametrize("distance", [1, 2])
+def test_forecasts_reach_the_policy_before_the_prefetch_distance_layers_ahead(distance: int) -> None:
+    experts = np.zeros((3, 3, 1), int)
+    trace = make_trace([(2, 1)], experts, 2)
+    forecast = np.arange(3 * 3 * 2, dtype=np.float32).reshape(3, 3, 2)
+    pol = _ForecastLog()
+    simulate(trace, lambda: pol, cache_size=2, forecast=forecast, forecast_distance=distance)
+    early = [
+        entry for layer in range(distance) for entry in (("forecast", layer, layer + 1), ("prefetch", -1))
+    ]
+    late = [entry for layer in range(3) for entry in
+            ([("forecast", layer + distance, distance)] if layer + distance < 3 else []) + [("prefetch", layer)]]  # fmt: skip
+    assert [e[:3] for e in pol.log] == (early + late) * 2  # the prefill step, then the decode step
+    got = next(e for e in pol.log if e[0] == "forecast" and e[1] == distance)
+    assert np.array_equal(got[3], forecast[[0, 1], distance])  # the step's rows of the forecast layer

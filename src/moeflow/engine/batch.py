@@ -45,7 +45,7 @@ from moeflow.engine.rows import RowKV, row_inputs
 from moeflow.engine.static_rows import StaticRows
 from moeflow.errors import RequestError
 from moeflow.metrics import Counters, PhaseClock, batch_stats
-from moeflow.sampling import SamplingParams, sample, sample_rows
+from moeflow.sampling import SamplingParams, pick_tokens
 from moeflow.sequence import RequestOutput, Sequence
 
 PLAIN_LAYERS = {"DynamicLayer", "DynamicSlidingWindowLayer"}
@@ -297,34 +297,14 @@ class BatchEngine:
 
     def _settle(self, entries: list[Entry], logits: torch.Tensor, rows: list[int],
                 sampled: Callable[[], None] | None = None) -> list[StepOutput]:  # fmt: skip
-        """Sample each entry's next token from its row ``rows[i]`` of ``logits`` [R, V], append it, and report it;
-        ``sampled()`` runs once the tokens are sampled (on the device) and before they are read. Rows are taken by
-        slicing, and greedy entries by one argmax over every row: indexing with a list would copy the index from
-        pageable memory, a host wait for the step before any of the host work below could start."""
+        """Sample each entry's next token from its row ``rows[i]`` of ``logits`` [R, V] (``sampling.pick_tokens``),
+        append it, and report it; ``sampled()`` runs once the tokens are sampled (on the device) and before they are
+        read."""
         llm = self.llm
-        plain = [e.seq.params.repetition_penalty == 1 for e in entries]
-        greedy = [i for i, e in enumerate(entries) if plain[i] and e.seq.params.temperature == 0]
-        drawn = [
-            i for i, e in enumerate(entries) if plain[i] and e.seq.params.temperature > 0 and e.gen is None
-        ]
-        tokens, batched = [0] * len(entries), {*greedy, *drawn}
-        picked = [logits.argmax(dim=-1)] if greedy else []  # [R] each: one read-back for both
-        if drawn:
-            picked.append(
-                sample_rows(logits, [rows[i] for i in drawn], [entries[i].seq.params for i in drawn])
-            )
-        for i, e in enumerate(entries):
-            if i not in batched:  # its own generator or a repetition penalty: sampled alone
-                s, r = e.seq, rows[i]
-                tokens[i] = int(sample(logits[r : r + 1], s.params, e.gen, [s.prompt_ids + s.output_ids])[0])
-        if sampled is not None:
-            sampled()
-        if picked:
-            every = torch.stack(picked).tolist()
-            for group, chosen in zip([greedy, drawn] if greedy else [drawn], every):
-                for i in group:
-                    tokens[i] = chosen[rows[i]]
-        llm.steps.settle([e.seq for e in entries], tokens, llm._text, llm.eos_ids)
+        seqs = [e.seq for e in entries]
+        tokens = pick_tokens(logits, rows, [s.params for s in seqs], [e.gen for e in entries],
+                             lambda i: seqs[i].prompt_ids + seqs[i].output_ids, sampled)  # fmt: skip
+        llm.steps.settle(seqs, tokens, llm._text, llm.eos_ids)
         return self._report(entries)
 
     def _report(self, entries: list[Entry]) -> list[StepOutput]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moeflow.experts.plan import Key, Load, PolicyContext, StepInfo
+from moeflow.experts.plan import Forecast, Key, Load, PolicyContext, StepInfo
 
 
 class PolicyHooks:
@@ -21,6 +21,10 @@ class PolicyHooks:
 
     def observe(self, layer: int, experts: np.ndarray, weights: np.ndarray | None = None) -> None:
         """The router of ``layer`` chose ``experts`` [T, K] (gate ``weights`` [T, K]) for this step's tokens."""
+
+    def observe_forecast(self, forecast: Forecast) -> None:
+        """A routing forecast for a layer ahead, before ``prefetch`` of the layer that just routed (the simulator's
+        ``forecast=`` from recorded router inputs; the engine makes none yet)."""
 
     def prefetch(self, layer: int) -> list[Load]:
         """After ``layer`` was routed: loads to start now for layers ahead (bookkeeping done via ``admit``)."""

@@ -55,6 +55,16 @@ class StepInfo:
 
 
 @dataclass(frozen=True)
+class Forecast:
+    """A routing forecast for MoE layer ``layer`` of the running step, made ``distance`` layers before it routes."""
+
+    layer: int
+    distance: int
+    scores: np.ndarray
+    """[T, E] each of the step's tokens' expected use of each expert (a token's row sums to about K)."""
+
+
+@dataclass(frozen=True)
 class StepRouting:
     """What a static decode step did, read back from the device after it (see ``CachePolicy.settle_step``)."""
 

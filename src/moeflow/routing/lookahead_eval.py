@@ -16,6 +16,8 @@ Legend: N tokens of a record, n tokens of a request, L MoE layers, E experts, K 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from moeflow.routing import predictor_eval as pe
@@ -79,15 +81,28 @@ def _gated(logits: np.ndarray, rec: HiddenRecord, pop: np.ndarray) -> list[np.nd
     return [np.where(np.isnan(logits[rows]), pop[None], logits[rows]) for rows in _rows(rec)]
 
 
-def evaluate_lookahead(
-    held: HiddenRecord, train: HiddenRecord, path: pe.Scorer, step: float = 0.1, gate: str = "logit"
-) -> tuple[dict, HybridWeights, dict]:
-    """{method: {"lookahead_<d>" | "before_step": {recall, decode_recall, ...} | None}}, the hybrid's weights
-    and what was fitted for the gate ({"gate": ..., "strengths": {d: per layer}} for the logit gate)."""
+@dataclass(frozen=True)
+class Fitted:
+    """What ``fit_on`` fits on a training record and applies to a held-out one."""
+
+    weights: HybridWeights
+    comps: list[Components]
+    """Per held-out request (``request_sequences`` order), its component scores."""
+    pop: np.ndarray
+    logits: dict[int, np.ndarray]
+    """Distance -> the chosen gate's logits [N, L, E] on the held-out record."""
+    residual: dict[int, np.ndarray]
+    """Distance -> the residual gate's logits [N, L, E] on the held-out record."""
+    info: dict
+
+
+def fit_on(held: HiddenRecord, train: HiddenRecord, path: pe.Scorer, step: float = 0.1,
+           gate: str = "logit") -> Fitted:  # fmt: skip
+    """Fit the gates, popularity and the hybrid's weights on ``train`` (nothing from ``held``), and score ``held``."""
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, not {gate!r}")
     k, ne = held.trace.top_k, held.trace.num_experts
-    train_seqs, held_seqs = request_sequences(train.trace), request_sequences(held.trace)
+    train_seqs = request_sequences(train.trace)
     pop = pe.popularity(train_seqs, ne)
     resid = fit_gate(train, LOOKAHEADS)
     held_resid = {d: residual_logits(held, resid, d) for d in LOOKAHEADS}
@@ -102,7 +117,29 @@ def evaluate_lookahead(
         held_logits = held_resid
     train_comps = components(train, train_logits, path, pop)
     weights = fit_hybrid(train_comps, [s.experts for s in train_seqs], [s.valid for s in train_seqs], k, step)
-    comps = components(held, held_logits, path, pop)
+    return Fitted(weights, components(held, held_logits, path, pop), pop, held_logits, held_resid, info)
+
+
+def hybrid_forecast(fit: Fitted, held: HiddenRecord, distance: int) -> np.ndarray:
+    """[N, L, E] the hybrid's scores at look-ahead ``distance`` for every row of ``held`` (its trace's row order):
+    what ``sim.simulate(forecast=...)`` replays."""
+    t = held.trace
+    out = np.zeros((t.num_tokens, t.num_layers, t.num_experts), np.float32)
+    for comp, rows in zip(fit.comps, _rows(held)):
+        out[rows] = fit.weights.score(comp, distance)
+    return out
+
+
+def evaluate_lookahead(
+    held: HiddenRecord, train: HiddenRecord, path: pe.Scorer, step: float = 0.1, gate: str = "logit"
+) -> tuple[dict, HybridWeights, dict]:
+    """{method: {"lookahead_<d>" | "before_step": {recall, decode_recall, ...} | None}}, the hybrid's weights
+    and what was fitted for the gate ({"gate": ..., "strengths": {d: per layer}} for the logit gate)."""
+    k = held.trace.top_k
+    fit = fit_on(held, train, path, step, gate)
+    weights, comps, pop, info = fit.weights, fit.comps, fit.pop, fit.info
+    held_logits, held_resid = fit.logits, fit.residual
+    train_seqs, held_seqs = request_sequences(train.trace), request_sequences(held.trace)
     eam = pe.eam_scorer(train_seqs, pop)
     fixed = {"path": [c.path for c in comps], "last_token": [pe.last_token_scorer(pop)(s) for s in held_seqs],
              "popularity": [pe.popularity_scorer(pop)(s) for s in held_seqs]}  # fmt: skip

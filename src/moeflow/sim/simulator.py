@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from moeflow.experts.cache import CachePolicy, Key, PolicyContext, StepInfo
+from moeflow.experts.plan import Forecast
 from moeflow.experts.policies import make_policy
 from moeflow.routing.trace import Trace
 from moeflow.sim.timing import TimingModel
@@ -143,17 +144,24 @@ def simulate(
     model_dir: str | None = None,
     execution: str = "eager",
     batching: str = "continuous",
+    forecast: np.ndarray | None = None,
+    forecast_distance: int = 1,
 ) -> SimResult:
     """Replay ``trace`` through ``policy`` (a registered name, a factory or a fresh instance) with
     ``cache_size`` device slots. ``options`` go to ``PolicyContext.options`` (``batch_size`` is added).
     ``execution``: "eager" (demand loads per layer), "static" (decode steps as the static decode path runs them,
     see ``sim/static.py``; prefill stays eager) or "static-overlap" (as "static" with the offloaded overlap's plans
     one step behind, ``EngineConfig.overlap_offloaded``). ``batching``: "continuous" (the module docstring's) or
-    "recorded" (the trace's own steps: the engine's batching when the engine recorded it)."""
+    "recorded" (the trace's own steps: the engine's batching when the engine recorded it). ``forecast`` [N, L, E]:
+    per trace row, each layer's routing as guessed ``forecast_distance`` layers before it routes (eager execution
+    only): the policy gets the step's rows of layer ``l + d`` (``Forecast``) before ``prefetch(l)``, and of the
+    first ``d`` layers before ``prefetch(-1)``."""
     from moeflow.sim.static import StaticSteps, recorded_schedule
 
     if execution not in ("eager", "static", "static-overlap") or batching not in ("continuous", "recorded"):
         raise ValueError(f"unknown execution {execution!r} or batching {batching!r}")
+    if forecast is not None and (execution != "eager" or forecast.shape[:2] != trace.experts.shape[:2]):
+        raise ValueError("a forecast needs eager execution and one [L, E] row per trace row")
     pol = policy() if callable(policy) and not isinstance(policy, CachePolicy) else make_policy(policy)
     num_layers, num_experts = trace.num_layers, trace.num_experts
     if cache_size < 1:
@@ -175,7 +183,8 @@ def simulate(
         if execution != "eager" and not st.info.prefill:
             static.run(st.info, trace.experts[st.rows], steps[s + 1].info if s + 1 < len(steps) else None)
         else:
-            _run_step(pol, st, trace.experts[st.rows], trace.weights[st.rows])
+            ahead = None if forecast is None else (forecast[st.rows], forecast_distance)
+            _run_step(pol, st, trace.experts[st.rows], trace.weights[st.rows], ahead)
         if end_request is not None:
             for rid in st.ended:
                 end_request(rid)
@@ -212,13 +221,23 @@ def simulate(
     )
 
 
-def _run_step(pol: CachePolicy, st: SimStep, experts: np.ndarray, weights: np.ndarray) -> None:
-    """One step: ``experts``/``weights`` [T, L, K] of the step's tokens."""
+def _run_step(pol: CachePolicy, st: SimStep, experts: np.ndarray, weights: np.ndarray,
+              ahead: tuple[np.ndarray, int] | None = None) -> None:  # fmt: skip
+    """One step: ``experts``/``weights`` [T, L, K] of the step's tokens; ``ahead``: their forecast [T, L, E] and its
+    distance d (the layers within d of the start are forecast before the step, one ``prefetch(-1)`` each)."""
+    num_layers = experts.shape[1]
     pol.begin_step(st.info)
-    pol.prefetch(-1)
-    for layer in range(experts.shape[1]):
+    if ahead is not None:
+        for layer in range(min(ahead[1], num_layers)):
+            pol.observe_forecast(Forecast(layer, layer + 1, ahead[0][:, layer]))
+            pol.prefetch(-1)
+    else:
+        pol.prefetch(-1)
+    for layer in range(num_layers):
         pol.observe(layer, experts[:, layer], weights[:, layer])
         for chunk in layer_requests(experts[:, layer], pol.num_slots):
             pol.request(layer, chunk)
+        if ahead is not None and layer + ahead[1] < num_layers:
+            pol.observe_forecast(Forecast(layer + ahead[1], ahead[1], ahead[0][:, layer + ahead[1]]))
         pol.prefetch(layer)
     pol.end_step()

@@ -1,13 +1,14 @@
 """Cache policies; importing this package registers them by name: LRU and LFU (``classic``), MoE-Infinity,
-ExpertFlow, ExpertFlow with request-level reuse (``reuse``) and the offline optimum (Belady). :func:`make_policy` builds one by name."""
+ExpertFlow, ExpertFlow with request-level reuse (``reuse``), LRU prefetching by the hybrid predictor's forecasts
+(``gated``) and the offline optimum (Belady). :func:`make_policy` builds one by name."""
 
 from __future__ import annotations
 
 from moeflow.errors import MoeflowError
 from moeflow.experts.cache import POLICIES, CachePolicy
-from moeflow.experts.policies import belady, classic, expertflow, moe_infinity, reuse
+from moeflow.experts.policies import belady, classic, expertflow, gated, moe_infinity, reuse
 
-__all__ = ["belady", "classic", "expertflow", "make_policy", "moe_infinity", "reuse"]
+__all__ = ["belady", "classic", "expertflow", "gated", "make_policy", "moe_infinity", "reuse"]
 
 
 def make_policy(spec: str | CachePolicy) -> CachePolicy:

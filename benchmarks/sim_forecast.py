@@ -37,29 +37,35 @@ from moeflow.sim import TimingModel, simulate
 OLMOE_EXPERT_BYTES = 12_582_912
 
 
-def run(held: HiddenRecord, forecasts: dict[int, np.ndarray], fraction: float, batch: int, min_prob: float,
-        timing: TimingModel, model_dir: str) -> dict[str, dict]:  # fmt: skip
-    """Per policy label: hit ratio, decode bytes per token, modelled ms per token, prefetches."""
-    t = held.trace
-    slots = max(t.top_k, round(fraction * t.num_layers * t.num_experts))
-    runs = {name: simulate(t, name, slots, batch, timing=timing, model_dir=model_dir)
+def row(r, expert_bytes: int) -> dict:
+    return {"hit_ratio": round(r.hit_ratio, 4), "decode_bytes_per_token": r.decode_loads * expert_bytes / r.decode_tokens,
+            "ms_per_token": round(1e3 * r.timing["time_per_token_s"], 3), "prefetches": r.prefetches,
+            "prefetch_hits": r.prefetch_hits, "misses": r.misses, "slots": r.cache_slots}  # fmt: skip
+
+
+def baselines(
+    held: HiddenRecord, slots: int, batch: int, timing: TimingModel, model_dir: str
+) -> dict[str, dict]:
+    """LRU, ExpertFlow (with the model's shipped path predictor) and Belady on ``held``'s routing."""
+    return {name: row(simulate(held.trace, name, slots, batch, timing=timing, model_dir=model_dir), timing.expert_bytes)
             for name in ("lru", "expertflow", "belady")}  # fmt: skip
-    for d, scores in forecasts.items():
-        runs[f"lru-forecast/d{d}"] = simulate(t, "lru-forecast", slots, batch, timing=timing, forecast=scores,
-                                              forecast_distance=d, options={"min_prob": min_prob})  # fmt: skip
-    out = {}
-    for label, r in runs.items():
-        out[label] = {"hit_ratio": round(r.hit_ratio, 4), "decode_bytes_per_token": r.decode_loads * timing.expert_bytes / r.decode_tokens,
-                      "ms_per_token": round(1e3 * r.timing["time_per_token_s"], 3), "prefetches": r.prefetches,
-                      "prefetch_hits": r.prefetch_hits, "misses": r.misses, "slots": slots}  # fmt: skip
-    opt, lru = out["belady"], out["lru"]
-    for row in out.values():
-        row["bytes_vs_belady"] = round(row["decode_bytes_per_token"] / opt["decode_bytes_per_token"], 3)
-        row["bytes_vs_lru"] = round(row["decode_bytes_per_token"] / lru["decode_bytes_per_token"], 3)
-        row["hit_ratio_vs_belady"] = (
-            round(row["hit_ratio"] / opt["hit_ratio"], 3) if opt["hit_ratio"] else None
-        )
-    return out
+
+
+def forecast_row(held: HiddenRecord, scores: np.ndarray, d: int, slots: int, batch: int, min_prob: float,
+                 timing: TimingModel) -> dict:  # fmt: skip
+    r = simulate(held.trace, "lru-forecast", slots, batch, timing=timing, forecast=scores, forecast_distance=d,
+                 options={"min_prob": min_prob})  # fmt: skip
+    return {**row(r, timing.expert_bytes), "min_prob": min_prob}
+
+
+def against(rows: dict[str, dict]) -> dict[str, dict]:
+    """``rows`` with each one's bytes against Belady's and LRU's, and its hit ratio against Belady's."""
+    opt, lru = rows["belady"], rows["lru"]
+    for r in rows.values():
+        r["bytes_vs_belady"] = round(r["decode_bytes_per_token"] / opt["decode_bytes_per_token"], 3)
+        r["bytes_vs_lru"] = round(r["decode_bytes_per_token"] / lru["decode_bytes_per_token"], 3)
+        r["hit_ratio_vs_belady"] = round(r["hit_ratio"] / opt["hit_ratio"], 3) if opt["hit_ratio"] else None
+    return rows
 
 
 def forecasts_for(held: HiddenRecord, train: HiddenRecord, path: pe.Scorer, distances: list[int]) -> dict:
@@ -99,34 +105,35 @@ def main() -> int:
     )
     grid = [float(p) for p in args.min_probs.split(",")]
 
+    t = held.trace
+    slots = max(t.top_k, round(args.fraction * t.num_layers * t.num_experts))
     order = {r: i for i, r in enumerate(train.trace.requests())}
     odd = np.asarray([order[int(r)] % 2 == 1 for r in train.trace.request])
     dev_held, dev_train = train.select(odd), train.select(~odd)
     dev_forecasts = forecasts_for(dev_held, dev_train, path, distances)
     selection, chosen = {}, {}
-    for (
-        batch
-    ) in batches:  # min_prob per batch size, by modelled ms per token on the training record's odd half
+    for batch in (
+        batches
+    ):  # min_prob per batch size and distance, by modelled ms/token on the training record's odd half
         for d in distances:
-            scores = {p: run(dev_held, {d: dev_forecasts[d]}, args.fraction, batch, p, timing, args.model)[f"lru-forecast/d{d}"]
-                      for p in grid}  # fmt: skip
+            scores = {p: forecast_row(dev_held, dev_forecasts[d], d, slots, batch, p, timing) for p in grid}
             selection[f"batch{batch}/d{d}"] = {str(p): s for p, s in scores.items()}
             chosen[(batch, d)] = min(grid, key=lambda p: scores[p]["ms_per_token"])
+            print(f"selected batch {batch} d{d}: min_prob {chosen[(batch, d)]}", flush=True)
 
     held_forecasts = forecasts_for(held, train, path, distances)
     results = {}
     for batch in batches:
-        rows: dict[str, dict] = {}
+        rows = baselines(held, slots, batch, timing, args.model)
         for d in distances:
-            got = run(
-                held, {d: held_forecasts[d]}, args.fraction, batch, chosen[(batch, d)], timing, args.model
+            rows[f"lru-forecast/d{d}"] = forecast_row(
+                held, held_forecasts[d], d, slots, batch, chosen[(batch, d)], timing
             )
-            rows.update({k: v for k, v in got.items() if k not in rows})
-            rows[f"lru-forecast/d{d}"]["min_prob"] = chosen[(batch, d)]
-        results[f"batch{batch}"] = rows
+        results[f"batch{batch}"] = against(rows)
         for label, r in rows.items():
             print(f"batch {batch} {label:<18} hit {r['hit_ratio']:.3f} ({r['hit_ratio_vs_belady']:.2f}x Belady) "
-                  f"bytes {r['bytes_vs_belady']:.2f}x Belady {r['bytes_vs_lru']:.2f}x LRU, {r['ms_per_token']:.2f} ms/token")  # fmt: skip
+                  f"bytes {r['bytes_vs_belady']:.2f}x Belady {r['bytes_vs_lru']:.2f}x LRU, {r['ms_per_token']:.2f} ms/token",
+                  flush=True)  # fmt: skip
 
     root = Path(__file__).resolve().parents[1]
     commit = subprocess.run(

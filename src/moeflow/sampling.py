@@ -119,32 +119,40 @@ def filtered(
     logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float]
 ) -> torch.Tensor:
     """``logits`` [B, V] in float32, shifted so each row's largest score is 0 and divided by its temperature, with
-    the tokens outside each row's top-k (0: all) and top-p (1: all) set to -inf."""
-    logits, device = logits.float(), logits.device
+    the tokens outside each row's top-k (0: all) and top-p (1: all) set to -inf. A setting every row shares is
+    applied as a number (no tensor built and copied for it: ``sample`` always passes one setting)."""
+    logits, device, vocab = logits.float(), logits.device, logits.shape[-1]
     # shift so the largest score is 0 before dividing (the same distribution, and no overflow to inf, then NaN), and
     # divide by at least float32's smallest normal (a smaller temperature would round to 0 in float32)
     tiny = torch.finfo(torch.float32).tiny
-    temps = on(device, [[max(t, tiny)] for t in temperature], torch.float32)
+    temps = per_row(device, [max(t, tiny) for t in temperature], torch.float32)
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / temps
     if any(top_k):
-        k = on(device, [[min(k, logits.shape[-1])] for k in top_k], torch.int64)
-        values = torch.topk(logits, int(max(min(k, logits.shape[-1]) for k in top_k)), dim=-1).values
-        kth = values.gather(1, (k - 1).clamp(min=0))
-        logits = logits.masked_fill((k > 0) & (logits < kth), float("-inf"))
+        k = per_row(device, [min(k, vocab) for k in top_k], torch.int64)
+        values = torch.topk(logits, min(max(top_k), vocab), dim=-1).values
+        if isinstance(k, torch.Tensor):
+            logits = logits.masked_fill(
+                (k > 0) & (logits < values.gather(1, (k - 1).clamp(min=0))), float("-inf")
+            )
+        else:
+            logits = logits.masked_fill(logits < values[:, -1:], float("-inf"))
     if any(p < 1 for p in top_p):
-        p = on(device, [[p] for p in top_p], torch.float32)
+        p = per_row(device, top_p, torch.float32)
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = sorted_logits.softmax(-1)
-        drop = (p < 1) & (probs.cumsum(-1) - probs >= p)  # keep the first token that crosses p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        drop = probs.cumsum(-1) - probs >= p  # keep the first token that crosses p
+        sorted_logits = sorted_logits.masked_fill(drop & (p < 1), float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
 
 
-def on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
-    """``values`` as a tensor on ``device``, copied from pinned memory without a host wait where it is a GPU."""
+def per_row(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor | float | int:
+    """``values`` (one per row) as a number when all are equal, else a [B, 1] tensor on ``device``, copied from
+    pinned memory without a host wait where it is a GPU."""
+    if all(v == values[0] for v in values):
+        return values[0]
     cuda = device.type == "cuda"
-    return torch.tensor(values, dtype=dtype, pin_memory=cuda).to(device, non_blocking=cuda)
+    return torch.tensor([[v] for v in values], dtype=dtype, pin_memory=cuda).to(device, non_blocking=cuda)
 
 
 def penalise(logits: torch.Tensor, history: list[list[int]], penalty: float) -> torch.Tensor:

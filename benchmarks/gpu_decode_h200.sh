@@ -32,7 +32,8 @@
 #              25% cached, batch 1 and 8, LRU and ExpertFlow (LAG_DTYPES, LAG_FRACTIONS, LAG_POLICIES); then its GPU
 #              tests (tests/engine/test_overlap_offloaded_gpu.py)                                   (~450 s)
 #   mixtral    Mixtral geometry (first 8 layers), the real Mixtral trace, batch 1 (carry .data/traces after
-#              `moeflow trace-import`; its synth starts in the background at the call's start)     (~350 s)
+#              `moeflow trace-import`; its synth starts in the background at the call's start); MIXTRAL_DTYPES
+#              (default bf16), MIXTRAL_FRACTIONS (0.25,0.5), MIXTRAL_POLICIES (decode_floor's default)  (~350 s)
 #   quant      quantised experts (issue 14): bf16 / int4 / fp8 rows at 10% and 25%, batch 1 and 8, LRU and
 #              ExpertFlow, in decode-floor-quant-h200.json (rows carry expert_dtype); int4 and fp8 first get a
 #              kernel stage of the quantised kernel (benchmarks/kernel_tiles.py QUANT_VARIANTS, 5 tile options; bf16
@@ -96,7 +97,7 @@ elif [ "$STAGE" = serve ]; then
 elif [ "$STAGE" = quant ]; then
   synth
   timeout "$(cap 540)" python3 benchmarks/decode_floor.py --model $M --trace $T/demo-eval.npz --expert-dtypes ${QUANT_DTYPES:-int4,bf16,fp8} \
-    --kernel-dtypes int4,fp8 --fractions ${QUANT_FRACTIONS:-0.25,0.1} --policies ${QUANT_POLICIES:-lru,expertflow} --max-tokens 24 --budget-s 460 \
+    --kernel-dtypes int4,fp8 --fractions ${QUANT_FRACTIONS:-0.25,0.1} --policies ${QUANT_POLICIES:-lru,expertflow} --max-tokens 24 --budget-s ${QUANT_BUDGET_S:-460} \
     --precopy ${PRECOPY:-0,1} ${PROFILE_ROWS:+--profile-rows} \
     --out "$OUT/decode-floor-quant-h200.json" 2>&1 | grep -v Warn | cut -c1-240 | tail -60
 elif [ "$STAGE" = serveload ]; then
@@ -123,7 +124,8 @@ elif [ "$STAGE" = mixtral ]; then
   if [ -n "$MIXTRAL_SYNTH" ]; then wait $MIXTRAL_SYNTH; fi
   tail -1 "$OUT/synth-mixtral.log" 2>/dev/null
   timeout "$(cap 330)" python3 benchmarks/decode_floor.py --model $X --trace .data/traces/mixtral.npz --geometry mixtral-8-layers \
-    --batches 1 --requests 2 --max-tokens 48 --max-prompt 1 --no-kernel-stage --fractions ${MIXTRAL_FRACTIONS:-0.25,0.5} --out "$OUT/decode-floor-mixtral-h200.json" \
+    --batches 1 --requests 2 --max-tokens 48 --max-prompt 1 --no-kernel-stage --fractions ${MIXTRAL_FRACTIONS:-0.25,0.5} \
+    --expert-dtypes ${MIXTRAL_DTYPES:-bf16} ${MIXTRAL_POLICIES:+--policies $MIXTRAL_POLICIES} --out "$OUT/decode-floor-mixtral-h200.json" \
     2>&1 | grep -v Warn | cut -c1-240 | tail -20
 fi
 }

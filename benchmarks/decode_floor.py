@@ -31,6 +31,7 @@ import torch
 from benchmarks.common import h2d_bandwidth
 from benchmarks.kernel_tiles import kernel_stage
 from benchmarks.policy_decode import TimedLLM, requests_of, run
+from moeflow.experts.quant_proj import precopy_default
 from moeflow.routing.trace import Trace
 
 
@@ -121,8 +122,9 @@ def main() -> None:
         "--device", default="cuda", help="cpu: a check of the script (--decode static), not a timing"
     )
     ap.add_argument(
-        "--precopy", default="0", help="PRECOPY options of the offloaded rows: 0, 1 or 0,1 (rows carry 'precopy'): "
-        "claimed misses copied into their slots before the projections (experts/precopy.py)"
+        "--precopy", default="auto", help="PRECOPY options of the offloaded rows: auto, 0, 1 or a list (rows carry "
+        "'precopy', the value the row ran with): claimed misses copied into their slots before the projections "
+        "(experts/precopy.py); auto: the engine's default (quant_proj.precopy_default: on for integer rows)"
     )  # fmt: skip
     ap.add_argument(
         "--overlap-offloaded", default="1", help="0, 1 or 0,1: offloaded rows without / with "
@@ -216,13 +218,13 @@ def measure(args: argparse.Namespace, trace: Trace, reqs: list, dtype: str, resu
             result.setdefault("errors", []).append(f"{dtype} kernel stage: {type(err).__name__}: {err}")
         result["kernel_s_by_dtype"][dtype] = time.perf_counter() - t0
 
-    def warm(policy: str, slots: int, batch: int, precopy: int = 0, lagged: int = 0) -> None:
+    def warm(policy: str, slots: int, batch: int, precopy: int | None = 0, lagged: int = 0) -> None:
         """Compile the kernels for this shape (Triton specialises on batch and pool sizes) on a short run, then
         start the timed run from a fresh pool of the same size (its graph is captured again; nothing compiles)."""
         if llm.overlap is not None:
             llm.overlap.offloaded = bool(lagged)
         if llm.static is not None:
-            llm.static.blocks = {**best[batch], "PRECOPY": precopy} if batch in best else {"PRECOPY": precopy}
+            llm.static.blocks = {**best.get(batch, {}), **({} if precopy is None else {"PRECOPY": precopy})}
         name, options = policy_spec(policy)
         llm.reconfigure(policy=name, num_slots=slots, options=options)
         run(llm, [(r, p, 3) for r, p, _ in reqs[:batch]], batch, bw)
@@ -250,7 +252,8 @@ def measure(args: argparse.Namespace, trace: Trace, reqs: list, dtype: str, resu
             bel_bytes = belady_misses(steps, slots, decode) * info.expert_bytes
             resident = resident_ms[str(batch)]
             for policy, precopy, lagged in [
-                (p, int(c), int(o)) for p in args.policies.split(",") for c in args.precopy.split(",")
+                (p, None if c == "auto" else int(c), int(o)) for p in args.policies.split(",")
+                for c in args.precopy.split(",")
                 for o in args.overlap_offloaded.split(",")
             ]:  # fmt: skip
                 if past_budget(args):
@@ -278,7 +281,8 @@ def measure(args: argparse.Namespace, trace: Trace, reqs: list, dtype: str, resu
                     "ms_per_token": row["decode_ms_per_token"], "own_floor_ms": 1e3 * bytes_tok / bw + resident,
                     "belady_floor_ms": 1e3 * bel_bytes / tokens / bw + resident, "hit_ratio": row["decode_hit_ratio"],
                     "bytes_per_token": bytes_tok, "belady_bytes_per_token": bel_bytes / tokens, "slots": slots,
-                    "precopy": bool(precopy), "overlap_offloaded": bool(lagged),
+                    "precopy": bool(precopy_default(llm.runtime.store.codec) if precopy is None else precopy),
+                    "overlap_offloaded": bool(lagged),
                 })  # fmt: skip
                 if llm.overlap is not None:
                     result["runs"][-1]["overlap_stats"] = vars(llm.overlap.stats).copy()

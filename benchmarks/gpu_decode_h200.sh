@@ -34,14 +34,16 @@
 #   mixtral    Mixtral geometry (first 8 layers), the real Mixtral trace, batch 1 (carry .data/traces after
 #              `moeflow trace-import`; its synth starts in the background at the call's start); MIXTRAL_DTYPES
 #              (default bf16), MIXTRAL_FRACTIONS (0.25,0.5), MIXTRAL_POLICIES (decode_floor's default)  (~350 s)
+#              MIXTRAL_PRECOPY (auto: the engine default, 0, 1 or 0,1), MIXTRAL_KERNEL_STAGE="--kernel-dtypes int4"
+#              runs the tile stage
 #   quant      quantised experts (issue 14): bf16 / int4 / fp8 rows at 10% and 25%, batch 1 and 8, LRU and
 #              ExpertFlow, in decode-floor-quant-h200.json (rows carry expert_dtype); int4 and fp8 first get a
 #              kernel stage of the quantised kernel (benchmarks/kernel_tiles.py QUANT_VARIANTS, 5 tile options; bf16
 #              keeps slot_kernel.BLOCKS); load_s_by_dtype: engine build, the GPU quantisation fit included.
 #              Estimate from the floor stage (~15 s a run with its warm-up and captures): ~465 s, not measured
 #              yet; --budget-s 460 starts no row after 460 s, so the JSON is whole before the timeout  (~465 s)
-#              PRECOPY (default 0,1): each offloaded row with and without experts/precopy.py's copy of the claimed
-#              misses before the projections; QUANT_DTYPES (default int4,bf16,fp8) in that order; QUANT_FRACTIONS,
+#              PRECOPY (default auto: the engine's default; 0,1: each offloaded row without and with experts/precopy.py's
+#              copy of the claimed misses before the projections); QUANT_DTYPES (default int4,bf16,fp8) in that order; QUANT_FRACTIONS,
 #              QUANT_POLICIES; PROFILE_ROWS=1: each row also gets a torch-profiler run (device time per kernel)
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
@@ -98,7 +100,7 @@ elif [ "$STAGE" = quant ]; then
   synth
   timeout "$(cap 540)" python3 benchmarks/decode_floor.py --model $M --trace $T/demo-eval.npz --expert-dtypes ${QUANT_DTYPES:-int4,bf16,fp8} \
     --kernel-dtypes int4,fp8 --fractions ${QUANT_FRACTIONS:-0.25,0.1} --policies ${QUANT_POLICIES:-lru,expertflow} --max-tokens 24 --budget-s ${QUANT_BUDGET_S:-460} \
-    --precopy ${PRECOPY:-0,1} ${PROFILE_ROWS:+--profile-rows} \
+    --precopy ${PRECOPY:-auto} ${PROFILE_ROWS:+--profile-rows} \
     --out "$OUT/decode-floor-quant-h200.json" 2>&1 | grep -v Warn | cut -c1-240 | tail -60
 elif [ "$STAGE" = serveload ]; then
   synth
@@ -124,7 +126,7 @@ elif [ "$STAGE" = mixtral ]; then
   if [ -n "$MIXTRAL_SYNTH" ]; then wait $MIXTRAL_SYNTH; fi
   tail -1 "$OUT/synth-mixtral.log" 2>/dev/null
   timeout "$(cap 330)" python3 benchmarks/decode_floor.py --model $X --trace .data/traces/mixtral.npz --geometry mixtral-8-layers \
-    --batches 1 --requests 2 --max-tokens 48 --max-prompt 1 --no-kernel-stage --fractions ${MIXTRAL_FRACTIONS:-0.25,0.5} \
+    --batches 1 --requests 2 --max-tokens 48 --max-prompt 1 ${MIXTRAL_KERNEL_STAGE:---no-kernel-stage} --precopy ${MIXTRAL_PRECOPY:-auto} --fractions ${MIXTRAL_FRACTIONS:-0.25,0.5} \
     --expert-dtypes ${MIXTRAL_DTYPES:-bf16} ${MIXTRAL_POLICIES:+--policies $MIXTRAL_POLICIES} --out "$OUT/decode-floor-mixtral-h200.json" \
     2>&1 | grep -v Warn | cut -c1-240 | tail -20
 fi

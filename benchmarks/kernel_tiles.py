@@ -30,13 +30,15 @@ VARIANTS = [
 """Tile options of the full-precision kernel (bf16 experts)."""
 
 QUANT_VARIANTS = [
-    {"BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 2, "num_stages": 4, "COMPACT": 0},  # slot_kernel_quant.BLOCKS
+    # slot_kernel_quant.BLOCKS until session 29
+    {"BLOCK_N": 32, "BLOCK_D": 64, "num_warps": 2, "num_stages": 4, "COMPACT": 0},
     {"BLOCK_N": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 4, "COMPACT": 1},
+    # slot_kernel_quant.BLOCKS since session 29 (the fastest int4 option in every run)
     {"BLOCK_N": 64, "BLOCK_D": 128, "num_warps": 4, "num_stages": 4, "COMPACT": 1},
     {"BLOCK_N": 64, "BLOCK_D": 128, "num_warps": 8, "num_stages": 4, "COMPACT": 1},
     {"BLOCK_N": 128, "BLOCK_D": 128, "num_warps": 8, "num_stages": 3, "COMPACT": 1},
 ]
-"""Tile options of the quantised kernel: its default, then 128-input D-tiles (at int4 a 64-input tile reads 32 bytes
+"""Tile options of the quantised kernel: its former default, then 128-input D-tiles (at int4 a 64-input tile reads 32 bytes
 per output row) with COMPACT, at 4 and 8 warps and up to 128 outputs. A D-tile within one int4 group (128) takes
 the fast integer path (``slot_kernel_quant.fast``: no dequantisation per weight), so 8 warps and wider N-tiles may
 pay now; the 256-wide D-tiles of the former list (3-20x slower for int4 and fp8 on the H200, session 21) are gone:

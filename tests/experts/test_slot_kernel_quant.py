@@ -10,7 +10,15 @@ import textwrap
 import pytest
 import torch
 
-from moeflow.experts.quant_proj import SLOT_FORMATS, dequant, quant_proj, raw, raw_offset, unsupported
+from moeflow.experts.quant_proj import (
+    SLOT_FORMATS,
+    dequant,
+    precopy_default,
+    quant_proj,
+    raw,
+    raw_offset,
+    unsupported,
+)
 from moeflow.model.layout import ExpertLayout, ParamSlice
 from moeflow.quant.formats import FORMATS
 from moeflow.quant.row import RowCodec
@@ -43,6 +51,15 @@ def test_descriptor_dequantises_as_the_codec(fmt: str) -> None:
             got = (dequant(rows[r], quant_proj(codec, p.name)) if len(p.shape) == 2
                    else raw(rows[r], raw_offset(codec, p.name), p.numel))  # fmt: skip
             assert torch.equal(got.reshape(-1), want[r, p.offset : p.offset + p.numel]), (fmt, p.name)
+
+
+def test_precopy_is_the_default_for_integer_rows_only() -> None:
+    """Integer rows copy their claimed misses into slots before computing (``PRECOPY``) unless ``blocks`` says
+    otherwise; fp8, MXFP4 and full-precision rows read their misses zero-copy."""
+    lay = layout(64, 32, bias=False)
+    assert [precopy_default(RowCodec(lay, FORMATS[f])) for f in ("int8", "int4", "int2")] == [1, 1, 1]
+    assert [precopy_default(RowCodec(lay, FORMATS[f])) for f in ("fp8", "mxfp4")] == [0, 0]
+    assert precopy_default(None) == 0
 
 
 def test_unsupported_formats_are_named() -> None:

@@ -69,6 +69,18 @@ def unsupported(codec: RowCodec) -> str | None:
     return None
 
 
+def precopy_default(codec: RowCodec | None) -> int:
+    """The ``PRECOPY`` option a layer runs with when ``blocks`` does not set it: 1 for integer rows, 0 otherwise.
+
+    Measured on the H200 (``decode-floor-quant-precopy-s29-h200.json``, ``decode-floor-mixtral-int4-precopy-s29-
+    h200.json``): the int4 kernel's own zero-copy reads of its misses fall behind the link (it dequantises as it
+    reads), so copying the claimed misses into their slots first by the bandwidth-bound copy kernel made int4 decode
+    at batch 1, 25% cached, 1.13x faster (OLMoE, expertflow-reuse: 8.99 -> 7.95 ms) and 1.25x (Mixtral, LRU: 35.96 ->
+    28.80 ms); bf16 rows gained nothing (within 1%), and fp8 (one conversion per code) already reads at link speed.
+    """
+    return int(codec is not None and codec.fmt.kind == "int")
+
+
 def quant_proj(codec: RowCodec, name: str) -> QuantProj:
     """The quantised weight ``name`` of ``codec``'s rows."""
     c = codec.param(name)

@@ -23,7 +23,7 @@ from torch import nn
 from moeflow.experts import ops  # noqa: F401  (registers the moeflow:: ops)
 from moeflow.experts.claims import route_layer
 from moeflow.experts.ops import BLOCK_KEYS, project
-from moeflow.experts.quant_proj import project_quant, quant_proj, raw_offset
+from moeflow.experts.quant_proj import precopy_default, project_quant, quant_proj, raw_offset
 from moeflow.model.layout import ExpertLayout
 from moeflow.quant.row import RowCodec
 
@@ -181,7 +181,7 @@ def _op_layer(module, src, layer, proj, hidden, groups, slot, claim, k, blocks, 
     rows (Triton on a GPU, torch on the host)."""
     opts = [blocks.get(key, -1) for key in BLOCK_KEYS] if blocks else []
     row0, x = layer * src.table.shape[1], hidden
-    fill = not (blocks or {}).get("PRECOPY", 0)
+    fill = not (blocks or {}).get("PRECOPY", precopy_default(codec))
     if not fill:  # claimed misses copied whole into their slots first, then read there (``precopy.py``)
         slot = torch.ops.moeflow.fill_claimed(groups[1], slot, claim, src.pool, src.host, row0)
     for name, bias, pair_rows in ((proj.first, proj.first_bias, False), ("down_proj", proj.down_bias, True)):
